@@ -1,0 +1,61 @@
+"""Where each op runs: the one place that decides between the Triton kernels and the PyTorch reference.
+
+Rule: Triton for CUDA tensors (when triton imports), the reference everywhere else. Tests and benchmarks can
+force a choice with `QLORA_CORE_BACKEND=reference|triton` or the `forced()` context manager; forcing
+"triton" on CPU tensors is how CI runs the kernels under `TRITON_INTERPRET=1`.
+Nothing here touches the GPU or imports triton at import time, so `import qlora_core` is safe on any box.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton")
+_forced: list[str] = []
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    """True when `import triton` works (it is a dependency, but a CPU wheel of torch may ship without it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose(device: torch.device) -> str:
+    """Return "triton" or "reference" for tensors on `device` (see the module docstring for the rule)."""
+    choice = _forced[-1] if _forced else os.environ.get("QLORA_CORE_BACKEND", "")
+    if choice:
+        if choice not in BACKENDS:
+            raise ValueError(f"QLORA_CORE_BACKEND={choice!r}; expected one of {BACKENDS}")
+        if choice == "triton":
+            if not has_triton():
+                raise RuntimeError("backend 'triton' was forced but triton is not importable")
+            if device.type != "cuda" and not interpreting():
+                raise RuntimeError(
+                    f"backend 'triton' was forced for a {device.type} tensor; set TRITON_INTERPRET=1 "
+                    "before importing triton to run the kernels on the CPU")
+        return choice
+    return "triton" if device.type == "cuda" and has_triton() else "reference"
+
+
+@contextlib.contextmanager
+def forced(name: str):
+    """Force a backend inside a `with` block (tests, benchmarks)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()

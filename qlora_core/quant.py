@@ -1,0 +1,245 @@
+"""`quantize` / `dequantize` and `QuantizedTensor`: the bitsandbytes 4-bit format as a small dataclass.
+
+A QuantizedTensor is the packed codes plus the absmax state, laid out exactly as bitsandbytes' `QuantState`
+and `Linear4bit` state dict (docs/format.md), so a checkpoint written by either loads in the other. The math
+lives in `reference.py` (CPU, the spec) and `kernels/quant4.py` (Triton); `backend.choose` picks one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import torch
+
+from . import backend, reference
+from .formats import QUANT_TYPES, code_table, dynamic_map
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NESTED_BLOCKSIZE = reference.NESTED_BLOCKSIZE
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_SD_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+class QuantStateError(ValueError):
+    """A state dict or blob that does not describe a valid bitsandbytes 4-bit tensor."""
+
+
+@dataclasses.dataclass
+class QuantizedTensor:
+    """A 4-bit blockwise-quantized tensor in bitsandbytes' layout.
+
+    Fields (n = prod(shape), nblocks = ceil(n / blocksize)):
+      data:          uint8 ((n+1)//2, 1): packed codes, element 2j in the high nibble of byte j.
+      absmax:        fp32 (nblocks,) without double quant; uint8 (nblocks,) codes of absmax-offset with it.
+      shape, dtype:  the original tensor's shape and dtype (also the dequantized output's).
+      blocksize:     elements per absmax block (power of two, 32..4096).
+      quant_type:    "nf4" or "fp4".
+      double_quant:  whether absmax is 8-bit quantized (bitsandbytes compress_statistics=True).
+      nested_absmax: fp32 (ceil(nblocks/256),) absmax of the nested blocks, or None.
+      offset:        fp32 0-dim tensor, mean of the fp32 absmax, or None.
+    """
+    data: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    quant_type: str
+    double_quant: bool
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    # -- derived sizes ---------------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def code(self) -> torch.Tensor:
+        """The 16-entry fp32 table (`quant_map`)."""
+        return code_table(self.quant_type, self.device)
+
+    def bits_per_parameter(self) -> float:
+        """Storage cost per original element, counting codes and every absmax byte."""
+        nbytes = self.data.numel() + self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            nbytes += self.nested_absmax.numel() * 4 + 4
+        return 8.0 * nbytes / self.numel
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """The per-block fp32 absmax (nblocks,), restoring it from the nested 8-bit state when double quantized."""
+        if not self.double_quant:
+            return self.absmax
+        return reference.double_dequantize_ref(self.absmax, self.nested_absmax, self.offset)
+
+    def to(self, device) -> "QuantizedTensor":
+        """A copy on `device` (the table tensors are rebuilt there; nothing is requantized)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dataclasses.replace(self, data=move(self.data), absmax=move(self.absmax),
+                                   nested_absmax=move(self.nested_absmax), offset=move(self.offset))
+
+    def dequantize(self) -> torch.Tensor:
+        """Same as `qlora_core.dequantize(self)`."""
+        return dequantize(self)
+
+    # -- bitsandbytes Linear4bit state dict ------------------------------------------------------
+    def _blob(self) -> bytes:
+        meta = {"quant_type": self.quant_type, "blocksize": self.blocksize,
+                "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape)}
+        if self.double_quant:
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
+                        nested_offset=self.offset.item())
+        return json.dumps(meta).encode("utf-8")
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Tensors under bitsandbytes' `Linear4bit` keys: `{prefix}weight`, `{prefix}weight.absmax`, ...
+
+        Keys, dtypes and shapes: weight uint8 ((n+1)//2, 1); weight.absmax uint8 or fp32 (nblocks,);
+        weight.quant_map fp32 (16,); with double quant weight.nested_absmax fp32 and weight.nested_quant_map
+        fp32 (256,); weight.quant_state.bitsandbytes__{nf4|fp4} uint8 (len(json),), the JSON metadata blob.
+        """
+        w = prefix + "weight"
+        sd = {w: self.data, w + ".absmax": self.absmax, w + ".quant_map": self.code.clone()}
+        if self.double_quant:
+            sd[w + ".nested_absmax"] = self.nested_absmax
+            sd[w + ".nested_quant_map"] = dynamic_map(True, self.device).clone()
+        blob = torch.frombuffer(bytearray(self._blob()), dtype=torch.uint8).to(self.device)
+        sd[f"{w}.quant_state.bitsandbytes__{self.quant_type}"] = blob
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "") -> "QuantizedTensor":
+        """Rebuild from a `Linear4bit` state dict (ours or bitsandbytes'); validates every key against the blob."""
+        w = prefix + "weight"
+        blobs = [k for k in sd if k.startswith(w + ".quant_state.bitsandbytes__")]
+        if len(blobs) != 1:
+            raise QuantStateError(f"expected exactly one key '{w}.quant_state.bitsandbytes__nf4|fp4', found {blobs}")
+        if w not in sd:
+            raise QuantStateError(f"missing key '{w}' (the packed 4-bit codes)")
+        raw = sd[blobs[0]]
+        try:
+            meta = json.loads(bytes(raw.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise QuantStateError(f"'{blobs[0]}' is not a UTF-8 JSON blob: {e}") from None
+        quant_type = blobs[0].rsplit("__", 1)[1]
+        for field in ("quant_type", "blocksize", "dtype", "shape"):
+            if field not in meta:
+                raise QuantStateError(f"'{blobs[0]}' lacks the field {field!r}")
+        if meta["quant_type"] != quant_type:
+            raise QuantStateError(f"blob key says {quant_type!r} but its JSON says {meta['quant_type']!r}")
+        if meta["dtype"] not in _DTYPE_NAMES.values():
+            raise QuantStateError(f"unsupported dtype {meta['dtype']!r} in '{blobs[0]}'")
+        double_quant = "nested_offset" in meta
+        shape = torch.Size(meta["shape"])
+        blocksize = int(meta["blocksize"])
+        _check_blocksize(blocksize)
+        n = math.prod(shape)
+        nblocks = -(-n // blocksize)
+        need = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if double_quant else [])
+        for s in need:
+            if f"{w}.{s}" not in sd:
+                raise QuantStateError(f"missing key '{w}.{s}' (double_quant={double_quant})")
+        data = sd[w]
+        if data.dtype != torch.uint8:
+            data = data.contiguous().view(torch.uint8).reshape(-1, 1)  # quant_storage other than uint8
+        absmax = sd[f"{w}.absmax"]
+        expect = [(w, data, ((n + 1) // 2, 1), torch.uint8),
+                  (f"{w}.absmax", absmax, (nblocks,), torch.uint8 if double_quant else torch.float32),
+                  (f"{w}.quant_map", sd[f"{w}.quant_map"], (16,), torch.float32)]
+        nested_absmax = offset = None
+        if double_quant:
+            nested_absmax = sd[f"{w}.nested_absmax"]
+            expect += [(f"{w}.nested_absmax", nested_absmax, (-(-nblocks // NESTED_BLOCKSIZE),), torch.float32),
+                       (f"{w}.nested_quant_map", sd[f"{w}.nested_quant_map"], (NESTED_BLOCKSIZE,), torch.float32)]
+            if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
+                raise QuantStateError(f"nested_blocksize {meta['nested_blocksize']} unsupported (only 256)")
+            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
+        for key, t, shp, dt in expect:
+            if tuple(t.shape) != tuple(shp) or t.dtype != dt:
+                raise QuantStateError(f"'{key}' is {t.dtype} {tuple(t.shape)} but the blob (shape {list(shape)}, "
+                                      f"blocksize {blocksize}) needs {dt} {tuple(shp)}")
+        if not torch.equal(sd[f"{w}.quant_map"].cpu(), code_table(quant_type)):
+            raise QuantStateError(f"'{w}.quant_map' is not the standard {quant_type} table; custom maps are unsupported")
+        if double_quant and not torch.equal(sd[f"{w}.nested_quant_map"].cpu(), dynamic_map(True)):
+            raise QuantStateError(f"'{w}.nested_quant_map' is not bitsandbytes' signed dynamic map")
+        return cls(data=data, absmax=absmax, shape=shape, dtype=getattr(torch, meta["dtype"]),
+                   blocksize=blocksize, quant_type=quant_type, double_quant=double_quant,
+                   nested_absmax=nested_absmax, offset=offset)
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if not isinstance(blocksize, int) or blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+
+
+def _check_input(w: torch.Tensor, quant_type: str, blocksize: int) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"quantize supports float32, float16 and bfloat16, got {w.dtype}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
+    _check_blocksize(blocksize)
+    if w.numel() == 0:
+        raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
+    if w.numel() >= 2**31:
+        raise ValueError(f"tensor has {w.numel()} elements; the format indexes with int32 (max 2**31-1)")
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"cannot quantize: the tensor holds {bad} NaN/Inf value(s); fix the weights first")
+
+
+def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
+             double_quant: bool = True) -> QuantizedTensor:
+    """Quantize `w` to 4 bits, byte-compatible with bitsandbytes `quantize_4bit`.
+
+    w: any shape, float32 / float16 / bfloat16, finite, non-empty, on CPU or CUDA.
+    quant_type: "nf4" or "fp4". blocksize: power of two in [32, 4096]. double_quant: also quantize the
+    absmax to 8 bits (blocks of 256, signed dynamic map, offset = mean), as compress_statistics=True does.
+    Returns a QuantizedTensor on w's device. Raises TypeError/ValueError naming the problem on bad input.
+    """
+    _check_input(w, quant_type, blocksize)
+    w = w.contiguous()
+    if backend.choose(w.device) == "triton":
+        from .kernels import quant4
+        data, absmax = quant4.quantize_4bit(w, blocksize, quant_type)
+    else:
+        data, absmax = reference.quantize_4bit_ref(w, blocksize, quant_type)
+    nested_absmax = offset = None
+    if double_quant:
+        # offset = absmax.mean() as a torch reduction on w's device, the same call bitsandbytes makes, so
+        # the stored offset (and therefore every nested code) is reproduced bit for bit.
+        offset = absmax.mean()
+        if backend.choose(w.device) == "triton":
+            from .kernels import quant4
+            qabsmax, nested_absmax = quant4.quantize_blockwise(absmax - offset, dynamic_map(True, w.device),
+                                                               NESTED_BLOCKSIZE)
+        else:
+            qabsmax, nested_absmax = reference.quantize_blockwise_ref(absmax - offset, dynamic_map(True, w.device),
+                                                                      NESTED_BLOCKSIZE)
+        absmax = qabsmax
+    return QuantizedTensor(data=data, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
+                           quant_type=quant_type, double_quant=double_quant,
+                           nested_absmax=nested_absmax, offset=offset)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """Dequantize to q.shape and q.dtype: out[i] = dtype(table[code_i] * absmax[i // blocksize]) (fp32 math).
+
+    With double quant the absmax is first restored as code256[q] * nested_absmax + offset (separate fp32 ops,
+    as bitsandbytes' dequantize_4bit does). Output is on q's device.
+    """
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(q).__name__}")
+    if backend.choose(q.device) == "triton":
+        from .kernels import quant4
+        return quant4.dequantize_4bit(q)
+    return reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, q.dtype, q.blocksize, q.quant_type)
