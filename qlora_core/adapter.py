@@ -1,0 +1,264 @@
+"""`save_adapter` / `load_adapter`: LoRA adapters in PEFT's on-disk format.
+
+A directory holds two files, as `PeftModel.save_pretrained` writes them:
+- adapter_config.json: peft_type "LORA", task_type "CAUSAL_LM", r, lora_alpha, lora_dropout, target_modules,
+  use_rslora, bias "none", base_model_name_or_path, and the LoraConfig fields that PEFT 0.13+ reads with their
+  neutral values (fan_in_fan_out false, use_dora false, empty rank/alpha patterns, ...). Only fields known to
+  peft 0.13 are written, because older PEFT rejects unknown keys.
+- adapter_model.safetensors: `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
+  (out, r) in the stored LoRA dtype, with metadata {"format": "pt"}.
+Module paths are those of `model.named_modules()`, which for a transformers model equal PEFT's, so an adapter
+saved here loads with `peft.PeftModel.from_pretrained(hf_model, dir)` and vice versa.
+
+Each file is written to a temporary name in the same directory and moved into place with os.replace, so a
+reader sees either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from .lora import (LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules,
+                   unload_lora)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+class AdapterFileError(OSError):
+    """The adapter directory lacks a file, or a file is not valid JSON / safetensors / PEFT LoRA content."""
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter does not fit the model: other modules, other shapes, other rank, or another base model."""
+
+
+def _atomic_write(path: str, write) -> None:
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _model_base_name(model: nn.Module) -> str | None:
+    name = getattr(model, "name_or_path", None)
+    if not name:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name or None
+
+
+def _uniform(mods: dict[str, LoRALinear], attr: str):
+    values = {getattr(m, attr) for m in mods.values()}
+    if len(values) != 1:
+        raise AdapterMismatchError(f"adapters disagree on {attr} ({sorted(map(str, values))}); PEFT's format "
+                                   f"needs one value (rank/alpha patterns are not supported)")
+    return values.pop()
+
+
+def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """The adapter_config.json content for `model`'s LoRA adapters."""
+    mods = lora_modules(model)
+    if not mods:
+        raise TargetModuleError(f"{type(model).__name__} has no LoRA adapters to save")
+    cfg = getattr(model, "lora_config", None)
+    if isinstance(cfg, LoraConfig):
+        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules)
+    else:  # adapters built by hand: name each wrapped module by its full path (PEFT matches it exactly)
+        targets = sorted(mods)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or _model_base_name(model),
+        "revision": None,
+        "inference_mode": True,
+        "r": int(_uniform(mods, "r")),
+        "lora_alpha": _uniform(mods, "alpha"),
+        "lora_dropout": float(_uniform(mods, "dropout")),
+        "target_modules": targets,
+        "use_rslora": bool(_uniform(mods, "use_rslora")),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "layer_replication": None,
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Write `model`'s LoRA adapters to `directory` (created if needed) in PEFT's format.
+
+    base_model_name_or_path defaults to the model's own `name_or_path` (transformers) if it has one.
+    Raises TargetModuleError if the model has no adapters, AdapterMismatchError if they disagree on r / alpha /
+    dropout / rslora (PEFT's file has one value of each).
+    """
+    from safetensors.torch import save_file
+
+    directory = os.fspath(directory)
+    config = adapter_config_dict(model, base_model_name_or_path)
+    tensors = {}
+    for name, m in lora_modules(model).items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous().clone()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous().clone()
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: open(p, "w", encoding="utf-8").write(text))
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, tensors) from an adapter directory; AdapterFileError for missing or unreadable files."""
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for p in (cpath, wpath):
+        if not os.path.isfile(p):
+            raise AdapterFileError(f"missing {p}" + (" (only safetensors adapters are supported, not "
+                                                     "adapter_model.bin)" if p == wpath else ""))
+    try:
+        with open(cpath, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cpath} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{cpath} must hold a JSON object, got {type(config).__name__}")
+    try:
+        tensors = load_file(wpath)
+    except Exception as e:  # safetensors raises SafetensorError, OSError or ValueError depending on damage
+        raise AdapterFileError(f"{wpath} is not a readable safetensors file: {type(e).__name__}: {e}") from None
+    return config, tensors
+
+
+def _parse_config(config: dict, path: str) -> LoraConfig:
+    if config.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if config.get(key) is None:
+            raise AdapterFileError(f"{path}: field {key!r} is missing")
+    if config.get("bias", "none") != "none":
+        raise AdapterMismatchError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
+    for key in ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
+                "layers_to_transform", "layer_replication", "lora_bias", "target_parameters", "use_qalora"):
+        if config.get(key) not in (None, False, [], {}):
+            raise AdapterMismatchError(f"{path}: {key}={config[key]!r} is not supported")
+    if config["target_modules"] == "all-linear":
+        raise AdapterMismatchError(f"{path}: target_modules 'all-linear' is not supported; list the names")
+    try:
+        return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                          target_modules=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)))
+    except (LoraConfigError, TargetModuleError) as e:
+        raise AdapterFileError(f"{path}: {e}") from None
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'base_model.model.<path>.lora_A.weight' -> (path, 'lora_A'); also accepts PEFT's '.lora_A.default.weight'."""
+    if not key.startswith(KEY_PREFIX):
+        raise AdapterMismatchError(f"unexpected key {key!r}: PEFT LoRA keys start with {KEY_PREFIX!r}")
+    body = key[len(KEY_PREFIX):]
+    for which in ("lora_A", "lora_B"):
+        for tail in (f".{which}.weight", f".{which}.default.weight"):
+            if body.endswith(tail):
+                return body[: -len(tail)], which
+    raise AdapterMismatchError(f"unexpected key {key!r}: only lora_A / lora_B weights are supported")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter (ours or PEFT's) into `model`, in place; returns the model.
+
+    A model without adapters first gets them from the file's config (apply_lora with its r, lora_alpha,
+    lora_dropout, target_modules, use_rslora; A/B dtype float32, as PEFT). A model that already has adapters
+    must have them on exactly the adapter's modules with the same r; alpha, dropout and rslora are taken from
+    the file. Loaded values are exact for a file stored in the adapters' dtype.
+    Raises AdapterFileError (missing / corrupt files, not LoRA) and AdapterMismatchError (modules, shapes, r,
+    unsupported PEFT options, or a base_model_name_or_path that differs from the model's when check_base).
+    """
+    directory = os.fspath(directory)
+    config, tensors = read_adapter(directory)
+    cfg = _parse_config(config, os.path.join(directory, CONFIG_NAME))
+
+    want: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        path, which = _split_key(key)
+        if which in want.setdefault(path, {}):
+            raise AdapterMismatchError(f"{directory}: two tensors for {path}.{which}")
+        want[path][which] = t
+    half = sorted(p for p, d in want.items() if len(d) != 2)
+    if half:
+        raise AdapterMismatchError(f"{directory}: modules with only one of lora_A / lora_B: {half[:5]}")
+    if not want:
+        raise AdapterFileError(f"{directory}: {WEIGHTS_NAME} holds no LoRA tensors")
+
+    file_base, model_base = config.get("base_model_name_or_path"), _model_base_name(model)
+    if check_base and file_base and model_base and not _same_base(file_base, model_base):
+        raise AdapterMismatchError(f"adapter was trained on {file_base!r} but the model is {model_base!r} "
+                                   f"(pass check_base=False to load anyway)")
+
+    mods = lora_modules(model)
+    merged = sorted(n for n, m in mods.items() if m.merged)
+    if merged:
+        raise AdapterMismatchError(f"unmerge_lora(model) before loading: merged adapters at {merged[:5]}")
+    fresh = not mods
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    if fresh:
+        known = {name for name, _ in model.named_modules()}
+        absent = sorted(set(want) - known)
+        if absent:
+            raise AdapterMismatchError(f"adapter modules not in {type(model).__name__}: {absent[:5]}")
+        try:
+            apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+                       use_rslora=cfg.use_rslora)
+        except TargetModuleError as e:
+            raise AdapterMismatchError(f"adapter does not fit {type(model).__name__}: {e}") from None
+        mods = lora_modules(model)
+    try:
+        if set(mods) != set(want):
+            only_model, only_file = sorted(set(mods) - set(want)), sorted(set(want) - set(mods))
+            raise AdapterMismatchError(f"LoRA modules differ: in the model only {only_model[:5]}, in the adapter "
+                                       f"only {only_file[:5]}")
+        for name, m in mods.items():
+            a, b = want[name]["lora_A"], want[name]["lora_B"]
+            if tuple(a.shape) != tuple(m.lora_A.shape) or tuple(b.shape) != tuple(m.lora_B.shape):
+                raise AdapterMismatchError(
+                    f"{name}: adapter A {tuple(a.shape)}, B {tuple(b.shape)} but the layer needs A "
+                    f"{tuple(m.lora_A.shape)} (r={m.r}, in={m.in_features}), B {tuple(m.lora_B.shape)} "
+                    f"(out={m.out_features})")
+    except AdapterMismatchError:
+        if fresh:  # leave the model as it came in
+            unload_lora(model)
+            for n, p in model.named_parameters():
+                p.requires_grad_(grad_flags.get(n, p.requires_grad))
+        raise
+    with torch.no_grad():
+        for name, m in mods.items():
+            m.lora_A.copy_(want[name]["lora_A"])
+            m.lora_B.copy_(want[name]["lora_B"])
+            m.alpha, m.use_rslora = cfg.alpha, cfg.use_rslora
+            m.set_dropout(cfg.dropout)
+    if not fresh:
+        prev = getattr(model, "lora_config", None)
+        model.lora_config = LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                                       target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
+                                       dtype=prev.dtype if isinstance(prev, LoraConfig) else torch.float32)
+    return model
+
+
+def _same_base(a: str, b: str) -> bool:
+    """Same checkpoint by name: equal paths, or equal last component (a local copy of a hub id)."""
+    na, nb = os.path.normpath(a), os.path.normpath(b)
+    return na == nb or os.path.basename(na) == os.path.basename(nb)

@@ -1,0 +1,322 @@
+"""LoRA over frozen dense or 4-bit linear layers: `LoRALinear`, `apply_lora`, `merge_lora`, `unmerge_lora`.
+
+y = base(x) + scaling * dropout(x) @ A.T @ B.T with A (r, in) and B (out, r) trainable, the base frozen, and
+scaling = alpha / r (alpha / sqrt(r) with use_rslora). Everything mirrors PEFT's `lora.Linear` so adapters
+move between the two (adapter.py): A starts Kaiming-uniform (a=sqrt(5), nn.Linear's default), B starts at zero
+(a fresh adapter is a no-op), the LoRA input is cast to the LoRA dtype before dropout, and the sum is cast back
+to the base output's dtype. The module names follow PEFT too: the wrapped layer stays at `<path>.base_layer`.
+
+The base is an nn.Linear or a `QuantLinear` (qlinear.py: a QuantizedTensor run through `nf4_linear`), or any
+module whose `weight` attribute is a QuantizedTensor. The LoRA path is two small matmuls in PyTorch; it is not
+fused with the base matmul (no GPU profile here shows the gain yet).
+
+Merging: `merge_lora` folds scaling * B @ A into the base weight, computed in fp32 and rounded once to the base
+dtype. A 4-bit base is dequantized first, and then either stays dense (nn.Linear, the default) or is
+re-quantized with the same format (`requantize=True`, adding a second quantization error). The pre-merge base
+module is kept aside (not registered, so it is not in state_dict or parameters), which makes `unmerge_lora`
+exact in every case: it puts back the very same module. Cost: the dense base is held twice while merged; the
+4-bit one adds only the dense merged copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .quant import QuantizedTensor, dequantize, quantize
+from .qlinear import QuantLinear
+
+# All seven Llama projections: the QLoRA paper adapts every linear layer (PEFT's own default is q_proj, v_proj).
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class LoraConfigError(ValueError):
+    """A LoRA hyper-parameter out of range (r <= 0, dropout outside [0, 1), unsupported dtype, ...)."""
+
+
+class TargetModuleError(ValueError):
+    """target_modules matches no linear layer, or matches a module that cannot take LoRA."""
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """What apply_lora needs; save_adapter writes these into PEFT's adapter_config.json."""
+    r: int = 16  # rank of the update B @ A (PEFT `r`)
+    alpha: float = 32  # scale numerator (PEFT `lora_alpha`): scaling = alpha / r, or alpha / sqrt(r) with rslora
+    dropout: float = 0.0  # dropout probability on the LoRA input only; the base sees x unchanged (`lora_dropout`)
+    target_modules: Sequence[str] | str = LLAMA_TARGETS  # names matched as PEFT does: list = exact path or
+    # ".name" suffix; str = regex fullmatch on the whole module path
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    dtype: torch.dtype = torch.float32  # storage dtype of A and B: float32 or bfloat16
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise LoraConfigError(f"r must be a positive int, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise LoraConfigError(f"alpha must be a finite number, got {self.alpha!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise LoraConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dtype not in LORA_DTYPES:
+            raise LoraConfigError(f"LoRA dtype must be float32 or bfloat16, got {self.dtype}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise TargetModuleError(f"target_modules regex {self.target_modules!r} does not compile: {e}") from None
+        else:
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise TargetModuleError(f"target_modules must be non-empty names, got {self.target_modules!r}")
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A module holding a QuantizedTensor as its `weight` (our QuantLinear, or a look-alike)."""
+    return isinstance(getattr(module, "weight", None), QuantizedTensor)
+
+
+def _base_shape(base: nn.Module) -> tuple[int, int]:
+    w = base.weight
+    shape = tuple(w.shape)
+    if len(shape) != 2:
+        raise TypeError(f"LoRA base weight must be 2-D (out, in), got shape {shape}")
+    return shape
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear base plus a trainable low-rank update: base(x) + scaling * B(A(dropout(x))).
+
+    base: nn.Linear, QuantLinear (or any module whose `weight` is a QuantizedTensor), a QuantizedTensor
+    (wrapped into a QuantLinear) or a dense (out, in) weight tensor (wrapped into an nn.Linear); `bias`
+    only for the last two. lora_A (r, in) and lora_B (out, r) are Parameters in `dtype` on the base's device.
+    """
+
+    def __init__(self, base: nn.Module | QuantizedTensor | torch.Tensor, r: int = 16, alpha: float = 32,
+                 dropout: float = 0.0, use_rslora: bool = False, dtype: torch.dtype = torch.float32,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        LoraConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, dtype=dtype)  # validates
+        if isinstance(base, QuantizedTensor):
+            base = QuantLinear(base, bias)
+        elif isinstance(base, torch.Tensor):
+            if base.dim() != 2:
+                raise TypeError(f"LoRA base weight must be 2-D (out, in), got shape {tuple(base.shape)}")
+            lin = nn.Linear(base.shape[1], base.shape[0], bias=bias is not None, device=base.device,
+                            dtype=base.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(base)
+                if bias is not None:
+                    lin.bias.copy_(bias)
+            base = lin
+        elif not (isinstance(base, nn.Linear) or is_quantized_linear(base)):
+            raise TypeError(f"LoRA base must be nn.Linear, a quantized linear, a QuantizedTensor or a weight "
+                            f"tensor, got {type(base).__name__}")
+        elif bias is not None:
+            raise TypeError("bias= is only for a tensor or QuantizedTensor base; a module brings its own bias")
+        out_f, in_f = _base_shape(base)
+        base.requires_grad_(False)
+        self.base_layer = base
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, device=device, dtype=dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=device, dtype=dtype))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+        # The pre-merge base while merged; plain attribute, so not in state_dict / parameters / children.
+        self.__dict__["_unmerged_base"] = None
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def set_dropout(self, p: float) -> None:
+        LoraConfig(r=self.r, dropout=p)  # validates
+        self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        h = self.lora_dropout(x.to(self.lora_A.dtype))
+        # Same expression and order as PEFT's lora.Linear.forward, so outputs agree to the last bit.
+        return (y + nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, (out, in)."""
+        return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, requantize: bool = False) -> None:
+        """Fold the adapter into the base (see module docstring); a no-op if already merged."""
+        if self.merged:
+            return
+        base = self.base_layer
+        quantized = is_quantized_linear(base)
+        w = dequantize(base.weight) if quantized else base.weight.detach()
+        merged_w = (w.float() + self.delta_weight()).to(w.dtype)  # one rounding to the base dtype
+        bias = None if base.bias is None else base.bias.detach().clone()
+        if quantized and requantize:
+            q = base.weight
+            new = QuantLinear(quantize(merged_w, quant_type=q.quant_type, blocksize=q.blocksize,
+                                       double_quant=q.double_quant), bias)
+        else:
+            new = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device,
+                            dtype=w.dtype)
+            new.weight.copy_(merged_w)
+            if bias is not None:
+                new.bias.copy_(bias)
+        new.requires_grad_(False)
+        self.__dict__["_unmerged_base"] = base
+        self.base_layer = new
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put back the exact pre-merge base (moved to the current device); a no-op if not merged."""
+        if not self.merged:
+            return
+        base = self.__dict__["_unmerged_base"]
+        device = self.lora_A.device
+        if _module_device(base) != device:
+            base = base.to(device)
+        self.base_layer = base
+        self.__dict__["_unmerged_base"] = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}, merged={self.merged}")
+
+
+def _module_device(m: nn.Module) -> torch.device:
+    w = m.weight
+    return w.device
+
+
+def target_matches(target_modules: Sequence[str] | str, name: str) -> bool:
+    """PEFT's rule (tuners_utils.check_target_module_exists): a str is a regex that must fullmatch the module
+    path; a list matches a path equal to an entry or ending in '.' + entry."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return name in target_modules or any(name.endswith("." + t) for t in target_modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraParamCount:
+    """apply_lora's result. total counts every parameter once, a 4-bit weight by its logical element count
+    (out * in, as PEFT's print_trainable_parameters does), not by its packed bytes."""
+    trainable: int  # elements of all LoRA A and B matrices (the only parameters left requiring grad)
+    total: int  # trainable + frozen elements
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.fraction:.4f}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Module path -> LoRALinear for every adapter in `model`, in named_modules order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def count_parameters(model: nn.Module) -> LoraParamCount:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(math.prod(m.weight.shape) for m in model.modules() if is_quantized_linear(m))
+    return LoraParamCount(trainable=trainable, total=total)
+
+
+def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+               target_modules: Sequence[str] | str = LLAMA_TARGETS, use_rslora: bool = False,
+               dtype: torch.dtype = torch.float32) -> LoraParamCount:
+    """Wrap every nn.Linear / quantized linear whose path matches `target_modules` in a LoRALinear, in place.
+
+    Freezes every other parameter (bias "none", as PEFT), stores the LoraConfig as `model.lora_config` (used
+    by save_adapter) and returns LoraParamCount(trainable, total). Raises LoraConfigError for bad r / alpha /
+    dropout / dtype, TargetModuleError when nothing matches, when a match is not a linear layer, or when the
+    model already carries LoRA adapters.
+    """
+    cfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, use_rslora=use_rslora,
+                     dtype=dtype)
+    if lora_modules(model):
+        raise TargetModuleError("model already has LoRA adapters; merge/unload them or load into them instead")
+    matches = [(name, m) for name, m in model.named_modules() if name and target_matches(cfg.target_modules, name)]
+    bad = [f"{name} ({type(m).__name__})" for name, m in matches
+           if not (isinstance(m, nn.Linear) or is_quantized_linear(m))]
+    if bad:
+        raise TargetModuleError(f"target_modules={cfg.target_modules!r} matches modules that are not linear "
+                                f"layers: {bad[:5]}")
+    if not matches:
+        raise TargetModuleError(f"target_modules={cfg.target_modules!r} matches no module of "
+                                f"{type(model).__name__}")
+    model.requires_grad_(False)
+    for name, m in matches:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(m, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                                          use_rslora=cfg.use_rslora, dtype=cfg.dtype))
+    model.lora_config = cfg
+    return count_parameters(model)
+
+
+def merge_lora(model: nn.Module, requantize: bool = False) -> int:
+    """Fold every adapter of `model` into its base (LoRALinear.merge); returns how many were merged.
+
+    requantize=False leaves a 4-bit base dense (exact merged weight in the base dtype); True re-quantizes it
+    with the same quant_type / blocksize / double_quant. A dense base stays dense either way.
+    """
+    mods = lora_modules(model)
+    if not mods:
+        raise TargetModuleError(f"{type(model).__name__} has no LoRA adapters to merge")
+    n = 0
+    for m in mods.values():
+        if not m.merged:
+            m.merge(requantize=requantize)
+            n += 1
+    return n
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo merge_lora exactly (the original base modules come back); returns how many were unmerged."""
+    mods = lora_modules(model)
+    if not mods:
+        raise TargetModuleError(f"{type(model).__name__} has no LoRA adapters to unmerge")
+    n = 0
+    for m in mods.values():
+        if m.merged:
+            m.unmerge()
+            n += 1
+    return n
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Replace each LoRALinear by its base layer (merged or not, as it stands), dropping A and B; in place.
+
+    After `merge_lora(model)` this gives a plain model with HF-style state dict keys (`...q_proj.weight`).
+    """
+    for name, m in list(lora_modules(model).items()):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base_layer)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
