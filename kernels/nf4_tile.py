@@ -1,0 +1,138 @@
+"""Shared Triton pieces of the fused 4-bit matmuls: load a (R, C) tile of W = dequantize(q) straight from the
+packed codes and the (nested) absmax, plus a transient-dequantize kernel for the dequantize-then-cuBLAS path.
+
+Reference: `qlora_core.quant.dequantize` / `qlora_core.reference.dequantize_4bit_ref` (W[n, k] =
+dtype(lut[code(n*K + k)] * absmax[(n*K + k) // blocksize]), absmax restored as code256[qa] * nested[b >> 8]
++ offset for double quant, `QuantizedTensor.absmax_fp32`).
+
+Design
+- Two tile loaders, chosen by the constexpr ALIGNED = (K % blocksize == 0):
+  * aligned (every real checkpoint: K = 4096, 14336, ... with blocksize 64): a row's codes start on a byte
+    boundary, so the tile is loaded as (R, C/2) whole bytes (coalesced) and split with join+reshape into
+    (R, C) codes (element 2j = high nibble). Each row of the tile covers NBLK = max(C // blocksize, 1)
+    absmax blocks, loaded as an (R, NBLK) tile, double-dequantized there (cheap, per block) and broadcast
+    with a reshape (R, NBLK, SUB) instead of one gather per element.
+  * generic (odd K; blocks straddle rows): flat index n*K + k per element, one byte and one absmax gather
+    per element. Correct for every shape, used only by shapes no model has (tests hit it).
+- The 16-entry table is read with `tl.load(lut_ptr + code)`: 64 bytes that stay in L1 for the whole kernel.
+- NOTE: the fused kernels let LLVM contract code256*nested + offset into one FMA, so a restored absmax may
+  differ from `absmax_fp32()` by 1 ulp of fp32 (then rounded to bf16/fp16 with W: almost never visible).
+  The transient-dequantize kernel is launched with enable_fp_fusion=False and matches `dequantize(q)` bit
+  for bit.
+Limits: q 2-D with N*K < 2**31 (the format's own limit, int32 indexing); blocksize a power of two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora_core import backend
+from qlora_core.formats import code_table, dynamic_map
+
+
+def q_args(q) -> tuple:
+    """Kernel pointer arguments of a QuantizedTensor: (data, absmax, code256, nested, offset, lut, DQ)."""
+    data = q.data.reshape(-1)
+    lut = code_table(q.quant_type, q.device)
+    if q.double_quant:
+        return (data, q.absmax, dynamic_map(True, q.device), q.nested_absmax, q.offset.reshape(1), lut, True)
+    return (data, q.absmax, q.absmax, q.absmax, q.absmax, lut, False)  # unused pointers: any tensor
+
+
+@triton.jit
+def _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, b, mask, DQ: tl.constexpr):
+    """fp32 absmax of block indices `b` (any shape)."""
+    if DQ:
+        qa = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
+        a = tl.load(code256_ptr + qa) * tl.load(nested_ptr + (b >> 8), mask=mask, other=0.0)
+        a = a + tl.load(offset_ptr)
+    else:
+        a = tl.load(absmax_ptr + b, mask=mask, other=0.0)
+    return a
+
+
+@triton.jit
+def load_tile_parts(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                    offs_r, k0, N, K,
+                    C: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr):
+    """Aligned path only: (lut values (R, C) fp32, absmax (R, NBLK) fp32) for rows offs_r, columns k0..k0+C."""
+    NBLK: tl.constexpr = C // BS if C > BS else 1
+    rmask = offs_r < N
+    cb = tl.arange(0, C // 2)
+    bmask = rmask[:, None] & (cb[None, :] < (K - k0) // 2)
+    byts = tl.load(data_ptr + (offs_r[:, None] * (K // 2) + k0 // 2) + cb[None, :], mask=bmask, other=0x77)
+    codes = tl.reshape(tl.join(byts >> 4, byts & 0xF), (offs_r.shape[0], C))
+    vals = tl.load(lut_ptr + codes.to(tl.int32))
+    jb = tl.arange(0, NBLK)
+    b = offs_r[:, None] * (K // BS) + (k0 // BS) + jb[None, :]
+    a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, b,
+                   rmask[:, None] & (k0 + jb[None, :] * BS < K), DQ)
+    return vals, a
+
+
+@triton.jit
+def load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+              offs_r, k0, N, K,
+              C: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr):
+    """W[offs_r, k0:k0+C] as fp32 (R, C); rows >= N and columns >= K read as 0."""
+    R: tl.constexpr = offs_r.shape[0]
+    if ALIGNED:
+        NBLK: tl.constexpr = C // BS if C > BS else 1
+        SUB: tl.constexpr = C // NBLK
+        vals, a = load_tile_parts(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                                  offs_r, k0, N, K, C, BS, DQ, ALIGNED)
+        w = tl.reshape(tl.reshape(vals, (R, NBLK, SUB)) * a[:, :, None], (R, C))
+    else:
+        offs_c = k0 + tl.arange(0, C)
+        mask = (offs_r[:, None] < N) & (offs_c[None, :] < K)
+        idx = offs_r[:, None] * K + offs_c[None, :]
+        byt = tl.load(data_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        code = (byt >> ((1 - (idx & 1)) * 4)) & 0xF
+        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, idx // BS, mask, DQ)
+        w = tl.where(mask, tl.load(lut_ptr + code) * a, 0.0)
+    return w
+
+
+# The CPU interpreter (TRITON_INTERPRET=1) truncates fp32 -> bf16 and computes tl.dot on bf16 operands
+# wrongly; kernels read this flag to round by hand and to upcast dot operands to fp32 there.
+INTERPRET: tl.constexpr = tl.constexpr(backend.interpreting())
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """fp32 -> dtype rounding to nearest even (the GPU's own cvt; done with integer ops in the interpreter)."""
+    if dtype == tl.float32:
+        return x
+    elif INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _dequantize_kernel(out_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr, N, K,
+                       BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr, offs_n, k0, N, K,
+                  BLOCK_K, BS, DQ, ALIGNED)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], cast_rne(w, out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_transient(q, dtype: torch.dtype) -> torch.Tensor:
+    """W = dequantize(q) in `dtype`, (N, K), bit-exact with the reference. The caller must drop it after use."""
+    n, k = q.shape
+    out = torch.empty((n, k), dtype=dtype, device=q.device)
+    data, absmax, code256, nested, offset, lut, dq = q_args(q)
+    block_n, block_k = 16, 256
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequantize_kernel[grid](out, data, absmax, code256, nested, offset, lut, n, k,
+                             BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0),
+                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False)
+    return out
