@@ -1,0 +1,259 @@
+"""PagedAdamW: AdamW with 32-bit or 8-bit blockwise states, paged between the GPU and pinned host memory.
+
+    opt = PagedAdamW(model.parameters(), lr=2e-4, optim_bits=8, gpu_budget_bytes=512 << 20)
+    ...; loss.backward(); opt.step(); opt.zero_grad()
+    opt.set_gpu_budget(128 << 20)   # on a memory spike: pages move to the host now, training goes on
+
+* optim_bits=32 follows torch.optim.AdamW (decoupled decay first, fp32 m and v whatever the param dtype).
+* optim_bits=8 stores m and v as bitsandbytes does (AdamW8bit, bnb-format.md §6): uint8 codes in 256-element
+  blocks with an fp32 absmax each, the signed dynamic map for m and the unsigned one for v; tensors under
+  4096 elements keep fp32 states (with the 32-bit update). A NaN/Inf gradient element resets that element's
+  m and v to zero and leaves its parameter alone. The update is qlora_core.optim_ref.adamw8bit_ref, run as one
+  fused Triton kernel (kernels/adamw8bit.py) on CUDA tensors and as the PyTorch reference elsewhere.
+* States live in fixed-size pages (qlora_core.paging): resident on the device within `gpu_budget_bytes`, the
+  rest in pinned host memory, streamed through two staging pages with prefetch and write-back overlapped with
+  the update. Never CUDA managed memory. With `gpu_budget_bytes=None` the budget is decided at the first step
+  on CUDA: what the allocator may still take, minus the activation peak seen so far and a margin (so the
+  next forward pass fits beside the pages); on the CPU nothing is paged.
+* state_dict() holds the exact state (codes, absmax, fp32 moments, step) as CPU tensors keyed like
+  bitsandbytes (8-bit: state1, state2, absmax1, absmax2) or torch (exp_avg, exp_avg_sq), so a resumed run is
+  bit-identical and a checkpoint written on a GPU loads on the CPU and back.
+Limits: all parameters on one device; dense gradients; no amsgrad/maximize; add_param_group only before the
+first step.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backend
+from .formats import dynamic_map
+from .optim_ref import adamw8bit_ref, adamw32_ref, adamw_coeffs
+from .paging import PageStore, layout
+
+MIN_8BIT_SIZE = 4096  # bnb's min_8bit_size: smaller tensors keep fp32 states
+DEFAULT_PAGE_BYTES = 32 << 20
+SAFETY_MARGIN = 256 << 20  # bytes kept free beside the activation peak when the budget is automatic
+
+
+class PagedAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, optim_bits: int = 32, gpu_budget_bytes: int | None = None,
+                 page_bytes: int | None = None):
+        if not isinstance(lr, (int, float)) or lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"Invalid optim_bits: {optim_bits} (must be 8 or 32)")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Invalid betas: {betas} (each must be in [0, 1))")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be >= 0)")
+        if gpu_budget_bytes is not None and gpu_budget_bytes < 0:
+            raise ValueError(f"Invalid gpu_budget_bytes: {gpu_budget_bytes} (must be >= 0 or None)")
+        if page_bytes is not None and page_bytes < 4096:
+            raise ValueError(f"Invalid page_bytes: {page_bytes} (must be >= 4096)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.optim_bits = optim_bits
+        self._budget = gpu_budget_bytes
+        self._page_bytes = page_bytes
+        self._store: PageStore | None = None
+
+    # ---- structure ---------------------------------------------------------------------------------------------
+    def _params(self) -> list[tuple[torch.Tensor, dict]]:
+        return [(p, g) for g in self.param_groups for p in g["params"]]
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_store", None) is not None:
+            raise RuntimeError("PagedAdamW.add_param_group after the first step is not supported "
+                               "(the state pages are laid out at the first step)")
+        super().add_param_group(param_group)
+
+    def _bits(self, p: torch.Tensor) -> int:
+        return 8 if self.optim_bits == 8 and p.numel() >= MIN_8BIT_SIZE else 32
+
+    def _build(self) -> None:
+        params = self._params()
+        devices = {p.device for p, _ in params}
+        if len(devices) != 1:
+            raise ValueError(f"PagedAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
+        device = devices.pop()
+        self._device = device
+        self._flat = [p for p, _ in params]
+        self._group_of = [g for _, g in params]
+        self._steps = [0] * len(self._flat)
+        sizes = [(p.numel(), self._bits(p)) for p in self._flat]
+        total = sum(s for s in _state_bytes(sizes))
+        budget = self._budget
+        if budget is None and device.type == "cuda":
+            budget = auto_budget(device)
+        page_bytes = self._page_bytes
+        if page_bytes is None:
+            page_bytes = DEFAULT_PAGE_BYTES
+            if budget is not None and budget < total:  # small pages so that a part of the state fits
+                page_bytes = max(1 << 20, min(DEFAULT_PAGE_BYTES, (budget // 8) >> 16 << 16))
+        self._segments, num_pages = layout(sizes, page_bytes)
+        self._by_page: list[list] = [[] for _ in range(num_pages)]
+        for seg in self._segments:
+            self._by_page[seg.page].append(seg)
+        self._store = PageStore(num_pages, page_bytes, device, budget)
+        self._qmaps = (dynamic_map(True, device), dynamic_map(False, device))
+
+    # ---- budget ------------------------------------------------------------------------------------------------
+    def set_gpu_budget(self, nbytes: int | None) -> None:
+        """Change the device byte budget for state pages now (None: everything resident)."""
+        if nbytes is not None and nbytes < 0:
+            raise ValueError(f"Invalid gpu budget: {nbytes} (must be >= 0 or None)")
+        self._budget = nbytes
+        if self._store is not None:
+            self._store.set_budget(nbytes)
+
+    @property
+    def gpu_budget_bytes(self) -> int | None:
+        return self._store.budget if self._store is not None else self._budget
+
+    @property
+    def state_device_bytes(self) -> int:
+        """Bytes of state pages currently on the device (resident + staging); 0 before the first step."""
+        return self._store.device_bytes if self._store is not None else 0
+
+    @property
+    def paging_stats(self) -> dict:
+        return dict(self._store.stats) if self._store is not None else {}
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._store is None:
+            if not any(p.grad is not None for p, _ in self._params()):
+                return loss
+            self._build()
+        grads, coeffs = {}, {}
+        for i, p in enumerate(self._flat):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("PagedAdamW does not support sparse gradients")
+            if not p.is_contiguous():
+                raise RuntimeError("PagedAdamW needs contiguous parameters")
+            self._steps[i] += 1
+            grads[i] = p.grad.reshape(-1)  # a view when contiguous
+            g = self._group_of[i]
+            for bits in (8, 32):
+                coeffs[i, bits] = adamw_coeffs(self._steps[i], g["lr"], *g["betas"], g["eps"],
+                                               g["weight_decay"], bits)
+        if not grads:
+            return loss
+        pages = [page for page, segs in enumerate(self._by_page) if any(s.param in grads for s in segs)]
+        use_triton = backend.choose(self._device) == "triton"
+        if use_triton:
+            from .kernels.adamw8bit import adamw8bit as update8, adamw32 as update32
+        else:
+            update8, update32 = adamw8bit_ref, adamw32_ref
+        q1, q2 = self._qmaps
+
+        def update_page(page: int, buf: torch.Tensor) -> None:
+            for seg in self._by_page[page]:
+                g = grads.get(seg.param)
+                if g is None:
+                    continue
+                end = seg.start + seg.count
+                p = self._flat[seg.param].view(-1)[seg.start:end]
+                if seg.bits == 8:
+                    update8(p, g[seg.start:end], *seg.views(buf), q1, q2, coeffs[seg.param, 8])
+                else:
+                    update32(p, g[seg.start:end], *seg.views(buf), coeffs[seg.param, 32])
+
+        self._store.run(update_page, pages)
+        return loss
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        index = {id(p): i for i, (p, _) in enumerate(self._params())}
+        groups = []
+        for g in self.param_groups:
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": [index[id(p)] for p in g["params"]]})
+        state = {}
+        if self._store is not None:
+            pages = {}
+            for i, p in enumerate(self._flat):
+                if self._steps[i] == 0:
+                    continue
+                segs = [s for s in self._segments if s.param == i]
+                parts = []
+                for s in segs:
+                    if s.page not in pages:
+                        pages[s.page] = self._store.read(s.page)
+                    parts.append([v.clone() for v in s.views(pages[s.page])])
+                arrays = [torch.cat(list(col)) for col in zip(*parts)]
+                st = {"step": torch.tensor(float(self._steps[i]))}
+                if segs[0].bits == 8:
+                    st.update(state1=arrays[0].view(p.shape), state2=arrays[1].view(p.shape),
+                              absmax1=arrays[2], absmax2=arrays[3])
+                else:
+                    st.update(exp_avg=arrays[0].view(p.shape), exp_avg_sq=arrays[1].view(p.shape))
+                state[i] = st
+        return {"state": state, "param_groups": groups, "optim_bits": self.optim_bits}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
+            raise ValueError("loaded state dict does not match the optimizer's parameter groups")
+        bits = state_dict.get("optim_bits", self.optim_bits)
+        if bits != self.optim_bits:
+            raise ValueError(f"loaded state dict has optim_bits={bits}, this optimizer {self.optim_bits}")
+        for mine, saved in zip(self.param_groups, groups):
+            mine.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+        if self._store is None:
+            self._build()
+        saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        self._steps = [0] * len(self._flat)
+        pages = {page: torch.zeros(self._store.page_bytes, dtype=torch.uint8) for page in range(len(self._by_page))}
+        for i, p in enumerate(self._flat):
+            st = saved_state.get(i)
+            if st is None:
+                continue
+            segs = [s for s in self._segments if s.param == i]
+            if segs[0].bits == 8:
+                names, block = ("state1", "state2", "absmax1", "absmax2"), (1, 1, 256, 256)
+            else:
+                names, block = ("exp_avg", "exp_avg_sq"), (1, 1)
+            missing = [n for n in names if n not in st]
+            if missing:
+                raise ValueError(f"state of parameter {i} lacks {missing} (expected {segs[0].bits}-bit state)")
+            arrays = [st[n].detach().reshape(-1).cpu() for n in names]
+            if arrays[0].numel() != p.numel():
+                raise ValueError(f"state of parameter {i} has {arrays[0].numel()} elements, param {p.numel()}")
+            for s in segs:
+                for view, src, per in zip(s.views(pages[s.page]), arrays, block):
+                    lo = s.start // per
+                    view.copy_(src[lo:lo + view.numel()].to(view.dtype))
+            step = st["step"]
+            self._steps[i] = int(step.item() if torch.is_tensor(step) else step)
+        for page, data in pages.items():
+            self._store.write(page, data)
+
+
+def _state_bytes(sizes: list[tuple[int, int]]):
+    for numel, bits in sizes:
+        yield 2 * numel + 8 * (-(-numel // 256)) if bits == 8 else 8 * numel
+
+
+def auto_budget(device: torch.device) -> int:
+    """Bytes of state the device can hold beside the model: what the allocator may still take, minus the
+    activation peak seen so far (it comes back with the next forward pass) and SAFETY_MARGIN."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    allocated = torch.cuda.memory_allocated(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(device) if get_fraction is not None else 1.0
+    room = min(free, int(fraction * total) - reserved) + (reserved - allocated)
+    peak_extra = torch.cuda.max_memory_allocated(device) - allocated
+    return max(0, room - peak_extra - SAFETY_MARGIN)
