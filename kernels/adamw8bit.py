@@ -12,8 +12,9 @@ Design notes:
     midpoint). Under TRITON_INTERPRET=1 (numpy, no FMA) the kernel reproduces the reference exactly.
   * The 256-entry maps are read with gathers (8 per element per state, L1-resident: the map is 1 KB); bnb keeps
     them in shared memory, which Triton does not expose.
-  * One launch per contiguous slice (a parameter's part within one state page); the optimizer issues them back
-    to back on one stream with no host synchronization.
+  * One launch per segment (a parameter's part within one state page), addressed as base pointer + element
+    offset so the optimizer builds no tensor views per step; launches go back to back on one stream with no
+    host synchronization.
 Triton is imported here, never at qlora_core import time.
 """
 from __future__ import annotations
@@ -50,22 +51,25 @@ def _encode_8bit(x, qmap_ptr):
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, s1_ptr, s2_ptr, am1_ptr, am2_ptr, qmap1_ptr, qmap2_ptr, n,
-                  beta1, beta2, omb1, omb2, step_size, eps_hat, decay, bias_c2_sqrt,
+def _adamw_kernel(p_ptr, g_ptr, p_off, n, s1_ptr, s2_ptr, s1_off, s2_off, am1_ptr, am2_ptr, am1_off,
+                  am2_off, qmap1_ptr, qmap2_ptr, beta1, beta2, omb1, omb2, step_size, eps_hat, decay, bias_c2_sqrt,
                   QUANT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Elements [p_off, p_off + n) of the flat p and g; state arrays start at the given element offsets of
+    # their base pointers (a page buffer seen as uint8 for codes / fp32 for absmax or moments), so the
+    # optimizer launches on pages without building per-segment tensor views.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
-    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK)
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK), relative to the segment
     mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(p_ptr + p_off + offs, mask=mask, other=0.0)
     pf = p.to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + p_off + offs, mask=mask, other=0.0).to(tl.float32)
     if QUANT:
         rmask = rows * BLOCK < n
-        c1 = tl.load(s1_ptr + offs, mask=mask, other=0).to(tl.int32)
-        c2 = tl.load(s2_ptr + offs, mask=mask, other=0).to(tl.int32)
-        a1 = tl.load(am1_ptr + rows, mask=rmask, other=0.0)
-        a2 = tl.load(am2_ptr + rows, mask=rmask, other=0.0)
+        c1 = tl.load(s1_ptr + s1_off + offs, mask=mask, other=0).to(tl.int32)
+        c2 = tl.load(s2_ptr + s2_off + offs, mask=mask, other=0).to(tl.int32)
+        a1 = tl.load(am1_ptr + am1_off + rows, mask=rmask, other=0.0)
+        a2 = tl.load(am2_ptr + am2_off + rows, mask=rmask, other=0.0)
         m0 = tl.load(qmap1_ptr + c1) * a1[:, None]
         v0 = tl.load(qmap2_ptr + c2) * a2[:, None]
         finite = (g - g) == 0.0  # false for NaN and +-Inf
@@ -74,42 +78,43 @@ def _adamw_kernel(p_ptr, g_ptr, s1_ptr, s2_ptr, am1_ptr, am2_ptr, qmap1_ptr, qma
         upd = tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps_hat)
         newp = (pf + step_size * upd).to(p.dtype).to(tl.float32)
         newp = (newp * decay).to(p.dtype)
-        tl.store(p_ptr + offs, tl.where(finite, newp, p), mask=mask)
+        tl.store(p_ptr + p_off + offs, tl.where(finite, newp, p), mask=mask)
 
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
         new_a1 = tl.max(tl.abs(m), axis=1)
         new_a2 = tl.max(v, axis=1)
-        tl.store(am1_ptr + rows, new_a1, mask=rmask)
-        tl.store(am2_ptr + rows, new_a2, mask=rmask)
+        tl.store(am1_ptr + am1_off + rows, new_a1, mask=rmask)
+        tl.store(am2_ptr + am2_off + rows, new_a2, mask=rmask)
         q1 = _encode_8bit(tl.math.div_rn(m, new_a1[:, None]), qmap1_ptr)
         q2 = _encode_8bit(tl.math.div_rn(v, new_a2[:, None]), qmap2_ptr)
         # bnb's sign fix: signbit(qmap1[q1]) != signbit(m) -> step one code towards m's sign (uint8 wrap).
         sb_code = tl.load(qmap1_ptr + q1).to(tl.int32, bitcast=True) < 0
         sb_m = m.to(tl.int32, bitcast=True) < 0
         q1 = tl.where(sb_code != sb_m, q1 + tl.where(m > 0.0, 1, -1), q1)
-        tl.store(s1_ptr + offs, (q1 & 255).to(tl.uint8), mask=mask)
-        tl.store(s2_ptr + offs, q2.to(tl.uint8), mask=mask)
+        tl.store(s1_ptr + s1_off + offs, (q1 & 255).to(tl.uint8), mask=mask)
+        tl.store(s2_ptr + s2_off + offs, q2.to(tl.uint8), mask=mask)
     else:
         # torch.optim.AdamW, single-tensor form: decay first, lerp (weight < 0.5 branch), addcmul, addcdiv.
-        m0 = tl.load(s1_ptr + offs, mask=mask, other=0.0)
-        v0 = tl.load(s2_ptr + offs, mask=mask, other=0.0)
+        m0 = tl.load(s1_ptr + s1_off + offs, mask=mask, other=0.0)
+        v0 = tl.load(s2_ptr + s2_off + offs, mask=mask, other=0.0)
         pd = pf * decay
         m = m0 + omb1 * (g - m0)
         v = v0 * beta2 + (omb2 * g) * g
         denom = tl.math.div_rn(tl.math.sqrt_rn(v), bias_c2_sqrt) + eps_hat
         newp = pd + (-step_size) * tl.math.div_rn(m, denom)
-        tl.store(s1_ptr + offs, m, mask=mask)
-        tl.store(s2_ptr + offs, v, mask=mask)
-        tl.store(p_ptr + offs, newp.to(p.dtype), mask=mask)
+        tl.store(s1_ptr + s1_off + offs, m, mask=mask)
+        tl.store(s2_ptr + s2_off + offs, v, mask=mask)
+        tl.store(p_ptr + p_off + offs, newp.to(p.dtype), mask=mask)
 
 
-def _launch(p, g, s1, s2, am1, am2, qmap1, qmap2, k: AdamWCoeffs, quant: bool) -> None:
-    n = p.numel()
+def launch(p, g, p_off, n, s1, s2, s1_off, s2_off, am1, am2, am1_off, am2_off, qmap1, qmap2, k: AdamWCoeffs,
+           quant: bool) -> None:
+    """Low-level launcher on base tensors plus element offsets (what PagedAdamW calls, one per segment)."""
     if n == 0:
         return
     grid = (triton.cdiv(triton.cdiv(n, BLOCKSIZE), ROWS),)
-    _adamw_kernel[grid](p, g, s1, s2, am1, am2, qmap1, qmap2, n,
+    _adamw_kernel[grid](p, g, p_off, n, s1, s2, s1_off, s2_off, am1, am2, am1_off, am2_off, qmap1, qmap2,
                         k.beta1, k.beta2, k.one_minus_beta1, k.one_minus_beta2, k.step_size, k.eps_hat,
                         k.decay, k.bias_c2_sqrt, QUANT=quant, ROWS=ROWS, BLOCK=BLOCKSIZE, num_warps=4)
 
@@ -118,10 +123,10 @@ def adamw8bit(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: to
               absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
               k: AdamWCoeffs) -> None:
     """Triton twin of optim_ref.adamw8bit_ref (same arguments, flat contiguous tensors, in place)."""
-    _launch(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k, True)
+    launch(p, g, 0, p.numel(), state1, state2, 0, 0, absmax1, absmax2, 0, 0, qmap1, qmap2, k, True)
 
 
 def adamw32(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
             k: AdamWCoeffs) -> None:
     """Triton twin of optim_ref.adamw32_ref (flat contiguous tensors, fp32 states, in place)."""
-    _launch(p, g, exp_avg, exp_avg_sq, exp_avg, exp_avg, exp_avg, exp_avg, k, False)
+    launch(p, g, 0, p.numel(), exp_avg, exp_avg_sq, 0, 0, exp_avg, exp_avg, 0, 0, exp_avg, exp_avg, k, False)

@@ -97,6 +97,7 @@ class PagedAdamW(torch.optim.Optimizer):
         self._by_page: list[list] = [[] for _ in range(num_pages)]
         for seg in self._segments:
             self._by_page[seg.page].append(seg)
+        self._offsets = [[seg.offsets() for seg in segs] for segs in self._by_page]
         self._store = PageStore(num_pages, page_bytes, device, budget)
         self._qmaps = (dynamic_map(True, device), dynamic_map(False, device))
 
@@ -133,7 +134,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if not any(p.grad is not None for p, _ in self._params()):
                 return loss
             self._build()
-        grads, coeffs = {}, {}
+        grads, coeffs, cache = {}, {}, {}
         for i, p in enumerate(self._flat):
             if p.grad is None:
                 continue
@@ -142,35 +143,51 @@ class PagedAdamW(torch.optim.Optimizer):
             if not p.is_contiguous():
                 raise RuntimeError("PagedAdamW needs contiguous parameters")
             self._steps[i] += 1
-            grads[i] = p.grad.reshape(-1)  # a view when contiguous
+            grads[i] = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
             g = self._group_of[i]
-            for bits in (8, 32):
-                coeffs[i, bits] = adamw_coeffs(self._steps[i], g["lr"], *g["betas"], g["eps"],
-                                               g["weight_decay"], bits)
+            key = (id(g), self._steps[i])
+            if key not in cache:  # one pair of scalars per (group, step), not per parameter
+                cache[key] = {bits: adamw_coeffs(self._steps[i], g["lr"], *g["betas"], g["eps"],
+                                                 g["weight_decay"], bits) for bits in (8, 32)}
+            coeffs[i] = cache[key]
         if not grads:
             return loss
         pages = [page for page, segs in enumerate(self._by_page) if any(s.param in grads for s in segs)]
-        use_triton = backend.choose(self._device) == "triton"
-        if use_triton:
-            from .kernels.adamw8bit import adamw8bit as update8, adamw32 as update32
-        else:
-            update8, update32 = adamw8bit_ref, adamw32_ref
-        q1, q2 = self._qmaps
-
-        def update_page(page: int, buf: torch.Tensor) -> None:
-            for seg in self._by_page[page]:
-                g = grads.get(seg.param)
-                if g is None:
-                    continue
-                end = seg.start + seg.count
-                p = self._flat[seg.param].view(-1)[seg.start:end]
-                if seg.bits == 8:
-                    update8(p, g[seg.start:end], *seg.views(buf), q1, q2, coeffs[seg.param, 8])
-                else:
-                    update32(p, g[seg.start:end], *seg.views(buf), coeffs[seg.param, 32])
-
-        self._store.run(update_page, pages)
+        update_page = (self._triton_page if backend.choose(self._device) == "triton" else self._reference_page)
+        self._store.run(lambda page, buf: update_page(page, buf, grads, coeffs), pages)
         return loss
+
+    def _reference_page(self, page: int, buf: torch.Tensor, grads: dict, coeffs: dict) -> None:
+        q1, q2 = self._qmaps
+        for seg in self._by_page[page]:
+            g = grads.get(seg.param)
+            if g is None:
+                continue
+            end = seg.start + seg.count
+            p = self._flat[seg.param].view(-1)[seg.start:end]
+            g = g.view(-1)[seg.start:end]
+            if seg.bits == 8:
+                adamw8bit_ref(p, g, *seg.views(buf), q1, q2, coeffs[seg.param][8])
+            else:
+                adamw32_ref(p, g, *seg.views(buf), coeffs[seg.param][32])
+
+    def _triton_page(self, page: int, buf: torch.Tensor, grads: dict, coeffs: dict) -> None:
+        # One launch per segment on base pointers + offsets: no tensor views are made per step.
+        from .kernels.adamw8bit import launch
+        q1, q2 = self._qmaps
+        f32 = buf.view(torch.float32)
+        for seg, offs in zip(self._by_page[page], self._offsets[page]):
+            g = grads.get(seg.param)
+            if g is None:
+                continue
+            p = self._flat[seg.param]
+            if seg.bits == 8:
+                launch(p, g, seg.start, seg.count, buf, buf, offs[0], offs[1], f32, f32, offs[2], offs[3],
+                       q1, q2, coeffs[seg.param][8], True)
+            else:
+                launch(p, g, seg.start, seg.count, f32, f32, offs[0], offs[1], f32, f32, 0, 0, q1, q2,
+                       coeffs[seg.param][32], False)
+
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

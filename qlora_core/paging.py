@@ -53,6 +53,15 @@ class Segment:
     def nbytes(self) -> int:
         return segment_bytes(self.count, self.bits)
 
+    def offsets(self) -> tuple[int, int, int, int]:
+        """Element offsets of the views into the page seen as uint8 (codes) / fp32 (absmax, m, v):
+        8-bit (codes1, codes2, absmax1, absmax2); 32-bit (m, v, -, -)."""
+        o = self.offset
+        if self.bits == 8:
+            a, b = _align(self.count), _align(4 * self.nblocks)
+            return o, o + a, (o + 2 * a) // 4, (o + 2 * a + b) // 4
+        return o // 4, (o + _align(4 * self.count)) // 4, 0, 0
+
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The state arrays inside page buffer `buf` (uint8): (codes1, codes2, absmax1, absmax2) or (m, v)."""
         o = self.offset
