@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from qlora_core import backend
-from qlora_core.formats import code_table
+from qlora_core.formats import code_table, dynamic_map
 from qlora_core.reference import (  # noqa: F401  (the spec these kernels obey; tests import it from here too)
     dequantize_4bit_ref,
     quantize_4bit_ref,
@@ -41,12 +41,9 @@ from qlora_core.reference import (  # noqa: F401  (the spec these kernels obey; 
 RCP_IEEE, RCP_DIV, RCP_APPROX = 0, 1, 2
 RCP_NAMES = {"ieee": RCP_IEEE, "div": RCP_DIV, "approx": RCP_APPROX}
 GPU_RCP = RCP_NAMES[os.environ.get("QLORA_CORE_RCP", "approx")]
-
-
-def _rcp_mode(device: torch.device, rcp: str | None) -> int:
-    if device.type != "cuda":
-        return RCP_IEEE  # the interpreter has no inline asm; numpy's 1/x is IEEE, as the reference
-    return GPU_RCP if rcp is None else RCP_NAMES[rcp]
+GPU_FTZ = os.environ.get("QLORA_CORE_FTZ", "1") == "1"
+# Quantize tile on a GPU: elements per program (whole blocks) and warps; chosen in benchmarks/bench_quant.py.
+QUANT_ELEMS, QUANT_WARPS = 4096, 8
 
 
 @triton.jit
@@ -58,6 +55,16 @@ def _reciprocal(a, RCP: tl.constexpr):
         return 1.0 / a
     else:
         return tl.math.div_rn(tl.full(a.shape, 1.0, tl.float32), a)
+
+
+@triton.jit
+def _flush(v, FTZ: tl.constexpr):
+    # Emulates CUDA's -ftz=true (part of --use_fast_math): subnormal fp32 operands/results become zero
+    # (keeping the sign: v * 0.0). Only subnormal inputs or results below 2**-126 are affected.
+    if FTZ:
+        return tl.where(tl.abs(v) < 1.1754943508222875e-38, v * 0.0, v)
+    else:
+        return v
 
 
 @triton.jit
@@ -100,17 +107,18 @@ def _fp4_code(xn):
 
 @triton.jit
 def _quantize_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, n, nblocks,
-                          BS: tl.constexpr, ROWS: tl.constexpr, NF4: tl.constexpr, RCP: tl.constexpr):
+                          BS: tl.constexpr, ROWS: tl.constexpr, NF4: tl.constexpr, RCP: tl.constexpr,
+                          FTZ: tl.constexpr):
     # One program = ROWS consecutive blocks of BS elements: x tile (ROWS, BS) -> bytes (ROWS, BS // 2).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < nblocks
     rem = n - rows * BS  # valid elements left from each block's start (>= 1 for valid rows, no int32 overflow)
     cols = tl.arange(0, BS)
     mask = row_ok[:, None] & (cols[None, :] < rem[:, None])
-    x = tl.load(x_ptr + rows[:, None] * BS + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _flush(tl.load(x_ptr + rows[:, None] * BS + cols[None, :], mask=mask, other=0.0).to(tl.float32), FTZ)
     absmax = tl.max(tl.abs(x), axis=1)
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
-    xn = x * _reciprocal(absmax, RCP)[:, None]  # zero block: 0 * inf = NaN -> code 0
+    xn = _flush(x * _reciprocal(absmax, RCP)[:, None], FTZ)  # zero block: 0 * inf = NaN -> code 0
     if NF4:
         code = tl.where(mask, _nf4_code(xn), 7)
     else:
@@ -124,7 +132,7 @@ def _quantize_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, n, nblocks,
 
 @triton.jit
 def _quantize_8bit_kernel(x_ptr, code_ptr, q_ptr, absmax_ptr, n, nblocks,
-                          BS: tl.constexpr, ROWS: tl.constexpr, RCP: tl.constexpr):
+                          BS: tl.constexpr, ROWS: tl.constexpr, RCP: tl.constexpr, FTZ: tl.constexpr):
     # Same blocking as the 4-bit kernel; codes follow CUDA's dQuantize<0> (see reference.encode_8bit).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < nblocks
@@ -132,10 +140,10 @@ def _quantize_8bit_kernel(x_ptr, code_ptr, q_ptr, absmax_ptr, n, nblocks,
     cols = tl.arange(0, BS)
     mask = row_ok[:, None] & (cols[None, :] < rem[:, None])
     offs = rows[:, None] * BS + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = _flush(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), FTZ)
     absmax = tl.max(tl.abs(x), axis=1)
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
-    xn = x * _reciprocal(absmax, RCP)[:, None]
+    xn = _flush(x * _reciprocal(absmax, RCP)[:, None], FTZ)
     pivot = tl.full([ROWS, BS], 127, tl.int32)
     lower_pivot = tl.zeros([ROWS, BS], tl.int32)
     upper_pivot = tl.full([ROWS, BS], 255, tl.int32)
@@ -171,7 +179,8 @@ def _cast_out(v, dtype: tl.constexpr, MANUAL_RNE: tl.constexpr):
 @triton.jit
 def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, offset_ptr, lut_ptr, out_ptr,
                             n, nbytes, LOG2_BS: tl.constexpr, DOUBLE: tl.constexpr,
-                            BLOCK_BYTES: tl.constexpr, JOIN: tl.constexpr, MANUAL_RNE: tl.constexpr):
+                            BLOCK_BYTES: tl.constexpr, JOIN: tl.constexpr, MANUAL_RNE: tl.constexpr,
+                            FTZ: tl.constexpr):
     # Tile (ROWS, 16) packed bytes -> (ROWS, 32) outputs. A 16-byte row is 32 elements, inside one block.
     ROWS: tl.constexpr = BLOCK_BYTES // 16
     seg = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -182,12 +191,14 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, of
     blk = (seg * 32) >> LOG2_BS
     if DOUBLE:
         qa = tl.load(absmax_ptr + blk, mask=seg_ok, other=0)
-        scale = tl.load(code256_ptr + qa.to(tl.int32)) * tl.load(absmax2_ptr + (blk >> 8), mask=seg_ok, other=0.0)
-        scale = scale + tl.load(offset_ptr)  # separate add: fusion is off at launch
+        a2 = _flush(tl.load(absmax2_ptr + (blk >> 8), mask=seg_ok, other=0.0), FTZ)
+        scale = _flush(tl.load(code256_ptr + qa.to(tl.int32)) * a2, FTZ)
+        scale = scale + tl.load(offset_ptr)  # separate add (torch's `absmax += offset`): fusion is off at launch
     else:
         scale = tl.load(absmax_ptr + blk, mask=seg_ok, other=0.0)
-    hi = tl.load(lut_ptr + (b >> 4).to(tl.int32)) * scale[:, None]
-    lo = tl.load(lut_ptr + (b & 15).to(tl.int32)) * scale[:, None]
+    scale = _flush(scale, FTZ)
+    hi = _flush(tl.load(lut_ptr + (b >> 4).to(tl.int32)) * scale[:, None], FTZ)
+    lo = _flush(tl.load(lut_ptr + (b & 15).to(tl.int32)) * scale[:, None], FTZ)
     hi = _cast_out(hi, out_ptr.dtype.element_ty, MANUAL_RNE)
     lo = _cast_out(lo, out_ptr.dtype.element_ty, MANUAL_RNE)
     if JOIN:
@@ -200,118 +211,123 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, of
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Launchers. GPU: autotuned over a few tile sizes (keyed on n and the blocksize). Interpreter: one fixed
-# small config (autotuning there would time every config in Python).
-
-def _dequant_configs():
-    return [triton.Config({"BLOCK_BYTES": bb, "JOIN": True}, num_warps=w)
-            for bb, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16))]
-
-
-def _quant_configs():
-    return [triton.Config({"ELEMS": e}, num_warps=w) for e, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
-
+# Launchers: validate, allocate, pick the tile, launch. Dequantize is autotuned on a GPU over a few tile
+# sizes (keyed on n, blocksize and double quant); in the interpreter a small fixed tile is used, since
+# autotuning there would time every config in Python. `rcp` / `ftz` override the GPU arithmetic mode
+# (benchmarks/bench_quant.py measures each against bitsandbytes); on the CPU they are always IEEE / off.
 
 _tuned: dict = {}
 
 
 def _dequant_tuned():
     if "dq" not in _tuned:
-        _tuned["dq"] = triton.autotune(_dequant_configs(), key=["n", "LOG2_BS", "DOUBLE"])(_dequantize_4bit_kernel)
+        configs = [triton.Config({"BLOCK_BYTES": bb, "JOIN": True}, num_warps=w)
+                   for bb, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16))]
+        _tuned["dq"] = triton.autotune(configs, key=["n", "LOG2_BS", "DOUBLE"])(_dequantize_4bit_kernel)
     return _tuned["dq"]
 
 
-def _check(x: torch.Tensor, blocksize: int) -> None:
-    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize}")
+def _mode(device: torch.device, rcp: str | None, ftz: bool | None) -> tuple[int, bool]:
+    if device.type != "cuda":
+        return RCP_IEEE, False  # no inline asm in the interpreter; numpy is IEEE without FTZ, as the reference
+    return (GPU_RCP if rcp is None else RCP_NAMES[rcp]), (GPU_FTZ if ftz is None else bool(ftz))
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and not backend.interpreting():
+        raise RuntimeError(f"Triton kernels need a CUDA tensor or TRITON_INTERPRET=1 (got a {t.device.type} tensor)")
+
+
+def _check_input(x: torch.Tensor, blocksize: int) -> None:
+    if not isinstance(blocksize, int) or blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"expected float32/float16/bfloat16, got {x.dtype}")
+        raise TypeError(f"expected float32/float16/bfloat16 input, got {x.dtype}")
     if x.numel() == 0 or x.numel() >= 2**31:
-        raise ValueError(f"need 0 < numel < 2**31, got {x.numel()}")
+        raise ValueError(f"need 0 < numel < 2**31 (int32 offsets), got {x.numel()}")
     if not x.is_contiguous():
         raise ValueError("input must be contiguous")
-    if x.device.type != "cuda" and not backend.interpreting():
-        raise RuntimeError(f"Triton kernels need a CUDA tensor or TRITON_INTERPRET=1 (got {x.device})")
+    _check_device(x)
 
 
-def _rows_for(blocksize: int, elems: int) -> int:
-    return max(1, elems // blocksize)
+def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, *, rcp: str | None = None,
+                  ftz: bool | None = None, elems: int | None = None, num_warps: int | None = None):
+    """Triton twin of quantize_4bit_ref: w (contiguous, any shape, fp32/fp16/bf16) ->
+    (packed uint8 ((n+1)//2, 1), absmax fp32 (ceil(n/blocksize),)).
 
-
-def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, rcp: str | None = None,
-                  elems: int | None = None, num_warps: int | None = None):
-    """Triton twin of quantize_4bit_ref: (packed uint8 ((n+1)//2, 1), absmax fp32 (nblocks,)).
-
-    rcp: None (GPU default), "ieee", "div" or "approx" (GPU only; see header). elems/num_warps: tile override.
+    rcp ("ieee" | "div" | "approx") and ftz override the GPU arithmetic; elems (elements per program,
+    rounded to whole blocks) and num_warps override the tile.
     """
-    _check(w, blocksize)
+    _check_input(w, blocksize)
     if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"unknown quant_type {quant_type!r}")
+        raise ValueError(f"unknown quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
     n = w.numel()
     nblocks = triton.cdiv(n, blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
     absmax = torch.empty((nblocks,), dtype=torch.float32, device=w.device)
     on_gpu = w.device.type == "cuda"
-    elems = elems or (4096 if on_gpu else 512)
-    rows = _rows_for(blocksize, elems)
-    grid = (triton.cdiv(nblocks, rows),)
-    _quantize_4bit_kernel[grid](w.reshape(-1), packed, absmax, n, nblocks, BS=blocksize, ROWS=rows,
-                                NF4=quant_type == "nf4", RCP=_rcp_mode(w.device, rcp),
-                                num_warps=num_warps or (8 if blocksize * rows >= 4096 else 4))
+    rows = max(1, (elems or (QUANT_ELEMS if on_gpu else 512)) // blocksize)
+    rcp_mode, flush = _mode(w.device, rcp, ftz)
+    _quantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
+        w.reshape(-1), packed, absmax, n, nblocks, BS=blocksize, ROWS=rows, NF4=quant_type == "nf4",
+        RCP=rcp_mode, FTZ=flush, num_warps=num_warps or (QUANT_WARPS if on_gpu else 4))
     return packed, absmax
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, rcp: str | None = None):
-    """Triton twin of quantize_blockwise_ref for a 1-D fp32 x: (uint8 codes x.shape, absmax fp32 (nblocks,))."""
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, rcp: str | None = None,
+                       ftz: bool | None = None):
+    """Triton twin of quantize_blockwise_ref (8-bit, CUDA tie rule) for the nested absmax:
+    x fp32 1-D, code fp32 (256,) sorted -> (uint8 codes x.shape, absmax fp32 (ceil(n/blocksize),))."""
     if x.dim() != 1 or x.dtype != torch.float32:
         raise ValueError(f"quantize_blockwise expects a 1-D float32 tensor, got {x.dtype} {tuple(x.shape)}")
     if code.shape != (256,) or code.dtype != torch.float32:
-        raise ValueError(f"code must be float32 (256,), got {code.dtype} {tuple(code.shape)}")
+        raise ValueError(f"code must be a float32 (256,) map, got {code.dtype} {tuple(code.shape)}")
     x = x.contiguous()
-    _check(x, blocksize)
+    _check_input(x, blocksize)
     n = x.numel()
     nblocks = triton.cdiv(n, blocksize)
     q = torch.empty_like(x, dtype=torch.uint8)
     absmax = torch.empty((nblocks,), dtype=torch.float32, device=x.device)
-    rows = _rows_for(blocksize, 2048 if x.device.type == "cuda" else 512)
-    _quantize_8bit_kernel[(triton.cdiv(nblocks, rows),)](x, code.to(x.device).contiguous(), q, absmax, n, nblocks,
-                                                        BS=blocksize, ROWS=rows, RCP=_rcp_mode(x.device, rcp),
-                                                        num_warps=4)
+    rows = max(1, (2048 if x.device.type == "cuda" else 512) // blocksize)
+    rcp_mode, flush = _mode(x.device, rcp, ftz)
+    _quantize_8bit_kernel[(triton.cdiv(nblocks, rows),)](
+        x, code.to(x.device).contiguous(), q, absmax, n, nblocks, BS=blocksize, ROWS=rows, RCP=rcp_mode,
+        FTZ=flush, num_warps=4)
     return q, absmax
 
 
-def dequantize_4bit(q, block_bytes: int | None = None, join: bool = True, num_warps: int | None = None):
-    """Triton twin of dequantize_4bit_ref for a QuantizedTensor: returns Tensor(q.shape, q.dtype).
+def dequantize_4bit(q, *, ftz: bool | None = None, block_bytes: int | None = None, join: bool = True,
+                    num_warps: int | None = None) -> torch.Tensor:
+    """Triton twin of dequantize_4bit_ref for a QuantizedTensor -> Tensor(q.shape, q.dtype).
 
-    Reads the packed codes and, for double quant, the uint8 absmax + nested_absmax + offset directly.
-    block_bytes/join/num_warps: fixed tile instead of autotuning (benchmarks, interpreter).
+    Reads the packed codes and, with double quant, the uint8 absmax, nested_absmax and offset directly.
+    block_bytes / join / num_warps: a fixed tile instead of autotuning (benchmarks, interpreter).
     """
     data = q.data.reshape(-1)
     n = q.numel
     if data.dtype != torch.uint8 or data.numel() != (n + 1) // 2:
-        raise ValueError(f"packed data must be uint8 with (n+1)//2 = {(n + 1) // 2} bytes, got "
-                         f"{data.dtype} {data.numel()}")
+        raise ValueError(f"packed data must be uint8 with (n+1)//2 = {(n + 1) // 2} bytes, "
+                         f"got {data.dtype} with {data.numel()}")
     if q.blocksize < 32 or q.blocksize & (q.blocksize - 1):
         raise ValueError(f"blocksize must be a power of two >= 32, got {q.blocksize}")
-    if data.device.type != "cuda" and not backend.interpreting():
-        raise RuntimeError(f"Triton kernels need a CUDA tensor or TRITON_INTERPRET=1 (got {data.device})")
+    _check_device(data)
     dev = data.device
     out = torch.empty(q.shape, dtype=q.dtype, device=dev)
     lut = code_table(q.quant_type, dev)
     if q.double_quant:
-        from qlora_core.formats import dynamic_map
+        if q.absmax.dtype != torch.uint8:
+            raise ValueError(f"double-quantized absmax must be uint8, got {q.absmax.dtype}")
         absmax, code256 = q.absmax, dynamic_map(True, dev)
         absmax2, offset = q.nested_absmax, q.offset.reshape(1).to(torch.float32)
     else:
         absmax = q.absmax.to(torch.float32)
-        code256 = absmax2 = offset = absmax  # unused pointers
+        code256 = absmax2 = offset = absmax  # unused by the kernel when DOUBLE is off
     nbytes = data.numel()
     args = (data, absmax, code256, absmax2, offset, lut, out.reshape(-1), n, nbytes)
-    meta = dict(LOG2_BS=q.blocksize.bit_length() - 1, DOUBLE=bool(q.double_quant), enable_fp_fusion=False,
-                MANUAL_RNE=dev.type != "cuda" and q.dtype == torch.bfloat16)
+    meta = dict(LOG2_BS=q.blocksize.bit_length() - 1, DOUBLE=bool(q.double_quant), FTZ=_mode(dev, None, ftz)[1],
+                MANUAL_RNE=dev.type != "cuda" and q.dtype == torch.bfloat16, enable_fp_fusion=False)
     if dev.type == "cuda" and block_bytes is None:
-        grid = lambda m: (triton.cdiv(nbytes, m["BLOCK_BYTES"]),)  # noqa: E731
-        _dequant_tuned()[grid](*args, **meta)
+        _dequant_tuned()[lambda m: (triton.cdiv(nbytes, m["BLOCK_BYTES"]),)](*args, **meta)
     else:
         block_bytes = block_bytes or 256
         _dequantize_4bit_kernel[(triton.cdiv(nbytes, block_bytes),)](
