@@ -139,8 +139,11 @@ class QuantizedTensor:
             raise QuantStateError(f"unsupported dtype {meta['dtype']!r} in '{blobs[0]}'")
         double_quant = "nested_offset" in meta
         shape = torch.Size(meta["shape"])
-        blocksize = int(meta["blocksize"])
-        _check_blocksize(blocksize)
+        blocksize = meta["blocksize"]
+        try:
+            _check_blocksize(blocksize)
+        except ValueError as e:
+            raise QuantStateError(f"'{blobs[0]}': {e}") from None
         n = math.prod(shape)
         nblocks = -(-n // blocksize)
         need = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if double_quant else [])
