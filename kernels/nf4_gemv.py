@@ -9,8 +9,10 @@ Design
   codes in (BLOCK_N, BLOCK_K/2)-byte tiles; small BLOCK_N gives N/BLOCK_N programs (>= 2 per SM for N >= 4096)
   so many independent 16-byte loads are in flight per SM. When N is small (k/v projections: N = 1024) the
   K range is split over SPLIT_K programs that atomically add fp32 partials (then one cast).
-- M == 1: CUDA-core dot product. The table value lut[code] is multiplied by x, summed within each absmax
-  block, and only then scaled by the block's absmax: one multiply per block, not per element.
+- M == 1: CUDA-core dot product with fp32 accumulation. W elements are rounded to x's dtype first (the
+  function is x @ dequantize(q).T, and dequantize rounds; skipping the rounding changed bf16 results by up
+  to 3 ulp and broke the tolerance). For fp32 x nothing is rounded, so lut[code] * x is summed within each
+  absmax block and only then scaled: one multiply per block, not per element.
 - 2 <= M <= 16: the dequantized tile (rounded to x's dtype, exactly dequantize(q)'s values) goes to the
   tensor cores with the rows padded to 16 (mma needs M >= 16); the padding costs nothing measurable since
   the work is memory bound.
@@ -49,8 +51,8 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, ne
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if BLOCK_M == 1:
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            if ALIGNED:
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
+            if ALIGNED and x.dtype == tl.float32:
                 vals, a = load_tile_parts(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                                           offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)
                 part = tl.sum(tl.reshape(vals * x[None, :], (BLOCK_N, NBLK, SUB)), axis=2)  # (BN, NBLK)
@@ -58,7 +60,9 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, ne
             else:
                 w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                               offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)
-                acc += tl.sum(w * x[None, :], axis=1)
+                # W is dequantize(q) in x's dtype: round each element before the dot product
+                w = cast_rne(w, x.dtype).to(tl.float32)
+                acc += tl.sum(w * x.to(tl.float32)[None, :], axis=1)
         else:
             xm = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                          mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)

@@ -1,0 +1,171 @@
+"""Tiled fused 4-bit matmuls: forward y = x @ W.T + bias and the input gradient dx = dy @ W, W = dequantize(q).
+
+Reference: `qlora_core.linear.dequantize_as` + `torch.nn.functional.linear` / `dy @ W` (nf4_linear's CPU path).
+
+Design
+- Classic tiled GEMM (grouped program order for L2 reuse of x tiles); the B operand tile is not loaded from a
+  bf16 weight but dequantized in registers from the packed codes (`nf4_tile.load_tile`: 0.5 byte/element
+  plus the 8-bit absmax), rounded to x's dtype (bit-exact with dequantize(q)) and fed to tl.dot with fp32
+  accumulation.
+- Forward reduces over K: W tile (BLOCK_N, BLOCK_K), used transposed. The input gradient reduces over N:
+  W tile (BLOCK_N, BLOCK_K) is already the (reduction, output) operand, so both kernels share one loader and
+  read the same contiguous bytes; no transposed copy of the codes is ever made.
+- Good where reading the weight is a large share of the time (M ~ 17..2k). Each W tile is dequantized once
+  per BLOCK_M rows of x, so CUDA-core work is N*K*ceil(M/BLOCK_M)*~8 ops beside 2*M*N*K tensor-core flops;
+  at M >= ~2k on an H100 the dequantize-to-a-transient-buffer + cuBLAS path wins (kernels/nf4_linear.py
+  decides, from measurements in docs/benchmarks.md).
+- Hopper configs: autotuned per (M bucket, N, K, dtype) over the table below; the interpreter (CPU tests)
+  runs one small fixed config and upcasts dot operands to fp32 (tl.dot on bf16 is wrong there).
+- fp32 x uses input_precision="ieee" so fp32 results keep fp32 accuracy (tf32 would not meet the tolerance).
+Limits: x / dy row-major with unit stride along the reduction; N*K < 2**31.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora_core import backend
+
+from .nf4_tile import INTERPRET, cast_rne, load_tile, q_args
+
+
+@triton.jit
+def _tile_ids(M, NOUT, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M row tiles walk the output columns together (x / dy tiles stay in L2)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_o = tl.cdiv(NOUT, BLOCK_O)
+    width = GROUP_M * grid_o
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_o = (pid % width) // size_m
+    return pid_m, pid_o
+
+
+@triton.jit
+def _mma(a, w, acc):
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, w, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, w, acc)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                M, N, K, stride_xm, stride_om, M_BUCKET,
+                BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                      offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)  # (BLOCK_N, BLOCK_K) fp32
+        acc = _mma(x, tl.trans(cast_rne(w, x.dtype)), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _dx_kernel(dy_ptr, out_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+               M, N, K, stride_dm, stride_om, M_BUCKET,
+               BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :],
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                      offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)  # (BLOCK_N, BLOCK_K) fp32
+        acc = _mma(dy, cast_rne(w, dy.dtype), acc)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _configs(kind: str, small_m: bool) -> list:
+    # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Small output tiles keep >= 1 wave of
+    # programs at M <= 128 (N = 4096: 128 programs for 128x32 tiles); large tiles amortise the dequantize at
+    # large M (each W tile is decoded once per BLOCK_M rows). For dx the output tile is BLOCK_K wide and
+    # BLOCK_N is the reduction step.
+    if kind == "fwd":
+        rows = ([(16, 32, 256, 1, 4, 3), (16, 64, 128, 1, 4, 3), (32, 64, 128, 1, 4, 3), (16, 32, 128, 1, 4, 4)]
+                if small_m else
+                [(64, 64, 128, 8, 4, 3), (128, 32, 128, 8, 4, 3), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
+                 (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
+                 (128, 128, 128, 8, 8, 3)])
+    else:
+        rows = ([(16, 128, 64, 1, 4, 3), (16, 64, 64, 1, 4, 4), (16, 256, 32, 1, 4, 3), (32, 128, 64, 1, 4, 3)]
+                if small_m else
+                [(64, 128, 64, 8, 4, 3), (128, 64, 32, 8, 4, 3), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4),
+                 (128, 64, 128, 8, 8, 3), (128, 64, 256, 8, 8, 3), (256, 64, 128, 8, 8, 3),
+                 (128, 128, 128, 8, 8, 3)])
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+            for bm, bn, bk, g, w, s in rows]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, small_m: bool):
+    base = _fwd_kernel if kind == "fwd" else _dx_kernel
+    # The dequantize (lut gather + scale) dominates the inner loop; the tuner sees it per shape.
+    return triton.autotune(configs=_configs(kind, small_m), key=["M_BUCKET", "N", "K", "DQ", "ALIGNED"])(base)
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def matmul_fwd(x: torch.Tensor, q, bias: torch.Tensor | None, config: dict | None = None) -> torch.Tensor:
+    """x (M, K) contiguous -> (M, N) = x @ dequantize(q).T + bias, in x's dtype."""
+    m, k = x.shape
+    n = q.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    data, absmax, code256, nested, offset, lut, dq = q_args(q)
+    args = (x, out, bias if bias is not None else out, data, absmax, code256, nested, offset, lut,
+            m, n, k, x.stride(0), out.stride(0), _bucket(m))
+    flags = dict(BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0), HAS_BIAS=bias is not None)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    if config is None and backend.interpreting():
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
+    if config is not None:
+        _fwd_kernel[grid](*args, **flags, **config)
+    else:
+        _tuned("fwd", m <= 64)[grid](*args, **flags)
+    return out
+
+
+def matmul_dx(dy: torch.Tensor, q, config: dict | None = None) -> torch.Tensor:
+    """dy (M, N) contiguous -> dx (M, K) = dy @ dequantize(q), in dy's dtype."""
+    m, n = dy.shape
+    k = q.shape[1]
+    out = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
+    data, absmax, code256, nested, offset, lut, dq = q_args(q)
+    args = (dy, out, data, absmax, code256, nested, offset, lut, m, n, k, dy.stride(0), out.stride(0), _bucket(m))
+    flags = dict(BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+    if config is None and backend.interpreting():
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
+    if config is not None:
+        _dx_kernel[grid](*args, **flags, **config)
+    else:
+        _tuned("dx", m <= 64)[grid](*args, **flags)
+    return out
