@@ -157,8 +157,6 @@ def _parse_config(config: dict, path: str) -> LoraConfig:
                 "layers_to_transform", "layer_replication", "lora_bias", "target_parameters", "use_qalora"):
         if config.get(key) not in (None, False, [], {}):
             raise AdapterMismatchError(f"{path}: {key}={config[key]!r} is not supported")
-    if config["target_modules"] == "all-linear":
-        raise AdapterMismatchError(f"{path}: target_modules 'all-linear' is not supported; list the names")
     try:
         return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
                           target_modules=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)))
@@ -178,11 +176,12 @@ def _split_key(key: str) -> tuple[str, str]:
     raise AdapterMismatchError(f"unexpected key {key!r}: only lora_A / lora_B weights are supported")
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: bool = True,
+                 dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a PEFT LoRA adapter (ours or PEFT's) into `model`, in place; returns the model.
 
     A model without adapters first gets them from the file's config (apply_lora with its r, lora_alpha,
-    lora_dropout, target_modules, use_rslora; A/B dtype float32, as PEFT). A model that already has adapters
+    lora_dropout, target_modules, use_rslora; A/B in `dtype`, float32 as PEFT by default). A model that already has adapters
     must have them on exactly the adapter's modules with the same r; alpha, dropout and rslora are taken from
     the file. Loaded values are exact for a file stored in the adapters' dtype.
     Raises AdapterFileError (missing / corrupt files, not LoRA) and AdapterMismatchError (modules, shapes, r,
@@ -222,7 +221,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
             raise AdapterMismatchError(f"adapter modules not in {type(model).__name__}: {absent[:5]}")
         try:
             apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
-                       use_rslora=cfg.use_rslora)
+                       use_rslora=cfg.use_rslora, dtype=dtype)
         except TargetModuleError as e:
             raise AdapterMismatchError(f"adapter does not fit {type(model).__name__}: {e}") from None
         mods = lora_modules(model)

@@ -50,7 +50,7 @@ class LoraConfig:
     alpha: float = 32  # scale numerator (PEFT `lora_alpha`): scaling = alpha / r, or alpha / sqrt(r) with rslora
     dropout: float = 0.0  # dropout probability on the LoRA input only; the base sees x unchanged (`lora_dropout`)
     target_modules: Sequence[str] | str = LLAMA_TARGETS  # names matched as PEFT does: list = exact path or
-    # ".name" suffix; str = regex fullmatch on the whole module path
+    # ".name" suffix; str = regex fullmatch on the whole module path; "all-linear" = every linear but the output
     use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
     dtype: torch.dtype = torch.float32  # storage dtype of A and B: float32 or bfloat16
 
@@ -172,7 +172,8 @@ class LoRALinear(nn.Module):
         quantized = is_quantized_linear(base)
         w = dequantize(base.weight) if quantized else base.weight.detach()
         merged_w = (w.float() + self.delta_weight()).to(w.dtype)  # one rounding to the base dtype
-        bias = None if base.bias is None else base.bias.detach().clone()
+        bias = getattr(base, "bias", None)
+        bias = None if bias is None else bias.detach().clone()
         if quantized and requantize:
             q = base.weight
             new = QuantLinear(quantize(merged_w, quant_type=q.quant_type, blocksize=q.blocksize,
@@ -234,6 +235,21 @@ class LoraParamCount:
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.fraction:.4f}"
 
 
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    return out if out is not None else getattr(model, "lm_head", None)
+
+
+def all_linear_names(model: nn.Module) -> tuple[str, ...]:
+    """PEFT's "all-linear" expansion: the leaf names of every linear layer, minus the output layer's name."""
+    out = _output_layer(model)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if n and (isinstance(m, nn.Linear) or is_quantized_linear(m))}
+    out_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if out is not None and m is out}
+    return tuple(sorted(names - out_names))
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Module path -> LoRALinear for every adapter in `model`, in named_modules order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -251,11 +267,14 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
                dtype: torch.dtype = torch.float32) -> LoraParamCount:
     """Wrap every nn.Linear / quantized linear whose path matches `target_modules` in a LoRALinear, in place.
 
+    target_modules="all-linear" is expanded as PEFT does (all_linear_names) before matching and saving.
     Freezes every other parameter (bias "none", as PEFT), stores the LoraConfig as `model.lora_config` (used
     by save_adapter) and returns LoraParamCount(trainable, total). Raises LoraConfigError for bad r / alpha /
     dropout / dtype, TargetModuleError when nothing matches, when a match is not a linear layer, or when the
     model already carries LoRA adapters.
     """
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        target_modules = all_linear_names(model) or ("<no linear layer>",)
     cfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, use_rslora=use_rslora,
                      dtype=dtype)
     if lora_modules(model):

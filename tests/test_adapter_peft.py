@@ -93,9 +93,8 @@ def test_our_adapter_loads_in_peft_same_logits_and_grads(hf_dir, tmp_path, use_r
         assert_close_verbose(b1.grad, b2.grad, atol=ATOL, rtol=1e-4, name="dB")
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_peft_written_adapter_loads_in_ours(hf_dir, tmp_path, use_rslora):
-    targets = ["q_proj", "v_proj", "down_proj"]
+@pytest.mark.parametrize("use_rslora,targets", [(False, ["q_proj", "v_proj", "down_proj"]), (True, "all-linear")])
+def test_peft_written_adapter_loads_in_ours(hf_dir, tmp_path, use_rslora, targets):
     pm = peft.get_peft_model(_hf(hf_dir), peft.LoraConfig(r=6, lora_alpha=16, lora_dropout=0.05,
                                                           target_modules=targets, use_rslora=use_rslora,
                                                           task_type="CAUSAL_LM"))
@@ -107,7 +106,15 @@ def test_peft_written_adapter_loads_in_ours(hf_dir, tmp_path, use_rslora):
     qc.load_adapter(ours, tmp_path)
     ours.eval()
     mods = lora_modules(ours)
-    assert len(mods) == 2 * 3 and all(m.r == 6 and m.dropout == 0.05 for m in mods.values())
+    assert len(mods) == 2 * (3 if isinstance(targets, list) else 7)  # all-linear: all 7 projections, no lm_head
+    assert all(m.r == 6 and m.dropout == 0.05 for m in mods.values())
+    peft_paths = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(mods) == peft_paths
+    # our own "all-linear" expansion picks the same modules PEFT's does
+    mine = _hf(hf_dir)
+    apply_lora(mine, r=2, target_modules=targets)
+    assert set(lora_modules(mine)) == peft_paths
     peft_scaling = {m.scaling["default"] for m in pm.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert {m.scaling for m in mods.values()} == peft_scaling
     assert_close_verbose(_logits(ours), _logits(pm), atol=ATOL, rtol=0, name="logits ours vs PEFT")

@@ -20,7 +20,7 @@ from tests.helpers import DTYPE_ATOL, assert_close_verbose
 
 
 def _bound(torch_out, ref64, dtype) -> float:
-    return 2.0 * (torch_out.detach().double() - ref64).abs().max().item() + DTYPE_ATOL[dtype]
+    return 2.0 * (torch_out.detach().cpu().double() - ref64.cpu()).abs().max().item() + DTYPE_ATOL[dtype]
 
 
 def _base(kind, out_f, in_f, dtype, bias=True):
@@ -38,12 +38,12 @@ def _base(kind, out_f, in_f, dtype, bias=True):
     return QuantLinear(q, b), dequantize_as(q, dtype), dequantize_as(q, torch.float32).double()
 
 
-def _dropout_mask(seed, shape, p, dtype):
-    """The mask nn.Dropout draws first after manual_seed(seed) for a tensor of this shape and dtype."""
+def _dropout_mask(seed, shape, p, dtype, device="cpu"):
+    """The mask nn.Dropout draws first after manual_seed(seed) for a tensor of this shape, dtype and device."""
     if p == 0:
-        return torch.ones(shape, dtype=torch.float64)
+        return torch.ones(shape, dtype=torch.float64, device=device)
     torch.manual_seed(seed)
-    return nn.functional.dropout(torch.ones(shape, dtype=dtype), p, training=True).double()
+    return nn.functional.dropout(torch.ones(shape, dtype=dtype, device=device), p, training=True).double()
 
 
 CASES = [  # base kind, x/base dtype, LoRA dtype, dropout, rslora
@@ -57,36 +57,39 @@ CASES = [  # base kind, x/base dtype, LoRA dtype, dropout, rslora
     ("nf4", torch.bfloat16, torch.bfloat16, 0.1, False),
     ("fp4", torch.float16, torch.float32, 0.2, True),
 ]
+DEVICES = ["cpu"] + [pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,dtype,lora_dtype,p,rslora", CASES)
 @pytest.mark.parametrize("lead,out_f,in_f,r", [((2, 5), 23, 37, 3), ((7,), 64, 130, 8)])
-def test_forward_and_grads_vs_float64(kind, dtype, lora_dtype, p, rslora, lead, out_f, in_f, r):
+def test_forward_and_grads_vs_float64(kind, dtype, lora_dtype, p, rslora, lead, out_f, in_f, r, device):
     base, w, w64 = _base(kind, out_f, in_f, dtype)
+    base, w = base.to(device), w.to(device)
     alpha = 7.0
     layer = LoRALinear(base, r=r, alpha=alpha, dropout=p, use_rslora=rslora, dtype=lora_dtype)
     with torch.no_grad():
         layer.lora_B.normal_()  # non-zero B so the LoRA path counts
     s = alpha / math.sqrt(r) if rslora else alpha / r
-    assert layer.scaling == s
-    x = torch.randn(*lead, in_f, dtype=dtype, requires_grad=True)
+    assert layer.scaling == s and layer.lora_A.device.type == device
+    x = torch.randn(*lead, in_f, dtype=dtype).to(device).requires_grad_()
     layer.train()
-    mask = _dropout_mask(1234, x.shape, p, lora_dtype)
+    mask = _dropout_mask(1234, x.shape, p, lora_dtype, device)
     torch.manual_seed(1234)
     y = layer(x)
     assert y.shape == (*lead, out_f) and y.dtype == dtype
     g = torch.randn_like(y)
     y.backward(g)
 
-    # float64 reference with autograd
-    A64 = layer.lora_A.detach().double().requires_grad_()
-    B64 = layer.lora_B.detach().double().requires_grad_()
-    x64 = x.detach().double().requires_grad_()
-    b64 = base.bias.detach().double()
-    y64 = x64 @ w64.T + b64 + s * ((x64 * mask) @ A64.T) @ B64.T
-    y64.backward(g.double())
+    # float64 reference with autograd, on the CPU
+    A64 = layer.lora_A.detach().cpu().double().requires_grad_()
+    B64 = layer.lora_B.detach().cpu().double().requires_grad_()
+    x64 = x.detach().cpu().double().requires_grad_()
+    b64 = base.bias.detach().cpu().double()
+    y64 = x64 @ w64.T + b64 + s * ((x64 * mask.cpu()) @ A64.T) @ B64.T
+    y64.backward(g.cpu().double())
 
-    # PyTorch's own same-dtype computation of the same formula (base in dtype, LoRA path in lora_dtype)
+    # PyTorch's own same-dtype computation of the same formula on the device (base in dtype, LoRA in lora_dtype)
     At = layer.lora_A.detach().clone().requires_grad_()
     Bt = layer.lora_B.detach().clone().requires_grad_()
     xt = x.detach().clone().requires_grad_()
