@@ -1,0 +1,59 @@
+"""`qlora_core.kernels` imports from an installed copy, an editable install and the repository root, and the
+top-level name `kernels` (a different PyPI package) is never claimed."""
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = (
+    "import importlib.util, json, qlora_core, qlora_core.kernels as k; "
+    "spec = importlib.util.find_spec('kernels'); "
+    "print(json.dumps({'pkg': qlora_core.__file__, 'kernels': list(k.__path__), "
+    "'toplevel_is_regular_package': bool(spec and spec.origin)}))"
+)
+
+
+def probe(python, cwd, env=None):
+    out = subprocess.run([python, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(extra)
+    return env
+
+
+def test_from_repository_root():
+    r = probe(sys.executable, ROOT, clean_env())
+    assert Path(r["pkg"]).parent == ROOT / "qlora_core"
+    assert [Path(p) for p in r["kernels"]] == [ROOT / "kernels"]
+    # from the root, `kernels/` must not become a regular top-level package (no __init__.py on purpose)
+    assert not r["toplevel_is_regular_package"]
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+def test_from_installed_copy(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=600)
+    r = probe(sys.executable, tmp_path, clean_env(PYTHONPATH=str(target)))
+    assert Path(r["pkg"]).parent == target / "qlora_core"
+    assert [Path(p) for p in r["kernels"]] == [target / "qlora_core" / "kernels"]
+    assert (target / "qlora_core" / "kernels" / "quant4.py").exists()
+    assert not (target / "kernels").exists()
+
+
+def test_from_editable_install(tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps",
+                    "--no-build-isolation", "-e", str(ROOT)], check=True, capture_output=True, timeout=600)
+    r = probe(python, tmp_path, clean_env())
+    assert Path(r["pkg"]).parent == ROOT / "qlora_core"
+    assert [Path(p) for p in r["kernels"]] == [ROOT / "kernels"]
