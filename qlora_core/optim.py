@@ -120,6 +120,11 @@ class PagedAdamW(torch.optim.Optimizer):
         return self._store.device_bytes if self._store is not None else 0
 
     @property
+    def state_bytes(self) -> int:
+        """Bytes of all optimizer state (codes, absmax, moments, with 64-byte alignment), wherever it lives."""
+        return sum(seg.nbytes for seg in self._segments) if self._store is not None else 0
+
+    @property
     def paging_stats(self) -> dict:
         return dict(self._store.stats) if self._store is not None else {}
 

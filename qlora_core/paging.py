@@ -125,9 +125,13 @@ class PageStore:
         resident, slots = self.plan(budget)
         for i in range(num_pages):
             if i < resident:
-                self.device_pages[i] = self._device_empty().zero_()
-            else:
-                self.host_pages[i] = self._host_empty().zero_()
+                try:
+                    self.device_pages[i] = self._device_empty().zero_()
+                    continue
+                except torch.OutOfMemoryError:  # the budget overestimated the room: the rest goes to the host
+                    resident = i
+            self.host_pages[i] = self._host_empty().zero_()
+        slots = min(STAGING_SLOTS, num_pages) if self.host_pages else 0
         self.staging = [self._device_empty() for _ in range(slots)]
         self._slot_free = [None] * slots
         self.budget = budget
