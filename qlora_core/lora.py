@@ -113,13 +113,7 @@ class LoRALinear(nn.Module):
         elif isinstance(base, torch.Tensor):
             if base.dim() != 2:
                 raise TypeError(f"LoRA base weight must be 2-D (out, in), got shape {tuple(base.shape)}")
-            lin = nn.Linear(base.shape[1], base.shape[0], bias=bias is not None, device=base.device,
-                            dtype=base.dtype)
-            with torch.no_grad():
-                lin.weight.copy_(base)
-                if bias is not None:
-                    lin.bias.copy_(bias)
-            base = lin
+            base = _dense_linear(base, bias)
         elif not (isinstance(base, nn.Linear) or is_quantized_linear(base)):
             raise TypeError(f"LoRA base must be nn.Linear, a quantized linear, a QuantizedTensor or a weight "
                             f"tensor, got {type(base).__name__}")
@@ -156,7 +150,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = self.lora_dropout(x.to(self.lora_A.dtype))
-        # Same expression and order as PEFT's lora.Linear.forward, so outputs agree to the last bit.
+        # Same expression and order as PEFT's lora.Linear.forward (bitwise-equal logits vs peft 0.21.2, CPU fp32).
         return (y + nn.functional.linear(nn.functional.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -179,11 +173,7 @@ class LoRALinear(nn.Module):
             new = QuantLinear(quantize(merged_w, quant_type=q.quant_type, blocksize=q.blocksize,
                                        double_quant=q.double_quant), bias)
         else:
-            new = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device,
-                            dtype=w.dtype)
-            new.weight.copy_(merged_w)
-            if bias is not None:
-                new.bias.copy_(bias)
+            new = _dense_linear(merged_w, bias)
         new.requires_grad_(False)
         self.__dict__["_unmerged_base"] = base
         self.base_layer = new
@@ -205,6 +195,17 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}, merged={self.merged}")
+
+
+@torch.no_grad()
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of weight (out, in) / bias; skip_init: no wasted init, no RNG draw."""
+    lin = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                             device=weight.device, dtype=weight.dtype)
+    lin.weight.copy_(weight)
+    if bias is not None:
+        lin.bias.copy_(bias)
+    return lin
 
 
 def _module_device(m: nn.Module) -> torch.device:
