@@ -181,9 +181,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
     """Load a PEFT LoRA adapter (ours or PEFT's) into `model`, in place; returns the model.
 
     A model without adapters first gets them from the file's config (apply_lora with its r, lora_alpha,
-    lora_dropout, target_modules, use_rslora; A/B in `dtype`, float32 as PEFT by default). A model that already has adapters
-    must have them on exactly the adapter's modules with the same r; alpha, dropout and rslora are taken from
-    the file. Loaded values are exact for a file stored in the adapters' dtype.
+    lora_dropout, target_modules, use_rslora; A/B in `dtype`, float32 as PEFT by default). A model that
+    already has adapters must have them on exactly the adapter's modules with the same r; alpha, dropout and
+    rslora are taken from the file. Loaded values are exact for a file stored in the adapters' dtype.
     Raises AdapterFileError (missing / corrupt files, not LoRA) and AdapterMismatchError (modules, shapes, r,
     unsupported PEFT options, or a base_model_name_or_path that differs from the model's when check_base).
     """

@@ -233,7 +233,8 @@ class LoraParamCount:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.fraction:.4f}"
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {100 * self.fraction:.4f}")
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:
