@@ -22,6 +22,7 @@ Limits: x / dy row-major with unit stride along the reduction; N*K < 2**31.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -130,6 +131,17 @@ def _tuned(kind: str, small_m: bool):
     return triton.autotune(configs=_configs(kind, small_m), key=["M_BUCKET", "N", "K", "DQ", "ALIGNED"])(base)
 
 
+def _fixed_config(kind: str, m: int) -> dict | None:
+    """A fixed config instead of autotuning: small tiles in the interpreter; the table's first row when
+    QLORA_CORE_AUTOTUNE=0 (GPU tests, to keep compile time down); None = autotune."""
+    if backend.interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
+    if os.environ.get("QLORA_CORE_AUTOTUNE", "1") == "0":
+        c = _configs(kind, m <= 64)[0]
+        return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    return None
+
+
 def _bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
@@ -144,8 +156,7 @@ def matmul_fwd(x: torch.Tensor, q, bias: torch.Tensor | None, config: dict | Non
             m, n, k, x.stride(0), out.stride(0), _bucket(m))
     flags = dict(BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0), HAS_BIAS=bias is not None)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    if config is None and backend.interpreting():
-        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
+    config = config or _fixed_config("fwd", m)
     if config is not None:
         _fwd_kernel[grid](*args, **flags, **config)
     else:
@@ -162,8 +173,7 @@ def matmul_dx(dy: torch.Tensor, q, config: dict | None = None) -> torch.Tensor:
     args = (dy, out, data, absmax, code256, nested, offset, lut, m, n, k, dy.stride(0), out.stride(0), _bucket(m))
     flags = dict(BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    if config is None and backend.interpreting():
-        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
+    config = config or _fixed_config("dx", m)
     if config is not None:
         _dx_kernel[grid](*args, **flags, **config)
     else:

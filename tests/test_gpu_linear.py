@@ -1,0 +1,108 @@
+"""nf4_linear's Triton paths on a CUDA GPU against float64 math (run on the device: `pytest -m gpu`).
+
+Reference: y64 = x64 @ W64.T + b64, dx64 = dy64 @ W64 with W = reference dequantization of q in x's dtype.
+Tolerance: 2x PyTorch's own same-dtype (cuBLAS) F.linear / matmul error against it + DTYPE_ATOL (STYLE.md).
+"""
+import functools
+
+import pytest
+import torch
+
+import qlora_core as qc
+from qlora_core import reference
+from qlora_core.kernels import nf4_linear as dispatch
+from qlora_core.kernels import nf4_tile
+from tests.helpers import DTYPE_ATOL, assert_close_verbose
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _ref_w(q, dtype):
+    return reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, dtype, q.blocksize, q.quant_type)
+
+
+def _bound(torch_out, ref64, dtype):
+    return 2.0 * (torch_out.double() - ref64).abs().max().item() + DTYPE_ATOL[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _q(n, k, dtype, quant_type="nf4", double_quant=True, blocksize=64):
+    w = torch.randn(n, k, dtype=dtype, generator=torch.Generator().manual_seed(n * k)) * 0.02
+    # quantize on the CPU reference so these tests depend only on this issue's kernels
+    return qc.quantize(w, quant_type, blocksize, double_quant).to("cuda")
+
+
+LAYOUTS = [(4096, 4096, 64, "nf4", True), (1000, 1027, 64, "fp4", True), (333, 2048, 128, "nf4", False),
+           (129, 520, 32, "nf4", True)]
+# every layout in bf16 (the training dtype); fp16 / fp32 on one aligned and one odd-K layout (compile time)
+CASES = ([(torch.bfloat16, *lay) for lay in LAYOUTS]
+         + [(dt, *lay) for dt in (torch.float16, torch.float32) for lay in LAYOUTS[:2]])
+
+
+@pytest.mark.parametrize("dtype,n,k,bs,qt,dq", CASES)
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 200])
+def test_forward_and_dx_all_paths(dtype, n, k, bs, qt, dq, m):
+    q = _q(n, k, dtype, qt, dq, bs)
+    w = _ref_w(q, dtype)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    b = torch.randn(n, dtype=dtype, device="cuda")
+    y64 = x.double() @ w.double().T + b.double()
+    bound = _bound(torch.nn.functional.linear(x, w, b), y64, dtype)
+    paths = ["gemv", "tiled", "cublas"] if m <= 16 else ["tiled", "cublas"]
+    for path in paths + [None]:
+        assert_close_verbose(dispatch.linear_forward(x, q, b, path=path), y64, atol=bound, rtol=0,
+                             name=f"fwd {path}")
+    dy = torch.randn(m, n, dtype=dtype, device="cuda")
+    dx64 = dy.double() @ w.double()
+    bound = _bound(dy @ w, dx64, dtype)
+    for path in ["tiled", "cublas", None]:
+        assert_close_verbose(dispatch.linear_input_grad(dy, q, path=path), dx64, atol=bound, rtol=0,
+                             name=f"dx {path}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dq", [True, False])
+def test_dequantize_transient_bit_exact(dtype, dq):
+    q = _q(777, 1536, dtype, "nf4", dq)
+    assert torch.equal(nf4_tile.dequantize_transient(q, dtype), _ref_w(q, dtype))
+    q = _q(77, 99, dtype, "fp4", dq)
+    assert torch.equal(nf4_tile.dequantize_transient(q, dtype), _ref_w(q, dtype))
+
+
+@pytest.mark.parametrize("lead", [(1,), (3, 5), (4, 300)])
+def test_autograd_end_to_end(lead):
+    dtype = torch.bfloat16
+    q = _q(1024, 512, dtype)
+    w = _ref_w(q, dtype)
+    x = torch.randn(*lead, 512, dtype=dtype, device="cuda", requires_grad=True)
+    b = torch.randn(1024, dtype=dtype, device="cuda", requires_grad=True)
+    y = qc.nf4_linear(x, q, b)
+    y64 = x.detach().double() @ w.double().T + b.detach().double()
+    assert_close_verbose(y, y64, atol=_bound(torch.nn.functional.linear(x.detach(), w, b.detach()), y64, dtype),
+                         rtol=0, name="y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dx64 = dy.double() @ w.double()
+    assert_close_verbose(x.grad, dx64, atol=_bound(dy @ w, dx64, dtype), rtol=0, name="dx")
+    db64 = dy.double().reshape(-1, 1024).sum(0)
+    assert_close_verbose(b.grad, db64, atol=_bound(dy.reshape(-1, 1024).sum(0), db64, dtype), rtol=0, name="db")
+
+
+def test_no_weight_kept_in_memory():
+    # Large-M forward + backward: after each call, allocated memory grows by the output only; no (N, K) bf16
+    # weight stays alive (the cuBLAS path's buffer is transient).
+    n, k, m = 4096, 4096, 4096
+    q = _q(n, k, torch.bfloat16)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    y = qc.nf4_linear(x, q)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - base - y.numel() * y.element_size()
+    assert kept < n * k * 2 // 8, f"forward kept {kept} bytes beyond its output (a bf16 W is {n * k * 2})"
+    y.backward(torch.ones_like(y))
+    del y
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - base - x.grad.numel() * 2
+    assert kept < n * k * 2 // 8, f"backward kept {kept} bytes beyond dx"
