@@ -1,0 +1,377 @@
+"""Our Llama: `LlamaConfig` (reads HF config.json in both rope forms) and the `Llama` nn.Module.
+
+Module names follow transformers' LlamaForCausalLM exactly (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+`mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`, ...), so HF checkpoints load key for key and PEFT
+adapter paths (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) line up.
+
+The decoder-block linears are plain nn.Linear (dense) or `QuantLinear` (a frozen 4-bit QuantizedTensor whose forward
+is `nf4_linear`; on CUDA that is the Triton GEMM / decode GEMV). `quantize_linears` swaps one for the other in place.
+Embeddings, norms and lm_head always stay dense.
+
+Math follows HF so fp32 logits agree to rounding: RMSNorm in fp32 then cast back before the weight multiply;
+RoPE with the rotate-half layout (HF's permuted q/k weights), cos/sin computed in fp32 from positions and cast to
+the activation dtype; llama3 frequency scaling; SDPA with GQA (no K/V copies); SwiGLU.
+The rotary frequencies are NOT a buffer: `model.to(torch.bfloat16)` would round them (HF keeps an fp32 copy for
+the same reason); they are recomputed per forward from the config (head_dim/2 floats, negligible).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .qlinear import QuantLinear
+
+
+class ConfigError(ValueError):
+    """config.json lacks a required field or holds a value this Llama cannot run (the message names it)."""
+
+
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    vocab_size: int                          # rows of embed_tokens / lm_head
+    hidden_size: int                         # model width d
+    intermediate_size: int                   # SwiGLU hidden width
+    num_hidden_layers: int                   # decoder blocks
+    num_attention_heads: int                 # query heads H
+    num_key_value_heads: int | None = None   # K/V heads (GQA); None -> H
+    head_dim: int | None = None              # per-head width D; None -> hidden_size // H
+    rms_norm_eps: float = 1e-6               # RMSNorm epsilon
+    rope_theta: float = 10000.0              # RoPE base
+    rope_scaling: dict | None = None         # None (default rope) or llama3: {factor, low/high_freq_factor, original_max_pos}
+    max_position_embeddings: int = 2048      # context the checkpoint was trained for (informational)
+    tie_word_embeddings: bool = False        # lm_head shares embed_tokens.weight
+    attention_bias: bool = False             # bias on q/k/v/o projections
+    mlp_bias: bool = False                   # bias on gate/up/down projections
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        for f in REQUIRED_FIELDS:
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"config field {f!r} must be a positive int, got {v!r}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                                  f"{self.num_attention_heads} and config has no head_dim")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ConfigError(f"head_dim must be a positive even int (RoPE rotates pairs), got {self.head_dim}")
+        if not self.rope_theta or self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> "LlamaConfig":
+        """Build from a parsed HF config.json (transformers 4 form with top-level `rope_theta`/`rope_scaling`, or
+        transformers 5 form with `rope_parameters`). Raises ConfigError naming missing or unsupported fields."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            raise ConfigError(f"model_type {model_type!r} is not supported (only 'llama')")
+        missing = [f for f in REQUIRED_FIELDS if d.get(f) is None]
+        if missing:
+            raise ConfigError(f"config is missing required field(s) {missing}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu', SwiGLU)")
+        rope = d.get("rope_parameters")
+        if isinstance(rope, dict):  # transformers 5: {"rope_type", "rope_theta", and the scaling fields}
+            theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+            scaling = rope
+        else:
+            theta = d.get("rope_theta", 10000.0)
+            scaling = d.get("rope_scaling")
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
+              if f.name in d and f.name not in ("rope_theta", "rope_scaling")}
+        return cls(**kw, rope_theta=float(theta), rope_scaling=scaling)
+
+    def to_hf_config(self) -> dict:
+        """A config.json dict that transformers (4.45+ and 5) reads as LlamaForCausalLM."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        if self.rope_scaling is None:
+            d.pop("rope_scaling", None)
+        return d
+
+
+def _normalize_rope_scaling(s: dict) -> dict | None:
+    """None for plain RoPE; the llama3 parameters as a clean dict; ConfigError for anything else."""
+    if not isinstance(s, dict):
+        raise ConfigError(f"rope_scaling must be a dict or null, got {type(s).__name__}")
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"rope type {kind!r} is not supported (only 'default' and 'llama3')")
+    missing = [k for k in _LLAMA3_KEYS if k not in s]
+    if missing:
+        raise ConfigError(f"llama3 rope scaling is missing field(s) {missing}")
+    out = {"rope_type": "llama3", **{k: s[k] for k in _LLAMA3_KEYS}}
+    if out["high_freq_factor"] <= out["low_freq_factor"] or out["factor"] <= 0:
+        raise ConfigError(f"llama3 rope scaling needs factor > 0 and high_freq_factor > low_freq_factor, got {out}")
+    return out
+
+
+def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """(D/2,) fp32 inverse frequencies, with llama3 scaling when configured."""
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    # llama3: wavelengths longer than orig/low_freq_factor are slowed by `factor`, shorter than orig/high_freq_factor
+    # kept, and the band between interpolated linearly in (orig / wavelen).
+    factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > orig / lo, inv / factor, inv)
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / hi) & (wavelen <= orig / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (L, B, KVH, max_len, D); `pos` tokens are filled."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        H, KVH, D, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        kw = dict(bias=cfg.attention_bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(d, H * D, **kw)
+        self.k_proj = nn.Linear(d, KVH * D, **kw)
+        self.v_proj = nn.Linear(d, KVH * D, **kw)
+        self.o_proj = nn.Linear(H * D, d, **kw)
+        self.H, self.KVH, self.D, self.layer_idx = H, KVH, D, layer_idx
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
+        v = self.v_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        is_causal = mask is None and T > 1
+        if cache is not None:
+            p = cache.pos
+            cache.k[self.layer_idx, :, :, p:p + T] = k
+            cache.v[self.layer_idx, :, :, p:p + T] = v
+            k = cache.k[self.layer_idx, :, :, :p + T]
+            v = cache.v[self.layer_idx, :, :, :p + T]
+            is_causal = is_causal and p == 0  # with a past, the (bottom-right) causal mask comes in `mask`
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.H != self.KVH)   # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx, device, dtype)
+        self.mlp = MLP(cfg, device, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder blocks and final norm: input_ids (B, T) -> hidden states (B, T, d)."""
+
+    def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.gradient_checkpointing = False
+        self._inv_freq: dict = {}
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin of shape (T, D) in `dtype` (computed in fp32) for integer `positions` (T,)."""
+        dev = positions.device
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = rope_inv_freq(self.config, dev)
+        freqs = positions.float()[:, None] * self._inv_freq[dev][None, :]   # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        past = cache.pos if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used + {T} new does not fit")
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        cos, sin = self.rope(torch.arange(past, past + T, device=input_ids.device), x.dtype)
+        mask = _attn_mask(B, T, past, attention_mask, x.device)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for layer in self.layers:
+            if ckpt:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+
+def _attn_mask(B, T, past, attention_mask, device):
+    """None when plain causal attention (SDPA is_causal) or a single query suffices; else a bool (B|1,1,T,S) mask.
+
+    attention_mask (B, past+T) marks real tokens with 1 (right or left padding). Each query also sees itself,
+    so rows of padding queries never go all-False (which SDPA turns into NaN).
+    """
+    S = past + T
+    if attention_mask is None and (past == 0 or T == 1):
+        return None
+    i = torch.arange(T, device=device)[:, None] + past
+    j = torch.arange(S, device=device)[None, :]
+    mask = (j <= i)[None, None]  # (1, 1, T, S) bottom-right causal
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask must have shape (B, past+T)=({B}, {S}), got {tuple(attention_mask.shape)}")
+        mask = (mask & attention_mask.bool()[:, None, None, :]) | (j == i)[None, None]
+    return mask
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM look-alike: `model(input_ids) -> logits (B, T, vocab)`, plus KV-cache `generate`."""
+
+    def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, device, dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        """Recompute each decoder block in backward (train mode, grad enabled, no KV cache)."""
+        self.model.gradient_checkpointing = bool(on)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) int64 -> logits (B, T, vocab) in the lm_head dtype."""
+        return self.lm_head(self.model(input_ids, attention_mask, cache))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prompt (B, T) -> (B, T + n) ids, n <= max_new_tokens, decoding with a KV cache.
+
+        temperature 0 is greedy; > 0 samples from softmax(logits / temperature) restricted to the smallest set
+        of tokens whose probability reaches top_p. Rows that emitted an eos_token_id keep emitting it; decoding
+        stops early once every row has. All rows share the prompt length (no padding).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        B, T = input_ids.shape
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
+        cache = KVCache(self.config, B, T + max_new_tokens, input_ids.device, self.model.embed_tokens.weight.dtype)
+        out = [input_ids]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        logits = self(input_ids, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits.float(), temperature, top_p, generator)  # (B,)
+            if eos:
+                nxt = torch.where(done, eos_t[0], nxt)
+                done |= torch.isin(nxt, eos_t)
+            out.append(nxt[:, None])
+            if step == max_new_tokens - 1 or (eos and bool(done.all())):
+                break
+            logits = self(nxt[:, None], cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) fp32 logits -> (B,) token ids: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
+        drop = (p_sorted.cumsum(dim=-1) - p_sorted) >= top_p
+        p_sorted = p_sorted.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, p_sorted)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def quantize_linears(model: Llama, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> Llama:
+    """Replace every nn.Linear of the decoder blocks with a QuantLinear, in place (embeddings, norms, lm_head stay)."""
+    for layer in model.model.layers:
+        for name in LINEAR_NAMES:
+            parent_name, child = name.split(".")
+            parent = getattr(layer, parent_name)
+            lin = getattr(parent, child)
+            if isinstance(lin, nn.Linear):
+                setattr(parent, child, QuantLinear.from_linear(lin, quant_type, blocksize, double_quant))
+    return model

@@ -1,0 +1,293 @@
+"""`load_llama`: an HF Llama folder (or hub repo id) -> our `Llama`, quantizing tensor by tensor while streaming.
+
+Design: the model is built on the meta device (no memory), then filled one tensor at a time from safetensors'
+memory-mapped `safe_open`. A decoder-block linear weight is read (one dense tensor on the host), moved to the
+target device, cast to `dtype`, quantized there (the Triton quantizer on CUDA) and dropped, so peak host and device
+memory stay near the quantized model plus one dense tensor. Embeddings, norms and lm_head are kept in `dtype`.
+
+Checkpoints read:
+- a single `model.safetensors`, or shards listed in `model.safetensors.index.json`;
+- bitsandbytes "bnb-4bit" checkpoints (transformers `save_pretrained` of a 4-bit model): a linear's weight comes as
+  `<module>.weight` (packed uint8) plus `weight.absmax`, `weight.quant_map`, [`weight.nested_absmax`,
+  `weight.nested_quant_map`] and `weight.quant_state.bitsandbytes__nf4|fp4`; we rebuild it with
+  `QuantizedTensor.from_state_dict` and keep it as is (or dequantize it when quantize=None).
+Every failure mode we can name gets its own exception (all subclass LoadError, a ValueError).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .llama import LINEAR_NAMES, ConfigError, Llama, LlamaConfig
+from .qlinear import QuantLinear
+from .quant import QuantizedTensor, QuantStateError, quantize as quantize_tensor
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+HUB_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja", "*.safetensors", INDEX_FILE]
+_BNB_BLOB = re.compile(r"\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+class LoadError(ValueError):
+    """Base class of every named loading error."""
+
+
+class MissingShardError(LoadError, FileNotFoundError):
+    """A safetensors file named by the index (or model.safetensors itself) is not in the folder."""
+
+
+class CorruptCheckpointError(LoadError):
+    """A safetensors file is truncated or unreadable, or disagrees with the index / quantization metadata."""
+
+
+class MissingWeightError(LoadError):
+    """The checkpoint lacks a tensor the config requires."""
+
+
+class UnexpectedWeightError(LoadError):
+    """The checkpoint holds tensors this Llama has no place for (a different architecture or config)."""
+
+
+class ShapeMismatchError(LoadError):
+    """A tensor's shape differs from what config.json implies."""
+
+
+class NonFiniteWeightError(LoadError):
+    """A weight holds NaN or Inf values."""
+
+
+class HubUnavailableError(LoadError, OSError):
+    """A hub repo id could not be fetched (offline, no network, or no such repo)."""
+
+
+def load_llama(path_or_repo_id: str | os.PathLike, quantize: str | None = "nf4", double_quant: bool = True,
+               dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
+               blocksize: int = 64) -> Llama:
+    """Load a Llama checkpoint as our `Llama`, its decoder-block linears quantized to `quantize` ("nf4", "fp4") or
+    dense (None).
+
+    path_or_repo_id: a local HF folder, or a hub repo id (downloaded with huggingface_hub; config, tokenizer and
+    safetensors only). dtype: the dtype of embeddings, norms, lm_head, dense linears and of the quantized weights'
+    dequantized values. device: where the model lives (default CPU). A bnb-4bit checkpoint keeps its own
+    quantization (quantize=None dequantizes it instead). The returned model carries `name_or_path` (the folder).
+    """
+    if quantize not in ("nf4", "fp4", None):
+        raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    device = torch.device(device if device is not None else "cpu")
+    folder = resolve_folder(path_or_repo_id)
+    cfg = read_config(folder)
+    reader = _Reader(folder)
+    try:
+        model = _fill(cfg, reader, quantize, double_quant, blocksize, dtype, device)
+    finally:
+        reader.close()
+    model.name_or_path = str(folder)
+    return model
+
+
+# -- locating the files -----------------------------------------------------------------------------------
+def resolve_folder(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local folder as is; a string that is not a local path is taken as a hub repo id and downloaded."""
+    p = Path(os.path.expanduser(str(path_or_repo_id)))
+    if p.is_dir():
+        return p
+    s = str(path_or_repo_id)
+    if p.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", s) or s.startswith((".", "/")):
+        raise FileNotFoundError(f"{s!r} is not a model folder (expected a directory with config.json and "
+                                f"safetensors) and does not look like a hub repo id")
+    return _download(s)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants
+    except ImportError:
+        raise HubUnavailableError(f"{repo_id!r} is not a local folder and huggingface_hub is not installed") from None
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - every hub failure becomes one readable error
+        kind = type(e).__name__
+        if offline:
+            raise HubUnavailableError(
+                f"cannot load {repo_id!r}: HF_HUB_OFFLINE=1 is set and the repo is not in the local Hugging Face "
+                f"cache ({kind}). Unset HF_HUB_OFFLINE to download it, or pass a local folder.") from e
+        if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            raise HubUnavailableError(f"hub repo {repo_id!r} was not found or is gated ({kind}): {e}") from e
+        raise HubUnavailableError(
+            f"cannot download {repo_id!r} from the Hugging Face Hub ({kind}: {e}). Without network, set "
+            f"HF_HUB_OFFLINE=1 to use a cached copy, or pass a local folder.") from e
+
+
+def read_config(folder: Path) -> LlamaConfig:
+    f = Path(folder) / "config.json"
+    if not f.exists():
+        raise ConfigError(f"{f} not found; a model folder needs config.json")
+    try:
+        d = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f} is not valid JSON: {e}") from None
+    try:
+        return LlamaConfig.from_hf_config(d)
+    except ConfigError as e:
+        raise ConfigError(f"{f}: {e}") from None
+
+
+class _Reader:
+    """key -> tensor across one file or an index of shards, with every file error turned into a named one."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+        self._safe_open = safe_open
+        self.folder = folder
+        self._handles: dict[str, object] = {}
+        index = folder / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CorruptCheckpointError(f"{index} is not a valid safetensors index ({e!r})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (folder / f).exists()]
+            if missing:
+                raise MissingShardError(f"{folder}: shard(s) {missing} listed in {INDEX_FILE} are missing "
+                                        f"({len(files) - len(missing)} of {len(files)} present)")
+            self.key_file = dict(weight_map)
+            for f in files:  # the index must agree with the shards' own headers
+                have = set(self._open(f).keys())
+                absent = [k for k, v in weight_map.items() if v == f and k not in have]
+                if absent:
+                    raise CorruptCheckpointError(f"{folder / f} lacks {len(absent)} tensor(s) that {INDEX_FILE} "
+                                                 f"places there, e.g. {absent[:3]}")
+        elif (folder / SINGLE_FILE).exists():
+            self.key_file = {k: SINGLE_FILE for k in self._open(SINGLE_FILE).keys()}
+        else:
+            raise MissingShardError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+        # weights stored as bnb-4bit: "<module>.weight" for every "<module>.weight.quant_state.bitsandbytes__*"
+        self.prequantized = {k.split(".quant_state.")[0] for k in self.key_file if _BNB_BLOB.search(k)}
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            try:
+                self._handles[fname] = self._safe_open(str(self.folder / fname), framework="pt", device="cpu")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+                raise CorruptCheckpointError(f"{self.folder / fname} is not a readable safetensors file "
+                                             f"(truncated or corrupt?): {e}") from None
+        return self._handles[fname]
+
+    def get(self, key: str) -> torch.Tensor:
+        fname = self.key_file[key]
+        try:
+            return self._open(fname).get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise CorruptCheckpointError(f"{self.folder / fname}: cannot read tensor {key!r} "
+                                         f"(truncated or corrupt?): {e}") from None
+
+    def close(self):
+        self._handles.clear()
+
+
+# -- filling the model ------------------------------------------------------------------------------------
+def _check_finite(key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteWeightError(f"{key}: {bad} of {t.numel()} values are NaN or Inf")
+
+
+def _take(reader: _Reader, used: set, key: str, shape: tuple, dtype, device) -> torch.Tensor:
+    if key not in reader.key_file:
+        raise MissingWeightError(f"{reader.folder}: tensor {key!r} is missing from the checkpoint")
+    t = reader.get(key)
+    used.add(key)
+    if tuple(t.shape) != tuple(shape):
+        raise ShapeMismatchError(f"{key}: checkpoint shape {tuple(t.shape)} but config.json implies {tuple(shape)}")
+    _check_finite(key, t)
+    return t.to(device=device, dtype=dtype)
+
+
+def _take_quantized(reader: _Reader, used: set, key: str, shape: tuple, device) -> QuantizedTensor:
+    """Rebuild a bnb-4bit weight from its `<key>` + `<key>.*` tensors."""
+    prefix = key[: -len("weight")]
+    keys = [k for k in reader.key_file if k == key or k.startswith(key + ".")]
+    sd = {k: reader.get(k) for k in keys}
+    used.update(keys)
+    try:
+        q = QuantizedTensor.from_state_dict(sd, prefix)
+    except QuantStateError as e:
+        raise CorruptCheckpointError(f"{reader.folder}: bad bnb-4bit state for {key}: {e}") from None
+    if tuple(q.shape) != tuple(shape):
+        raise ShapeMismatchError(f"{key}: quantized checkpoint shape {tuple(q.shape)} but config.json implies "
+                                 f"{tuple(shape)}")
+    for name, t in (("absmax", q.absmax), ("nested_absmax", q.nested_absmax), ("offset", q.offset)):
+        if t is not None:
+            _check_finite(f"{key}.{name}", t)
+    return q.to(device)
+
+
+def _set_param(module: nn.Module, name: str, t: torch.Tensor) -> None:
+    module._parameters[name] = nn.Parameter(t, requires_grad=t.is_floating_point())
+
+
+def _fill(cfg: LlamaConfig, reader: _Reader, quantize, double_quant, blocksize, dtype, device) -> Llama:
+    with torch.device("meta"):
+        model = Llama(cfg, dtype=dtype)
+    used: set[str] = set()
+    emb = model.model.embed_tokens
+    _set_param(emb, "weight", _take(reader, used, "model.embed_tokens.weight", emb.weight.shape, dtype, device))
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            m = getattr(layer, norm)
+            _set_param(m, "weight", _take(reader, used, f"{p}{norm}.weight", m.weight.shape, dtype, device))
+        for name in LINEAR_NAMES:
+            parent_name, child = name.split(".")
+            parent = getattr(layer, parent_name)
+            lin: nn.Linear = getattr(parent, child)
+            key = f"{p}{name}.weight"
+            bias = None
+            if lin.bias is not None:
+                bias = _take(reader, used, f"{p}{name}.bias", lin.bias.shape, dtype, device)
+            if key in reader.prequantized:
+                q = _take_quantized(reader, used, key, lin.weight.shape, device)
+                if quantize is None:
+                    lin = nn.Linear(lin.in_features, lin.out_features, bias=bias is not None, device="meta")
+                    _set_param(lin, "weight", q.dequantize().to(dtype))
+                    new = lin
+                else:
+                    new = QuantLinear(q, bias)
+            else:
+                w = _take(reader, used, key, lin.weight.shape, dtype, device)
+                if quantize is None:
+                    _set_param(lin, "weight", w)
+                    new = lin
+                else:
+                    new = QuantLinear(quantize_tensor(w, quant_type=quantize, blocksize=blocksize,
+                                                      double_quant=double_quant), bias)
+                    del w
+            if bias is not None and isinstance(new, nn.Linear):
+                _set_param(new, "bias", bias)
+            setattr(parent, child, new)
+    norm = model.model.norm
+    _set_param(norm, "weight", _take(reader, used, "model.norm.weight", norm.weight.shape, dtype, device))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        used.add("lm_head.weight")  # transformers may save the tied copy too; the embedding wins
+    else:
+        _set_param(model.lm_head, "weight",
+                   _take(reader, used, "lm_head.weight", model.lm_head.weight.shape, dtype, device))
+    extra = sorted(k for k in reader.key_file if k not in used and not _IGNORED.search(k))
+    if extra:
+        raise UnexpectedWeightError(f"{reader.folder}: {len(extra)} tensor(s) do not belong to a Llama with this "
+                                    f"config.json, e.g. {extra[:5]}")
+    return model
