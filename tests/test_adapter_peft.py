@@ -173,6 +173,20 @@ def test_load_of_save_is_exact(tmp_path, lora_dtype):
     assert torch.equal(src.eval()(x), same.eval()(x))  # alpha came from the file
 
 
+def test_keys_with_peft_adapter_name_load(tmp_path):
+    """Some PEFT versions / hand-made files keep the adapter name: `...lora_A.default.weight`."""
+    from safetensors.torch import load_file, save_file
+    src = nn.Sequential(nn.Linear(6, 5))
+    apply_lora(src, r=2, target_modules=["0"])
+    _randomize(_ours_pairs(src), seed=6)
+    qc.save_adapter(src, tmp_path)
+    sd = load_file(str(tmp_path / WEIGHTS_NAME))
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in sd.items()}, str(tmp_path / WEIGHTS_NAME))
+    dst = nn.Sequential(nn.Linear(6, 5))
+    qc.load_adapter(dst, tmp_path)
+    assert torch.equal(dst[0].lora_A, src[0].lora_A) and torch.equal(dst[0].lora_B, src[0].lora_B)
+
+
 def test_failed_write_leaves_previous_files(tmp_path, monkeypatch):
     model = nn.Sequential(nn.Linear(6, 6))
     apply_lora(model, r=2, target_modules=["0"])

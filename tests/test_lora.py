@@ -308,6 +308,32 @@ def test_quant_linear_state_dict_roundtrip_and_device_moves():
     assert ql.weight.device.type == "meta" and ql.bias.device.type == "meta"
 
 
+def test_quant_linear_state_dict_interchanges_with_bnb_linear4bit():
+    bnb = pytest.importorskip("bitsandbytes", reason="test extra: bitsandbytes (4-bit quantizer runs on CPU)")
+    lin = nn.Linear(70, 30)
+    x = torch.randn(3, 70)
+    # bitsandbytes -> ours: a Linear4bit state dict loads strictly into a QuantLinear and computes the same
+    l4 = bnb.nn.Linear4bit(70, 30, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                           compress_statistics=True)
+    l4.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=True)
+    l4.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    l4 = l4.to("cpu")  # quantizes
+    ql = QuantLinear.from_linear(nn.Linear(70, 30), double_quant=False)
+    ql.load_state_dict(l4.state_dict(), strict=True)
+    assert ql.weight.double_quant
+    w_bnb = bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state)
+    assert torch.equal(qc.dequantize(ql.weight), w_bnb)
+    assert_close_verbose(ql(x), l4(x), atol=DTYPE_ATOL[torch.float32], rtol=0, name="bnb -> ours")
+    # ours -> bitsandbytes: the keys are what Params4bit.from_prequantized (transformers' loader) consumes
+    sd = QuantLinear.from_linear(lin).state_dict()
+    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    p = bnb.nn.Params4bit.from_prequantized(data=sd["weight"], quantized_stats=stats, requires_grad=False,
+                                            device="cpu")
+    assert torch.equal(bnb.functional.dequantize_4bit(p.data, p.quant_state),
+                       qc.dequantize(QuantLinear.from_linear(lin).weight))
+
+
 def test_bad_inputs_raise_named_errors():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
     for r in (0, -2, 2.5, True):
