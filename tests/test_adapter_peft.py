@@ -145,6 +145,41 @@ def test_nf4_base_adapter_matches_peft_over_dequantized_model(hf_dir, tmp_path):
     assert_close_verbose(_logits(ours), _logits(pm), atol=ATOL, rtol=0, name="nf4 ours vs PEFT(dequantized)")
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_our_llama_adapters_interchange_with_peft_over_transformers(hf_dir, tmp_path, quantize):
+    """The issue's contract on our own Llama (qlora_core.load_llama of the same HF folder, dense or NF4):
+    our adapter under PEFT over the transformers model, and PEFT's adapter loaded into our Llama, give the
+    same logits. With NF4 the transformers twin carries the dequantized weights. Tolerance: 2x the
+    disagreement of the two base models (our Llama vs transformers, no adapter) plus the fp32 atol."""
+    ours = qc.load_llama(hf_dir, quantize=quantize, dtype=torch.float32).eval()
+    hf = _hf(hf_dir)
+    for name, m in ours.named_modules():
+        if isinstance(m, QuantLinear):
+            with torch.no_grad():
+                hf.get_submodule(name).weight.copy_(dequantize_as(m.weight, torch.float32))
+    assert (quantize is None) == (not any(isinstance(m, QuantLinear) for m in ours.modules()))
+    with torch.no_grad():
+        tol = 2 * (ours(TOKENS) - hf(input_ids=TOKENS).logits).abs().max().item() + ATOL
+        base_logits = ours(TOKENS)
+    apply_lora(ours, r=4, alpha=8, target_modules="all-linear")
+    assert len(lora_modules(ours)) == 2 * 7 and "lm_head" not in lora_modules(ours)
+    _randomize(_ours_pairs(ours), seed=7)
+    qc.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())["base_model_name_or_path"] == hf_dir
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        y_ours = ours(TOKENS)
+    assert (y_ours - base_logits).abs().max() > 0.1
+    assert_close_verbose(y_ours, _logits(pm), atol=tol, rtol=0, name="our Llama+LoRA vs transformers+PEFT")
+    # the other way: PEFT writes, our Llama loads (base name check passes: same folder)
+    _randomize(_peft_pairs(pm), seed=8)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    fresh = qc.load_llama(hf_dir, quantize=quantize, dtype=torch.float32).eval()
+    qc.load_adapter(fresh, tmp_path / "peft")
+    with torch.no_grad():
+        assert_close_verbose(fresh(TOKENS), _logits(pm), atol=tol, rtol=0, name="PEFT adapter in our Llama")
+
+
 @pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
 def test_load_of_save_is_exact(tmp_path, lora_dtype):
     def make():
