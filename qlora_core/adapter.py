@@ -39,11 +39,14 @@ class AdapterMismatchError(ValueError):
 
 
 def _atomic_write(path: str, write) -> None:
+    """write(tmp) to a temporary file beside `path`, flush it to disk, then os.replace it onto `path`."""
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -118,7 +121,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     os.makedirs(directory, exist_ok=True)
     _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: open(p, "w", encoding="utf-8").write(text))
+    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: _write_text(p, text))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -154,7 +162,8 @@ def _parse_config(config: dict, path: str) -> LoraConfig:
     if config.get("bias", "none") != "none":
         raise AdapterMismatchError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
     for key in ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
-                "layers_to_transform", "layer_replication", "lora_bias", "target_parameters", "use_qalora"):
+                "layers_to_transform", "layer_replication", "lora_bias", "target_parameters", "use_qalora",
+                "exclude_modules", "trainable_token_indices", "alora_invocation_tokens"):
         if config.get(key) not in (None, False, [], {}):
             raise AdapterMismatchError(f"{path}: {key}={config[key]!r} is not supported")
     try:
