@@ -106,7 +106,7 @@ def _fp4_code(xn):
 
 
 @triton.jit
-def _quantize_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, n, nblocks,
+def _quantize_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, n, nbytes, nblocks,
                           BS: tl.constexpr, ROWS: tl.constexpr, NF4: tl.constexpr, RCP: tl.constexpr,
                           FTZ: tl.constexpr):
     # One program = ROWS consecutive blocks of BS elements: x tile (ROWS, BS) -> bytes (ROWS, BS // 2).
@@ -126,7 +126,8 @@ def _quantize_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, n, nblocks,
     hi, lo = tl.split(tl.reshape(code, [ROWS, BS // 2, 2]))
     byte = ((hi << 4) | lo).to(tl.uint8)
     bcols = tl.arange(0, BS // 2)
-    bmask = row_ok[:, None] & (2 * bcols[None, :] < rem[:, None])
+    brem = nbytes - rows * (BS // 2)  # bytes left (pad nibble included); divisible by 16 keeps stores wide
+    bmask = row_ok[:, None] & (bcols[None, :] < brem[:, None])
     tl.store(packed_ptr + rows[:, None] * (BS // 2) + bcols[None, :], byte, mask=bmask)
 
 
@@ -178,17 +179,20 @@ def _cast_out(v, dtype: tl.constexpr, MANUAL_RNE: tl.constexpr):
 
 @triton.jit
 def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, offset_ptr, lut_ptr, out_ptr,
-                            n, nbytes, LOG2_BS: tl.constexpr, DOUBLE: tl.constexpr,
+                            n, nbytes, LOG2_BS: tl.constexpr, DOUBLE: tl.constexpr, BPR: tl.constexpr,
                             BLOCK_BYTES: tl.constexpr, JOIN: tl.constexpr, MANUAL_RNE: tl.constexpr,
                             FTZ: tl.constexpr):
-    # Tile (ROWS, 16) packed bytes -> (ROWS, 32) outputs. A 16-byte row is 32 elements, inside one block.
-    ROWS: tl.constexpr = BLOCK_BYTES // 16
+    # Tile (ROWS, BPR) packed bytes -> (ROWS, 2*BPR) outputs, BPR = bytes per row = 16 output bytes
+    # (4 for bf16/fp16, 2 for fp32). A row lies inside one absmax block (blocksize >= 32 = 16 bytes), so
+    # its scale is loaded once. With JOIN the (ROWS, BPR, 2) join reshapes to the store layout in
+    # registers, each thread storing 16 contiguous bytes; measured against strided even/odd stores.
+    ROWS: tl.constexpr = BLOCK_BYTES // BPR
     seg = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    seg_ok = seg < tl.cdiv(nbytes, 16)
-    cols = tl.arange(0, 16)
-    boffs = seg[:, None] * 16 + cols[None, :]
+    cols = tl.arange(0, BPR)
+    boffs = seg[:, None] * BPR + cols[None, :]
     b = tl.load(packed_ptr + boffs, mask=boffs < nbytes, other=0)
-    blk = (seg * 32) >> LOG2_BS
+    seg_ok = seg < tl.cdiv(nbytes, BPR)
+    blk = (seg * (2 * BPR)) >> LOG2_BS
     if DOUBLE:
         qa = tl.load(absmax_ptr + blk, mask=seg_ok, other=0)
         a2 = _flush(tl.load(absmax2_ptr + (blk >> 8), mask=seg_ok, other=0.0), FTZ)
@@ -196,14 +200,14 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, of
         scale = scale + tl.load(offset_ptr)  # separate add (torch's `absmax += offset`): fusion is off at launch
     else:
         scale = tl.load(absmax_ptr + blk, mask=seg_ok, other=0.0)
-    scale = _flush(scale, FTZ)
-    hi = _flush(tl.load(lut_ptr + (b >> 4).to(tl.int32)) * scale[:, None], FTZ)
-    lo = _flush(tl.load(lut_ptr + (b & 15).to(tl.int32)) * scale[:, None], FTZ)
+    scale = _flush(scale, FTZ)[:, None]
+    hi = _flush(tl.load(lut_ptr + (b >> 4).to(tl.int32)) * scale, FTZ)
+    lo = _flush(tl.load(lut_ptr + (b & 15).to(tl.int32)) * scale, FTZ)
     hi = _cast_out(hi, out_ptr.dtype.element_ty, MANUAL_RNE)
     lo = _cast_out(lo, out_ptr.dtype.element_ty, MANUAL_RNE)
     if JOIN:
-        out = tl.reshape(tl.join(hi, lo), [ROWS, 32])
-        ooffs = seg[:, None] * 32 + tl.arange(0, 32)[None, :]
+        out = tl.reshape(tl.join(hi, lo), [ROWS, 2 * BPR])
+        ooffs = seg[:, None] * (2 * BPR) + tl.arange(0, 2 * BPR)[None, :]
         tl.store(out_ptr + ooffs, out, mask=ooffs < n)
     else:
         tl.store(out_ptr + 2 * boffs, hi, mask=2 * boffs < n)
@@ -269,7 +273,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, *, rcp: str 
     rows = max(1, (elems or (QUANT_ELEMS if on_gpu else 512)) // blocksize)
     rcp_mode, flush = _mode(w.device, rcp, ftz)
     _quantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
-        w.reshape(-1), packed, absmax, n, nblocks, BS=blocksize, ROWS=rows, NF4=quant_type == "nf4",
+        w.reshape(-1), packed, absmax, n, (n + 1) // 2, nblocks, BS=blocksize, ROWS=rows, NF4=quant_type == "nf4",
         RCP=rcp_mode, FTZ=flush, num_warps=num_warps or (QUANT_WARPS if on_gpu else 4))
     return packed, absmax
 
@@ -297,7 +301,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, r
 
 
 def dequantize_4bit(q, *, ftz: bool | None = None, block_bytes: int | None = None, join: bool = True,
-                    num_warps: int | None = None) -> torch.Tensor:
+                    num_warps: int | None = None, fp_fusion: bool = False) -> torch.Tensor:
     """Triton twin of dequantize_4bit_ref for a QuantizedTensor -> Tensor(q.shape, q.dtype).
 
     Reads the packed codes and, with double quant, the uint8 absmax, nested_absmax and offset directly.
@@ -324,8 +328,8 @@ def dequantize_4bit(q, *, ftz: bool | None = None, block_bytes: int | None = Non
         code256 = absmax2 = offset = absmax  # unused by the kernel when DOUBLE is off
     nbytes = data.numel()
     args = (data, absmax, code256, absmax2, offset, lut, out.reshape(-1), n, nbytes)
-    meta = dict(LOG2_BS=q.blocksize.bit_length() - 1, DOUBLE=bool(q.double_quant), FTZ=_mode(dev, None, ftz)[1],
-                MANUAL_RNE=dev.type != "cuda" and q.dtype == torch.bfloat16, enable_fp_fusion=False)
+    meta = dict(LOG2_BS=q.blocksize.bit_length() - 1, DOUBLE=bool(q.double_quant), BPR=8 // out.element_size(), FTZ=_mode(dev, None, ftz)[1],
+                MANUAL_RNE=dev.type != "cuda" and q.dtype == torch.bfloat16, enable_fp_fusion=fp_fusion)
     if dev.type == "cuda" and block_bytes is None:
         _dequant_tuned()[lambda m: (triton.cdiv(nbytes, m["BLOCK_BYTES"]),)](*args, **meta)
     else:

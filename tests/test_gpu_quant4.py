@@ -1,0 +1,169 @@
+"""kernels/quant4.py on a CUDA GPU, byte for byte against bitsandbytes' CUDA kernels and the reference.
+
+Run on the device: `pytest -m gpu tests/test_gpu_quant4.py`. Deselected on CPU boxes (conftest.py).
+  * against bitsandbytes 0.50.2 CUDA: packed bytes, absmax, nested 8-bit codes, nested absmax, offset and
+    dequantized outputs must be identical (large shapes, zero blocks, exact zeros, subnormals);
+  * against qlora_core/reference.py (IEEE 1/absmax, no FTZ): with rcp="ieee", ftz=False the kernels match
+    exactly; with the default fast-math emulation the only allowed differences are codes of elements whose
+    normalized value lies within 2 ulp of a quantization threshold, each off by one bucket.
+"""
+import pytest
+import torch
+
+from qlora_core import backend, quant, reference
+from qlora_core.formats import dynamic_map, fp4_thresholds, nf4_thresholds
+
+try:
+    import bitsandbytes.functional as bnbf
+    HAS_BNB = True
+except Exception:  # noqa: BLE001  (no wheel, or no CUDA build of it)
+    HAS_BNB = False
+
+pytestmark = pytest.mark.gpu
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes (CUDA build) is not installed")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _weights(shape, dtype, blocksize, seed=0, subnormals=False):
+    """randn * 0.02 (weight scale) with whole zero blocks, exact zeros and, optionally, subnormal values."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(shape, device="cuda", generator=g) * 0.02
+    flat = x.view(-1)
+    flat[::13] = 0.0
+    nb, nfull = -(-flat.numel() // blocksize), flat.numel() // blocksize
+    flat[: nfull * blocksize].view(nfull, blocksize)[1::97] = 0.0  # whole zero blocks (absmax 0 -> code 0)
+    if subnormals:
+        tiny = 1e-39 if dtype != torch.float16 else 1e-7   # subnormal in fp32/bf16, resp. fp16
+        flat[5::17] = tiny * torch.randn(flat[5::17].shape, device="cuda", generator=g)
+        blk = min(3, nb - 1)
+        flat[blk * blocksize:(blk + 1) * blocksize] = tiny  # an all-subnormal block
+    return x.to(dtype)
+
+
+def _ndiff(a, b):
+    return int((a.view(-1).view(torch.uint8) != b.view(-1).view(torch.uint8)).sum())
+
+
+CASES = [((14336, 4096), torch.bfloat16, "nf4", 64), ((14336, 4096), torch.bfloat16, "fp4", 64),
+         ((4096, 14336), torch.float16, "nf4", 64), ((4096, 4096), torch.float32, "fp4", 64),
+         ((4096, 4096), torch.bfloat16, "nf4", 32), ((1001, 333), torch.float16, "fp4", 128),
+         ((1001, 333), torch.bfloat16, "nf4", 4096), ((777, 4097), torch.float32, "nf4", 256)]
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape,dtype,qt,bs", CASES)
+def test_quantize_4bit_matches_bnb_cuda(shape, dtype, qt, bs):
+    from qlora_core.kernels import quant4
+    x = _weights(shape, dtype, bs)
+    packed, absmax = quant4.quantize_4bit(x, bs, qt)
+    ref_packed, state = bnbf.quantize_4bit(x, blocksize=bs, quant_type=qt, compress_statistics=False)
+    assert _ndiff(absmax, state.absmax) == 0
+    assert packed.shape == ref_packed.shape and _ndiff(packed, ref_packed) == 0, \
+        f"{_ndiff(packed, ref_packed)} packed bytes differ from bitsandbytes CUDA"
+
+
+@needs_bnb
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_subnormal_inputs_match_bnb_cuda(dtype, qt):
+    """CUDA is built with -ftz: subnormal inputs count as zero; the kernels emulate that on the GPU."""
+    from qlora_core.kernels import quant4
+    x = _weights((513, 1024), dtype, 64, seed=3, subnormals=True)
+    packed, absmax = quant4.quantize_4bit(x, 64, qt)
+    ref_packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type=qt, compress_statistics=False)
+    assert _ndiff(absmax, state.absmax) == 0 and _ndiff(packed, ref_packed) == 0
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape,dtype,qt,bs", CASES[:4] + CASES[6:])
+def test_double_quant_and_dequant_match_bnb_cuda(shape, dtype, qt, bs):
+    x = _weights(shape, dtype, bs, seed=1)
+    q = quant.quantize(x, qt, bs, double_quant=True)
+    ref_packed, state = bnbf.quantize_4bit(x, blocksize=bs, quant_type=qt, compress_statistics=True)
+    assert _ndiff(q.data, ref_packed) == 0
+    assert _ndiff(q.offset, state.offset) == 0
+    assert _ndiff(q.absmax, state.absmax) == 0, "nested 8-bit absmax codes differ"
+    assert _ndiff(q.nested_absmax, state.state2.absmax) == 0
+    y = quant.dequantize(q)
+    y_bnb = bnbf.dequantize_4bit(ref_packed, state)
+    assert y.dtype == y_bnb.dtype and y.shape == y_bnb.shape and _ndiff(y, y_bnb) == 0
+    q1 = quant.quantize(x, qt, bs, double_quant=False)
+    y1_bnb = bnbf.dequantize_4bit(*bnbf.quantize_4bit(x, blocksize=bs, quant_type=qt))
+    assert _ndiff(quant.dequantize(q1), y1_bnb) == 0
+
+
+@needs_bnb
+def test_nested_quantize_blockwise_matches_bnb_cuda():
+    from qlora_core.kernels import quant4
+    _, absmax = quant4.quantize_4bit(_weights((14336, 4096), torch.bfloat16, 64, seed=2), 64, "nf4")
+    a = absmax - absmax.mean()
+    code = dynamic_map(True, "cuda")
+    for bs in (256, 64, 4096):
+        q, am = quant4.quantize_blockwise(a, code, bs)
+        q_bnb, st = bnbf.quantize_blockwise(a, code=code, blocksize=bs)
+        assert _ndiff(am, st.absmax) == 0 and _ndiff(q, q_bnb) == 0, f"bs {bs}: {_ndiff(q, q_bnb)} codes differ"
+
+
+@pytest.mark.parametrize("shape,dtype,qt,bs", CASES)
+def test_ieee_mode_matches_reference_exactly(shape, dtype, qt, bs):
+    """With IEEE 1/absmax and no FTZ the GPU kernels are the reference, bit for bit (same as on the CPU)."""
+    from qlora_core.kernels import quant4
+    x = _weights(shape, dtype, bs, seed=4)
+    packed, absmax = quant4.quantize_4bit(x, bs, qt, rcp="ieee", ftz=False)
+    ref_packed, ref_absmax = reference.quantize_4bit_ref(x, bs, qt)
+    assert _ndiff(absmax, ref_absmax) == 0 and _ndiff(packed, ref_packed) == 0
+    a = ref_absmax - ref_absmax.mean()
+    q8, am8 = quant4.quantize_blockwise(a, dynamic_map(True, "cuda"), 256, rcp="ieee", ftz=False)
+    q8r, am8r = reference.quantize_blockwise_ref(a, dynamic_map(True, "cuda"), 256)
+    assert _ndiff(q8, q8r) == 0 and _ndiff(am8, am8r) == 0
+
+
+def _near_threshold(xn: torch.Tensor, qt: str, ulps: int) -> torch.Tensor:
+    """True where xn is within `ulps` fp32 ulps of a quantization threshold (|xn| for FP4)."""
+    if qt == "nf4":
+        t, v = nf4_thresholds(xn.device), xn
+    else:
+        t, v = fp4_thresholds(xn.device)[0], xn.abs()
+    ulp = (torch.nextafter(t, torch.full_like(t, 2.0)) - t).abs()
+    return ((v[:, None] - t[None, :]).abs() <= ulps * ulp[None, :]).any(dim=1)
+
+
+@pytest.mark.parametrize("shape,dtype,qt,bs", CASES)
+def test_default_mode_vs_reference_differs_only_at_thresholds(shape, dtype, qt, bs):
+    """Default GPU mode (rcp.approx + FTZ, = bitsandbytes CUDA) vs the IEEE reference: absmax identical; a
+    code may differ only where xn is within 2 ulp of a threshold, and then by one bucket."""
+    from qlora_core.kernels import quant4
+    x = _weights(shape, dtype, bs, seed=5)
+    packed, absmax = quant4.quantize_4bit(x, bs, qt)
+    ref_packed, ref_absmax = reference.quantize_4bit_ref(x, bs, qt)
+    assert _ndiff(absmax, ref_absmax) == 0
+    n = x.numel()
+    codes, ref_codes = reference.unpack_nibbles(packed, n), reference.unpack_nibbles(ref_packed, n)
+    bad = (codes != ref_codes).nonzero().squeeze(1)
+    assert bad.numel() <= max(64, n // 100_000), f"{bad.numel()} codes differ from the reference"
+    if bad.numel():
+        xf = x.reshape(-1).float()[bad]
+        xn = xf * (1.0 / ref_absmax[bad // bs])
+        assert bool(_near_threshold(xn, qt, 2).all()), "a code differs away from every threshold"
+        # one bucket apart: NF4 codes adjacent; FP4 same sign, magnitude buckets adjacent
+        if qt == "nf4":
+            assert bool(((codes[bad].int() - ref_codes[bad].int()).abs() == 1).all())
+        else:
+            bucket = torch.tensor([0, 1, 6, 7, 4, 5, 2, 3], device="cuda")  # magnitude code -> bucket
+            c, r = codes[bad].long(), ref_codes[bad].long()
+            assert bool(((c & 8) == (r & 8)).all()) and bool(((bucket[c & 7] - bucket[r & 7]).abs() == 1).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_matches_reference_exactly(dtype, double_quant):
+    """Dequant is mul + round (and mul, then add, for the nested absmax): no FMA, so it is exact."""
+    x = _weights((4097, 1023), dtype, 64, seed=6)
+    with backend.forced("reference"):
+        q = quant.quantize(x, "nf4", 64, double_quant)
+    from qlora_core.kernels import quant4
+    y = quant4.dequantize_4bit(q)
+    y_ref = reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, q.dtype, 64, "nf4")
+    assert _ndiff(y, y_ref) == 0
+    for bb, join in ((4096, False), (16384, True)):
+        assert _ndiff(quant4.dequantize_4bit(q, block_bytes=bb, join=join, num_warps=8), y_ref) == 0
