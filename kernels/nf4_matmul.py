@@ -62,23 +62,38 @@ def _mma(a, w, acc):
 def _fwd_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                 M, N, K, stride_xm, stride_om, M_BUCKET,
                 BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                SWAP_AB: tl.constexpr = False):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile: W is the register (A) operand
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                       offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)  # (BLOCK_N, BLOCK_K) fp32
-        acc = _mma(x, tl.trans(cast_rne(w, x.dtype)), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
-             mask=mask)
+        if SWAP_AB:
+            acc = _mma(cast_rne(w, x.dtype), tl.trans(x), acc)
+        else:
+            acc = _mma(x, tl.trans(cast_rne(w, x.dtype)), acc)
+    b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    if SWAP_AB:
+        if HAS_BIAS:
+            acc += b[:, None]
+        mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], cast_rne(acc, out_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += b[None, :]
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -120,8 +135,16 @@ def _configs(kind: str, small_m: bool) -> list:
                 [(64, 128, 64, 8, 4, 3), (128, 64, 32, 8, 4, 3), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4),
                  (128, 64, 128, 8, 8, 3), (128, 64, 256, 8, 8, 3), (256, 64, 128, 8, 8, 3),
                  (128, 128, 128, 8, 8, 3)])
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
             for bm, bn, bk, g, w, s in rows]
+    if kind == "fwd":
+        # swap-AB: y.T = W @ x.T so the dequantized W tile feeds the MMA from registers (wgmma's A operand)
+        # instead of a registers -> shared-memory round trip as the B operand.
+        sw = ([(32, 64, 128, 1, 4, 3), (64, 128, 64, 8, 4, 3)] if small_m else
+              [(128, 128, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3)])
+        cfgs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "SWAP_AB": True},
+                               num_warps=w, num_stages=s) for bm, bn, bk, g, w, s in sw]
+    return cfgs
 
 
 @functools.lru_cache(maxsize=None)

@@ -69,7 +69,11 @@ def run_group(group: str) -> int:
                     # the dequantize + matmul path on the same input
                     _check(f"cublas-path fwd M={m} {tag}", nf4_linear.linear_forward(x, q, b, path="cublas"), y64,
                            torch.nn.functional.linear(x, w, b), dtype)
-                    checked += 2
+                    # swap-AB variant (y.T = W @ x.T), an autotune candidate on Hopper
+                    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SWAP_AB=True)
+                    _check(f"tiled fwd swap-AB M={m} {tag}", nf4_matmul.matmul_fwd(x, q, b, config=cfg), y64,
+                           torch.nn.functional.linear(x, w, b), dtype)
+                    checked += 3
             elif group == "tiled_dx":
                 for m in (1, 17, 40):
                     dy = torch.randn(m, n, dtype=dtype)
