@@ -1,0 +1,368 @@
+"""Instruction data for the training loop: JSONL -> chat-formatted token ids with response-only labels, packed rows.
+
+Pipeline (each step a function, so tests and the CLI can call any of them):
+  read_jsonl(path)            -> list of conversations ([{"role", "content"}, ...]); a line holds either
+                                 {"instruction", "response"} (optional "input", "system") or {"messages": [...]}.
+                                 A malformed line raises DataFormatError naming the file and line number.
+  TextTokenizer.from_folder   -> the checkpoint's tokenizer.json through the `tokenizers` library (never
+                                 transformers), its special tokens, and its chat template.
+  encode_conversation(...)    -> Sample(input_ids, labels): labels are -100 everywhere except the tokens of the
+                                 assistant turns (their content and the end-of-turn token).
+  pack(samples, seq_len)      -> rows of up to seq_len tokens, short samples concatenated greedily in order.
+  collate(rows, pad_id)       -> (input_ids, labels) tensors padded on the right to the longest row of the batch.
+
+Chat template: the Jinja template from tokenizer_config.json ("chat_template", a string or a list of named
+templates) or chat_template.jinja (transformers 5 writes it there), rendered with jinja2 in a sandbox as
+transformers' apply_chat_template does. Without a template, or without jinja2, a plain template is used:
+"### Instruction:\\n...\\n\\n### Response:\\n<response><eos>".
+
+Which tokens are the response is decided on characters, not by tokenizing pieces separately: the whole
+conversation is rendered once, the character span of each assistant turn is found by rendering the
+conversation up to that turn with and without it, and a token is a label when its character offset falls in a
+span. So the ids are exactly those of tokenizing the full text (what the model sees at inference).
+
+Packing note: samples packed into one row attend to the samples before them in that row (plain causal
+attention, no per-document mask), as TRL's packing without position ids. No label crosses a sample boundary:
+each sample starts with prompt tokens whose labels are -100. Right padding needs no attention mask at all: a
+causal model's real tokens never look at the padding after them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding); PyTorch's cross_entropy default
+ROLES = ("system", "user", "assistant")
+PLAIN_TEMPLATE = "plain"
+
+
+class DataFormatError(ValueError):
+    """A JSONL line is not valid JSON or not one of the two accepted record shapes (message names file:line)."""
+
+
+class TokenizerFileError(OSError):
+    """The model folder has no usable tokenizer.json."""
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot be rendered, or its output is not prefix-stable (turn spans cannot be found)."""
+
+
+# -- reading -----------------------------------------------------------------------------------------------------
+def record_to_messages(rec, where: str) -> list[dict]:
+    """One parsed JSONL record -> [{"role", "content"}, ...]; DataFormatError(where: ...) when malformed."""
+    if not isinstance(rec, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataFormatError(f"{where}: 'messages' must be a non-empty list")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataFormatError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise DataFormatError(f"{where}: messages[{i}] has role {m['role']!r}; expected one of {ROLES}")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise DataFormatError(f"{where}: 'messages' has no assistant turn, so nothing to learn")
+        return out
+    if "instruction" in rec or "response" in rec:
+        for key in ("instruction", "response"):
+            if not isinstance(rec.get(key), str):
+                raise DataFormatError(f"{where}: {key!r} must be a string, got {type(rec.get(key)).__name__}")
+        for key in ("input", "system"):
+            if key in rec and not isinstance(rec[key], str):
+                raise DataFormatError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
+        user = rec["instruction"] + (("\n\n" + rec["input"]) if rec.get("input") else "")
+        msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+        return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": rec["response"]}]
+    raise DataFormatError(f"{where}: expected keys 'instruction' and 'response', or 'messages'; got {sorted(rec)}")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[list[dict]]:
+    """All conversations of a JSONL file (blank lines skipped); DataFormatError names file and line number."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} not found")
+    convs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            convs.append(record_to_messages(rec, where))
+    if not convs:
+        raise DataFormatError(f"{path}: no records")
+    return convs
+
+
+# -- tokenizer and template --------------------------------------------------------------------------------------
+def _token_text(v) -> str | None:
+    """tokenizer_config.json writes special tokens as "<s>" or as {"content": "<s>", ...}."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def _load_template(folder: Path, cfg: dict) -> str | None:
+    t = cfg.get("chat_template")
+    if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    if isinstance(t, str) and t:
+        return t
+    f = folder / "chat_template.jinja"
+    return f.read_text(encoding="utf-8") if f.exists() else None
+
+
+class TextTokenizer:
+    """tokenizer.json (the `tokenizers` library) + special tokens + chat template of one model folder."""
+
+    def __init__(self, tokenizer, eos_token: str | None, bos_token: str | None = None, pad_token: str | None = None,
+                 chat_template: str | None = None, eos_token_id: int | None = None):
+        self.tok = tokenizer
+        self.eos_token, self.bos_token = eos_token, bos_token
+        eid = tokenizer.token_to_id(eos_token) if eos_token else None
+        self.eos_token_id = eid if eid is not None else eos_token_id
+        pid = tokenizer.token_to_id(pad_token) if pad_token else None
+        self.pad_token_id = pid if pid is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+        self.chat_template = chat_template
+        self._compiled = None
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, use_chat_template: bool = True) -> "TextTokenizer":
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerFileError(f"{folder} has no tokenizer.json (the `tokenizers` library format is required)")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception subclass
+            raise TokenizerFileError(f"{path} is not a readable tokenizer.json: {e}") from None
+        cfg = {}
+        if (folder / "tokenizer_config.json").is_file():
+            cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        special = {}
+        if (folder / "special_tokens_map.json").is_file():
+            special = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8"))
+        pick = lambda k: _token_text(cfg.get(k)) or _token_text(special.get(k))  # noqa: E731
+        eos_id = None
+        if (folder / "config.json").is_file():  # fallback when tokenizer_config names no eos token
+            e = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
+            eos_id = e[0] if isinstance(e, list) and e else e if isinstance(e, int) else None
+        eos = pick("eos_token") or (tok.id_to_token(eos_id) if eos_id is not None else None)
+        template = _load_template(folder, cfg) if use_chat_template else None
+        return cls(tok, eos, pick("bos_token"), pick("pad_token"), template, eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def template_name(self) -> str:
+        return "chat_template" if self._jinja() is not None else PLAIN_TEMPLATE
+
+    def _jinja(self):
+        """The compiled chat template, or None (no template, or jinja2 not installed: plain template)."""
+        if self.chat_template is None:
+            return None
+        if self._compiled is None:
+            try:
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+            except ImportError:
+                self.chat_template = None
+                return None
+
+            def raise_exception(msg):
+                raise ChatTemplateError(f"chat template raised: {msg}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
+            env.globals["raise_exception"] = raise_exception
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            self._compiled = env.from_string(self.chat_template)
+        return self._compiled
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as text, with the chat template (or the plain one)."""
+        t = self._jinja()
+        if t is not None:
+            try:
+                return t.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            except ChatTemplateError:
+                raise
+            except Exception as e:  # noqa: BLE001 - jinja raises many types
+                raise ChatTemplateError(f"cannot render the chat template: {type(e).__name__}: {e}") from None
+        return _render_plain(messages, add_generation_prompt, self.eos_token or "")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        e = self.tok.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of `messages` followed by the assistant header (what generate() continues)."""
+        return self.encode(self.render(messages, add_generation_prompt=True))
+
+
+def _render_plain(messages: Sequence[dict], add_generation_prompt: bool, eos: str) -> str:
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(m["content"] + "\n\n")
+        elif m["role"] == "user":
+            parts.append(f"### Instruction:\n{m['content']}\n\n")
+        else:
+            parts.append(f"### Response:\n{m['content']}{eos}\n\n")
+    if add_generation_prompt:
+        parts.append("### Response:\n")
+    return "".join(parts)
+
+
+# -- samples -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Sample:
+    input_ids: list[int]  # token ids of the whole rendered conversation
+    labels: list[int]  # same length; IGNORE_INDEX outside assistant turns
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_labels(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def assistant_spans(tok: TextTokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(full text, [(start, end) character span of each assistant turn]).
+
+    A turn's span runs from the end of the prompt that precedes it (rendered with the generation prompt) to the end
+    of its own end-of-turn token (the eos string) when the template writes one, else to the end of the turn.
+    """
+    full = tok.render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.render(messages[:i], add_generation_prompt=True)
+        upto = tok.render(messages[: i + 1])
+        if not upto.startswith(before) or not full.startswith(upto):
+            raise ChatTemplateError("the chat template does not render conversations prefix-stably, so the "
+                                    "assistant turns cannot be located in the text")
+        start, end = len(before), len(upto)
+        eos = tok.eos_token
+        if eos:
+            k = upto.find(eos, start + len(m["content"]))
+            if k != -1:
+                end = k + len(eos)
+        spans.append((start, end))
+    return full, spans
+
+
+def encode_conversation(tok: TextTokenizer, messages: Sequence[dict]) -> Sample:
+    full, spans = assistant_spans(tok, messages)
+    ids, offsets = tok.encode_with_offsets(full)
+    labels = []
+    for t, (a, b) in zip(ids, offsets):
+        inside = any(s <= a and b <= e and b > a for s, e in spans)
+        labels.append(t if inside else IGNORE_INDEX)
+    return Sample(ids, labels)
+
+
+def encode_all(tok: TextTokenizer, convs: Sequence[Sequence[dict]], seq_len: int) -> tuple[list[Sample], dict]:
+    """Encode, truncate to seq_len and drop samples left without any label; returns (samples, counts)."""
+    out, truncated, dropped = [], 0, 0
+    for msgs in convs:
+        s = encode_conversation(tok, msgs)
+        if len(s) > seq_len:
+            s, truncated = Sample(s.input_ids[:seq_len], s.labels[:seq_len]), truncated + 1
+        if s.num_labels == 0:
+            dropped += 1
+            continue
+        out.append(s)
+    return out, {"samples": len(out), "truncated": truncated, "dropped_no_labels": dropped}
+
+
+def pack(samples: Sequence[Sample], seq_len: int) -> list[Sample]:
+    """Concatenate consecutive samples into rows of at most seq_len tokens (first fit in order, no splitting)."""
+    rows: list[Sample] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    for s in samples:
+        if len(s) > seq_len:
+            raise ValueError(f"sample of {len(s)} tokens is longer than seq_len={seq_len}; truncate first")
+        if cur_ids and len(cur_ids) + len(s) > seq_len:
+            rows.append(Sample(cur_ids, cur_labels))
+            cur_ids, cur_labels = [], []
+        cur_ids = cur_ids + s.input_ids
+        cur_labels = cur_labels + s.labels
+    if cur_ids:
+        rows.append(Sample(cur_ids, cur_labels))
+    return rows
+
+
+def collate(rows: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels), both (B, T) int64 with T the longest row; padding is pad_id / IGNORE_INDEX on the right."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r.input_ids, dtype=torch.long)
+        labels[i, : len(r)] = torch.tensor(r.labels, dtype=torch.long)
+    return ids, labels
+
+
+def split_holdout(convs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) by a seeded shuffle; held-out gets round(fraction * n) records (at least 1 if fraction > 0)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"eval fraction must be in [0, 1), got {fraction}")
+    n_eval = 0 if fraction == 0 else max(1, round(fraction * len(convs)))
+    if n_eval >= len(convs):
+        raise ValueError(f"{len(convs)} records are too few to hold out {n_eval} for evaluation")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(convs), generator=g).tolist()
+    held = set(perm[:n_eval])
+    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+
+
+class RowStream:
+    """Endless, deterministic row order: epoch e visits the rows in randperm(n, seed + e). Position = rows consumed,
+    so a checkpoint needs one integer to resume the exact stream."""
+
+    def __init__(self, rows: Sequence[Sample], seed: int, position: int = 0):
+        if not rows:
+            raise ValueError("no training rows")
+        self.rows, self.seed, self.position = rows, seed, position
+        self._epoch, self._perm = -1, None
+
+    @property
+    def epoch(self) -> float:
+        return self.position / len(self.rows)
+
+    def take(self, k: int) -> list[Sample]:
+        out = []
+        for _ in range(k):
+            e, i = divmod(self.position, len(self.rows))
+            if e != self._epoch:
+                g = torch.Generator().manual_seed(self.seed + e)
+                self._perm, self._epoch = torch.randperm(len(self.rows), generator=g).tolist(), e
+            out.append(self.rows[self._perm[i]])
+            self.position += 1
+        return out

@@ -1,0 +1,78 @@
+"""Tiny model folders for the data/train/CLI tests: a random Llama saved as an HF checkpoint plus a small byte-level
+BPE tokenizer.json trained on the test task's text, with a ChatML-style chat template (or none)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(corpus: list[str], vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def swap_task(n: int, seed: int = 0) -> list[dict]:
+    """"a b c" -> "c b a" over a few letters: learnable by a tiny model in a few dozen steps."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w = [rng.choice("abcdef") for _ in range(3)]
+        out.append({"instruction": "reverse " + " ".join(w), "response": " ".join(reversed(w))})
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def make_model_folder(folder: Path, chat_template: bool = True, hidden: int = 64, layers: int = 2, seed: int = 0,
+                      tie: bool = False) -> Path:
+    """A random Llama (fp32, GQA 4/2 heads, head_dim 16) with a tokenizer trained on the swap task's text."""
+    from safetensors.torch import save_file
+
+    from qlora_core.llama import Llama, LlamaConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = [r["instruction"] + "\n" + r["response"] for r in swap_task(200, seed=99)]
+    corpus += ["### Instruction:\n### Response:\nuser assistant system\n"] * 5
+    tok = make_tokenizer(corpus)
+    tok.save(str(folder / "tokenizer.json"))
+    tcfg = {"eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>"}
+    if chat_template:
+        tcfg["chat_template"] = CHATML
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                      tie_word_embeddings=tie, eos_token_id=tok.token_to_id("<|im_end|>"),
+                      bos_token_id=tok.token_to_id("<|im_start|>"), pad_token_id=tok.token_to_id("<|endoftext|>"),
+                      max_position_embeddings=512)
+    torch.manual_seed(seed)
+    model = Llama(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if tie:
+        sd.pop("lm_head.weight")
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf = cfg.to_hf_config()
+    hf["torch_dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    return folder
