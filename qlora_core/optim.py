@@ -11,7 +11,7 @@
   m and v to zero and leaves its parameter alone. The update is qlora_core.optim_ref.adamw8bit_ref, run as one
   fused Triton kernel (kernels/adamw8bit.py) on CUDA tensors and as the PyTorch reference elsewhere.
 * States live in fixed-size pages (qlora_core.paging): resident on the device within `gpu_budget_bytes`, the
-  rest in pinned host memory, streamed through two staging pages with prefetch and write-back overlapped with
+  rest in pinned host memory, streamed through three staging pages with prefetch and write-back overlapped with
   the update. Never CUDA managed memory. With `gpu_budget_bytes=None` the budget is decided at the first step
   on CUDA: what the allocator may still take, minus the activation peak seen so far and a margin (so the
   next forward pass fits beside the pages); on the CPU nothing is paged.
@@ -98,6 +98,8 @@ class PagedAdamW(torch.optim.Optimizer):
         for seg in self._segments:
             self._by_page[seg.page].append(seg)
         self._offsets = [[seg.offsets() for seg in segs] for segs in self._by_page]
+        self._launch_groups = None  # multi-tensor tables, built on the first Triton step
+        self._addr_key, self._addr_table = None, None
         self._store = PageStore(num_pages, page_bytes, device, budget)
         self._qmaps = (dynamic_map(True, device), dynamic_map(False, device))
 
@@ -176,23 +178,70 @@ class PagedAdamW(torch.optim.Optimizer):
             else:
                 adamw32_ref(p, g, *seg.views(buf), coeffs[seg.param][32])
 
+    def _build_launch_groups(self) -> None:
+        """Per page, segments grouped by (state bits, param dtype, param group) with device-resident tables:
+        seg (nseg, 8) int64 = param, start, count, state offsets; blk (nblk, 2) int32 = segment, block."""
+        group_index = {id(g): k for k, g in enumerate(self.param_groups)}
+        self._launch_groups = []
+        for page, segs in enumerate(self._by_page):
+            buckets: dict = {}
+            for seg, offs in zip(segs, self._offsets[page]):
+                p = self._flat[seg.param]
+                buckets.setdefault((seg.bits, p.dtype, group_index[id(self._group_of[seg.param])]), []).append(
+                    (seg, offs))
+            groups = []
+            for (bits, dtype, _), items in buckets.items():
+                seg_rows, blk_rows = [], []
+                for j, (seg, offs) in enumerate(items):
+                    seg_rows.append([seg.param, seg.start, seg.count, *offs, 0])
+                    blk_rows += [[j, b] for b in range(seg.nblocks)]
+                groups.append(dict(bits=bits, dtype=dtype, params=sorted({s.param for s, _ in items}),
+                                   segs=items, nblk=len(blk_rows),
+                                   seg_table=torch.tensor(seg_rows, dtype=torch.int64).to(self._device),
+                                   blk_table=torch.tensor(blk_rows, dtype=torch.int32).to(self._device)))
+            self._launch_groups.append(groups)
+
+    def _addresses(self, grads: dict) -> torch.Tensor:
+        """(nparams, 2) int64 device table of param and grad addresses; re-sent only when an address changes
+        (a fresh .grad from the caching allocator usually lands at the same address)."""
+        key = tuple(a for i, p in enumerate(self._flat)
+                    for a in (p.data_ptr(), grads[i].data_ptr() if i in grads else 0))
+        if key != self._addr_key:
+            host = torch.tensor(key, dtype=torch.int64).view(-1, 2)
+            if self._device.type == "cuda":
+                host = host.pin_memory()  # the caching host allocator keeps it alive until the copy is done
+            self._addr_table = host.to(self._device, non_blocking=True)
+            self._addr_key = key
+        return self._addr_table
+
     def _triton_page(self, page: int, buf: torch.Tensor, grads: dict, coeffs: dict) -> None:
-        # One launch per segment on base pointers + offsets: no tensor views are made per step.
-        from .kernels.adamw8bit import launch
+        # One launch per (page, bits, dtype, group) through the multi-tensor kernel; per-segment launches only
+        # where a group's tensors disagree (a missing grad, a different step count or grad dtype).
+        from .kernels.adamw8bit import launch, launch_multi
+        if self._launch_groups is None:
+            self._build_launch_groups()
         q1, q2 = self._qmaps
         f32 = buf.view(torch.float32)
-        for seg, offs in zip(self._by_page[page], self._offsets[page]):
-            g = grads.get(seg.param)
-            if g is None:
+        for lg in self._launch_groups[page]:
+            params = lg["params"]
+            first = params[0]
+            uniform = all(i in grads and self._steps[i] == self._steps[first] and grads[i].dtype == lg["dtype"]
+                          for i in params)
+            if uniform:
+                launch_multi(lg["seg_table"], self._addresses(grads), lg["blk_table"], lg["nblk"], buf, q1, q2,
+                             coeffs[first][lg["bits"]], lg["bits"] == 8, lg["dtype"])
                 continue
-            p = self._flat[seg.param]
-            if seg.bits == 8:
-                launch(p, g, seg.start, seg.count, buf, buf, offs[0], offs[1], f32, f32, offs[2], offs[3],
-                       q1, q2, coeffs[seg.param][8], True)
-            else:
-                launch(p, g, seg.start, seg.count, f32, f32, offs[0], offs[1], f32, f32, 0, 0, q1, q2,
-                       coeffs[seg.param][32], False)
-
+            for seg, offs in lg["segs"]:
+                g = grads.get(seg.param)
+                if g is None:
+                    continue
+                p = self._flat[seg.param]
+                if seg.bits == 8:
+                    launch(p, g, seg.start, seg.count, buf, buf, offs[0], offs[1], f32, f32, offs[2], offs[3],
+                           q1, q2, coeffs[seg.param][8], True)
+                else:
+                    launch(p, g, seg.start, seg.count, f32, f32, offs[0], offs[1], f32, f32, 0, 0, q1, q2,
+                           coeffs[seg.param][32], False)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

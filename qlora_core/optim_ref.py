@@ -19,6 +19,7 @@ the format (codes, maps, absmax semantics) is what must match, and the kernel ma
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,17 @@ class AdamWCoeffs:
     bias_c2_sqrt: float  # sqrt(1-b2^t) (32-bit only)
 
 
+def _round_f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def adamw_coeffs(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                  bits: int) -> AdamWCoeffs:
+    """The per-step scalars. 8-bit follows bnb, whose kernel receives betas, lr, eps, wd as fp32: they are
+    rounded to fp32 first (1 - fp32(0.999) differs from fp32(1 - 0.999) by 5e-5 relative, visible in absmax);
+    32-bit follows torch, which uses the Python doubles."""
+    if bits == 8:
+        lr, beta1, beta2, eps, weight_decay = map(_round_f32, (lr, beta1, beta2, eps, weight_decay))
     c1 = 1.0 - beta1 ** step
     c2 = math.sqrt(1.0 - beta2 ** step)
     if bits == 8:
