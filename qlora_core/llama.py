@@ -331,6 +331,14 @@ class Llama(nn.Module):
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        was_training = self.training
+        self.eval()  # no LoRA dropout while decoding
+        try:
+            return self._generate(input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator):
         B, T = input_ids.shape
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)

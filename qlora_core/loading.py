@@ -200,7 +200,10 @@ class _Reader:
 
 # -- filling the model ------------------------------------------------------------------------------------
 def _check_finite(key: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)  # one reduction pass; NaN and +-Inf propagate into min/max
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         bad = int((~torch.isfinite(t)).sum())
         raise NonFiniteWeightError(f"{key}: {bad} of {t.numel()} values are NaN or Inf")
 
