@@ -10,7 +10,8 @@ Embeddings, norms and lm_head always stay dense.
 
 Math follows HF so fp32 logits agree to rounding: RMSNorm in fp32 then cast back before the weight multiply;
 RoPE with the rotate-half layout (HF's permuted q/k weights), cos/sin computed in fp32 from positions and cast to
-the activation dtype; llama3 frequency scaling; SDPA with GQA (no K/V copies); SwiGLU.
+the activation dtype; llama3 frequency scaling; SDPA with GQA (enable_gqa, no K/V copies, where the
+backend keeps a fast kernel); SwiGLU.
 The rotary frequencies are NOT a buffer: `model.to(torch.bfloat16)` would round them (HF keeps an fp32 copy for
 the same reason); they are recomputed per forward from the config (head_dim/2 floats, negligible).
 """
@@ -177,6 +178,20 @@ class KVCache:
         self.max_len = max_len
 
 
+_TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _sdpa_gqa_ok(q: torch.Tensor, mask) -> bool:
+    """Whether SDPA's enable_gqa (no K/V copies) keeps a fast kernel. On CUDA only the flash backend takes it,
+    and flash needs fp16/bf16 and no explicit mask; otherwise SDPA would drop to the math kernel, so repeating
+    K/V and keeping the efficient kernel is better (transformers makes the same call in `use_gqa_in_sdpa`)."""
+    if not _TORCH_HAS_GQA:
+        return False
+    if q.device.type == "cuda":
+        return mask is None and q.dtype in (torch.float16, torch.bfloat16)
+    return True
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
@@ -203,8 +218,13 @@ class Attention(nn.Module):
             k = cache.k[self.layer_idx, :, :, :p + T]
             v = cache.v[self.layer_idx, :, :, :p + T]
             is_causal = is_causal and p == 0  # with a past, the (bottom-right) causal mask comes in `mask`
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.H != self.KVH)   # (B, H, T, D)
+        gqa = self.H != self.KVH
+        if gqa and not _sdpa_gqa_ok(q, mask):
+            k = k.repeat_interleave(self.H // self.KVH, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.H // self.KVH, dim=1)
+            gqa = False
+        kw = {"enable_gqa": True} if gqa else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **kw)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
 
