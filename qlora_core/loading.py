@@ -63,6 +63,10 @@ class NonFiniteWeightError(LoadError):
     """A weight holds NaN or Inf values."""
 
 
+class UnsupportedCheckpointError(LoadError):
+    """A checkpoint quantized in a format other than bitsandbytes 4-bit (8-bit, GPTQ, AWQ, ...)."""
+
+
 class HubUnavailableError(LoadError, OSError):
     """A hub repo id could not be fetched (offline, no network, or no such repo)."""
 
@@ -85,6 +89,7 @@ def load_llama(path_or_repo_id: str | os.PathLike, quantize: str | None = "nf4",
     device = torch.device(device if device is not None else "cpu")
     folder = resolve_folder(path_or_repo_id)
     cfg = read_config(folder)
+    _check_quantization_config(folder)
     reader = _Reader(folder)
     try:
         model = _fill(cfg, reader, quantize, double_quant, blocksize, dtype, device)
@@ -141,6 +146,18 @@ def read_config(folder: Path) -> LlamaConfig:
         return LlamaConfig.from_hf_config(d)
     except ConfigError as e:
         raise ConfigError(f"{f}: {e}") from None
+
+
+def _check_quantization_config(folder: Path) -> None:
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
+    if not qc:
+        return
+    method = qc.get("quant_method")
+    if method == "bitsandbytes" and qc.get("load_in_4bit", not qc.get("load_in_8bit", False)):
+        return
+    what = "bitsandbytes 8-bit" if method == "bitsandbytes" else repr(method)
+    raise UnsupportedCheckpointError(f"{folder}: {what} checkpoints are not supported; load_llama reads dense "
+                                     f"safetensors and bitsandbytes 4-bit (nf4/fp4) checkpoints")
 
 
 class _Reader:
@@ -213,6 +230,9 @@ def _take(reader: _Reader, used: set, key: str, shape: tuple, dtype, device) -> 
         raise MissingWeightError(f"{reader.folder}: tensor {key!r} is missing from the checkpoint")
     t = reader.get(key)
     used.add(key)
+    if not t.is_floating_point():
+        raise UnsupportedCheckpointError(f"{key}: stored as {t.dtype} without a bnb-4bit quant_state; only float "
+                                         f"tensors and bitsandbytes 4-bit weights are supported")
     if tuple(t.shape) != tuple(shape):
         raise ShapeMismatchError(f"{key}: checkpoint shape {tuple(t.shape)} but config.json implies {tuple(shape)}")
     _check_finite(key, t)

@@ -98,6 +98,27 @@ def test_quantized_model_equals_dense_from_dequantized(folder, quant_type, doubl
     assert_close_verbose(yq, y64, atol=bound, rtol=0, name=f"{quant_type} model vs dense(dequantized)")
 
 
+def test_quantized_model_backward_equals_dense_from_dequantized(folder):
+    """Grads of the trainable (dense) parameters through NF4 blocks, with per-block checkpointing, equal those of
+    the dense model built from the dequantized weights (what QLoRA training differentiates)."""
+    model_q = load_llama(folder, quantize="nf4", dtype=torch.float32).train()
+    dense = load_llama(folder, quantize=None, dtype=torch.float32).train()
+    for name, m in model_q.named_modules():
+        if isinstance(m, QuantLinear):
+            dense.get_submodule(name).weight.data = dequantize(m.weight)
+            dense.get_submodule(name).requires_grad_(False)  # QuantLinear's weight and bias are frozen
+    model_q.gradient_checkpointing = True
+    ids = _ids(model_q.config.vocab_size)
+    for m in (model_q, dense):
+        m(ids).logsumexp(-1).mean().backward()
+    got = {n: p.grad for n, p in model_q.named_parameters() if p.grad is not None}
+    want = {n: p.grad for n, p in dense.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and any("layernorm" in n for n in got)
+    for n in got:
+        scale = want[n].abs().max().item()
+        assert_close_verbose(got[n], want[n], atol=1e-5 * max(1.0, scale), rtol=1e-4, name=n)
+
+
 def test_bf16_load_quantizes_the_bf16_weights(folder):
     q = load_llama(folder, quantize="nf4", dtype=torch.bfloat16)
     d = quantize_linears(load_llama(folder, quantize=None, dtype=torch.bfloat16))

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import qlora_core.loading as loading
 from qlora_core.llama import ConfigError, LlamaConfig
 from qlora_core.loading import (CorruptCheckpointError, HubUnavailableError, MissingShardError, MissingWeightError,
-                                NonFiniteWeightError, ShapeMismatchError, UnexpectedWeightError, load_llama)
+                                NonFiniteWeightError, ShapeMismatchError, UnexpectedWeightError,
+                                UnsupportedCheckpointError, load_llama)
 from qlora_core.qlinear import QuantLinear
 from qlora_core.quant import dequantize
 from tests.llama_folders import CONFIGS, hf_config_dict, make_folder, random_state_dict, write_folder
@@ -162,6 +163,20 @@ def test_missing_and_unexpected_weights(tmp_path):
     _rewrite_single(folder, lambda sd: sd.pop("model.layers.1.post_attention_layernorm.weight"))
     with pytest.raises(MissingWeightError, match="model.layers.1.post_attention_layernorm.weight"):
         load_llama(folder)
+
+
+def test_other_quantized_formats_are_refused(tmp_path):
+    folder = make_folder(tmp_path / "m", SINGLE)
+    key = "model.layers.0.mlp.up_proj.weight"
+    _rewrite_single(folder, lambda sd: sd.update({key: sd[key].to(torch.int8)}))  # an int8 weight, no bnb state
+    with pytest.raises(UnsupportedCheckpointError, match=key):
+        load_llama(folder, quantize=None)
+    cfg = json.loads((folder / "config.json").read_text())
+    for qc, what in [({"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}, "8-bit"),
+                     ({"quant_method": "gptq", "bits": 4}, "gptq")]:
+        (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+        with pytest.raises(UnsupportedCheckpointError, match=what):
+            load_llama(folder)
 
 
 def test_bad_arguments(tmp_path):
