@@ -141,20 +141,22 @@ def tune_gemv(log):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q0 = _quantize(w)
         qs = [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
-        for m, grid in ((1, [(bn, bk, nw) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for nw in (4, 8)
-                              if bn * bk <= 8192]),
-                        (16, [(bn, bk, nw) for bn in (16, 32) for bk in (128, 256, 512) for nw in (4, 8)])):
+        for m, grid in ((1, [(bn, un, nw, st) for bn in (16, 32, 64) for un in (2, 4, 8) for nw, st in ((4, 3),)]
+                         + [(32, 4, 8, 3), (64, 4, 8, 3), (32, 4, 4, 2), (32, 8, 4, 4)]),
+                        (16, [(bn, un, 4, 3) for bn in (16, 32, 64, 128) for un in (1, 2, 4)])):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             best = None
-            for bn, bk, nw in grid:
+            for cfg in grid:
+                bn, un, nw, st = cfg
                 try:
-                    t = _graph_time(lambda: [nf4_gemv.gemv(x, q, None, bn, bk, nw) for q in qs], len(qs))
+                    t = _graph_time(lambda: [nf4_gemv.gemv(x, q, None, bn, un, nw, split_k=None, num_stages=st)
+                                             for q in qs], len(qs))
                 except Exception as e:
-                    log(f"gemv cfg {bn},{bk},{nw} failed: {type(e).__name__}: {str(e)[:200]}")
+                    log(f"gemv cfg {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
                     continue
-                out.append({"N": n, "K": k, "M": m, "cfg": [bn, bk, nw], "us": t * 1e3})
+                out.append({"N": n, "K": k, "M": m, "cfg": list(cfg), "us": t * 1e3})
                 if best is None or t < best[0]:
-                    best = (t, (bn, bk, nw))
+                    best = (t, cfg)
             log(f"gemv best N={n} K={k} M={m}: {best[1]} {best[0] * 1e3:.2f} us")
     return out
 

@@ -27,72 +27,71 @@ import triton.language as tl
 
 from qlora_core import backend
 
-from .nf4_tile import INTERPRET, cast_rne, load_tile, load_tile_parts, q_args
+from .nf4_tile import cast_rne, load_pair_tile, mma, q_args
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                  M, N, K, stride_xm, stride_om,
                  BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HC: tl.constexpr, UNROLL: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    C: tl.constexpr = 2 * HC  # columns per sub-tile (<= blocksize: one absmax per row)
+    STEP: tl.constexpr = C * UNROLL
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_lo = pid_k * tiles * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + tiles * BLOCK_K)
-    NBLK: tl.constexpr = BLOCK_K // BS if BLOCK_K > BS else 1
-    SUB: tl.constexpr = BLOCK_K // NBLK
+    cj = tl.arange(0, HC)
+    tiles = tl.cdiv(tl.cdiv(K, STEP), SPLIT_K)
+    k_lo = pid_k * tiles * STEP
+    k_hi = tl.minimum(K, k_lo + tiles * STEP)
     if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, HC), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
-            if ALIGNED and x.dtype == tl.float32:
-                vals, a = load_tile_parts(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-                                          offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)
-                part = tl.sum(tl.reshape(vals * x[None, :], (BLOCK_N, NBLK, SUB)), axis=2)  # (BN, NBLK)
-                acc += tl.sum(part * a, axis=1)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y.T tile (swap-AB: W is the A operand)
+    for k0 in range(k_lo, k_hi, STEP):
+        for u in tl.static_range(UNROLL):
+            kk = k0 + u * C
+            v_e, v_o, a = load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                                         offs_n, kk, N, K, HC, BS, DQ, ALIGNED)
+            col = kk + 2 * cj
+            if BLOCK_M == 1:
+                x_e = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+                x_o = tl.load(x_ptr + col + 1, mask=col + 1 < K, other=0.0).to(tl.float32)
+                # fp32 W (lut * absmax, unrounded): scale once per row and absmax block
+                acc += a[:, None] * (v_e * x_e[None, :] + v_o * x_o[None, :])
             else:
-                w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-                              offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)
-                # W is dequantize(q) in x's dtype: round each element before the dot product
-                w = cast_rne(w, x.dtype).to(tl.float32)
-                acc += tl.sum(w * x.to(tl.float32)[None, :], axis=1)
-        else:
-            xm = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-                          offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)
-            w = cast_rne(w, xm.dtype)  # exactly dequantize(q) in x's dtype
-            if INTERPRET:
-                acc = tl.dot(xm.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-            elif xm.dtype == tl.float32:
-                acc = tl.dot(xm, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xm, tl.trans(w), acc)
+                xm = (offs_m[None, :] < M) & (col[:, None] < K)
+                x_e = tl.load(x_ptr + offs_m[None, :] * stride_xm + col[:, None], mask=xm, other=0.0)
+                x_o = tl.load(x_ptr + offs_m[None, :] * stride_xm + col[:, None] + 1,
+                              mask=(offs_m[None, :] < M) & (col[:, None] + 1 < K), other=0.0)
+                w_e = cast_rne(v_e * a[:, None], x_e.dtype)  # exactly dequantize(q) in x's dtype
+                w_o = cast_rne(v_o * a[:, None], x_e.dtype)
+                acc = mma(w_e, x_e, acc)
+                acc = mma(w_o, x_o, acc)
+    if BLOCK_M == 1:
+        out = tl.sum(acc, axis=1)
+    else:
+        out = acc
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         if SPLIT_K > 1:
             b = tl.where(pid_k == 0, b, 0.0)
         if BLOCK_M == 1:
-            acc += b
+            out += b
         else:
-            acc += b[None, :]
+            out += b[:, None]
     if BLOCK_M == 1:
         ptrs = out_ptr + offs_n
         mask = offs_n < N
     else:
-        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     if SPLIT_K > 1:
-        tl.atomic_add(ptrs, acc, mask=mask)
+        tl.atomic_add(ptrs, out, mask=mask)
     else:
-        tl.store(ptrs, cast_rne(acc, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _split_k(n_tiles: int, k_tiles: int) -> int:
@@ -103,23 +102,26 @@ def _split_k(n_tiles: int, k_tiles: int) -> int:
     return split
 
 
-def gemv(x: torch.Tensor, q, bias: torch.Tensor | None, block_n: int | None = None, block_k: int | None = None,
-         num_warps: int | None = None, split_k: int | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, q, bias: torch.Tensor | None, block_n: int | None = None, unroll: int | None = None,
+         num_warps: int | None = None, split_k: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """x (M, K) contiguous, 1 <= M <= 16 -> (M, N) in x's dtype. Block sizes default to the tuned table."""
     m, k = x.shape
     n = q.shape[0]
     if not 1 <= m <= 16:
         raise ValueError(f"gemv handles 1..16 rows, got M={m}")
     block_m = 1 if m == 1 else 16
+    aligned = k % q.blocksize == 0
     if backend.interpreting():
-        cfg = (8, 64, 4) if m == 1 else (16, 64, 4)
+        cfg = (16, 2, 4, 1)
     else:
-        cfg = _TUNED.get((block_m, x.dtype), (8, 512, 4))
+        cfg = _TUNED.get((block_m, x.dtype), (32, 4, 4, 3))
     block_n = block_n or cfg[0]
-    block_k = block_k or cfg[1]
+    unroll = unroll or cfg[1]
     num_warps = num_warps or cfg[2]
+    num_stages = num_stages or cfg[3]
+    hc = min(q.blocksize, 64) // 2 if aligned else 32  # sub-tile of <= 64 columns inside one absmax block
     n_tiles = triton.cdiv(n, block_n)
-    split = split_k or _split_k(n_tiles, triton.cdiv(k, block_k))
+    split = split_k or _split_k(n_tiles, triton.cdiv(k, 2 * hc * unroll))
     if split > 1:
         out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
     else:
@@ -128,13 +130,15 @@ def gemv(x: torch.Tensor, q, bias: torch.Tensor | None, block_n: int | None = No
     _gemv_kernel[(n_tiles, split)](
         x, out, bias if bias is not None else out, data, absmax, code256, nested, offset, lut,
         m, n, k, x.stride(0), out.stride(0),
-        BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0), HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=num_warps)
+        BS=q.blocksize, DQ=dq, ALIGNED=aligned, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, HC=hc, UNROLL=unroll, SPLIT_K=split,
+        num_warps=num_warps, num_stages=num_stages)
     return out if split == 1 else out.to(x.dtype)
 
 
-# (BLOCK_M, dtype) -> (BLOCK_N, BLOCK_K, num_warps), measured on an H100 by benchmarks/bench_matmul.py --tune.
+# (BLOCK_M, dtype) -> (BLOCK_N, UNROLL, num_warps, num_stages), measured on an H100 by
+# benchmarks/bench_matmul.py --tune (docs/benchmarks.md).
 _TUNED: dict = {
-    (1, torch.bfloat16): (8, 512, 4), (1, torch.float16): (8, 512, 4), (1, torch.float32): (8, 512, 4),
-    (16, torch.bfloat16): (16, 256, 4), (16, torch.float16): (16, 256, 4), (16, torch.float32): (16, 128, 4),
+    (1, torch.bfloat16): (32, 4, 4, 3), (1, torch.float16): (32, 4, 4, 3), (1, torch.float32): (32, 4, 4, 3),
+    (16, torch.bfloat16): (64, 2, 4, 3), (16, torch.float16): (64, 2, 4, 3), (16, torch.float32): (32, 2, 4, 2),
 }

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from qlora_core import backend
 
-from .nf4_tile import INTERPRET, cast_rne, load_tile, q_args
+from .nf4_tile import cast_rne, load_pair_tile, mma, q_args
 
 
 @triton.jit
@@ -49,21 +49,14 @@ def _tile_ids(M, NOUT, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
-def _mma(a, w, acc):
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
-    elif a.dtype == tl.float32:
-        return tl.dot(a, w, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, w, acc)
-
-
-@triton.jit
 def _fwd_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                 M, N, K, stride_xm, stride_om, M_BUCKET,
                 BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 SWAP_AB: tl.constexpr = False):
+    # sub-tiles of C columns lie inside one absmax block per row (aligned layouts)
+    C: tl.constexpr = BS if (ALIGNED and BLOCK_K > BS) else BLOCK_K
+    HC: tl.constexpr = C // 2
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,15 +65,22 @@ def _fwd_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nes
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-                      offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)  # (BLOCK_N, BLOCK_K) fp32
-        if SWAP_AB:
-            acc = _mma(cast_rne(w, x.dtype), tl.trans(x), acc)
-        else:
-            acc = _mma(x, tl.trans(cast_rne(w, x.dtype)), acc)
+        for u in tl.static_range(BLOCK_K // C):
+            kk = k0 + u * C
+            offs_k = kk + tl.arange(0, C)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            x_e, x_o = tl.split(tl.reshape(x, (BLOCK_M, HC, 2)))  # columns kk + 2j, kk + 2j + 1
+            v_e, v_o, a = load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                                         offs_n, kk, N, K, HC, BS, DQ, ALIGNED)
+            w_e = cast_rne(v_e * a[:, None], x.dtype)  # (BLOCK_N, HC), exactly dequantize(q)'s values
+            w_o = cast_rne(v_o * a[:, None], x.dtype)
+            if SWAP_AB:
+                acc = mma(w_e, tl.trans(x_e), acc)
+                acc = mma(w_o, tl.trans(x_o), acc)
+            else:
+                acc = mma(x_e, tl.trans(w_e), acc)
+                acc = mma(x_o, tl.trans(w_o), acc)
     b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     if SWAP_AB:
         if HAS_BIAS:
@@ -101,18 +101,24 @@ def _dx_kernel(dy_ptr, out_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, o
                M, N, K, stride_dm, stride_om, M_BUCKET,
                BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # the output tile's BLOCK_K columns must sit in one absmax block per row for the aligned loader
+    PAIR_ALIGNED: tl.constexpr = ALIGNED and BLOCK_K <= BS
+    HC: tl.constexpr = BLOCK_K // 2
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_e = tl.zeros((BLOCK_M, HC), dtype=tl.float32)  # dx columns k0 + 2j
+    acc_o = tl.zeros((BLOCK_M, HC), dtype=tl.float32)  # dx columns k0 + 2j + 1
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :],
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-                      offs_n, k0, N, K, BLOCK_K, BS, DQ, ALIGNED)  # (BLOCK_N, BLOCK_K) fp32
-        acc = _mma(dy, cast_rne(w, dy.dtype), acc)
+        v_e, v_o, a = load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                                     offs_n, k0, N, K, HC, BS, DQ, PAIR_ALIGNED)
+        acc_e = mma(dy, cast_rne(v_e * a[:, None], dy.dtype), acc_e)
+        acc_o = mma(dy, cast_rne(v_o * a[:, None], dy.dtype), acc_o)
+    acc = tl.reshape(tl.join(acc_e, acc_o), (BLOCK_M, BLOCK_K))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :], cast_rne(acc, out_ptr.dtype.element_ty),
              mask=mask)
@@ -132,9 +138,8 @@ def _configs(kind: str, small_m: bool) -> list:
     else:
         rows = ([(16, 128, 64, 1, 4, 3), (16, 64, 64, 1, 4, 4), (16, 256, 32, 1, 4, 3), (32, 128, 64, 1, 4, 3)]
                 if small_m else
-                [(64, 128, 64, 8, 4, 3), (128, 64, 32, 8, 4, 3), (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4),
-                 (128, 64, 128, 8, 8, 3), (128, 64, 256, 8, 8, 3), (256, 64, 128, 8, 8, 3),
-                 (128, 128, 128, 8, 8, 3)])
+                [(64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4),
+                 (256, 64, 64, 8, 8, 3), (128, 64, 32, 8, 4, 3)])
     cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
             for bm, bn, bk, g, w, s in rows]
     if kind == "fwd":
@@ -154,11 +159,14 @@ def _tuned(kind: str, small_m: bool):
     return triton.autotune(configs=_configs(kind, small_m), key=["M_BUCKET", "N", "K", "DQ", "ALIGNED"])(base)
 
 
-def _fixed_config(kind: str, m: int) -> dict | None:
-    """A fixed config instead of autotuning: small tiles in the interpreter; the table's first row when
-    QLORA_CORE_AUTOTUNE=0 (GPU tests, to keep compile time down); None = autotune."""
+def _fixed_config(kind: str, m: int, dtype: torch.dtype) -> dict | None:
+    """A fixed config instead of autotuning: small tiles in the interpreter and for fp32 (the ieee fp32 dot
+    needs 4-byte tiles in shared memory: the bf16 table's 256-wide tiles overflow the 227 KB); the table's
+    first row when QLORA_CORE_AUTOTUNE=0 (GPU tests, to keep compile time down); None = autotune."""
     if backend.interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=2)
     if os.environ.get("QLORA_CORE_AUTOTUNE", "1") == "0":
         c = _configs(kind, m <= 64)[0]
         return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -179,7 +187,7 @@ def matmul_fwd(x: torch.Tensor, q, bias: torch.Tensor | None, config: dict | Non
             m, n, k, x.stride(0), out.stride(0), _bucket(m))
     flags = dict(BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0), HAS_BIAS=bias is not None)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    config = config or _fixed_config("fwd", m)
+    config = config or _fixed_config("fwd", m, x.dtype)
     if config is not None:
         _fwd_kernel[grid](*args, **flags, **config)
     else:
@@ -196,7 +204,7 @@ def matmul_dx(dy: torch.Tensor, q, config: dict | None = None) -> torch.Tensor:
     args = (dy, out, data, absmax, code256, nested, offset, lut, m, n, k, dy.stride(0), out.stride(0), _bucket(m))
     flags = dict(BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    config = config or _fixed_config("dx", m)
+    config = config or _fixed_config("dx", m, dy.dtype)
     if config is not None:
         _dx_kernel[grid](*args, **flags, **config)
     else:

@@ -53,22 +53,42 @@ def _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, b, mask, DQ: tl.
 
 
 @triton.jit
-def load_tile_parts(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-                    offs_r, k0, N, K,
-                    C: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr):
-    """Aligned path only: (lut values (R, C) fp32, absmax (R, NBLK) fp32) for rows offs_r, columns k0..k0+C."""
-    NBLK: tl.constexpr = C // BS if C > BS else 1
+def load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
+                   offs_r, k0, N, K,
+                   HC: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr):
+    """Columns k0 + 2j ("even") and k0 + 2j + 1 ("odd"), j < HC, of W's rows offs_r, without interleaving.
+
+    Returns (v_even (R, HC), v_odd (R, HC), a (R,)) with W = v * a[:, None] in fp32; rows >= N and columns
+    >= K give 0. Aligned path (K % BS == 0, 2*HC <= BS, k0 % (2*HC) == 0): the columns lie in one absmax
+    block per row, so v is the bare table value (lut[byte >> 4], lut[byte & 15]: one byte load feeds both
+    halves, no join/reshape) and a the row's absmax, restored once per row. Generic path: v already scaled
+    (per-element byte and absmax gathers) and a = 1. Callers pair v_even with x[..., k0 + 2j] and v_odd with
+    x[..., k0 + 2j + 1], so the dot products never need the interleaved order.
+    """
+    cj = tl.arange(0, HC)
     rmask = offs_r < N
-    cb = tl.arange(0, C // 2)
-    bmask = rmask[:, None] & (cb[None, :] < (K - k0) // 2)
-    byts = tl.load(data_ptr + (offs_r[:, None] * (K // 2) + k0 // 2) + cb[None, :], mask=bmask, other=0x77)
-    codes = tl.reshape(tl.join(byts >> 4, byts & 0xF), (offs_r.shape[0], C))
-    vals = tl.load(lut_ptr + codes.to(tl.int32))
-    jb = tl.arange(0, NBLK)
-    b = offs_r[:, None] * (K // BS) + (k0 // BS) + jb[None, :]
-    a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, b,
-                   rmask[:, None] & (k0 + jb[None, :] * BS < K), DQ)
-    return vals, a
+    if ALIGNED:
+        mask = rmask[:, None] & (cj[None, :] < (K - k0) // 2)
+        byts = tl.load(data_ptr + (offs_r[:, None] * (K // 2) + k0 // 2) + cj[None, :], mask=mask, other=0)
+        v_even = tl.load(lut_ptr + (byts >> 4).to(tl.int32))
+        v_odd = tl.load(lut_ptr + (byts & 0xF).to(tl.int32))
+        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, offs_r * (K // BS) + k0 // BS,
+                       rmask & (k0 < K), DQ)
+    else:
+        col = k0 + 2 * cj
+        idx = offs_r[:, None] * K + col[None, :]
+        m_e = rmask[:, None] & (col[None, :] < K)
+        m_o = rmask[:, None] & (col[None, :] + 1 < K)
+        b_e = tl.load(data_ptr + (idx >> 1), mask=m_e, other=0).to(tl.int32)
+        b_o = tl.load(data_ptr + ((idx + 1) >> 1), mask=m_o, other=0).to(tl.int32)
+        c_e = (b_e >> ((1 - (idx & 1)) * 4)) & 0xF
+        c_o = (b_o >> ((1 - ((idx + 1) & 1)) * 4)) & 0xF
+        a_e = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, idx // BS, m_e, DQ)
+        a_o = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, (idx + 1) // BS, m_o, DQ)
+        v_even = tl.where(m_e, tl.load(lut_ptr + c_e) * a_e, 0.0)
+        v_odd = tl.where(m_o, tl.load(lut_ptr + c_o) * a_o, 0.0)
+        a = tl.full((offs_r.shape[0],), 1.0, tl.float32)
+    return v_even, v_odd, a
 
 
 @triton.jit
@@ -80,8 +100,16 @@ def load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr
     if ALIGNED:
         NBLK: tl.constexpr = C // BS if C > BS else 1
         SUB: tl.constexpr = C // NBLK
-        vals, a = load_tile_parts(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-                                  offs_r, k0, N, K, C, BS, DQ, ALIGNED)
+        rmask = offs_r < N
+        cb = tl.arange(0, C // 2)
+        bmask = rmask[:, None] & (cb[None, :] < (K - k0) // 2)
+        byts = tl.load(data_ptr + (offs_r[:, None] * (K // 2) + k0 // 2) + cb[None, :], mask=bmask, other=0)
+        codes = tl.reshape(tl.join(byts >> 4, byts & 0xF), (R, C))  # element 2j = high nibble
+        vals = tl.load(lut_ptr + codes.to(tl.int32))
+        jb = tl.arange(0, NBLK)
+        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
+                       offs_r[:, None] * (K // BS) + (k0 // BS) + jb[None, :],
+                       rmask[:, None] & (k0 + jb[None, :] * BS < K), DQ)
         w = tl.reshape(tl.reshape(vals, (R, NBLK, SUB)) * a[:, :, None], (R, C))
     else:
         offs_c = k0 + tl.arange(0, C)
@@ -110,6 +138,18 @@ def cast_rne(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc):
+    """acc + a @ b with fp32 accumulation: fp32 operands stay fp32 (ieee, not tf32); the interpreter upcasts
+    bf16/fp16 operands (its tl.dot on bf16 is wrong)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit

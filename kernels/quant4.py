@@ -1,49 +1,62 @@
 """Triton kernels for bitsandbytes' 4-bit blockwise format: quantize (NF4/FP4), the nested 8-bit absmax
 quantizer, and dequantize (with the nested absmax restored in-kernel).
 
-The spec is qlora_core/reference.py (`*_ref` below); every kernel reproduces it byte for byte:
+Layout of the work:
   * quantize: one program owns ROWS whole blocks of the flattened tensor (blocks may straddle rows of the
     original shape; the tail block is masked). absmax = max|x| in fp32, r = 1/absmax once per block,
-    xn = x*r, NF4 code = number of thresholds strictly below xn, FP4 = literal thresholds on |xn| plus a
-    sign bit; NaN (all-zero block) -> code 0; element 2j -> high nibble; pad nibble 7 (nf4) / 0 (fp4).
-  * 8-bit: the same normalisation, then CUDA's 7-step binary search over the sorted 256-entry map.
-  * dequantize: programs walk the packed bytes as rows of 16 (one 16-byte load per thread, 32 outputs);
-    16 bytes never straddle an absmax block (blocksize >= 32), so each row needs one absmax, restored as
-    code256[q] * absmax2 and then + offset in two fp32 ops. Fusion into an FMA is switched off at launch
-    (enable_fp_fusion=False): an FMA rounds once and changes the last ulp of ~1/4 of the absmax values.
-    Output = dtype(lut[nibble] * absmax), one fp32 multiply and a round-to-nearest cast.
+    xn = x*r, then bitsandbytes' decision trees (strict `>`; NF4 4 levels, FP4 3 levels + sign), which
+    equal "number of thresholds strictly below xn". NaN (all-zero block) -> code 0. Element 2j -> high
+    nibble; the odd tail's pad nibble is 7 (nf4) / 0 (fp4). One pass: read x, write bytes + absmax.
+  * 8-bit (nested absmax): the same normalisation, then CUDA's 7-step binary search (reference.encode_8bit).
+  * dequantize: a program walks BLOCK_BYTES packed bytes as rows of BPR bytes, BPR chosen so one row gives
+    16 output bytes (4 for bf16/fp16, 2 for fp32): each thread stores 16 contiguous bytes straight from
+    registers (tl.join + reshape; strided even/odd stores were 4.5x slower, they go through shared memory).
+    A row lies in one absmax block (blocksize >= 32), so its scale is loaded once: code256[q] * absmax2,
+    then + offset as two fp32 ops. Contraction into an FMA is switched off at launch
+    (enable_fp_fusion=False); with it on, 2.4M of 58.7M fp32 outputs differed from bitsandbytes.
 
-The reciprocal. CUDA bitsandbytes is built with --use_fast_math, so its `1.0f/absmax` is
-rcp.approx.ftz.f32 (~1 ulp); the reference uses IEEE 1/absmax. The kernels take RCP: 0 = IEEE (div_rn),
-1 = Triton's `/` (div.full.f32), 2 = inline-asm rcp.approx.ftz.f32. The interpreter (CPU) always uses 0
-and matches the reference exactly; on a GPU the default is the one measured byte-identical to bitsandbytes
-CUDA (docs/benchmarks.md records the mismatch counts of each choice). Only elements whose xn lies within
-~1 ulp of a threshold can differ between the two; tests/test_gpu_quant4.py checks exactly that.
+Two arithmetic modes, both byte-exact against their spec:
+  * "reference" = qlora_core/reference.py: IEEE 1/absmax, no flushing, NF4 thresholds = fp32 midpoints of
+    the table (formats.nf4_thresholds), FP4 code 8 dequantizes to +0.0. The CPU interpreter always runs
+    this mode (the tests compare it with the reference bit for bit).
+  * "bnb" = bitsandbytes 0.50.2's CUDA kernels, which are built with --use_fast_math (GPU default):
+    r = rcp.approx.ftz.f32 (inline asm), fp32 subnormals flushed to zero (-ftz), the NF4 thresholds are
+    its decimal literals rounded by nvcc straight to fp32 (4 of the 15 sit one ulp from the fp32
+    midpoints: CUDA_NF4_THRESHOLDS), and FP4 code 8 dequantizes to -0.0 (0 * absmax * -1).
+The two modes differ only for elements within ~1 ulp of a threshold, subnormal inputs, and the sign of
+FP4's zero; tests/test_gpu_quant4.py checks that characterization, docs/benchmarks.md lists the counts.
 Limits: n < 2**31 (int32 offsets, as in bitsandbytes); blocksize a power of two in [32, 4096].
 """
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from qlora_core import backend
-from qlora_core.formats import code_table, dynamic_map
-from qlora_core.reference import (  # noqa: F401  (the spec these kernels obey; tests import it from here too)
+from qlora_core.formats import code_table, dynamic_map, nf4_thresholds
+from qlora_core.reference import (  # noqa: F401  (the spec of "reference" mode; tests import it from here)
     dequantize_4bit_ref,
     quantize_4bit_ref,
     quantize_blockwise_ref,
 )
 
-# RCP modes (see header). GPU default: measured on H100 against bitsandbytes 0.50.2 CUDA (docs/benchmarks.md).
-RCP_IEEE, RCP_DIV, RCP_APPROX = 0, 1, 2
-RCP_NAMES = {"ieee": RCP_IEEE, "div": RCP_DIV, "approx": RCP_APPROX}
-GPU_RCP = RCP_NAMES[os.environ.get("QLORA_CORE_RCP", "approx")]
-GPU_FTZ = os.environ.get("QLORA_CORE_FTZ", "1") == "1"
-# Quantize tile on a GPU: elements per program (whole blocks) and warps; chosen in benchmarks/bench_quant.py.
-QUANT_ELEMS, QUANT_WARPS = 4096, 8
+MODES = ("bnb", "reference")
+RCP_NAMES = {"ieee": 0, "div": 1, "approx": 2}  # 1 = Triton's `/` (div.full.f32), kept for the measurement
+# bitsandbytes' dQuantizeNF4 literals (csrc/kernels.cu) as nvcc rounds them, decimal -> fp32 directly.
+# Indices 0, 8, 12, 14 are one ulp away from the fp32 midpoints (e.g. "0.8614784181118011f" is 0x3f5c89d9,
+# the midpoint (lut[14]+lut[15])/2 is 0x3f5c89da): rounding the literal via a double gives the midpoint.
+CUDA_NF4_THRESHOLDS = (
+    -0.8480964303016663, -0.6106328964233398, -0.4599952697753906, -0.33967941999435425,
+    -0.23460739850997925, -0.13791173696517944, -0.045525018125772476, 0.03979014977812767,
+    0.1202552542090416, 0.2035212516784668, 0.2920137643814087, 0.3893125355243683,
+    0.5016633868217468, 0.6427869200706482, 0.8614783883094788,
+)
+FLT_MIN = 1.1754943508222875e-38  # smallest normal fp32; -ftz flushes anything below it to zero
+# Quantize tile on a GPU: elements per program (whole blocks) and warps; from bench_quant.py --sweep.
+QUANT_ELEMS, QUANT_WARPS = 4096, 4
 
 
 @triton.jit
@@ -59,76 +72,83 @@ def _reciprocal(a, RCP: tl.constexpr):
 
 @triton.jit
 def _flush(v, FTZ: tl.constexpr):
-    # Emulates CUDA's -ftz=true (part of --use_fast_math): subnormal fp32 operands/results become zero
-    # (keeping the sign: v * 0.0). Only subnormal inputs or results below 2**-126 are affected.
+    # -ftz: a subnormal operand or result counts as zero. For codes the sign of that zero never matters
+    # (0*r is 0 or NaN either way, and FP4's sign test is done on the unflushed xn, see _fp4_code).
     if FTZ:
-        return tl.where(tl.abs(v) < 1.1754943508222875e-38, v * 0.0, v)
+        return tl.where(tl.abs(v) < 1.1754943508222875e-38, 0.0, v)
     else:
         return v
 
 
 @triton.jit
-def _nf4_code(xn):
-    # Count of the 15 fp32 NF4 midpoints strictly below xn (NaN compares false everywhere -> 0). The literals
-    # are the exact fp32 values of formats.nf4_thresholds(), so their conversion to fp32 is exact.
-    c = (xn > -0.8480963706970215).to(tl.int32)
-    c += (xn > -0.6106328964233398).to(tl.int32)
-    c += (xn > -0.4599952697753906).to(tl.int32)
-    c += (xn > -0.33967941999435425).to(tl.int32)
-    c += (xn > -0.23460739850997925).to(tl.int32)
-    c += (xn > -0.13791173696517944).to(tl.int32)
-    c += (xn > -0.045525018125772476).to(tl.int32)
-    c += (xn > 0.03979014977812767).to(tl.int32)
-    c += (xn > 0.120255246758461).to(tl.int32)
-    c += (xn > 0.2035212516784668).to(tl.int32)
-    c += (xn > 0.2920137643814087).to(tl.int32)
-    c += (xn > 0.3893125355243683).to(tl.int32)
-    c += (xn > 0.5016634464263916).to(tl.int32)
-    c += (xn > 0.6427869200706482).to(tl.int32)
-    c += (xn > 0.8614784479141235).to(tl.int32)
-    return c
+def _nf4_code(xn, thr_ptr):
+    # bitsandbytes' dQuantizeNF4 tree: code bits b3 b2 b1 b0, each a strict `>` against the threshold
+    # picked by the bits above it. Equals "count of thresholds < xn"; NaN fails every test -> code 0.
+    t0 = tl.load(thr_ptr + 0)
+    t1 = tl.load(thr_ptr + 1)
+    t2 = tl.load(thr_ptr + 2)
+    t3 = tl.load(thr_ptr + 3)
+    t4 = tl.load(thr_ptr + 4)
+    t5 = tl.load(thr_ptr + 5)
+    t6 = tl.load(thr_ptr + 6)
+    t7 = tl.load(thr_ptr + 7)
+    t8 = tl.load(thr_ptr + 8)
+    t9 = tl.load(thr_ptr + 9)
+    t10 = tl.load(thr_ptr + 10)
+    t11 = tl.load(thr_ptr + 11)
+    t12 = tl.load(thr_ptr + 12)
+    t13 = tl.load(thr_ptr + 13)
+    t14 = tl.load(thr_ptr + 14)
+    b3 = xn > t7
+    b2 = xn > tl.where(b3, t11, t3)
+    b1 = xn > tl.where(b3, tl.where(b2, t13, t9), tl.where(b2, t5, t1))
+    b0 = xn > tl.where(b3, tl.where(b2, tl.where(b1, t14, t12), tl.where(b1, t10, t8)),
+                       tl.where(b2, tl.where(b1, t6, t4), tl.where(b1, t2, t0)))
+    return (b3.to(tl.int32) << 3) | (b2.to(tl.int32) << 2) | (b1.to(tl.int32) << 1) | b0.to(tl.int32)
 
 
 @triton.jit
-def _fp4_code(xn):
-    # Bucket b = count of CUDA's literal thresholds below |xn| (exact fp32 values of formats.fp4_thresholds);
-    # buckets 0..7 carry magnitude codes 000,001,110,111,100,101,010,011 = b ^ ((b & 2) << 1).
+def _fp4_code(xn, FTZ: tl.constexpr):
+    # bitsandbytes' dQuantizeFP4 tree on |xn| with its literal thresholds (exact fp32 values here; FP4's
+    # literals round the same via double or directly). Buckets c1 c2 c3 -> magnitude code
+    # ((c1 ^ c2) << 2) | (c2 << 1) | c3, i.e. 000,001,110,111,100,101,010,011 in ascending order.
     a = tl.abs(xn)
-    b = (a > 0.0026041700039058924).to(tl.int32)
-    b += (a > 0.0859375).to(tl.int32)
-    b += (a > 0.2083333283662796).to(tl.int32)
-    b += (a > 0.2916666567325592).to(tl.int32)
-    b += (a > 0.4166666865348816).to(tl.int32)
-    b += (a > 0.5833330154418945).to(tl.int32)
-    b += (a > 0.8333333134651184).to(tl.int32)
-    code = b ^ ((b & 2) << 1)
-    return code | tl.where(xn < 0, 8, 0)
+    c1 = a > 0.2916666567325592
+    c2 = a > tl.where(c1, 0.5833330154418945, 0.0859375)
+    c3 = a > tl.where(c1, tl.where(c2, 0.8333333134651184, 0.4166666865348816),
+                      tl.where(c2, 0.2083333283662796, 0.0026041700039058924))
+    code = ((c1 ^ c2).to(tl.int32) << 2) | (c2.to(tl.int32) << 1) | c3.to(tl.int32)
+    if FTZ:
+        neg = xn <= -1.1754943508222875e-38  # a subnormal negative xn is flushed to -0: no sign bit
+    else:
+        neg = xn < 0
+    return code | tl.where(neg, 8, 0)
 
 
 @triton.jit
-def _quantize_4bit_kernel(x_ptr, packed_ptr, absmax_ptr, n, nbytes, nblocks,
+def _quantize_4bit_kernel(x_ptr, thr_ptr, packed_ptr, absmax_ptr, n, nbytes, nblocks,
                           BS: tl.constexpr, ROWS: tl.constexpr, NF4: tl.constexpr, RCP: tl.constexpr,
                           FTZ: tl.constexpr):
     # One program = ROWS consecutive blocks of BS elements: x tile (ROWS, BS) -> bytes (ROWS, BS // 2).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < nblocks
-    rem = n - rows * BS  # valid elements left from each block's start (>= 1 for valid rows, no int32 overflow)
+    rem = n - rows * BS  # valid elements from each block's start (>= 1 for valid rows, no int32 overflow)
     cols = tl.arange(0, BS)
     mask = row_ok[:, None] & (cols[None, :] < rem[:, None])
     x = _flush(tl.load(x_ptr + rows[:, None] * BS + cols[None, :], mask=mask, other=0.0).to(tl.float32), FTZ)
     absmax = tl.max(tl.abs(x), axis=1)
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
-    xn = _flush(x * _reciprocal(absmax, RCP)[:, None], FTZ)  # zero block: 0 * inf = NaN -> code 0
+    xn = x * _reciprocal(absmax, RCP)[:, None]  # zero block: 0 * inf = NaN -> code 0
     if NF4:
-        code = tl.where(mask, _nf4_code(xn), 7)
+        code = tl.where(mask, _nf4_code(xn, thr_ptr), 7)
     else:
-        code = tl.where(mask, _fp4_code(xn), 0)
+        code = tl.where(mask, _fp4_code(xn, FTZ), 0)
     hi, lo = tl.split(tl.reshape(code, [ROWS, BS // 2, 2]))
     byte = ((hi << 4) | lo).to(tl.uint8)
     bcols = tl.arange(0, BS // 2)
     brem = nbytes - rows * (BS // 2)  # bytes left (pad nibble included); divisible by 16 keeps stores wide
-    bmask = row_ok[:, None] & (bcols[None, :] < brem[:, None])
-    tl.store(packed_ptr + rows[:, None] * (BS // 2) + bcols[None, :], byte, mask=bmask)
+    tl.store(packed_ptr + rows[:, None] * (BS // 2) + bcols[None, :], byte,
+             mask=row_ok[:, None] & (bcols[None, :] < brem[:, None]))
 
 
 @triton.jit
@@ -144,7 +164,7 @@ def _quantize_8bit_kernel(x_ptr, code_ptr, q_ptr, absmax_ptr, n, nblocks,
     x = _flush(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), FTZ)
     absmax = tl.max(tl.abs(x), axis=1)
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
-    xn = _flush(x * _reciprocal(absmax, RCP)[:, None], FTZ)
+    xn = _flush(x * _reciprocal(absmax, RCP)[:, None], FTZ)  # here a subnormal xn vs code 0.0 matters
     pivot = tl.full([ROWS, BS], 127, tl.int32)
     lower_pivot = tl.zeros([ROWS, BS], tl.int32)
     upper_pivot = tl.full([ROWS, BS], 255, tl.int32)
@@ -158,8 +178,7 @@ def _quantize_8bit_kernel(x_ptr, code_ptr, q_ptr, absmax_ptr, n, nblocks,
         val = tl.load(code_ptr + pivot)
     lower = tl.load(code_ptr + lower_pivot)
     upper = tl.load(code_ptr + upper_pivot)
-    above = xn > val
-    go_up = above & (xn > (upper + val) * 0.5)
+    go_up = (xn > val) & (xn > (upper + val) * 0.5)
     go_down = (xn <= val) & (xn < (lower + val) * 0.5)  # NaN: both false -> the final pivot, 0
     q = tl.where(go_up, upper_pivot, tl.where(go_down, lower_pivot, pivot))
     tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
@@ -182,10 +201,7 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, of
                             n, nbytes, LOG2_BS: tl.constexpr, DOUBLE: tl.constexpr, BPR: tl.constexpr,
                             BLOCK_BYTES: tl.constexpr, JOIN: tl.constexpr, MANUAL_RNE: tl.constexpr,
                             FTZ: tl.constexpr):
-    # Tile (ROWS, BPR) packed bytes -> (ROWS, 2*BPR) outputs, BPR = bytes per row = 16 output bytes
-    # (4 for bf16/fp16, 2 for fp32). A row lies inside one absmax block (blocksize >= 32 = 16 bytes), so
-    # its scale is loaded once. With JOIN the (ROWS, BPR, 2) join reshapes to the store layout in
-    # registers, each thread storing 16 contiguous bytes; measured against strided even/odd stores.
+    # Tile (ROWS, BPR) packed bytes -> (ROWS, 2*BPR) outputs (see the header for the layout argument).
     ROWS: tl.constexpr = BLOCK_BYTES // BPR
     seg = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BPR)
@@ -216,9 +232,9 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, of
 
 # ---------------------------------------------------------------------------------------------------------
 # Launchers: validate, allocate, pick the tile, launch. Dequantize is autotuned on a GPU over a few tile
-# sizes (keyed on n, blocksize and double quant); in the interpreter a small fixed tile is used, since
-# autotuning there would time every config in Python. `rcp` / `ftz` override the GPU arithmetic mode
-# (benchmarks/bench_quant.py measures each against bitsandbytes); on the CPU they are always IEEE / off.
+# sizes (keyed on n, blocksize and double quant); the interpreter uses a small fixed tile, since
+# autotuning there would time every config in Python. `mode` picks the arithmetic (header); `rcp`/`ftz`
+# override single parts of it (benchmarks/bench_quant.py --probe measures each against bitsandbytes).
 
 _tuned: dict = {}
 
@@ -226,15 +242,32 @@ _tuned: dict = {}
 def _dequant_tuned():
     if "dq" not in _tuned:
         configs = [triton.Config({"BLOCK_BYTES": bb, "JOIN": True}, num_warps=w)
-                   for bb, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16))]
+                   for bb, w in ((2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 8))]
         _tuned["dq"] = triton.autotune(configs, key=["n", "LOG2_BS", "DOUBLE"])(_dequantize_4bit_kernel)
     return _tuned["dq"]
 
 
-def _mode(device: torch.device, rcp: str | None, ftz: bool | None) -> tuple[int, bool]:
-    if device.type != "cuda":
-        return RCP_IEEE, False  # no inline asm in the interpreter; numpy is IEEE without FTZ, as the reference
-    return (GPU_RCP if rcp is None else RCP_NAMES[rcp]), (GPU_FTZ if ftz is None else bool(ftz))
+@functools.lru_cache(maxsize=None)
+def _tables(mode: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NF4 thresholds (15,), FP4 dequant LUT (16,)) for a mode, fp32 on `device`."""
+    if mode == "bnb":
+        fp4 = code_table("fp4").clone()
+        fp4[8] = -0.0  # dDequantizeFP4Tree: 0 * absmax * -1
+        return torch.tensor(CUDA_NF4_THRESHOLDS, dtype=torch.float32, device=device), fp4.to(device)
+    return nf4_thresholds(device), code_table("fp4", device)
+
+
+def _resolve(device: torch.device, mode: str | None, rcp: str | None, ftz: bool | None) -> tuple[str, int, bool]:
+    """(mode, RCP, FTZ) for a launch. GPU default "bnb"; CPU default "reference"; the interpreter has no
+    inline asm, so "bnb" there keeps its thresholds / FTZ / -0.0 but uses the IEEE reciprocal."""
+    on_gpu = device.type == "cuda"
+    mode = mode or ("bnb" if on_gpu else "reference")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    r = rcp or ("approx" if mode == "bnb" and on_gpu else "ieee")
+    if r not in RCP_NAMES or (r != "ieee" and not on_gpu):
+        raise ValueError(f"rcp={r!r} is not available on {device.type}")
+    return mode, RCP_NAMES[r], (mode == "bnb") if ftz is None else bool(ftz)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -254,32 +287,34 @@ def _check_input(x: torch.Tensor, blocksize: int) -> None:
     _check_device(x)
 
 
-def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, *, rcp: str | None = None,
-                  ftz: bool | None = None, elems: int | None = None, num_warps: int | None = None):
+def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, *, mode: str | None = None,
+                  rcp: str | None = None, ftz: bool | None = None, elems: int | None = None,
+                  num_warps: int | None = None):
     """Triton twin of quantize_4bit_ref: w (contiguous, any shape, fp32/fp16/bf16) ->
     (packed uint8 ((n+1)//2, 1), absmax fp32 (ceil(n/blocksize),)).
 
-    rcp ("ieee" | "div" | "approx") and ftz override the GPU arithmetic; elems (elements per program,
-    rounded to whole blocks) and num_warps override the tile.
+    mode: "bnb" (GPU default) or "reference" (CPU default), see the header; rcp ("ieee"|"div"|"approx")
+    and ftz override parts of it. elems (elements per program, whole blocks) / num_warps: tile override.
     """
     _check_input(w, blocksize)
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"unknown quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
+    mode, rcp_id, flush = _resolve(w.device, mode, rcp, ftz)
     n = w.numel()
     nblocks = triton.cdiv(n, blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
     absmax = torch.empty((nblocks,), dtype=torch.float32, device=w.device)
     on_gpu = w.device.type == "cuda"
     rows = max(1, (elems or (QUANT_ELEMS if on_gpu else 512)) // blocksize)
-    rcp_mode, flush = _mode(w.device, rcp, ftz)
     _quantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
-        w.reshape(-1), packed, absmax, n, (n + 1) // 2, nblocks, BS=blocksize, ROWS=rows, NF4=quant_type == "nf4",
-        RCP=rcp_mode, FTZ=flush, num_warps=num_warps or (QUANT_WARPS if on_gpu else 4))
+        w.reshape(-1), _tables(mode, str(w.device))[0], packed, absmax, n, (n + 1) // 2, nblocks,
+        BS=blocksize, ROWS=rows, NF4=quant_type == "nf4", RCP=rcp_id, FTZ=flush,
+        num_warps=num_warps or (QUANT_WARPS if on_gpu else 4))
     return packed, absmax
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, rcp: str | None = None,
-                       ftz: bool | None = None):
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, mode: str | None = None,
+                       rcp: str | None = None, ftz: bool | None = None):
     """Triton twin of quantize_blockwise_ref (8-bit, CUDA tie rule) for the nested absmax:
     x fp32 1-D, code fp32 (256,) sorted -> (uint8 codes x.shape, absmax fp32 (ceil(n/blocksize),))."""
     if x.dim() != 1 or x.dtype != torch.float32:
@@ -288,24 +323,26 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, r
         raise ValueError(f"code must be a float32 (256,) map, got {code.dtype} {tuple(code.shape)}")
     x = x.contiguous()
     _check_input(x, blocksize)
+    _, rcp_id, flush = _resolve(x.device, mode, rcp, ftz)
     n = x.numel()
     nblocks = triton.cdiv(n, blocksize)
     q = torch.empty_like(x, dtype=torch.uint8)
     absmax = torch.empty((nblocks,), dtype=torch.float32, device=x.device)
     rows = max(1, (2048 if x.device.type == "cuda" else 512) // blocksize)
-    rcp_mode, flush = _mode(x.device, rcp, ftz)
     _quantize_8bit_kernel[(triton.cdiv(nblocks, rows),)](
-        x, code.to(x.device).contiguous(), q, absmax, n, nblocks, BS=blocksize, ROWS=rows, RCP=rcp_mode,
+        x, code.to(x.device).contiguous(), q, absmax, n, nblocks, BS=blocksize, ROWS=rows, RCP=rcp_id,
         FTZ=flush, num_warps=4)
     return q, absmax
 
 
-def dequantize_4bit(q, *, ftz: bool | None = None, block_bytes: int | None = None, join: bool = True,
-                    num_warps: int | None = None, fp_fusion: bool = False) -> torch.Tensor:
+def dequantize_4bit(q, *, mode: str | None = None, ftz: bool | None = None, block_bytes: int | None = None,
+                    join: bool = True, num_warps: int | None = None, fp_fusion: bool = False) -> torch.Tensor:
     """Triton twin of dequantize_4bit_ref for a QuantizedTensor -> Tensor(q.shape, q.dtype).
 
     Reads the packed codes and, with double quant, the uint8 absmax, nested_absmax and offset directly.
-    block_bytes / join / num_warps: a fixed tile instead of autotuning (benchmarks, interpreter).
+    mode/ftz as in quantize_4bit. block_bytes/join/num_warps: a fixed tile instead of autotuning.
+    fp_fusion=True lets the compiler contract the nested restore into an FMA (only to measure that it
+    breaks exactness).
     """
     data = q.data.reshape(-1)
     n = q.numel
@@ -316,20 +353,20 @@ def dequantize_4bit(q, *, ftz: bool | None = None, block_bytes: int | None = Non
         raise ValueError(f"blocksize must be a power of two >= 32, got {q.blocksize}")
     _check_device(data)
     dev = data.device
+    mode, _, flush = _resolve(dev, mode, None, ftz)
     out = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    lut = code_table(q.quant_type, dev)
+    lut = _tables(mode, str(dev))[1] if q.quant_type == "fp4" else code_table("nf4", dev)
     if q.double_quant:
         if q.absmax.dtype != torch.uint8:
             raise ValueError(f"double-quantized absmax must be uint8, got {q.absmax.dtype}")
-        absmax, code256 = q.absmax, dynamic_map(True, dev)
-        absmax2, offset = q.nested_absmax, q.offset.reshape(1).to(torch.float32)
+        absmax, code256, absmax2, offset = q.absmax, dynamic_map(True, dev), q.nested_absmax, q.offset
     else:
-        absmax = q.absmax.to(torch.float32)
+        absmax = q.absmax
         code256 = absmax2 = offset = absmax  # unused by the kernel when DOUBLE is off
     nbytes = data.numel()
-    args = (data, absmax, code256, absmax2, offset, lut, out.reshape(-1), n, nbytes)
-    meta = dict(LOG2_BS=q.blocksize.bit_length() - 1, DOUBLE=bool(q.double_quant), BPR=8 // out.element_size(), FTZ=_mode(dev, None, ftz)[1],
-                MANUAL_RNE=dev.type != "cuda" and q.dtype == torch.bfloat16, enable_fp_fusion=fp_fusion)
+    args = (data, absmax, code256, absmax2, offset, lut, out.view(-1), n, nbytes)
+    meta = dict(LOG2_BS=q.blocksize.bit_length() - 1, DOUBLE=bool(q.double_quant), BPR=8 // out.element_size(),
+                FTZ=flush, MANUAL_RNE=dev.type != "cuda" and q.dtype == torch.bfloat16, enable_fp_fusion=fp_fusion)
     if dev.type == "cuda" and block_bytes is None:
         _dequant_tuned()[lambda m: (triton.cdiv(nbytes, m["BLOCK_BYTES"]),)](*args, **meta)
     else:

@@ -179,6 +179,75 @@ def group_errors(res):
         res.check("(n+1)//2" in str(e), f"dequantize message {str(e)!r}")
 
 
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+def _ftz(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(v.abs() < FLT_MIN, torch.zeros_like(v), v)
+
+
+def bnb_cuda_quantize(x: torch.Tensor, bs: int, qt: str):
+    """What bitsandbytes' CUDA kernels compute (fast-math: -ftz, nvcc-rounded NF4 literals), except that the
+    reciprocal here is IEEE (the interpreter has no rcp.approx). Written from the CUDA semantics, not from
+    the kernel: flush subnormal inputs, absmax, xn = flush(x * (1/absmax)), then the trees."""
+    flat = _ftz(x.reshape(-1).float())
+    n = flat.numel()
+    blocks = torch.nn.functional.pad(flat, (0, (-n) % bs)).view(-1, bs)
+    absmax = blocks.abs().amax(dim=1)
+    xn = _ftz(blocks * (1.0 / absmax)[:, None]).reshape(-1)[:n]
+    if qt == "nf4":
+        codes = torch.bucketize(xn, torch.tensor(quant4.CUDA_NF4_THRESHOLDS), right=False)
+    else:
+        thr, bucket_codes = fp4_thresholds()
+        codes = bucket_codes[torch.bucketize(xn.abs(), thr, right=False)].long() | torch.where(xn < 0, 8, 0)
+    codes = torch.where(torch.isnan(xn), 0, codes).to(torch.uint8)
+    return reference.pack_nibbles(codes, qt), absmax
+
+
+def bnb_cuda_dequantize(q) -> torch.Tensor:
+    """bitsandbytes CUDA dequant: nested restore ftz(code*absmax2) + offset, then ftz(lut * ftz(absmax));
+    FP4 code 8 is 0 * absmax * -1 = -0.0."""
+    if q.double_quant:
+        scale = _ftz(dynamic_map(True)[q.absmax.long()] * _ftz(q.nested_absmax).repeat_interleave(256)[:q.nblocks])
+        scale = scale + q.offset
+    else:
+        scale = q.absmax
+    lut = code_table(q.quant_type).clone()
+    if q.quant_type == "fp4":
+        lut[8] = -0.0
+    codes = reference.unpack_nibbles(q.data, q.numel).long()
+    vals = _ftz(lut[codes] * _ftz(scale).repeat_interleave(q.blocksize)[:q.numel])
+    return vals.to(q.dtype).reshape(q.shape)
+
+
+def group_bnbmode(res):
+    """mode="bnb" (GPU default) in the interpreter against bnb_cuda_quantize / bnb_cuda_dequantize."""
+    seed, differs = 400, 0
+    for shape in ((3, 5), (7, 129), (130, 64)):
+        for dtype in DTYPES:
+            for qt in ("nf4", "fp4"):
+                for bs in (32, 256):
+                    seed += 1
+                    x = make_input(shape, dtype, "special", bs, seed).float()
+                    flat = x.view(-1)
+                    if flat.numel() > 3 * bs:  # subnormal inputs, an all-subnormal block, subnormal xn
+                        flat[5::17] = 1e-39 * torch.randn(flat[5::17].shape)
+                        flat[2 * bs:3 * bs] = -3e-39
+                        flat[bs:bs + 8] = torch.tensor([4.0, -2e-38, 2e-38, -1.3e-38, 0.5, -0.5, 1e-3, -1e-3])
+                    x = x.to(dtype)
+                    p, a = quant4.quantize_4bit(x, bs, qt, mode="bnb")
+                    pe, ae = bnb_cuda_quantize(x, bs, qt)
+                    res.check(_eq(p, pe) and _eq(a, ae), f"bnb-mode quantize {shape} {dtype} {qt} bs{bs}")
+                    pr, _ = reference.quantize_4bit_ref(x, bs, qt)
+                    differs += int(not _eq(p, pr))
+                    for dq in (False, True):
+                        with backend.forced("reference"):
+                            q = quant.quantize(x, qt, bs, dq)
+                        y = quant4.dequantize_4bit(q, mode="bnb", block_bytes=64)
+                        res.check(_eq(y, bnb_cuda_dequantize(q)), f"bnb-mode dequantize {shape} {dtype} {qt} bs{bs} dq={dq}")
+    res.facts["bnb_differs_from_reference"] = differs
+
+
 class Result:
     def __init__(self, group):
         self.group, self.cases, self.failures = group, 0, []
@@ -191,7 +260,7 @@ class Result:
 
 
 GROUPS = {"quant4": group_quant4, "dequant": group_dequant, "blockwise": group_blockwise,
-          "pipeline": group_pipeline, "errors": group_errors}
+          "pipeline": group_pipeline, "errors": group_errors, "bnbmode": group_bnbmode}
 
 if __name__ == "__main__":
     res = Result(sys.argv[1])

@@ -3,9 +3,9 @@
 Run on the device: `pytest -m gpu tests/test_gpu_quant4.py`. Deselected on CPU boxes (conftest.py).
   * against bitsandbytes 0.50.2 CUDA: packed bytes, absmax, nested 8-bit codes, nested absmax, offset and
     dequantized outputs must be identical (large shapes, zero blocks, exact zeros, subnormals);
-  * against qlora_core/reference.py (IEEE 1/absmax, no FTZ): with rcp="ieee", ftz=False the kernels match
-    exactly; with the default fast-math emulation the only allowed differences are codes of elements whose
-    normalized value lies within 2 ulp of a quantization threshold, each off by one bucket.
+  * against qlora_core/reference.py: mode="reference" matches it exactly; the default mode="bnb" may differ
+    only in codes of elements whose normalized value lies within 2 ulp of a quantization threshold (each off
+    by one bucket) and, for dequantized FP4, in the sign of zero.
 """
 import pytest
 import torch
@@ -105,17 +105,37 @@ def test_nested_quantize_blockwise_matches_bnb_cuda():
 
 
 @pytest.mark.parametrize("shape,dtype,qt,bs", CASES)
-def test_ieee_mode_matches_reference_exactly(shape, dtype, qt, bs):
-    """With IEEE 1/absmax and no FTZ the GPU kernels are the reference, bit for bit (same as on the CPU)."""
+def test_reference_mode_matches_reference_exactly(shape, dtype, qt, bs):
+    """mode="reference" (IEEE 1/absmax, no FTZ, midpoint thresholds) is the reference, bit for bit."""
     from qlora_core.kernels import quant4
     x = _weights(shape, dtype, bs, seed=4)
-    packed, absmax = quant4.quantize_4bit(x, bs, qt, rcp="ieee", ftz=False)
+    packed, absmax = quant4.quantize_4bit(x, bs, qt, mode="reference")
     ref_packed, ref_absmax = reference.quantize_4bit_ref(x, bs, qt)
     assert _ndiff(absmax, ref_absmax) == 0 and _ndiff(packed, ref_packed) == 0
     a = ref_absmax - ref_absmax.mean()
-    q8, am8 = quant4.quantize_blockwise(a, dynamic_map(True, "cuda"), 256, rcp="ieee", ftz=False)
+    q8, am8 = quant4.quantize_blockwise(a, dynamic_map(True, "cuda"), 256, mode="reference")
     q8r, am8r = reference.quantize_blockwise_ref(a, dynamic_map(True, "cuda"), 256)
     assert _ndiff(q8, q8r) == 0 and _ndiff(am8, am8r) == 0
+
+
+@needs_bnb
+def test_nf4_fp4_thresholds_match_bnb_cuda():
+    """Blocks with absmax 1 (so xn == x exactly) holding every threshold and its +-1 ulp neighbours: the codes
+    bitsandbytes CUDA assigns pin down its thresholds; mode="bnb" must agree on every one, and the 4 NF4
+    literals that nvcc rounds off the fp32 midpoints must really differ from the reference."""
+    from qlora_core.kernels import quant4
+    t = torch.cat([nf4_thresholds("cuda"), torch.tensor(quant4.CUDA_NF4_THRESHOLDS, device="cuda"),
+                   fp4_thresholds("cuda")[0], -fp4_thresholds("cuda")[0]])
+    vals = torch.cat([t, torch.nextafter(t, torch.full_like(t, 2.0)), torch.nextafter(t, torch.full_like(t, -2.0))])
+    x = torch.zeros(vals.numel(), 64, device="cuda")
+    x[:, 0], x[:, 1] = 1.0, vals
+    for qt in ("nf4", "fp4"):
+        p, _ = quant4.quantize_4bit(x, 64, qt)
+        p_bnb, _ = bnbf.quantize_4bit(x, blocksize=64, quant_type=qt)
+        assert _ndiff(p, p_bnb) == 0
+        p_ref, _ = reference.quantize_4bit_ref(x, 64, qt)
+        if qt == "nf4":
+            assert _ndiff(p_bnb, p_ref) > 0, "bitsandbytes CUDA agreed with the midpoint thresholds"
 
 
 def _near_threshold(xn: torch.Tensor, qt: str, ulps: int) -> torch.Tensor:
@@ -140,7 +160,8 @@ def test_default_mode_vs_reference_differs_only_at_thresholds(shape, dtype, qt, 
     n = x.numel()
     codes, ref_codes = reference.unpack_nibbles(packed, n), reference.unpack_nibbles(ref_packed, n)
     bad = (codes != ref_codes).nonzero().squeeze(1)
-    assert bad.numel() <= max(64, n // 100_000), f"{bad.numel()} codes differ from the reference"
+    # bf16 inputs land exactly on FP4's dyadic thresholds (0.0859375 = 11/128) often: up to ~0.05% measured
+    assert bad.numel() <= max(64, n // 2000), f"{bad.numel()} codes differ from the reference"
     if bad.numel():
         xf = x.reshape(-1).float()[bad]
         xn = xf * (1.0 / ref_absmax[bad // bs])
@@ -156,14 +177,21 @@ def test_default_mode_vs_reference_differs_only_at_thresholds(shape, dtype, qt, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_dequantize_matches_reference_exactly(dtype, double_quant):
-    """Dequant is mul + round (and mul, then add, for the nested absmax): no FMA, so it is exact."""
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_dequantize_matches_reference_exactly(dtype, double_quant, qt):
+    """Dequant is mul + round (and mul, then add, for the nested absmax): no FMA, so mode="reference" is exact;
+    the default "bnb" mode equals it except FP4 code 8, which is -0.0 there (bitsandbytes CUDA)."""
+    from qlora_core.kernels import quant4
     x = _weights((4097, 1023), dtype, 64, seed=6)
     with backend.forced("reference"):
-        q = quant.quantize(x, "nf4", 64, double_quant)
-    from qlora_core.kernels import quant4
-    y = quant4.dequantize_4bit(q)
-    y_ref = reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, q.dtype, 64, "nf4")
-    assert _ndiff(y, y_ref) == 0
+        q = quant.quantize(x, qt, 64, double_quant)
+    y_ref = reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, q.dtype, 64, qt)
+    assert _ndiff(quant4.dequantize_4bit(q, mode="reference"), y_ref) == 0
     for bb, join in ((4096, False), (16384, True)):
-        assert _ndiff(quant4.dequantize_4bit(q, block_bytes=bb, join=join, num_warps=8), y_ref) == 0
+        assert _ndiff(quant4.dequantize_4bit(q, mode="reference", block_bytes=bb, join=join, num_warps=8), y_ref) == 0
+    y = quant4.dequantize_4bit(q)
+    codes = reference.unpack_nibbles(q.data, q.numel).view(q.shape)
+    as_int = torch.int32 if dtype == torch.float32 else torch.int16
+    differ = y.view(as_int) != y_ref.view(as_int)
+    expected = (codes == 8) if qt == "fp4" else torch.zeros_like(differ)
+    assert torch.equal(differ, expected) and bool((y == y_ref).all())

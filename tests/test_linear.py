@@ -1,14 +1,15 @@
 """nf4_linear on the CPU reference path against float64 math, plus the autograd contract (nothing dense saved).
 
-Reference: y64 = x64 @ W64.T + b64 with W = qlora_core.dequantize(q) (the format spec, owned by quant.py) taken
-to float64. Tolerance (STYLE.md): 2x the max error of PyTorch's own same-dtype F.linear / matmul against the
+Reference: y64 = x64 @ W64.T + b64 with W64 the exact quantized weight, lut[code] * absmax as an fp32 product
+(the format spec, reference.dequantize_4bit_ref) taken to float64. Tolerance (STYLE.md): 2x the max error of
+PyTorch's own same-dtype F.linear / matmul on W = qlora_core.dequantize(q) (rounded to the dtype) against the
 same float64 result, plus DTYPE_ATOL[dtype].
 """
 import pytest
 import torch
 
 import qlora_core as qc
-from qlora_core.linear import NF4LinearFunction, NF4LinearInputError
+from qlora_core.linear import NF4LinearFunction, NF4LinearInputError, dequantize_as
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,6 +25,10 @@ def _make(n, k, dtype, quant_type="nf4", double_quant=True, blocksize=64):
     return q, qc.dequantize(q)  # W in dtype, the spec's values
 
 
+def _exact64(q):
+    return dequantize_as(q, torch.float32).double()  # lut * absmax before any rounding to a 16-bit dtype
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,n,k", [((1,), 7, 65), ((3, 5), 33, 130), ((13,), 64, 257)])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
@@ -35,7 +40,7 @@ def test_forward_backward_vs_float64(dtype, lead, n, k, quant_type, double_quant
     y = qc.nf4_linear(x, q, b)
     assert y.shape == (*lead, n) and y.dtype == dtype
 
-    x64, w64 = x.detach().double(), w.double()
+    x64, w64 = x.detach().double(), _exact64(q)
     y64 = x64 @ w64.T + (b.detach().double() if with_bias else 0.0)
     ours_torch = torch.nn.functional.linear(x.detach(), w, None if b is None else b.detach())
     assert_close_verbose(y, y64, atol=_bound(ours_torch, y64, dtype), rtol=0, name="y")
@@ -56,7 +61,7 @@ def test_mixed_dtype_weight_is_rounded_once():
     x = torch.randn(4, 70, dtype=torch.bfloat16)
     y = qc.nf4_linear(x, q)
     w = w32.to(torch.bfloat16)
-    y64 = x.double() @ w.double().T
+    y64 = x.double() @ w32.double().T
     assert_close_verbose(y, y64, atol=_bound(x @ w.T, y64, torch.bfloat16), rtol=0, name="y")
 
 

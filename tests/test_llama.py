@@ -160,6 +160,24 @@ def test_greedy_generate_equals_transformers(folder):
     assert torch.equal(model.generate(ids, max_new_tokens=10), ref)
 
 
+def test_left_padded_batch_generates_like_each_row_alone(folder):
+    model = load_llama(folder, quantize=None, dtype=torch.float32)
+    lengths = [9, 4, 6]
+    rows = [_ids(model.config.vocab_size, B=1, T=n, seed=10 + n) for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - r.shape[1]:] = r[0]
+        mask[i, T - r.shape[1]:] = 1
+    out = model.generate(ids, max_new_tokens=10, attention_mask=mask)
+    for i, r in enumerate(rows):
+        alone = model.generate(r, max_new_tokens=10)
+        assert torch.equal(out[i, T:], alone[0, r.shape[1]:]), f"row {i}"
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, max_new_tokens=2, attention_mask=mask.flip(1))
+
+
 def test_chunked_prefill_and_decode_logits_match_full_forward(folder):
     """Cache paths: prefill (is_causal), a multi-token chunk with a past (explicit bottom-right mask), and decode."""
     model = load_llama(folder, quantize=None, dtype=torch.float32)
