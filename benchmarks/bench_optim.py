@@ -85,7 +85,7 @@ def run_workload(name, shapes, bnb):
     params = make(shapes)
     numel = sum(p.numel() for p in params)
     big = numel > 200e6
-    ms = 1500 if big else 400
+    ms = 800 if big else 300
     cases = [("torch AdamW fused", lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True))]
     if bnb is not None:
         cases += [("bnb AdamW8bit", lambda: bnb.optim.AdamW8bit(params, lr=1e-3, weight_decay=0.01)),

@@ -99,7 +99,7 @@ class PagedAdamW(torch.optim.Optimizer):
             self._by_page[seg.page].append(seg)
         self._offsets = [[seg.offsets() for seg in segs] for segs in self._by_page]
         self._launch_groups = None  # multi-tensor tables, built on the first Triton step
-        self._addr_key, self._addr_table = None, None
+        self._addr_key, self._addr_tables, self._step_addr = None, {}, None
         self._store = PageStore(num_pages, page_bytes, device, budget)
         self._qmaps = (dynamic_map(True, device), dynamic_map(False, device))
 
@@ -161,6 +161,7 @@ class PagedAdamW(torch.optim.Optimizer):
             return loss
         pages = [page for page, segs in enumerate(self._by_page) if any(s.param in grads for s in segs)]
         update_page = (self._triton_page if backend.choose(self._device) == "triton" else self._reference_page)
+        self._step_addr = None
         self._store.run(lambda page, buf: update_page(page, buf, grads, coeffs), pages)
         return loss
 
@@ -201,18 +202,27 @@ class PagedAdamW(torch.optim.Optimizer):
                                    blk_table=torch.tensor(blk_rows, dtype=torch.int32).to(self._device)))
             self._launch_groups.append(groups)
 
-    def _addresses(self, grads: dict) -> torch.Tensor:
-        """(nparams, 2) int64 device table of param and grad addresses; re-sent only when an address changes
-        (a fresh .grad from the caching allocator usually lands at the same address)."""
+    def _addresses(self, grads: dict) -> dict:
+        """Per param dtype: (anchor tensor, (nparams, 2) int64 device table of p / grad element offsets from the
+        anchor, all-16-byte-aligned flag). Re-sent only when an address changes (a fresh .grad from the caching
+        allocator usually lands at the same address), so a step normally costs no copy."""
         key = tuple(a for i, p in enumerate(self._flat)
                     for a in (p.data_ptr(), grads[i].data_ptr() if i in grads else 0))
         if key != self._addr_key:
-            host = torch.tensor(key, dtype=torch.int64).view(-1, 2)
-            if self._device.type == "cuda":
-                host = host.pin_memory()  # the caching host allocator keeps it alive until the copy is done
-            self._addr_table = host.to(self._device, non_blocking=True)
-            self._addr_key = key
-        return self._addr_table
+            self._addr_key, self._addr_tables = key, {}
+            for dtype in {p.dtype for p in self._flat}:
+                anchor = next(p for p in self._flat if p.dtype == dtype)
+                base, size = anchor.data_ptr(), anchor.element_size()
+                rel = [(a - base) if a else 0 for a in key]
+                if any(r % size for r in rel):  # not element-aligned to the anchor: per-segment launches only
+                    self._addr_tables[dtype] = None
+                    continue
+                host = torch.tensor([r // size for r in rel], dtype=torch.int64).view(-1, 2)
+                if self._device.type == "cuda":
+                    host = host.pin_memory()  # the caching host allocator keeps it alive until copied
+                self._addr_tables[dtype] = (anchor, host.to(self._device, non_blocking=True),
+                                            all(r % 16 == 0 for r in rel))
+        return self._addr_tables
 
     def _triton_page(self, page: int, buf: torch.Tensor, grads: dict, coeffs: dict) -> None:
         # One launch per (page, bits, dtype, group) through the multi-tensor kernel; per-segment launches only
@@ -220,16 +230,21 @@ class PagedAdamW(torch.optim.Optimizer):
         from .kernels.adamw8bit import launch, launch_multi
         if self._launch_groups is None:
             self._build_launch_groups()
+        if self._step_addr is None:  # once per step, not per page
+            self._step_addr = self._addresses(grads)
         q1, q2 = self._qmaps
         f32 = buf.view(torch.float32)
         for lg in self._launch_groups[page]:
             params = lg["params"]
             first = params[0]
-            uniform = all(i in grads and self._steps[i] == self._steps[first] and grads[i].dtype == lg["dtype"]
-                          for i in params)
+            addr = self._step_addr.get(lg["dtype"])
+            uniform = addr is not None and all(
+                i in grads and self._steps[i] == self._steps[first] and grads[i].dtype == lg["dtype"]
+                for i in params)
             if uniform:
-                launch_multi(lg["seg_table"], self._addresses(grads), lg["blk_table"], lg["nblk"], buf, q1, q2,
-                             coeffs[first][lg["bits"]], lg["bits"] == 8, lg["dtype"])
+                anchor, table, aligned = addr
+                launch_multi(lg["seg_table"], table, lg["blk_table"], lg["nblk"], anchor, aligned, buf, q1, q2,
+                             coeffs[first][lg["bits"]], lg["bits"] == 8)
                 continue
             for seg, offs in lg["segs"]:
                 g = grads.get(seg.param)
