@@ -248,7 +248,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, cache=None):  # cos, sin: (T, D) or (B, 1, T, D)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -266,22 +266,26 @@ class LlamaModel(nn.Module):
         self._inv_freq: dict = {}
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin of shape (T, D) in `dtype` (computed in fp32) for integer `positions` (T,)."""
+        """cos, sin in `dtype` (computed in fp32) for integer positions (T,) -> (T, D), or (B, T) -> (B, 1, T, D)."""
         dev = positions.device
         if dev not in self._inv_freq:
             self._inv_freq[dev] = rope_inv_freq(self.config, dev)
-        freqs = positions.float()[:, None] * self._inv_freq[dev][None, :]   # (T, D/2)
+        freqs = positions.float()[..., None] * self._inv_freq[dev]   # (..., T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
+        if emb.dim() == 3:
+            emb = emb[:, None]  # broadcast over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used + {T} new does not fit")
         x = self.embed_tokens(input_ids)  # (B, T, d)
-        cos, sin = self.rope(torch.arange(past, past + T, device=input_ids.device), x.dtype)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
+        cos, sin = self.rope(position_ids, x.dtype)
         mask = _attn_mask(B, T, past, attention_mask, x.device)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
@@ -334,18 +338,24 @@ class Llama(nn.Module):
         self.model.gradient_checkpointing = bool(on)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) int64 -> logits (B, T, vocab) in the lm_head dtype."""
-        return self.lm_head(self.model(input_ids, attention_mask, cache))
+                cache: KVCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) int64 -> logits (B, T, vocab) in the lm_head dtype.
+
+        attention_mask (B, past+T), 1 = real token, masks padded keys; position_ids (T,) or (B, T) default to
+        past..past+T-1 (pass them for left-padded rows); cache: a KVCache, advanced by T.
+        """
+        return self.lm_head(self.model(input_ids, attention_mask, cache, position_ids))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Prompt (B, T) -> (B, T + n) ids, n <= max_new_tokens, decoding with a KV cache.
 
         temperature 0 is greedy; > 0 samples from softmax(logits / temperature) restricted to the smallest set
         of tokens whose probability reaches top_p. Rows that emitted an eos_token_id keep emitting it; decoding
-        stops early once every row has. All rows share the prompt length (no padding).
+        stops early once every row has. Prompts of different lengths go in left-padded, with attention_mask
+        (B, T) marking real tokens (1); each row then decodes exactly as it would alone.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -354,18 +364,25 @@ class Llama(nn.Module):
         was_training = self.training
         self.eval()  # no LoRA dropout while decoding
         try:
-            return self._generate(input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator)
+            return self._generate(input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator,
+                                  attention_mask)
         finally:
             self.train(was_training)
 
-    def _generate(self, input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator):
+    def _generate(self, input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator, attention_mask):
         B, T = input_ids.shape
+        mask = pos = None
+        if attention_mask is not None:
+            mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+            if tuple(mask.shape) != (B, T) or not bool((mask[:, 1:] >= mask[:, :-1]).all()) or not mask[:, -1].all():
+                raise ValueError("attention_mask must be (B, T) and left-padded (0...0 1...1 per row)")
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row's real tokens start at position 0
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
         cache = KVCache(self.config, B, T + max_new_tokens, input_ids.device, self.model.embed_tokens.weight.dtype)
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = self(input_ids, cache=cache)[:, -1]
+        logits = self(input_ids, mask, cache, pos)[:, -1]
         for step in range(max_new_tokens):
             nxt = sample_next(logits.float(), temperature, top_p, generator)  # (B,)
             if eos:
@@ -374,7 +391,10 @@ class Llama(nn.Module):
             out.append(nxt[:, None])
             if step == max_new_tokens - 1 or (eos and bool(done.all())):
                 break
-            logits = self(nxt[:, None], cache=cache)[:, -1]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+                pos = pos[:, -1:] + 1
+            logits = self(nxt[:, None], mask, cache, pos)[:, -1]
         return torch.cat(out, dim=1)
 
 
