@@ -49,7 +49,7 @@ class LlamaConfig:
     head_dim: int | None = None              # per-head width D; None -> hidden_size // H
     rms_norm_eps: float = 1e-6               # RMSNorm epsilon
     rope_theta: float = 10000.0              # RoPE base
-    rope_scaling: dict | None = None         # None (default rope) or llama3: {factor, low/high_freq_factor, original_max_pos}
+    rope_scaling: dict | None = None         # None (plain RoPE) or the llama3 dict (factor, low/high_freq_factor, ...)
     max_position_embeddings: int = 2048      # context the checkpoint was trained for (informational)
     tie_word_embeddings: bool = False        # lm_head shares embed_tokens.weight
     attention_bias: bool = False             # bias on q/k/v/o projections
@@ -141,7 +141,8 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
         return inv
     # llama3: wavelengths longer than orig/low_freq_factor are slowed by `factor`, shorter than orig/high_freq_factor
     # kept, and the band between interpolated linearly in (orig / wavelen).
-    factor, lo, hi, orig = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    orig = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > orig / lo, inv / factor, inv)
     smooth = (orig / wavelen - lo) / (hi - lo)
@@ -208,6 +209,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
         v = self.v_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast changed the projections' dtype
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         is_causal = mask is None and T > 1
@@ -312,7 +314,8 @@ def _attn_mask(B, T, past, attention_mask, device):
     mask = (j <= i)[None, None]  # (1, 1, T, S) bottom-right causal
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"attention_mask must have shape (B, past+T)=({B}, {S}), got {tuple(attention_mask.shape)}")
+            raise ValueError(f"attention_mask must have shape (B, past+T)=({B}, {S}), "
+                             f"got {tuple(attention_mask.shape)}")
         mask = (mask & attention_mask.bool()[:, None, None, :]) | (j == i)[None, None]
     return mask
 
