@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from qlora_core.linear import dequantize_as
-from qlora_core.llama import KVCache, Llama, LlamaConfig, quantize_linears, rope_inv_freq, sample_next
+from qlora_core.llama import (KVCache, Llama, LlamaConfig, LlamaModel, quantize_linears, rope_inv_freq,
+                              sample_next)
 from qlora_core.loading import load_llama
 from qlora_core.qlinear import QuantLinear
 from qlora_core.quant import dequantize
@@ -60,6 +61,40 @@ def test_rope_frequencies_match_transformers(folder):
         plain = LlamaConfig(**{**cfg.__dict__, "rope_scaling": None})
         changed = (rope_inv_freq(plain) != expected)
         assert 0 < int(changed.sum()) < changed.numel()
+
+
+# config.json values of two released checkpoints (transformers 4 form), as published with the weights
+REAL_CONFIGS = {
+    "Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         max_position_embeddings=131072, tie_word_embeddings=False,
+                         eos_token_id=[128001, 128008, 128009],
+                         rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+    "Llama-3.2-1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                         rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
+                         rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_llama3_configs_rope_matches_transformers(name):
+    d = {"model_type": "llama", "hidden_act": "silu", **REAL_CONFIGS[name]}
+    cfg = LlamaConfig.from_hf_config(d)
+    assert cfg.num_key_value_heads == 8 and cfg.head_dim == d["hidden_size"] // 32
+    assert cfg.rope_scaling["factor"] == d["rope_scaling"]["factor"]
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    hf = LlamaRotaryEmbedding(transformers.LlamaConfig(**d))
+    assert_close_verbose(rope_inv_freq(cfg), hf.inv_freq, atol=0, rtol=1e-6, name=f"{name} inv_freq")
+    with torch.device("meta"):  # the module tree without memory; rope() only needs the config
+        model = LlamaModel(cfg)
+    pos = torch.arange(0, 20000, 997)
+    cos, sin = model.rope(pos, torch.float32)
+    hf_cos, hf_sin = hf(torch.zeros(1, len(pos), cfg.head_dim), pos[None])
+    assert_close_verbose(cos, hf_cos[0], atol=1e-6, rtol=0, name="cos")
+    assert_close_verbose(sin, hf_sin[0], atol=1e-6, rtol=0, name="sin")
 
 
 def test_model_is_a_drop_in_for_hf_state_dict_keys(folder):
