@@ -345,3 +345,44 @@ def test_hub_network_failure_and_success(tmp_path, monkeypatch):
     assert model.name_or_path == str(folder)
     patterns = calls[-1][1]
     assert {"config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"} <= set(patterns)
+
+
+# -- a checkpoint saved by transformers + bitsandbytes itself --------------------------------------------
+def test_checkpoint_saved_by_transformers_bitsandbytes(tmp_path):
+    """transformers quantizes a dense folder with bitsandbytes (CPU) and save_pretrained()s it; we load that.
+
+    Dims are multiples of 64 here: bitsandbytes' CPU 4-bit forward and dequant need in_features % blocksize == 0.
+    """
+    transformers = pytest.importorskip("transformers", reason="transformers writes the reference checkpoint")
+    bnbF = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes quantizes for transformers")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate for device_map")
+    spec = dict(CONFIGS[SHARDED], arch=dict(CONFIGS[SHARDED]["arch"], hidden_size=64, intermediate_size=128))
+    config = hf_config_dict(spec)
+    sd = {k: v.to(torch.bfloat16) for k, v in random_state_dict(LlamaConfig.from_hf_config(config), 3).items()}
+    dense_dir = write_folder(tmp_path / "dense", config, sd, shards=2)
+    bc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                         bnb_4bit_compute_dtype=torch.bfloat16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=bc, dtype=torch.bfloat16,
+                                                           device_map="cpu")
+    hf.save_pretrained(tmp_path / "bnb")  # before any forward: bnb's CPU forward repacks weights in place
+    hf_weights = {n: bnbF.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                  for n, m in hf.named_modules() if n.endswith("_proj")}
+    model = load_llama(tmp_path / "bnb", dtype=torch.bfloat16)
+    qs = _quant_linears(model)
+    assert qs.keys() == hf_weights.keys()
+    for n, m in qs.items():  # the 4-bit weights we read are exactly the ones transformers computes with
+        assert torch.equal(dequantize(m.weight), hf_weights[n]), n
+    # and the 4-bit codes are ours; the 8-bit nested absmax codes may differ on bitsandbytes' CPU tie rule
+    ref = load_llama(dense_dir, dtype=torch.bfloat16)
+    for n, m in qs.items():
+        assert torch.equal(m.weight.data, ref.get_submodule(n).weight.data), n
+    # same logits as transformers, both within bf16 error of the float64 model of the dequantized weights
+    dense64 = load_llama(dense_dir, quantize=None, dtype=torch.float32).double()
+    for n, w in hf_weights.items():
+        dense64.get_submodule(n).weight.data = w.double()
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        ours, theirs, y64 = model(ids).double(), hf(ids).logits.double(), dense64(ids)
+    err_ours = (ours - y64).abs().max().item()
+    err_theirs = (theirs - y64).abs().max().item()
+    assert err_ours <= 2 * err_theirs + 1e-2 and err_theirs <= 2 * err_ours + 1e-2, (err_ours, err_theirs)
