@@ -54,7 +54,7 @@ def _quantize(w):
         return qc.quantize(w.cpu(), "nf4", 64, True).to(w.device)
 
 
-def bench_shape(n, k, ms, log, do_bnb=True, paths=True):
+def bench_shape(n, k, ms, log, do_bnb=True, paths=True, a_tiled_max=1 << 30):
     from qlora_core.kernels import nf4_linear as disp
     dev = "cuda"
     dt = torch.bfloat16
@@ -97,10 +97,10 @@ def bench_shape(n, k, ms, log, do_bnb=True, paths=True):
         res["path_fwd"] = disp.choose_path("fwd", m, n, k)
         res["path_dx"] = disp.choose_path("dx", m, n, k)
         if paths:  # every path, so the dispatch thresholds come from data
-            for p in (["gemv"] if m <= 16 else []) + ["tiled", "cublas"]:
+            for p in (["gemv"] if m <= 128 else []) + (["tiled"] if m <= a_tiled_max else []) + ["cublas"]:
                 timed(f"fwd_{p}", lambda p=p: [disp.linear_forward(x, qs[i], None, path=p) for i in range(r_q)],
                       r_q, qb)
-            for p in ["tiled", "cublas"]:
+            for p in (["tiled"] if m <= a_tiled_max else []) + ["cublas"]:
                 timed(f"dx_{p}", lambda p=p: [disp.linear_input_grad(dy, qs[i], path=p) for i in range(r_q)], r_q, qb)
         if bnb is not None:
             bnb_mod, bnbF, bq = bnb
@@ -133,23 +133,24 @@ def bench_shape(n, k, ms, log, do_bnb=True, paths=True):
     return rows
 
 
-def tune_gemv(log):
-    """Sweep the decode kernel's block sizes at M = 1 and 16 on the three shapes."""
+def tune_gemv(log, shapes):
+    """Sweep the decode kernel's block sizes at M = 1, 16 and 128 on the given shapes."""
     from qlora_core.kernels import nf4_gemv
     out = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q0 = _quantize(w)
         qs = [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
-        for m, grid in ((1, [(bn, un, nw, st) for bn in (16, 32, 64) for un in (2, 4, 8) for nw, st in ((4, 3),)]
-                         + [(32, 4, 8, 3), (64, 4, 8, 3), (32, 4, 4, 2), (32, 8, 4, 4)]),
-                        (16, [(bn, un, 4, 3) for bn in (16, 32, 64, 128) for un in (1, 2, 4)])):
+        for m, grid in ((1, [(bn, un, 4, 1, None) for bn in (16, 32, 64) for un in (2, 4)]
+                         + [(32, 4, 4, 1, 4), (32, 4, 8, 1, None), (64, 4, 8, 1, None), (32, 4, 4, 3, None)]),
+                        (16, [(bn, un, 4, 1, None) for bn in (32, 64, 128) for un in (1, 2)] + [(64, 1, 8, 1, None)]),
+                        (128, [(bn, 1, 4, 1, None) for bn in (32, 64, 128)] + [(64, 1, 8, 1, None), (64, 1, 4, 1, 2)])):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             best = None
             for cfg in grid:
-                bn, un, nw, st = cfg
+                bn, un, nw, st, sp = cfg
                 try:
-                    t = _graph_time(lambda: [nf4_gemv.gemv(x, q, None, bn, un, nw, split_k=None, num_stages=st)
+                    t = _graph_time(lambda: [nf4_gemv.gemv(x, q, None, bn, un, nw, split_k=sp, num_stages=st)
                                              for q in qs], len(qs))
                 except Exception as e:
                     log(f"gemv cfg {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
@@ -168,6 +169,7 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", help="sweep the gemv block sizes first")
     ap.add_argument("--no-paths", action="store_true", help="skip timing each dispatch path separately")
     ap.add_argument("--json", default=None, help="write all rows to this file")
+    ap.add_argument("--tiled-max", type=int, default=1 << 30, help="time the fused tiled path only up to this M")
     a = ap.parse_args(argv)
     lines = []
 
@@ -188,10 +190,10 @@ def main(argv=None):
     shapes = SHAPES if a.shapes == "all" else [SHAPES[int(i)] for i in a.shapes.split(",")]
     result = {"meta": meta}
     if a.tune:
-        result["gemv_tune"] = tune_gemv(log)
+        result["gemv_tune"] = tune_gemv(log, shapes)
     rows = []
     for n, k in shapes:
-        rows += bench_shape(n, k, ms, log, paths=not a.no_paths)
+        rows += bench_shape(n, k, ms, log, paths=not a.no_paths, a_tiled_max=a.tiled_max)
     result["rows"] = rows
     if a.json:
         with open(a.json, "w") as f:

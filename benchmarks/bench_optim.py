@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from qlora_core.optim import PagedAdamW  # noqa: E402
 
 MiB = 1 << 20
+PCIE: dict = {}  # measured pinned-copy GB/s, filled in main()
 
 
 def lora8b_shapes(r=16, hidden=4096, kv=1024, inter=14336, layers=32):
@@ -70,12 +71,28 @@ def time_step(opt, ms: int) -> float:
 
 
 def pcie_gbps(nbytes=256 * MiB):
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    """Pinned copy bandwidth per direction, alone and with both directions at once (what paging gets)."""
+    from triton.testing import do_bench
+    host_a = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    host_b = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev_a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dev_b = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both():
+        cur = torch.cuda.current_stream()
+        s1.wait_stream(cur)
+        s2.wait_stream(cur)
+        with torch.cuda.stream(s1):
+            dev_a.copy_(host_a, non_blocking=True)
+        with torch.cuda.stream(s2):
+            host_b.copy_(dev_b, non_blocking=True)
+        cur.wait_stream(s1)
+        cur.wait_stream(s2)
+
     out = {}
-    for name, fn in (("h2d", lambda: dev.copy_(host, non_blocking=True)),
-                     ("d2h", lambda: host.copy_(dev, non_blocking=True))):
-        from triton.testing import do_bench
+    for name, fn in (("h2d", lambda: dev_a.copy_(host_a, non_blocking=True)),
+                     ("d2h", lambda: host_b.copy_(dev_b, non_blocking=True)), ("bidir_each", both)):
         out[name] = nbytes / do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e6
     return out
 
@@ -111,6 +128,8 @@ def run_workload(name, shapes, bnb):
             row["pages"] = opt._store.num_pages
             row["page_MiB"] = opt._store.page_bytes / MiB
             row["resident_pages"] = len(opt._store.device_pages)
+            paged_bytes = (opt._store.num_pages - row["resident_pages"]) * opt._store.page_bytes
+            row["pcie_floor_ms"] = paged_bytes / (PCIE["bidir_each"] * 1e6) if paged_bytes else 0.0
         rows.append(row)
         print(f"  {name:8s} {label:26s} {t:9.3f} ms  state on GPU {st / MiB:9.1f} MiB", flush=True)
         del opt
@@ -159,6 +178,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--oom-demo", default=None, help="internal: run the memory-cap demo for one optimizer")
     ap.add_argument("--workloads", default="lora8b,llama1b")
+    ap.add_argument("--demo", default="torch,ours32,ours8", help="optimizers for the memory-cap demo ('' = none)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if args.oom_demo:
@@ -169,15 +189,16 @@ def main():
     except ImportError:
         bnb = None
     import triton
+    PCIE.update(pcie_gbps())
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "bnb": getattr(bnb, "__version__", None), "pcie_GBps": pcie_gbps()}
+           "bnb": getattr(bnb, "__version__", None), "pcie_GBps": dict(PCIE)}
     print(json.dumps(env), flush=True)
     rows = []
     shapes = {"lora8b": lora8b_shapes(), "llama1b": llama1b_shapes()}
     for name in args.workloads.split(","):
         rows += run_workload(name, shapes[name], bnb)
     demo = []
-    for which in ("torch", "ours32", "ours8"):
+    for which in args.demo.split(",") if args.demo else ():
         proc = subprocess.run([sys.executable, __file__, "--oom-demo", which], capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         demo.append(json.loads(line[-1][7:]) if line else {"optimizer": which, "completed": False,
@@ -185,15 +206,17 @@ def main():
     with open(os.path.join(args.out, "bench_optim.json"), "w") as f:
         json.dump({"env": env, "rows": rows, "oom_demo": demo}, f, indent=1)
 
-    print(f"\n{'workload':9s}{'optimizer':27s}{'step ms':>9s}{'vs bnb':>8s}{'vs torch':>9s}{'state GPU MiB':>15s}")
+    print(f"\n{'workload':9s}{'optimizer':27s}{'step ms':>9s}{'vs bnb':>8s}{'vs torch':>9s}{'state GPU MiB':>15s}"
+          f"{'PCIe floor':>11s}")
     for name in args.workloads.split(","):
         sub = [r for r in rows if r["workload"] == name]
         ref_bnb = next((r["step_ms"] for r in sub if r["optimizer"] == "bnb PagedAdamW8bit"), None)
         ref_torch = next(r["step_ms"] for r in sub if r["optimizer"] == "torch AdamW fused")
         for r in sub:
             vb = f"{ref_bnb / r['step_ms']:.2f}x" if ref_bnb else "-"
+            floor = f"{r['pcie_floor_ms']:.1f}" if r.get("pcie_floor_ms") else "-"
             print(f"{name:9s}{r['optimizer']:27s}{r['step_ms']:9.3f}{vb:>8s}{ref_torch / r['step_ms']:8.2f}x"
-                  f"{r['state_gpu_MiB']:15.1f}")
+                  f"{r['state_gpu_MiB']:15.1f}{floor:>11s}")
     for d in demo:
         print("oom-demo", json.dumps(d))
     print(json.dumps({"bench": "optim", "env": env, "rows": rows, "oom_demo": demo}))

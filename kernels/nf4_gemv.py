@@ -13,11 +13,11 @@ Design
   function is x @ dequantize(q).T, and dequantize rounds; skipping the rounding changed bf16 results by up
   to 3 ulp and broke the tolerance). For fp32 x nothing is rounded, so lut[code] * x is summed within each
   absmax block and only then scaled: one multiply per block, not per element.
-- 2 <= M <= 16: the dequantized tile (rounded to x's dtype, exactly dequantize(q)'s values) goes to the
+- 2 <= M <= 128 (BLOCK_M = next power of two >= 16): the dequantized tile (rounded to x's dtype, exactly dequantize(q)'s values) goes to the
   tensor cores with the rows padded to 16 (mma needs M >= 16); the padding costs nothing measurable since
   the work is memory bound.
 - fp32 x uses input_precision="ieee" (tf32 would be 3e-4 relative, outside the fp32 tolerance).
-Limits: forward only (dx at small M uses nf4_matmul's transposed kernel with BLOCK_M = 16).
+Limits: forward only, M <= 128 (dx at small M uses nf4_matmul's transposed kernel with BLOCK_M = 16).
 """
 from __future__ import annotations
 
@@ -94,10 +94,14 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, ne
         tl.store(ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
 
 
-def _split_k(n_tiles: int, k_tiles: int) -> int:
-    """Programs along K so that >= ~2 waves of programs exist (132 SMs on H100), each with >= 2 K tiles."""
+def _split_k(n_tiles: int, k_steps: int) -> int:
+    """Programs along K: enough programs for ~8 per SM (132 SMs on an H100), each >= 1 step of the K loop.
+
+    The per-step loads (codes, then the table gathers that depend on them) are not software-pipelined, so
+    memory parallelism comes from many resident programs: measured 405 GB/s with 2 programs per SM.
+    """
     split = 1
-    while n_tiles * split < 264 and k_tiles // (split * 2) >= 2 and split < 16:
+    while n_tiles * split < 1056 and split * 2 <= k_steps:
         split *= 2
     return split
 
@@ -107,14 +111,14 @@ def gemv(x: torch.Tensor, q, bias: torch.Tensor | None, block_n: int | None = No
     """x (M, K) contiguous, 1 <= M <= 16 -> (M, N) in x's dtype. Block sizes default to the tuned table."""
     m, k = x.shape
     n = q.shape[0]
-    if not 1 <= m <= 16:
-        raise ValueError(f"gemv handles 1..16 rows, got M={m}")
-    block_m = 1 if m == 1 else 16
+    if not 1 <= m <= 128:
+        raise ValueError(f"gemv handles 1..128 rows, got M={m}")
+    block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
     aligned = k % q.blocksize == 0
     if backend.interpreting():
         cfg = (16, 2, 4, 1)
     else:
-        cfg = _TUNED.get((block_m, x.dtype), (32, 4, 4, 3))
+        cfg = _TUNED.get((block_m, x.dtype), (64, 1, 4, 1))
     block_n = block_n or cfg[0]
     unroll = unroll or cfg[1]
     num_warps = num_warps or cfg[2]
@@ -122,6 +126,7 @@ def gemv(x: torch.Tensor, q, bias: torch.Tensor | None, block_n: int | None = No
     hc = min(q.blocksize, 64) // 2 if aligned else 32  # sub-tile of <= 64 columns inside one absmax block
     n_tiles = triton.cdiv(n, block_n)
     split = split_k or _split_k(n_tiles, triton.cdiv(k, 2 * hc * unroll))
+    split = min(split, triton.cdiv(k, 2 * hc * unroll))
     if split > 1:
         out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
     else:
@@ -137,8 +142,10 @@ def gemv(x: torch.Tensor, q, bias: torch.Tensor | None, block_n: int | None = No
 
 
 # (BLOCK_M, dtype) -> (BLOCK_N, UNROLL, num_warps, num_stages), measured on an H100 by
-# benchmarks/bench_matmul.py --tune (docs/benchmarks.md).
+# benchmarks/bench_matmul.py --tune (docs/benchmarks.md). num_stages=1 on the MMA paths: with more stages
+# Triton's pipeliner turns the table gathers into 4-byte cp.async copies through shared memory (seen in
+# the PTX), which made M=16 ~10x slower.
 _TUNED: dict = {
-    (1, torch.bfloat16): (32, 4, 4, 3), (1, torch.float16): (32, 4, 4, 3), (1, torch.float32): (32, 4, 4, 3),
-    (16, torch.bfloat16): (64, 2, 4, 3), (16, torch.float16): (64, 2, 4, 3), (16, torch.float32): (32, 2, 4, 2),
+    (1, torch.bfloat16): (32, 4, 4, 1), (1, torch.float16): (32, 4, 4, 1), (1, torch.float32): (32, 4, 4, 1),
+    (16, torch.bfloat16): (64, 1, 4, 1), (16, torch.float16): (64, 1, 4, 1), (16, torch.float32): (32, 1, 4, 1),
 }

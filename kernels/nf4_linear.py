@@ -4,8 +4,8 @@ Reference: `qlora_core.linear` CPU path (F.linear on `dequantize_as(q, x.dtype)`
 the same function of (x, q, bias) within the matmul tolerance, and the W values used are bit-exact with it.
 
 Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
-- "gemv"   (forward, M <= 16): kernels/nf4_gemv.py, bound by reading the packed weight.
-- "tiled"  (forward 16 < M < large_m, dx M < large_m): kernels/nf4_matmul.py, dequantize fused into the tiles.
+- "gemv"   (forward, M <= GEMV_MAX_M): kernels/nf4_gemv.py, split-K, bound by reading the packed weight.
+- "tiled"  (forward GEMV_MAX_M < M < large_m, dx M < large_m): kernels/nf4_matmul.py, dequantize fused into the tiles.
 - "cublas" (M >= large_m): kernels/nf4_tile.dequantize_transient into a buffer of x's dtype, then cuBLAS.
   At large M the GEMM is compute bound (2*M*N*K flops against one N*K dequantize pass, ~3-7% extra at
   M = 4096 on an H100) and cuBLAS' Hopper GEMM (wgmma + TMA, warp-specialised) outruns a Triton GEMM whose
@@ -23,10 +23,12 @@ PATHS = ("gemv", "tiled", "cublas")
 
 # Smallest M that goes to dequantize + cuBLAS, per direction (H100 measurements, docs/benchmarks.md).
 LARGE_M = {"fwd": 1024, "dx": 1024}
+# Largest M that the forward sends to the split-K decode kernel (nf4_gemv handles up to 128).
+GEMV_MAX_M = 128
 
 
 def choose_path(direction: str, m: int, n: int, k: int) -> str:
-    if direction == "fwd" and m <= 16:
+    if direction == "fwd" and m <= GEMV_MAX_M:
         return "gemv"
     return "cublas" if m >= LARGE_M[direction] else "tiled"
 

@@ -125,28 +125,27 @@ def _dx_kernel(dy_ptr, out_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, o
 
 
 def _configs(kind: str, small_m: bool) -> list:
-    # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Small output tiles keep >= 1 wave of
-    # programs at M <= 128 (N = 4096: 128 programs for 128x32 tiles); large tiles amortise the dequantize at
-    # large M (each W tile is decoded once per BLOCK_M rows). For dx the output tile is BLOCK_K wide and
-    # BLOCK_N is the reduction step.
+    # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). num_stages=1: with more stages Triton's
+    # pipeliner turns the table gathers (lut[code]) into 4-byte cp.async copies through shared memory (seen
+    # in the PTX; 10x slower). Small output tiles keep >= 1 wave of programs at M <= 128; large tiles
+    # amortise the dequantize at large M (each W tile is decoded once per BLOCK_M rows). For dx the output
+    # tile is BLOCK_K wide and BLOCK_N is the reduction step.
     if kind == "fwd":
-        rows = ([(16, 32, 256, 1, 4, 3), (16, 64, 128, 1, 4, 3), (32, 64, 128, 1, 4, 3), (16, 32, 128, 1, 4, 4)]
+        rows = ([(16, 32, 128, 1, 4, 1), (16, 64, 128, 1, 4, 1), (32, 64, 128, 1, 4, 1), (16, 32, 256, 1, 4, 1)]
                 if small_m else
-                [(64, 64, 128, 8, 4, 3), (128, 32, 128, 8, 4, 3), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-                 (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
-                 (128, 128, 128, 8, 8, 3)])
+                [(64, 64, 128, 8, 4, 1), (128, 32, 128, 8, 4, 1), (128, 64, 64, 8, 4, 1), (64, 128, 64, 8, 4, 1),
+                 (128, 128, 64, 8, 8, 1), (128, 256, 64, 8, 8, 1), (256, 128, 64, 8, 8, 1)])
     else:
-        rows = ([(16, 128, 64, 1, 4, 3), (16, 64, 64, 1, 4, 4), (16, 256, 32, 1, 4, 3), (32, 128, 64, 1, 4, 3)]
+        rows = ([(16, 128, 64, 1, 4, 1), (16, 64, 64, 1, 4, 1), (16, 256, 32, 1, 4, 1), (32, 128, 64, 1, 4, 1)]
                 if small_m else
-                [(64, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4),
-                 (256, 64, 64, 8, 8, 3), (128, 64, 32, 8, 4, 3)])
+                [(64, 128, 64, 8, 4, 1), (128, 64, 64, 8, 4, 1), (128, 128, 64, 8, 8, 1), (64, 64, 64, 8, 4, 1),
+                 (256, 64, 64, 8, 8, 1), (128, 64, 32, 8, 4, 1)])
     cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
             for bm, bn, bk, g, w, s in rows]
     if kind == "fwd":
-        # swap-AB: y.T = W @ x.T so the dequantized W tile feeds the MMA from registers (wgmma's A operand)
-        # instead of a registers -> shared-memory round trip as the B operand.
-        sw = ([(32, 64, 128, 1, 4, 3), (64, 128, 64, 8, 4, 3)] if small_m else
-              [(128, 128, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3)])
+        # swap-AB: y.T = W @ x.T so the dequantized W tile is the MMA's A operand (registers on Hopper)
+        sw = ([(32, 64, 128, 1, 4, 1), (64, 128, 64, 8, 4, 1)] if small_m else
+              [(128, 128, 64, 8, 8, 1), (256, 128, 64, 8, 8, 1), (128, 256, 64, 8, 8, 1)])
         cfgs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g, "SWAP_AB": True},
                                num_warps=w, num_stages=s) for bm, bn, bk, g, w, s in sw]
     return cfgs
@@ -166,7 +165,7 @@ def _fixed_config(kind: str, m: int, dtype: torch.dtype) -> dict | None:
     if backend.interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
     if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     if os.environ.get("QLORA_CORE_AUTOTUNE", "1") == "0":
         c = _configs(kind, m <= 64)[0]
         return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)

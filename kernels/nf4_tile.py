@@ -68,8 +68,13 @@ def load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lu
     cj = tl.arange(0, HC)
     rmask = offs_r < N
     if ALIGNED:
-        mask = rmask[:, None] & (cj[None, :] < (K - k0) // 2)
-        byts = tl.load(data_ptr + (offs_r[:, None] * (K // 2) + k0 // 2) + cj[None, :], mask=mask, other=0)
+        # K % C == 0 here, so a sub-tile is either wholly inside K or (an unrolled step past K) wholly out:
+        # a row-constant mask keeps the loads vectorizable.
+        mask = (rmask & (k0 < K))[:, None] & (cj[None, :] < HC)
+        # Row starts are 16-byte aligned (K % 32 == 0 since K % BS == 0, BS >= 32; k0 % 32 == 0): telling
+        # the compiler turns 1-byte loads into 16-byte vector loads.
+        base = tl.multiple_of(offs_r * (K // 2) + k0 // 2, 16)
+        byts = tl.load(data_ptr + base[:, None] + cj[None, :], mask=mask, other=0)
         v_even = tl.load(lut_ptr + (byts >> 4).to(tl.int32))
         v_odd = tl.load(lut_ptr + (byts & 0xF).to(tl.int32))
         a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, offs_r * (K // BS) + k0 // BS,
@@ -103,7 +108,8 @@ def load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr
         rmask = offs_r < N
         cb = tl.arange(0, C // 2)
         bmask = rmask[:, None] & (cb[None, :] < (K - k0) // 2)
-        byts = tl.load(data_ptr + (offs_r[:, None] * (K // 2) + k0 // 2) + cb[None, :], mask=bmask, other=0)
+        base = tl.multiple_of(offs_r * (K // 2) + k0 // 2, 16)  # 16-byte aligned rows (see load_pair_tile)
+        byts = tl.load(data_ptr + base[:, None] + cb[None, :], mask=bmask, other=0)
         codes = tl.reshape(tl.join(byts >> 4, byts & 0xF), (R, C))  # element 2j = high nibble
         vals = tl.load(lut_ptr + codes.to(tl.int32))
         jb = tl.arange(0, NBLK)

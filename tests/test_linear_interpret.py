@@ -57,7 +57,7 @@ def run_group(group: str) -> int:
                     assert torch.equal(out, want), f"dequantize_transient differs: {tag} -> {out_dtype}"
                     checked += 1
             elif group == "gemv":
-                for m, split in ((1, None), (1, 2), (3, None), (16, 2)):
+                for m, split in ((1, None), (1, 2), (3, None), (16, 2), (40, None)):
                     x = torch.randn(m, k, dtype=dtype)
                     b = torch.randn(n, dtype=dtype)
                     y64 = x.double() @ w64.T + b.double()
