@@ -72,10 +72,10 @@ def _reciprocal(a, RCP: tl.constexpr):
 
 @triton.jit
 def _flush(v, FTZ: tl.constexpr):
-    # -ftz: a subnormal operand or result counts as zero. For codes the sign of that zero never matters
-    # (0*r is 0 or NaN either way, and FP4's sign test is done on the unflushed xn, see _fp4_code).
+    # -ftz: a subnormal operand or result becomes a zero of the same sign (v * 0.0). The sign matters for
+    # dequantized outputs: NF4 code 0 in an all-zero block is -1.0 * 0 = -0.0 in bitsandbytes.
     if FTZ:
-        return tl.where(tl.abs(v) < 1.1754943508222875e-38, 0.0, v)
+        return tl.where(tl.abs(v) < 1.1754943508222875e-38, v * 0.0, v)
     else:
         return v
 

@@ -183,7 +183,8 @@ FLT_MIN = torch.finfo(torch.float32).tiny
 
 
 def _ftz(v: torch.Tensor) -> torch.Tensor:
-    return torch.where(v.abs() < FLT_MIN, torch.zeros_like(v), v)
+    """-ftz: subnormal -> zero of the same sign (bitsandbytes CUDA gives -0.0 for NF4 code 0 in a zero block)."""
+    return torch.where(v.abs() < FLT_MIN, v * 0.0, v)
 
 
 def bnb_cuda_quantize(x: torch.Tensor, bs: int, qt: str):
@@ -245,6 +246,8 @@ def group_bnbmode(res):
                             q = quant.quantize(x, qt, bs, dq)
                         y = quant4.dequantize_4bit(q, mode="bnb", block_bytes=64)
                         res.check(_eq(y, bnb_cuda_dequantize(q)), f"bnb-mode dequantize {shape} {dtype} {qt} bs{bs} dq={dq}")
+                        res.facts["neg_zero_outputs"] = res.facts.get("neg_zero_outputs", 0) + int(
+                            ((y == 0) & torch.signbit(y)).sum())
     res.facts["bnb_differs_from_reference"] = differs
 
 
