@@ -336,8 +336,8 @@ def test_smollm2_nf4_is_sensible(smollm2, smollm2_dense):
     # decode with the dense model of the dequantized weights, after checking it computes the same logits.
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
-            lin = nn.Linear(m.in_features, m.out_features, bias=False)
-            lin.weight.data = dequantize_as(m.weight, torch.float32)
+            lin = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")  # no init work
+            lin.weight = nn.Parameter(dequantize_as(m.weight, torch.float32))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lin)
     with torch.no_grad():
