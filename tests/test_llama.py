@@ -97,6 +97,16 @@ def test_real_llama3_configs_rope_matches_transformers(name):
     assert_close_verbose(sin, hf_sin[0], atol=1e-6, rtol=0, name="sin")
 
 
+def test_to_hf_config_is_read_by_transformers(folder):
+    """What merge/quantize write as config.json: transformers builds the same rotary table and shapes from it."""
+    cfg = load_llama(folder, quantize=None, dtype=torch.float32).config
+    hf_cfg = transformers.LlamaConfig.from_dict(cfg.to_hf_config())
+    assert (hf_cfg.num_key_value_heads, hf_cfg.head_dim, hf_cfg.tie_word_embeddings, hf_cfg.vocab_size) == \
+        (cfg.num_key_value_heads, cfg.head_dim, cfg.tie_word_embeddings, cfg.vocab_size)
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    assert torch.equal(LlamaRotaryEmbedding(hf_cfg).inv_freq, _hf(folder, torch.float32).model.rotary_emb.inv_freq)
+
+
 def test_model_is_a_drop_in_for_hf_state_dict_keys(folder):
     """Module paths are HF's, so HF's state dict loads into ours strictly (this is what PEFT keys rely on)."""
     hf = _hf(folder, torch.float32)
