@@ -80,7 +80,8 @@ def load_llama(path_or_repo_id: str | os.PathLike, quantize: str | None = "nf4",
     path_or_repo_id: a local HF folder, or a hub repo id (downloaded with huggingface_hub; config, tokenizer and
     safetensors only). dtype: the dtype of embeddings, norms, lm_head, dense linears and of the quantized weights'
     dequantized values. device: where the model lives (default CPU). A bnb-4bit checkpoint keeps its own
-    quantization (quantize=None dequantizes it instead). The returned model carries `name_or_path` (the folder).
+    quantization (quantize=None dequantizes it instead). The returned model carries `name_or_path` (the folder)
+    and `source` (the argument as given).
     """
     if quantize not in ("nf4", "fp4", None):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
@@ -95,7 +96,8 @@ def load_llama(path_or_repo_id: str | os.PathLike, quantize: str | None = "nf4",
         model = _fill(cfg, reader, quantize, double_quant, blocksize, dtype, device)
     finally:
         reader.close()
-    model.name_or_path = str(folder)
+    model.name_or_path = str(folder)  # the folder read (a hub snapshot for repo ids): tokenizer files are here
+    model.source = str(path_or_repo_id)  # what the caller passed (adapter_config's base_model_name_or_path)
     return model
 
 
@@ -130,8 +132,8 @@ def _download(repo_id: str) -> Path:
         if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
             raise HubUnavailableError(f"hub repo {repo_id!r} was not found or is gated ({kind}): {e}") from e
         raise HubUnavailableError(
-            f"cannot download {repo_id!r} from the Hugging Face Hub ({kind}: {e}). Without network, set "
-            f"HF_HUB_OFFLINE=1 to use a cached copy, or pass a local folder.") from e
+            f"{repo_id!r} is not a local folder and cannot be downloaded from the Hugging Face Hub ({kind}: {e}). "
+            f"Without network, set HF_HUB_OFFLINE=1 to use a cached copy, or pass a local folder.") from e
 
 
 def read_config(folder: Path) -> LlamaConfig:
