@@ -63,11 +63,21 @@ def state_bytes_on_gpu(opt) -> int:
     return total
 
 
-def time_step(opt, ms: int) -> float:
+def time_step(opt, ms: int) -> tuple[float, float]:
+    """(GPU step ms: do_bench median, host ms to issue one step: median of 5 with the device idle at entry)."""
+    import time
     from triton.testing import do_bench
     opt.step()  # builds state, compiles kernels
     torch.cuda.synchronize()
-    return do_bench(opt.step, warmup=max(25, ms // 4), rep=ms, return_mode="median")
+    gpu = do_bench(opt.step, warmup=max(25, ms // 4), rep=ms, return_mode="median")
+    host = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return gpu, sorted(host)[2]
 
 
 def pcie_gbps(nbytes=256 * MiB):
@@ -119,9 +129,9 @@ def run_workload(name, shapes, bnb):
         gc.collect()
         torch.cuda.empty_cache()
         opt = factory()
-        t = time_step(opt, ms)
+        t, host = time_step(opt, ms)
         st = state_bytes_on_gpu(opt)
-        row = {"workload": name, "optimizer": label, "params_M": numel / 1e6, "step_ms": t,
+        row = {"workload": name, "optimizer": label, "params_M": numel / 1e6, "step_ms": t, "host_ms": host,
                "state_gpu_MiB": st / MiB}
         if isinstance(opt, PagedAdamW):
             full.setdefault(opt.optim_bits, opt.state_bytes)
@@ -131,7 +141,8 @@ def run_workload(name, shapes, bnb):
             paged_bytes = (opt._store.num_pages - row["resident_pages"]) * opt._store.page_bytes
             row["pcie_floor_ms"] = paged_bytes / (PCIE["bidir_each"] * 1e6) if paged_bytes else 0.0
         rows.append(row)
-        print(f"  {name:8s} {label:26s} {t:9.3f} ms  state on GPU {st / MiB:9.1f} MiB", flush=True)
+        print(f"  {name:8s} {label:26s} {t:9.3f} ms (host {host:7.3f} ms)  state on GPU {st / MiB:9.1f} MiB",
+              flush=True)
         del opt
     del params
     return rows
@@ -207,7 +218,7 @@ def main():
         json.dump({"env": env, "rows": rows, "oom_demo": demo}, f, indent=1)
 
     print(f"\n{'workload':9s}{'optimizer':27s}{'step ms':>9s}{'vs bnb':>8s}{'vs torch':>9s}{'state GPU MiB':>15s}"
-          f"{'PCIe floor':>11s}")
+          f"{'PCIe floor':>11s}{'host ms':>9s}")
     for name in args.workloads.split(","):
         sub = [r for r in rows if r["workload"] == name]
         ref_bnb = next((r["step_ms"] for r in sub if r["optimizer"] == "bnb PagedAdamW8bit"), None)
@@ -216,7 +227,7 @@ def main():
             vb = f"{ref_bnb / r['step_ms']:.2f}x" if ref_bnb else "-"
             floor = f"{r['pcie_floor_ms']:.1f}" if r.get("pcie_floor_ms") else "-"
             print(f"{name:9s}{r['optimizer']:27s}{r['step_ms']:9.3f}{vb:>8s}{ref_torch / r['step_ms']:8.2f}x"
-                  f"{r['state_gpu_MiB']:15.1f}{floor:>11s}")
+                  f"{r['state_gpu_MiB']:15.1f}{floor:>11s}{r['host_ms']:9.2f}")
     for d in demo:
         print("oom-demo", json.dumps(d))
     print(json.dumps({"bench": "optim", "env": env, "rows": rows, "oom_demo": demo}))

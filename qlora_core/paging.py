@@ -207,13 +207,13 @@ class PageStore:
             self.staging[slot].copy_(self.host_pages[page], non_blocking=True)
             return _record(load)
 
-    def _store(self, page: int, slot: int) -> None:
+    def _store(self, page: int, slot: int, main) -> None:
         self._count("d2h")
         if not self.cuda:
             self.host_pages[page].copy_(self.staging[slot])
             return
         _, store = self._cuda_streams()
-        store.wait_event(_record(torch.cuda.current_stream(self.device)))  # updates of this page are queued
+        store.wait_event(_record(main))  # after the updates of this page, queued on the main stream
         with torch.cuda.stream(store):
             self.host_pages[page].copy_(self.staging[slot], non_blocking=True)
             done = _record(store)
@@ -227,6 +227,7 @@ class PageStore:
         resident = [i for i in pages if i in self.device_pages]
         paged = [i for i in pages if i not in self.device_pages]
         slots = len(self.staging)
+        main = torch.cuda.current_stream(self.device) if self.cuda and paged else None
         ready = {}
         for j in range(min(slots, len(paged))):
             ready[j] = self._load(paged[j], j)
@@ -234,10 +235,10 @@ class PageStore:
             fn(i, self.device_pages[i])
         for j, page in enumerate(paged):
             slot = j % slots
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(ready.pop(j))
+            if main is not None:
+                main.wait_event(ready.pop(j))
             fn(page, self.staging[slot])
-            self._store(page, slot)
+            self._store(page, slot, main)
             if j + slots < len(paged):
                 ready[j + slots] = self._load(paged[j + slots], slot)
 

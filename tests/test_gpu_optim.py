@@ -49,10 +49,13 @@ def _run(opt, params, steps, first=0, device="cuda", dtype=torch.float32):
 
 
 @pytest.mark.parametrize("bits", [8, 32])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_cpu_reference(bits, dtype):
+@pytest.mark.parametrize("dtype,solo", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_cuda_matches_cpu_reference(bits, dtype, solo, monkeypatch):
     # Triton (CUDA) vs the PyTorch reference (CPU) over 20 steps. They differ only by FMA contraction on the
     # GPU (1 ulp in m or p), which can move a code by one at a midpoint; parameters stay within a few ulps.
+    # solo=True sends every segment through the one-tensor kernel (normally only segments >= 1M elements).
+    if solo:
+        monkeypatch.setattr("qlora_core.optim.SOLO_SEGMENT", 1)
     gpu, cpu = _params("cuda", dtype), _params("cpu", dtype)
     og = PagedAdamW(gpu, optim_bits=bits, weight_decay=0.1)
     oc = PagedAdamW(cpu, optim_bits=bits, weight_decay=0.1)
