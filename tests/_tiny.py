@@ -57,7 +57,7 @@ def make_model_folder(folder: Path, chat_template: bool = True, hidden: int = 64
     if chat_template:
         tcfg["chat_template"] = CHATML
     (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden + 32,
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=3 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
                       tie_word_embeddings=tie, eos_token_id=tok.token_to_id("<|im_end|>"),
                       bos_token_id=tok.token_to_id("<|im_start|>"), pad_token_id=tok.token_to_id("<|endoftext|>"),

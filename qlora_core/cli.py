@@ -1,0 +1,233 @@
+"""The `qlora` command (also `python -m qlora_core`).
+
+    qlora train    --model PATH|ID --data FILE.jsonl --output DIR [--max-steps N] [--lora-r R] ... [--resume]
+    qlora generate --model PATH [--adapter DIR] --prompt TEXT
+    qlora merge    --model PATH --adapter DIR --output DIR      # dense HF checkpoint that transformers loads
+    qlora quantize --model PATH --output DIR [--quant nf4|fp4]  # bnb-4bit checkpoint (transformers + bitsandbytes)
+    qlora demo     [--output DIR]                                # the main job: qlora_core/finetune_demo.py
+
+`train` flags are generated from TrainConfig's fields, 1:1 (field max_steps -> --max-steps), with the field's
+one-line comment as help text, so the dataclass is the single source of truth.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _field_help() -> dict[str, str]:
+    """field name -> its trailing `# comment` in TrainConfig's source ("" when the source is unavailable)."""
+    from .train import TrainConfig
+    try:
+        src = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip().replace("%", "%%") for m in re.finditer(r"^\s+(\w+): [^#\n]+#(.*)$", src, re.M)}
+
+
+def add_train_args(ap: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+    helps = _field_help()
+    required = {"model", "data", "output"}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        h = helps.get(f.name, "")
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        elif f.name == "target_modules":
+            ap.add_argument(flag, dest=f.name, nargs="+", default=[f.default], help=h + " (space or comma separated)")
+        elif f.name == "quant":
+            ap.add_argument(flag, dest=f.name, choices=["nf4", "fp4", "none"], default=f.default, help=h)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            ap.add_argument(flag, dest=f.name, type=typ, default=f.default, required=f.name in required,
+                            help=h + (f" (default {f.default})" if f.name not in required else ""))
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    kw["target_modules"] = ",".join(kw["target_modules"])
+    result = train(TrainConfig(**kw))
+    if result.stopped:
+        print(result.stopped, file=sys.stderr)
+        return 1
+    print(f"adapter written to {args.output} (adapter_config.json, adapter_model.safetensors, metrics.jsonl)")
+    return 0
+
+
+def _load(model: str, quant: str, dtype: str, device: str | None):
+    from .loading import load_llama
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dt = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    return load_llama(model, quantize=None if quant == "none" else quant, dtype=dt, device=dev)
+
+
+def cmd_generate(args) -> int:
+    from .adapter import load_adapter
+    from .data import TextTokenizer
+    from .loading import resolve_folder
+    folder = resolve_folder(args.model)
+    model = _load(args.model, args.quant, args.dtype, args.device)
+    if args.adapter:
+        load_adapter(model, args.adapter, check_base=False)
+    model.eval()
+    tok = TextTokenizer.from_folder(folder, use_chat_template=not args.raw)
+    if args.raw:
+        ids = tok.encode(args.prompt)
+    else:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        ids = tok.prompt_ids(msgs + [{"role": "user", "content": args.prompt}])
+    x = torch.tensor([ids], device=model.lm_head.weight.device)
+    g = torch.Generator(device=x.device).manual_seed(args.seed)
+    out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         eos_token_id=tok.eos_token_id, generator=g)
+    print(tok.decode(out[0, len(ids):].tolist()))
+    return 0
+
+
+def _hf_config(folder: Path, dtype: torch.dtype, quantization_config: dict | None = None) -> dict:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    name = str(dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = name  # transformers 4.x reads torch_dtype, 5.x dtype
+    cfg["dtype"] = name
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
+    return cfg
+
+
+def write_checkpoint(model, src: Path, out: Path, config: dict) -> None:
+    """model.safetensors (+ config.json and the tokenizer files of src) into out, each file written atomically."""
+    from safetensors.torch import save_file
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        sd.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+
+    def atomic(name, write):
+        fd, tmp = tempfile.mkstemp(prefix="." + name, dir=out)
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
+        os.replace(tmp, out / name)
+
+    atomic("model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    atomic("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def cmd_merge(args) -> int:
+    from .adapter import load_adapter
+    from .loading import resolve_folder
+    from .lora import merge_lora, unload_lora
+    folder = resolve_folder(args.model)
+    dtype = DTYPES[args.dtype]
+    model = _load(args.model, "none", args.dtype, "cpu")  # dense base: the merge adds B @ A to the real weights
+    load_adapter(model, args.adapter, check_base=False)
+    n = merge_lora(model)
+    unload_lora(model)
+    write_checkpoint(model, folder, Path(args.output), _hf_config(folder, dtype))
+    print(f"merged {n} LoRA layers into {args.output} ({args.dtype})")
+    return 0
+
+
+def bnb_quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype) -> dict:
+    """config.json's quantization_config as transformers' BitsAndBytesConfig(load_in_4bit=True).to_dict() writes it."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "_load_in_4bit": True, "_load_in_8bit": False,
+            "bnb_4bit_quant_type": quant, "bnb_4bit_use_double_quant": double_quant,
+            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_threshold": 6.0, "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False}
+
+
+def cmd_quantize(args) -> int:
+    from .loading import load_llama, resolve_folder
+    folder = resolve_folder(args.model)
+    dtype = DTYPES[args.dtype]
+    model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=dtype,
+                       device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = _hf_config(folder, dtype, bnb_quantization_config(args.quant, args.double_quant, dtype))
+    write_checkpoint(model, folder, Path(args.output), cfg)
+    size = (Path(args.output) / "model.safetensors").stat().st_size
+    print(f"wrote a bnb-4bit ({args.quant}{' + double quant' if args.double_quant else ''}) checkpoint to "
+          f"{args.output} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from scratch (qlora_core)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter on a quantized model")
+    add_train_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("generate", help="generate a reply (optionally with an adapter)")
+    p.add_argument("--model", required=True, help="HF model folder or hub repo id")
+    p.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--prompt", required=True, help="user message (or raw text with --raw)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text as is")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--quant", choices=["nf4", "fp4", "none"], default="nf4", help="base weights (as in training)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("merge", help="fold an adapter into the dense base; write an HF checkpoint")
+    p.add_argument("--model", required=True, help="HF model folder or hub repo id (the dense base)")
+    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the merged weights")
+    p.set_defaults(fn=cmd_merge)
+
+    p = sub.add_parser("quantize", help="write a bitsandbytes-format 4-bit checkpoint")
+    p.add_argument("--model", required=True, help="HF model folder or hub repo id")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--quant", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize the absmax too (bnb_4bit_use_double_quant)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                   help="dtype of embeddings/norms/lm_head and of the dequantized weights (bnb_4bit_compute_dtype)")
+    p.add_argument("--device", help="where to quantize (default: cuda if available)")
+    p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("demo", help="the main job: fine-tune SmolLM2-135M on dates (see finetune_demo.py)",
+                       add_help=False)
+    p.set_defaults(fn=None)
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from .finetune_demo import main as demo
+        demo(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
