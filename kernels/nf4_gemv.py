@@ -1,23 +1,24 @@
-"""Decode / small-batch fused 4-bit linear: y (M, N) = x (M, K) @ dequantize(q).T + bias for M = 1..16.
+"""Decode / small-batch fused 4-bit linear: y (M, N) = x (M, K) @ dequantize(q).T + bias for M = 1..128.
 
 Reference: `qlora_core.linear.dequantize_as` + `torch.nn.functional.linear` (the CPU path of nf4_linear).
 
 Design
-- At M <= 16 the op is bound by reading the weight: 0.5 byte/element of codes (+ ~1/64 byte of 8-bit absmax)
-  against 2 bytes/element for cuBLAS on a bf16 weight, so the ceiling is ~3.7x cuBLAS; everything else must
-  stay off the critical path. Each program owns BLOCK_N output features and streams their rows of packed
-  codes in (BLOCK_N, BLOCK_K/2)-byte tiles; small BLOCK_N gives N/BLOCK_N programs (>= 2 per SM for N >= 4096)
-  so many independent 16-byte loads are in flight per SM. When N is small (k/v projections: N = 1024) the
-  K range is split over SPLIT_K programs that atomically add fp32 partials (then one cast).
-- M == 1: CUDA-core dot product with fp32 accumulation. W elements are rounded to x's dtype first (the
-  function is x @ dequantize(q).T, and dequantize rounds; skipping the rounding changed bf16 results by up
-  to 3 ulp and broke the tolerance). For fp32 x nothing is rounded, so lut[code] * x is summed within each
-  absmax block and only then scaled: one multiply per block, not per element.
-- 2 <= M <= 128 (BLOCK_M = next power of two >= 16): the dequantized tile (rounded to x's dtype, exactly dequantize(q)'s values) goes to the
-  tensor cores with the rows padded to 16 (mma needs M >= 16); the padding costs nothing measurable since
-  the work is memory bound.
+- At small M the op is bound by reading the weight: 0.5 byte/element of codes (+ ~1/64 byte of 8-bit absmax)
+  against 2 bytes/element for cuBLAS on a bf16 weight, so the ceiling is ~3.7x cuBLAS. Each program owns
+  BLOCK_N output features and a K range of UNROLL sub-tiles of 2*HC columns (HC <= blocksize/2, so one
+  absmax per row per sub-tile). Codes are read as 16-byte vectors and split into the high nibble (even
+  columns) and low nibble (odd columns): no interleaving, each pairs with x[2j] / x[2j+1].
+- Memory parallelism comes from many resident programs, not from software pipelining: Triton does not
+  pipeline these loads usefully (a lut[code] gather depends on the code load; with num_stages > 1 the gathers
+  became 4-byte cp.async copies), so the K range is split over SPLIT_K programs (~8 per SM) that atomically
+  add fp32 partials, then one cast to x's dtype.
+- M == 1: CUDA-core dot product in fp32 with the unrounded fp32 W = lut * absmax, scaled once per row and
+  sub-tile. (The tensor-core paths round W to x's dtype, as dequantize(q) does; both are within the tolerance
+  against the exact float64 product; see tests/test_linear_interpret.py.)
+- 2 <= M <= 128 (BLOCK_M = next power of two >= 16): swap-AB, y.T tile = W tile @ x.T on the tensor cores
+  with W rounded to x's dtype (bit-exact dequantize(q) values); rows of x beyond M are masked to zero.
 - fp32 x uses input_precision="ieee" (tf32 would be 3e-4 relative, outside the fp32 tolerance).
-Limits: forward only, M <= 128 (dx at small M uses nf4_matmul's transposed kernel with BLOCK_M = 16).
+Limits: forward only, M <= 128 (the input gradient uses nf4_matmul's transposed kernel).
 """
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, ne
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    cj = tl.arange(0, HC)
     tiles = tl.cdiv(tl.cdiv(K, STEP), SPLIT_K)
     k_lo = pid_k * tiles * STEP
     k_hi = tl.minimum(K, k_lo + tiles * STEP)
@@ -55,21 +55,26 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, ne
             kk = k0 + u * C
             v_e, v_o, a = load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                                          offs_n, kk, N, K, HC, BS, DQ, ALIGNED)
-            col = kk + 2 * cj
+            # x is read contiguously (vector loads) and split into even / odd columns in registers; in the
+            # aligned layout a sub-tile is wholly inside K or wholly past it, so the mask is one scalar.
+            offs_c = kk + tl.arange(0, C)
+            if ALIGNED:
+                cmask = kk < K
+            else:
+                cmask = offs_c < K
             if BLOCK_M == 1:
-                x_e = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
-                x_o = tl.load(x_ptr + col + 1, mask=col + 1 < K, other=0.0).to(tl.float32)
+                xv = tl.load(x_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+                x_e, x_o = tl.split(tl.reshape(xv, (HC, 2)))
                 # fp32 W (lut * absmax, unrounded): scale once per row and absmax block
                 acc += a[:, None] * (v_e * x_e[None, :] + v_o * x_o[None, :])
             else:
-                xm = (offs_m[None, :] < M) & (col[:, None] < K)
-                x_e = tl.load(x_ptr + offs_m[None, :] * stride_xm + col[:, None], mask=xm, other=0.0)
-                x_o = tl.load(x_ptr + offs_m[None, :] * stride_xm + col[:, None] + 1,
-                              mask=(offs_m[None, :] < M) & (col[:, None] + 1 < K), other=0.0)
-                w_e = cast_rne(v_e * a[:, None], x_e.dtype)  # exactly dequantize(q) in x's dtype
-                w_o = cast_rne(v_o * a[:, None], x_e.dtype)
-                acc = mma(w_e, x_e, acc)
-                acc = mma(w_o, x_o, acc)
+                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :],
+                             mask=(offs_m < M)[:, None] & cmask, other=0.0)
+                x_e, x_o = tl.split(tl.reshape(xv, (BLOCK_M, HC, 2)))
+                w_e = cast_rne(v_e * a[:, None], xv.dtype)  # exactly dequantize(q) in x's dtype
+                w_o = cast_rne(v_o * a[:, None], xv.dtype)
+                acc = mma(w_e, tl.trans(x_e), acc)
+                acc = mma(w_o, tl.trans(x_o), acc)
     if BLOCK_M == 1:
         out = tl.sum(acc, axis=1)
     else:
@@ -108,7 +113,7 @@ def _split_k(n_tiles: int, k_steps: int) -> int:
 
 def gemv(x: torch.Tensor, q, bias: torch.Tensor | None, block_n: int | None = None, unroll: int | None = None,
          num_warps: int | None = None, split_k: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """x (M, K) contiguous, 1 <= M <= 16 -> (M, N) in x's dtype. Block sizes default to the tuned table."""
+    """x (M, K) contiguous, 1 <= M <= 128 -> (M, N) in x's dtype. Block sizes default to the tuned table."""
     m, k = x.shape
     n = q.shape[0]
     if not 1 <= m <= 128:
@@ -146,6 +151,6 @@ def gemv(x: torch.Tensor, q, bias: torch.Tensor | None, block_n: int | None = No
 # Triton's pipeliner turns the table gathers into 4-byte cp.async copies through shared memory (seen in
 # the PTX), which made M=16 ~10x slower.
 _TUNED: dict = {
-    (1, torch.bfloat16): (32, 4, 4, 1), (1, torch.float16): (32, 4, 4, 1), (1, torch.float32): (32, 4, 4, 1),
-    (16, torch.bfloat16): (64, 1, 4, 1), (16, torch.float16): (64, 1, 4, 1), (16, torch.float32): (32, 1, 4, 1),
+    (1, torch.bfloat16): (32, 2, 4, 1), (1, torch.float16): (32, 2, 4, 1), (1, torch.float32): (32, 2, 4, 1),
+    (16, torch.bfloat16): (64, 2, 4, 1), (16, torch.float16): (64, 2, 4, 1), (16, torch.float32): (32, 1, 4, 1),
 }

@@ -4,14 +4,15 @@ Reference: `qlora_core.linear` CPU path (F.linear on `dequantize_as(q, x.dtype)`
 the same function of (x, q, bias) within the matmul tolerance, and the W values used are bit-exact with it.
 
 Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
-- "gemv"   (forward, M <= GEMV_MAX_M): kernels/nf4_gemv.py, split-K, bound by reading the packed weight.
-- "tiled"  (forward GEMV_MAX_M < M < large_m, dx M < large_m): kernels/nf4_matmul.py, dequantize fused into the tiles.
-- "cublas" (M >= large_m): kernels/nf4_tile.dequantize_transient into a buffer of x's dtype, then cuBLAS.
-  At large M the GEMM is compute bound (2*M*N*K flops against one N*K dequantize pass, ~3-7% extra at
-  M = 4096 on an H100) and cuBLAS' Hopper GEMM (wgmma + TMA, warp-specialised) outruns a Triton GEMM whose
-  B operand must go registers -> shared memory after the dequantize. NOTE: the buffer is a local of this
-  call, dropped before returning: the caching allocator reuses its memory for the next layer, but no bf16
-  weight outlives the op (peak memory grows by one N*K weight of x's dtype only while the op runs).
+- "gemv"   (forward, M <= GEMV_MAX_M): kernels/nf4_gemv.py, split-K, reads the packed weight directly.
+- "tiled"  (dx at small M with K >= 2N; any M by request): kernels/nf4_matmul.py, dequantize fused into tiles.
+- "cublas" (everything else, and all fp32): kernels/nf4_tile.dequantize_transient into a buffer of x's
+  dtype, then cuBLAS. At large M the GEMM is compute bound (2*M*N*K flops against one N*K dequantize pass,
+  ~4-9% extra at M = 4096 on an H100) and cuBLAS' Hopper GEMM (wgmma + TMA, warp-specialised) outruns our
+  Triton GEMMs, whose dequantize (one table gather per element) is not overlapped with the MMAs.
+  NOTE: the buffer is a local of this call, dropped before returning: the caching allocator reuses its
+  memory for the next layer, but no dense weight outlives the op (peak memory grows by one N*K weight of
+  x's dtype only while the op runs; bench_matmul.py reports kept = 0 MB).
 The thresholds are measured by benchmarks/bench_matmul.py (docs/benchmarks.md); `path=` overrides for tests
 and the benchmark.
 """
@@ -21,16 +22,23 @@ import torch
 
 PATHS = ("gemv", "tiled", "cublas")
 
-# Smallest M that goes to dequantize + cuBLAS, per direction (H100 measurements, docs/benchmarks.md).
-LARGE_M = {"fwd": 1024, "dx": 1024}
-# Largest M that the forward sends to the split-K decode kernel (nf4_gemv handles up to 128).
-GEMV_MAX_M = 128
+# Forward: the split-K decode kernel up to this M; above it dequantize + cuBLAS. Measured on an H100
+# (docs/benchmarks.md): at M = 128 the fused tiled kernel took 74-315 us and the decode kernel 70-234 us
+# against 31-118 us for dequantize + cuBLAS, so neither fused kernel is dispatched above M = 16.
+GEMV_MAX_M = 16
+# Input gradient: the fused transposed kernel only for small M with K >= 2N (down-projection shape: 79 us
+# against 107 us at M = 1..16); everywhere else dequantize + cuBLAS was faster.
+DX_TILED_MAX_M = 16
 
 
-def choose_path(direction: str, m: int, n: int, k: int) -> str:
-    if direction == "fwd" and m <= GEMV_MAX_M:
-        return "gemv"
-    return "cublas" if m >= LARGE_M[direction] else "tiled"
+def choose_path(direction: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """"gemv" | "tiled" | "cublas" for this direction, M and (N, K). fp32 always takes "cublas": Triton's
+    ieee fp32 dot is slow and cuBLAS fp32 is the reference's own arithmetic."""
+    if dtype == torch.float32:
+        return "cublas"
+    if direction == "fwd":
+        return "gemv" if m <= GEMV_MAX_M else "cublas"
+    return "tiled" if (m <= DX_TILED_MAX_M and k >= 2 * n) else "cublas"
 
 
 def _check_path(path: str | None, direction: str) -> None:
@@ -45,7 +53,7 @@ def linear_forward(x: torch.Tensor, q, bias: torch.Tensor | None, path: str | No
     n = q.shape[0]
     if m == 0:
         return x.new_empty((0, n))
-    path = path or choose_path("fwd", m, n, k)
+    path = path or choose_path("fwd", m, n, k, x.dtype)
     if path == "gemv":
         from . import nf4_gemv
         return nf4_gemv.gemv(x, q, bias)
@@ -64,7 +72,7 @@ def linear_input_grad(dy: torch.Tensor, q, path: str | None = None) -> torch.Ten
     k = q.shape[1]
     if m == 0:
         return dy.new_zeros((0, k))
-    path = path or choose_path("dx", m, n, k)
+    path = path or choose_path("dx", m, n, k, dy.dtype)
     if path == "tiled":
         from . import nf4_matmul
         return nf4_matmul.matmul_dx(dy, q)

@@ -36,13 +36,12 @@ def _q(n, k, dtype, quant_type="nf4", double_quant=True, blocksize=64):
 
 LAYOUTS = [(4096, 4096, 64, "nf4", True), (1000, 1027, 64, "fp4", True), (333, 2048, 128, "nf4", False),
            (129, 520, 32, "nf4", True)]
-# every layout in bf16 (the training dtype); fp16 / fp32 on one aligned and one odd-K layout (compile time)
-CASES = ([(torch.bfloat16, *lay) for lay in LAYOUTS]
-         + [(dt, *lay) for dt in (torch.float16, torch.float32) for lay in LAYOUTS[:2]])
+# every layout in bf16 (the training dtype); fp16 and fp32 on one layout each (compile time on the device)
+CASES = [(torch.bfloat16, *lay) for lay in LAYOUTS] + [(torch.float16, *LAYOUTS[0]), (torch.float32, *LAYOUTS[1])]
 
 
 @pytest.mark.parametrize("dtype,n,k,bs,qt,dq", CASES)
-@pytest.mark.parametrize("m", [1, 5, 16, 17, 200])
+@pytest.mark.parametrize("m", [1, 16, 17, 200])
 def test_forward_and_dx_all_paths(dtype, n, k, bs, qt, dq, m):
     q = _q(n, k, dtype, qt, dq, bs)
     w = _ref_w(q, dtype)
@@ -51,14 +50,19 @@ def test_forward_and_dx_all_paths(dtype, n, k, bs, qt, dq, m):
     b = torch.randn(n, dtype=dtype, device="cuda")
     y64 = x.double() @ w64.T + b.double()
     bound = _bound(torch.nn.functional.linear(x, w, b), y64, dtype)
-    paths = ["gemv", "tiled", "cublas"] if m <= 128 else ["tiled", "cublas"]
+    # fp32 always dispatches to dequantize + cuBLAS (kernels/nf4_linear.py); the Triton fp32 paths are
+    # covered by the interpreter tests
+    if dtype == torch.float32:
+        paths = ["cublas"]
+    else:
+        paths = ["gemv", "tiled", "cublas"] if m <= 128 else ["tiled", "cublas"]
     for path in paths + [None]:
         assert_close_verbose(dispatch.linear_forward(x, q, b, path=path), y64, atol=bound, rtol=0,
                              name=f"fwd {path}")
     dy = torch.randn(m, n, dtype=dtype, device="cuda")
     dx64 = dy.double() @ w64
     bound = _bound(dy @ w, dx64, dtype)
-    for path in ["tiled", "cublas", None]:
+    for path in [p for p in paths if p != "gemv"] + [None]:
         assert_close_verbose(dispatch.linear_input_grad(dy, q, path=path), dx64, atol=bound, rtol=0,
                              name=f"dx {path}")
 
