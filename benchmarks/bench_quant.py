@@ -138,7 +138,8 @@ def main_table(copy_gbs: float) -> list[dict]:
     print(f"\ncopy bandwidth (y.copy_(x), 1 GiB bf16, read+write): {copy_gbs:.0f} GB/s")
     print("ms = device time per call (CUDA graph; * = not capturable, eager); eager = do_bench median, which adds "
           "Python launch overhead and write-back of the dirty L2 left by do_bench's cache flush")
-    print(f"{'op':<14} {'shape':<11} | {'ours ms':>7} {'GB/s':>5} {'%copy':>6} {'eager':>7} | {'bnb ms':>7} {'GB/s':>5} "
+    print(f"{'op':<14} {'shape':<11} | {'ours ms':>7} {'GB/s':>5} {'%copy':>6} {'eager':>7} | "
+          f"{'bnb ms':>7} {'GB/s':>5} "
           f"{'%copy':>6} {'eager':>7} | {'speedup':>7}")
     for r in rows:
         o, b = r["ours"], r.get("bnb")
@@ -263,9 +264,9 @@ def probe() -> dict:
     for name, v in (("absmax-offset", am - am.mean()), ("randn", torch.randn(1 << 22, device="cuda"))):
         q_ref, st = bnbf.quantize_blockwise(v, code=code, blocksize=256)
         for mname, kw in PROBE_MODES:
-            kw = {k: val for k, val in kw.items()}
             q, a = quant4.quantize_blockwise(v, code, 256, **kw)
-            res["nested"].append({"input": name, "mode": mname, "codes": _diff(q, q_ref), "absmax": _diff(a, st.absmax)})
+            res["nested"].append({"input": name, "mode": mname, "codes": _diff(q, q_ref),
+                                  "absmax": _diff(a, st.absmax)})
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for qt in ("nf4", "fp4"):
             x = _weights((14336, 4096), dtype, 64, 13)
@@ -277,7 +278,8 @@ def probe() -> dict:
                 y = quant4.dequantize_4bit(q, block_bytes=8192, num_warps=8, **kw)
                 res["dequant"].append({"dtype": str(dtype)[6:], "qt": qt, "mode": name, "values": _diff(y, y_ref)})
             y = quant4.dequantize_4bit(q)
-            bad = (y.view(-1).float() != y_ref.view(-1).float()) | (torch.signbit(y.view(-1)) != torch.signbit(y_ref.view(-1)))
+            yf, yrf = y.view(-1), y_ref.view(-1)
+            bad = (yf.float() != yrf.float()) | (torch.signbit(yf) != torch.signbit(yrf))
             idx = bad.nonzero().squeeze(1)[:8]
             if idx.numel():
                 am_bnb = bnbf.dequantize_blockwise(st.absmax, st.state2) + st.offset

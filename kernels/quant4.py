@@ -37,12 +37,14 @@ import triton.language as tl
 
 from qlora_core import backend
 from qlora_core.formats import code_table, dynamic_map, nf4_thresholds
-from qlora_core.reference import (  # noqa: F401  (the spec of "reference" mode; tests import it from here)
+from qlora_core.reference import (  # the spec of "reference" mode (re-exported, see __all__)
     dequantize_4bit_ref,
     quantize_4bit_ref,
     quantize_blockwise_ref,
 )
 
+__all__ = ["quantize_4bit", "quantize_blockwise", "dequantize_4bit", "quantize_4bit_ref", "quantize_blockwise_ref",
+           "dequantize_4bit_ref", "CUDA_NF4_THRESHOLDS", "MODES"]
 MODES = ("bnb", "reference")
 RCP_NAMES = {"ieee": 0, "div": 1, "approx": 2}  # 1 = Triton's `/` (div.full.f32), kept for the measurement
 # bitsandbytes' dQuantizeNF4 literals (csrc/kernels.cu) as nvcc rounds them, decimal -> fp32 directly.

@@ -245,7 +245,8 @@ def group_bnbmode(res):
                         with backend.forced("reference"):
                             q = quant.quantize(x, qt, bs, dq)
                         y = quant4.dequantize_4bit(q, mode="bnb", block_bytes=64)
-                        res.check(_eq(y, bnb_cuda_dequantize(q)), f"bnb-mode dequantize {shape} {dtype} {qt} bs{bs} dq={dq}")
+                        res.check(_eq(y, bnb_cuda_dequantize(q)),
+                                  f"bnb-mode dequantize {shape} {dtype} {qt} bs{bs} dq={dq}")
                         res.facts["neg_zero_outputs"] = res.facts.get("neg_zero_outputs", 0) + int(
                             ((y == 0) & torch.signbit(y)).sum())
     res.facts["bnb_differs_from_reference"] = differs
