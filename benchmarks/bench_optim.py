@@ -144,7 +144,6 @@ def run_workload(name, shapes, bnb):
         print(f"  {name:8s} {label:26s} {t:9.3f} ms (host {host:7.3f} ms)  state on GPU {st / MiB:9.1f} MiB",
               flush=True)
         del opt
-    del params
     return rows
 
 

@@ -10,7 +10,6 @@ import torch
 
 from qlora_core.formats import dynamic_map
 from qlora_core.optim import PagedAdamW
-from qlora_core.optim_ref import adamw8bit_ref, adamw_coeffs
 from qlora_core.reference import dequantize_blockwise_ref
 
 @pytest.fixture(autouse=True)
@@ -195,7 +194,6 @@ def test_8bit_all_zero_block_and_nan_inf():
     before = p.detach().clone()
     g = torch.randn(4096) * 0.01
     g[256:512] = 0.0  # block 1 entirely zero
-    _ = [opt.step() for _ in range(0)]
     p.grad = g.clone()
     opt.step()
     st = opt.state_dict()["state"][0]
@@ -271,6 +269,21 @@ def test_layout_splits_on_block_boundaries():
     for page in range(pages):
         used = sorted((s.offset, s.offset + s.nbytes) for s in segs if s.page == page)
         assert all(a[1] <= b[0] for a, b in zip(used, used[1:])) and used[-1][1] <= 16384
+
+
+def test_8bit_size_threshold_and_state_format():
+    # bnb's min_8bit_size: 4095 elements keep fp32 moments, 4096 get uint8 codes + fp32 absmax per 256 block
+    shapes = [(4095,), (4096,), (64, 65)]
+    params = _params(shapes)
+    opt = PagedAdamW(params, optim_bits=8)
+    _run(opt, params, 1, shapes=shapes)
+    st = opt.state_dict()["state"]
+    assert set(st[0]) == {"step", "exp_avg", "exp_avg_sq"} and st[0]["exp_avg"].dtype == torch.float32
+    assert set(st[1]) == {"step", "state1", "state2", "absmax1", "absmax2"}
+    assert st[1]["state1"].dtype == torch.uint8 and st[1]["absmax1"].shape == (16,)
+    assert st[2]["state1"].shape == (64, 65) and st[2]["absmax2"].shape == (17,)  # 4160 elements, tail block
+    # each array 64-byte aligned: 2*16384 (fp32 m, v of 4095) + 2*4096 + 2*64 + 2*4160 + 2*128 (17 absmax -> 128 B)
+    assert opt.state_bytes == 2 * 16384 + 2 * 4096 + 2 * 64 + 2 * 4160 + 2 * 128
 
 
 def test_params_without_grad_and_partial_steps():
