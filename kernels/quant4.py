@@ -16,15 +16,14 @@ Layout of the work:
     (enable_fp_fusion=False); with it on (and FTZ off), 2.4M of 58.7M fp32 outputs differed from bitsandbytes.
 
 Two arithmetic modes, both byte-exact against their spec:
-  * "reference" = qlora_core/reference.py: IEEE 1/absmax, no flushing, NF4 thresholds = fp32 midpoints of
-    the table (formats.nf4_thresholds), FP4 code 8 dequantizes to +0.0. The CPU interpreter always runs
+  * "reference" = qlora_core/reference.py: IEEE 1/absmax, no flushing. The CPU interpreter always runs
     this mode (the tests compare it with the reference bit for bit).
   * "bnb" = bitsandbytes 0.50.2's CUDA kernels, which are built with --use_fast_math (GPU default):
-    r = rcp.approx.ftz.f32 (inline asm), fp32 subnormals flushed to zero (-ftz), the NF4 thresholds are
-    its decimal literals rounded by nvcc straight to fp32 (4 of the 15 sit one ulp from the fp32
-    midpoints: CUDA_NF4_THRESHOLDS), and FP4 code 8 dequantizes to -0.0 (0 * absmax * -1).
-The two modes differ only for elements within ~1 ulp of a threshold, subnormal inputs, and the sign of
-FP4's zero; tests/test_gpu_quant4.py checks that characterization, docs/benchmarks.md lists the counts.
+    r = rcp.approx.ftz.f32 (inline asm) and fp32 subnormals flushed to zero (-ftz).
+Both use bitsandbytes CUDA's NF4 thresholds (its decimal literals rounded by nvcc straight to fp32; 4 of
+the 15 sit one ulp from the fp32 midpoints: formats.NF4_THRESHOLD_BITS) and dequantize FP4 code 8 to -0.0
+(0 * absmax * -1), as the reference does. The two modes differ only for elements within ~1 ulp of a
+threshold and subnormal inputs; tests/test_gpu_quant4.py checks that characterization, docs/benchmarks.md lists the counts.
 Limits: n < 2**31 (int32 offsets, as in bitsandbytes); blocksize a power of two in [32, 4096].
 """
 from __future__ import annotations
@@ -36,7 +35,7 @@ import triton
 import triton.language as tl
 
 from qlora_core import backend
-from qlora_core.formats import code_table, dynamic_map, nf4_thresholds
+from qlora_core.formats import code_table, dequant_table, dynamic_map, nf4_thresholds
 from qlora_core.reference import (  # the spec of "reference" mode (re-exported, see __all__)
     dequantize_4bit_ref,
     quantize_4bit_ref,
@@ -47,15 +46,8 @@ __all__ = ["quantize_4bit", "quantize_blockwise", "dequantize_4bit", "quantize_4
            "dequantize_4bit_ref", "CUDA_NF4_THRESHOLDS", "MODES"]
 MODES = ("bnb", "reference")
 RCP_NAMES = {"ieee": 0, "div": 1, "approx": 2}  # 1 = Triton's `/` (div.full.f32), kept for the measurement
-# bitsandbytes' dQuantizeNF4 literals (csrc/kernels.cu) as nvcc rounds them, decimal -> fp32 directly.
-# Indices 0, 8, 12, 14 are one ulp away from the fp32 midpoints (e.g. "0.8614784181118011f" is 0x3f5c89d9,
-# the midpoint (lut[14]+lut[15])/2 is 0x3f5c89da): rounding the literal via a double gives the midpoint.
-CUDA_NF4_THRESHOLDS = (
-    -0.8480964303016663, -0.6106328964233398, -0.4599952697753906, -0.33967941999435425,
-    -0.23460739850997925, -0.13791173696517944, -0.045525018125772476, 0.03979014977812767,
-    0.1202552542090416, 0.2035212516784668, 0.2920137643814087, 0.3893125355243683,
-    0.5016633868217468, 0.6427869200706482, 0.8614783883094788,
-)
+# The CUDA NF4 thresholds now live in formats.py (the reference uses them too); kept here as a name.
+CUDA_NF4_THRESHOLDS = tuple(nf4_thresholds().tolist())
 FLT_MIN = 1.1754943508222875e-38  # smallest normal fp32; -ftz flushes anything below it to zero
 # Quantize tile on a GPU: elements per program (whole blocks) and warps; from bench_quant.py --sweep.
 QUANT_ELEMS, QUANT_WARPS = 4096, 4
@@ -252,11 +244,9 @@ def _dequant_tuned():
 @functools.lru_cache(maxsize=None)
 def _tables(mode: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(NF4 thresholds (15,), FP4 dequant LUT (16,)) for a mode, fp32 on `device`."""
-    if mode == "bnb":
-        fp4 = code_table("fp4").clone()
-        fp4[8] = -0.0  # dDequantizeFP4Tree: 0 * absmax * -1
-        return torch.tensor(CUDA_NF4_THRESHOLDS, dtype=torch.float32, device=device), fp4.to(device)
-    return nf4_thresholds(device), code_table("fp4", device)
+    # Both modes share bitsandbytes CUDA's thresholds and FP4 -0.0 (formats.py); they differ only in the
+    # reciprocal and subnormal flushing (_resolve).
+    return nf4_thresholds(device), dequant_table("fp4", device)
 
 
 def _resolve(device: torch.device, mode: str | None, rcp: str | None, ftz: bool | None) -> tuple[str, int, bool]:

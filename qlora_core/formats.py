@@ -32,6 +32,15 @@ FP4_TABLE = tuple(v / 12.0 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -
 FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
 FP4_BUCKET_CODES = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 
+# NF4 decision thresholds of bitsandbytes' CUDA quantizer (dQuantizeNF4), as fp32 bit patterns. They are its
+# decimal literals rounded by nvcc straight to fp32; 11 equal the fp32 midpoints (lut[i]+lut[i+1])/2, but
+# indices 0, 8, 12 and 14 sit one ulp from them (measured against bitsandbytes CUDA on an H100:
+# docs/benchmarks.md). A value exactly on a threshold takes the lower code (strict `>` tests).
+NF4_THRESHOLD_BITS = (
+    0xbf591cd9, 0xbf1c5270, 0xbeeb8480, 0xbeadea76, 0xbe703cec, 0xbe0d38bc, 0xbd3a7871, 0x3d22faff,
+    0x3df64863, 0x3e5067e0, 0x3e9582d4, 0x3ec753f9, 0x3f006d03, 0x3f248daf, 0x3f5c89d9,
+)
+
 NF4_PAD_NIBBLE = 0x7  # an odd-length tensor's last low nibble: NF4 zero
 FP4_PAD_NIBBLE = 0x0  # FP4 +0
 
@@ -53,9 +62,12 @@ def _table(name: str, device: str) -> torch.Tensor:
     if name == "fp4":
         return torch.tensor(FP4_TABLE, dtype=torch.float32, device=device)
     if name == "nf4_thresholds":
-        # fp32 midpoints of adjacent table entries; equal bit for bit to the CUDA decision-tree literals.
-        t = _table("nf4", device)
-        return (t[:-1] + t[1:]) / 2
+        return torch.tensor(NF4_THRESHOLD_BITS, dtype=torch.int64).to(torch.int32).view(torch.float32).to(device)
+    if name == "fp4_dequant":
+        # CUDA's dDequantizeFP4Tree returns 0 * absmax * -1 for code 8: -0.0, where the stored table has +0.0
+        t = _table("fp4", "cpu").clone()
+        t[8] = -0.0
+        return t.to(device)
     if name == "fp4_thresholds":
         return torch.tensor(FP4_THRESHOLDS, dtype=torch.float32, device=device)
     if name == "fp4_bucket_codes":
@@ -76,8 +88,15 @@ def code_table(quant_type: str, device=None) -> torch.Tensor:
 
 
 def nf4_thresholds(device=None) -> torch.Tensor:
-    """The 15 ascending fp32 NF4 decision thresholds: code = number of thresholds strictly below xn."""
+    """The 15 ascending fp32 NF4 decision thresholds of bitsandbytes CUDA: code = number strictly below xn."""
     return _table("nf4_thresholds", _device_key(device))
+
+
+def dequant_table(quant_type: str, device=None) -> torch.Tensor:
+    """The 16 fp32 levels dequantization multiplies by: `code_table`, except FP4 code 8 is -0.0 (as on CUDA)."""
+    if quant_type == "fp4":
+        return _table("fp4_dequant", _device_key(device))
+    return code_table(quant_type, device)
 
 
 def fp4_thresholds(device=None) -> tuple[torch.Tensor, torch.Tensor]:

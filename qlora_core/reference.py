@@ -4,9 +4,11 @@ Semantics follow bitsandbytes' CUDA kernels (docs/format.md), which is what prod
 bnb-4bit checkpoint in circulation:
   * blocks run over the flattened, row-major tensor; absmax is the fp32 max |x| of each block;
   * xn = x * (1/absmax) with one fp32 reciprocal per block (a multiply, not a divide);
-  * NF4 code = number of fp32 thresholds strictly below xn (a tie goes to the lower code);
+  * NF4 code = number of CUDA's fp32 thresholds strictly below xn (a tie goes to the lower code; 4 of the 15
+    thresholds are one ulp off the midpoints, formats.NF4_THRESHOLD_BITS);
   * FP4 uses the CUDA literal thresholds on |xn| plus a sign bit;
   * an all-zero block has absmax 0, xn = 0*inf = NaN, and NaN takes code 0 (NF4 -1.0, dequantizing to -0.0);
+  * dequantization multiplies by the table, except FP4 code 8 gives -0.0 (CUDA's sign handling);
   * element 2j goes in the high nibble of byte j; an odd tail is padded with NF4 zero (7) / FP4 +0 (0).
 The 8-bit quantizer emulates the CUDA binary search over the 256-entry map, so exact ties resolve as CUDA
 resolves them (to the even index), not as a nearest-neighbour search would.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import code_table, dynamic_map, fp4_thresholds, nf4_thresholds, NF4_PAD_NIBBLE, FP4_PAD_NIBBLE
+from .formats import FP4_PAD_NIBBLE, NF4_PAD_NIBBLE, dequant_table, dynamic_map, fp4_thresholds, nf4_thresholds
 
 
 def _blocked(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
@@ -101,7 +103,7 @@ def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype
     for s in shape:
         n *= int(s)
     codes = unpack_nibbles(packed, n)
-    lut = code_table(quant_type, packed.device)
+    lut = dequant_table(quant_type, packed.device)
     scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
     return (lut[codes.long()] * scale).to(dtype).reshape(shape)
 

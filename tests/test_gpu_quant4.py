@@ -106,7 +106,7 @@ def test_nested_quantize_blockwise_matches_bnb_cuda():
 
 @pytest.mark.parametrize("shape,dtype,qt,bs", CASES)
 def test_reference_mode_matches_reference_exactly(shape, dtype, qt, bs):
-    """mode="reference" (IEEE 1/absmax, no FTZ, midpoint thresholds) is the reference, bit for bit."""
+    """mode="reference" (IEEE 1/absmax, no FTZ) is the reference, bit for bit."""
     from qlora_core.kernels import quant4
     x = _weights(shape, dtype, bs, seed=4)
     packed, absmax = quant4.quantize_4bit(x, bs, qt, mode="reference")
