@@ -148,8 +148,21 @@ def measure(step, batch: int, seq: int, vocab: int, iters: int, warmup: int = 2)
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
-def worker(stack: str, name: str, batches: list[int], seq: int, iters: int) -> None:
+def profile(step, batch: int, seq: int, vocab: int, top: int = 18) -> None:
+    """One step under torch.profiler: the kernels with the most device time, grouped by name."""
+    ids = torch.randint(0, vocab, (batch, seq), device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step(ids, ids)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
+
+
+def worker(stack: str, name: str, batches: list[int], seq: int, iters: int, prof: bool = False) -> None:
     step = (build_ours if stack == "ours" else build_hf)(name)
+    if prof:
+        measure(step, batches[0], seq, SHAPES[name]["vocab_size"], 1)
+        profile(step, batches[0], seq, SHAPES[name]["vocab_size"])
+        return
     for b in batches:
         try:
             row = measure(step, b, seq, SHAPES[name]["vocab_size"], iters)
@@ -178,10 +191,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5, help="timed steps per shape (median reported)")
     ap.add_argument("--stacks", nargs="+", default=["ours", "hf"], choices=["ours", "hf"])
     ap.add_argument("--timeout", type=int, default=300, help="seconds per (stack, model) subprocess")
+    ap.add_argument("--profile", nargs=2, metavar=("STACK", "MODEL"),
+                    help="profile one step of STACK on MODEL at the first --batches value (no table)")
     ap.add_argument("--worker", nargs=2, metavar=("STACK", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        worker(args.worker[0], args.worker[1], args.batches, args.seq, args.iters)
+    if args.worker or args.profile:
+        worker(*(args.worker or args.profile), args.batches, args.seq, args.iters, prof=bool(args.profile))
         return
     info = versions()
     print(f"# {info}")
