@@ -1,7 +1,8 @@
 """The one place that picks how a 4-bit linear runs on the Triton backend: by M (rows of x) and the shape.
 
 Reference: `qlora_core.linear` CPU path (F.linear on `dequantize_as(q, x.dtype)`); every path here returns
-the same function of (x, q, bias) within the matmul tolerance, and the W values used are bit-exact with it.
+the same function of (x, q, bias) within the matmul tolerance of the exact float64 product. The tensor-core
+and cuBLAS paths use W values bit-exact with dequantize(q); the M=1 decode path uses the unrounded fp32 W.
 
 Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
 - "gemv"   (forward, M <= GEMV_MAX_M): kernels/nf4_gemv.py, split-K, reads the packed weight directly.
@@ -23,7 +24,7 @@ import torch
 PATHS = ("gemv", "tiled", "cublas")
 
 # Forward: the split-K decode kernel up to this M; above it dequantize + cuBLAS. Measured on an H100
-# (docs/benchmarks.md): at M = 128 the fused tiled kernel took 74-315 us and the decode kernel 70-234 us
+# (docs/benchmarks.md): at M = 128 the fused tiled kernel took 74-310 us and the decode kernel 111-165 us
 # against 31-118 us for dequantize + cuBLAS, so neither fused kernel is dispatched above M = 16.
 GEMV_MAX_M = 16
 # Input gradient: the fused transposed kernel only for small M with K >= 2N (down-projection shape: 79 us
