@@ -16,7 +16,7 @@ Design
   sub-tile. (The tensor-core paths round W to x's dtype, as dequantize(q) does; both are within the tolerance
   against the exact float64 product; see tests/test_linear_interpret.py.)
 - 2 <= M <= 128 (BLOCK_M = next power of two >= 16): swap-AB, y.T tile = W tile @ x.T on the tensor cores
-  with W rounded to x's dtype (bit-exact dequantize(q) values); rows of x beyond M are masked to zero.
+  with W rounded to x's dtype (dequantize(q)'s values; see the absmax note in nf4_tile); rows of x beyond M are masked to zero.
 - fp32 x uses input_precision="ieee" (tf32 would be 3e-4 relative, outside the fp32 tolerance).
 Limits: forward only, M <= 128 (the input gradient uses nf4_matmul's transposed kernel).
 """

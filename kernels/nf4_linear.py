@@ -1,8 +1,9 @@
 """The one place that picks how a 4-bit linear runs on the Triton backend: by M (rows of x) and the shape.
 
 Reference: `qlora_core.linear` CPU path (F.linear on `dequantize_as(q, x.dtype)`); every path here returns
-the same function of (x, q, bias) within the matmul tolerance of the exact float64 product. The tensor-core
-and cuBLAS paths use W values bit-exact with dequantize(q); the M=1 decode path uses the unrounded fp32 W.
+the same function of (x, q, bias) within the matmul tolerance of the exact float64 product. The cuBLAS path
+uses W bit-exact with dequantize(q), the tensor-core paths dequantize(q)'s values up to a 1-ulp absmax
+contraction (nf4_tile), the M=1 decode path the unrounded fp32 W.
 
 Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
 - "gemv"   (forward, M <= GEMV_MAX_M): kernels/nf4_gemv.py, split-K, reads the packed weight directly.

@@ -3,19 +3,23 @@
 Reference: `qlora_core.linear.dequantize_as` + `torch.nn.functional.linear` / `dy @ W` (nf4_linear's CPU path).
 
 Design
-- Classic tiled GEMM (grouped program order for L2 reuse of x tiles); the B operand tile is not loaded from a
-  bf16 weight but dequantized in registers from the packed codes (`nf4_tile.load_tile`: 0.5 byte/element
-  plus the 8-bit absmax), rounded to x's dtype (bit-exact with dequantize(q)) and fed to tl.dot with fp32
-  accumulation.
-- Forward reduces over K: W tile (BLOCK_N, BLOCK_K), used transposed. The input gradient reduces over N:
-  W tile (BLOCK_N, BLOCK_K) is already the (reduction, output) operand, so both kernels share one loader and
-  read the same contiguous bytes; no transposed copy of the codes is ever made.
-- Good where reading the weight is a large share of the time (M ~ 17..2k). Each W tile is dequantized once
-  per BLOCK_M rows of x, so CUDA-core work is N*K*ceil(M/BLOCK_M)*~8 ops beside 2*M*N*K tensor-core flops;
-  at M >= ~2k on an H100 the dequantize-to-a-transient-buffer + cuBLAS path wins (kernels/nf4_linear.py
-  decides, from measurements in docs/benchmarks.md).
-- Hopper configs: autotuned per (M bucket, N, K, dtype) over the table below; the interpreter (CPU tests)
-  runs one small fixed config and upcasts dot operands to fp32 (tl.dot on bf16 is wrong there).
+- Classic tiled GEMM (grouped program order for L2 reuse of x tiles); the W operand is not loaded from a
+  bf16 weight but dequantized in registers from the packed codes (`nf4_tile.load_pair_tile`: 16-byte code
+  loads split into high nibbles = even columns and low nibbles = odd columns, one absmax per row per
+  sub-tile of <= blocksize columns), rounded to x's dtype (dequantize(q)'s values, up to the 1-ulp absmax note in nf4_tile) and fed to tl.dot
+  with fp32 accumulation: y += x_even @ W_even.T + x_odd @ W_odd.T, so no nibble interleaving is needed.
+- Forward reduces over K: W tile (BLOCK_N, BLOCK_K), used transposed (or, SWAP_AB, y.T = W @ x.T with W as
+  the A operand). The input gradient reduces over N: the W tile (BLOCK_N, BLOCK_K) is already the
+  (reduction, output) operand; dx's even and odd columns accumulate separately and are interleaved once in
+  the epilogue. Both read the same contiguous code bytes; no transposed copy of the codes is ever made.
+- Measured on an H100 (docs/benchmarks.md) these lose to dequantize + cuBLAS except dx at small M for
+  K >= 2N: each element costs a table gather plus ~10 instructions on the CUDA cores, not overlapped with
+  the MMAs, and Triton's pipeliner cannot prefetch a gather that depends on the code load (with
+  num_stages > 1 it turned the gathers into 4-byte cp.async copies, 10x slower), so num_stages = 1.
+  kernels/nf4_linear.py decides which path runs.
+- Hopper configs: autotuned per (M bucket, N, K, DQ, layout) over the table below; fp32 and the interpreter
+  (CPU tests) run one small fixed config; the interpreter upcasts dot operands to fp32 (tl.dot on bf16 is
+  wrong there). QLORA_CORE_AUTOTUNE=0 uses the table's first row (GPU tests, compile time).
 - fp32 x uses input_precision="ieee" so fp32 results keep fp32 accuracy (tf32 would not meet the tolerance).
 Limits: x / dy row-major with unit stride along the reduction; N*K < 2**31.
 """

@@ -6,19 +6,19 @@ dtype(lut[code(n*K + k)] * absmax[(n*K + k) // blocksize]), absmax restored as c
 + offset for double quant, `QuantizedTensor.absmax_fp32`).
 
 Design
-- Two tile loaders, chosen by the constexpr ALIGNED = (K % blocksize == 0):
-  * aligned (every real checkpoint: K = 4096, 14336, ... with blocksize 64): a row's codes start on a byte
-    boundary, so the tile is loaded as (R, C/2) whole bytes (coalesced) and split with join+reshape into
-    (R, C) codes (element 2j = high nibble). Each row of the tile covers NBLK = max(C // blocksize, 1)
-    absmax blocks, loaded as an (R, NBLK) tile, double-dequantized there (cheap, per block) and broadcast
-    with a reshape (R, NBLK, SUB) instead of one gather per element.
-  * generic (odd K; blocks straddle rows): flat index n*K + k per element, one byte and one absmax gather
-    per element. Correct for every shape, used only by shapes no model has (tests hit it).
+- `load_pair_tile` (the matmuls): for an aligned layout (K % blocksize == 0: every real checkpoint) a
+  sub-tile of <= blocksize columns lies in one absmax block per row, so the codes are read as 16-byte
+  vectors (alignment hint; rows start on 16-byte boundaries) and used as two halves, high nibbles = even
+  columns and low nibbles = odd columns, with one restored absmax per row: no join/reshape in hot loops.
+- `load_tile` (the transient dequantize): the (R, C) tile in element order (join + reshape of the nibbles),
+  each row's NBLK absmax blocks broadcast through a reshape (R, NBLK, SUB).
+- Generic layouts (odd K; blocks straddle rows): flat index n*K + k per element, one byte and one absmax
+  gather per element. Correct for every shape, used only by shapes no model has (tests hit it).
 - The 16-entry table is read with `tl.load(lut_ptr + code)`: 64 bytes that stay in L1 for the whole kernel.
 - NOTE: the fused kernels let LLVM contract code256*nested + offset into one FMA, so a restored absmax may
-  differ from `absmax_fp32()` by 1 ulp of fp32 (then rounded to bf16/fp16 with W: almost never visible).
-  The transient-dequantize kernel is launched with enable_fp_fusion=False and matches `dequantize(q)` bit
-  for bit.
+  differ from `absmax_fp32()` by 1 ulp of fp32 (then rounded to bf16/fp16 with W: rarely visible; the fused
+  paths are held to the matmul tolerance, not to bit-exactness). The transient-dequantize kernel is launched
+  with enable_fp_fusion=False and matches `dequantize(q)` bit for bit (tested on CPU and GPU).
 Limits: q 2-D with N*K < 2**31 (the format's own limit, int32 indexing); blocksize a power of two.
 """
 from __future__ import annotations
