@@ -222,3 +222,41 @@ def test_loop_on_gpu_learns_and_resumes(setup, monkeypatch):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=2e-2, atol=1e-3)
     assert straight.steps == resumed.steps == 8
+
+
+def test_sigkill_at_a_random_moment_then_resume_is_exact(setup):
+    """A real kill: `qlora train` in a subprocess, checkpointing every step (so the kill most likely lands inside a
+    checkpoint write), SIGKILLed once it has logged some steps; `--resume` must reach the straight run's adapter."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, model, data = setup
+    common = ["--model", str(model), "--data", str(data), "--max-steps", "150", "--batch-size", "2",
+              "--seq-len", "64", "--lr", "3e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.1",
+              "--save-every", "1", "--eval-every", "0", "--eval-fraction", "0", "--log-every", "1000", "--seed", "2"]
+    cmd = [sys.executable, "-m", "qlora_core", "train"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    killed = root / "sigkill"
+    p = subprocess.Popen(cmd + common + ["--output", str(killed)], env=env, stdout=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 20 <= done < 150, f"the kill should land mid-run, got {done} steps"
+    subprocess.run(cmd + common + ["--output", str(killed), "--resume"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    T.train(_cfg(setup, "sigkill-straight", max_steps=150, batch_size=2, lr=3e-3, save_every=0, eval_every=0,
+                 eval_fraction=0.0, log_every=1000, seed=2))
+    a, b = _metrics(root / "sigkill-straight"), _metrics(killed)
+    assert [m["step"] for m in b] == list(range(1, 151))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    wa, wb = _adapter(root / "sigkill-straight"), _adapter(killed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
