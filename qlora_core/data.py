@@ -29,6 +29,7 @@ causal model's real tokens never look at the padding after them.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 from pathlib import Path
@@ -190,6 +191,7 @@ class TextTokenizer:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
             env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # Llama 3.1+ templates
             env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
             self._compiled = env.from_string(self.chat_template)
         return self._compiled
@@ -199,8 +201,9 @@ class TextTokenizer:
         t = self._jinja()
         if t is not None:
             try:
-                return t.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                # the variables transformers' apply_chat_template passes (tools/documents None when unused)
+                return t.render(messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None,
+                                documents=None, bos_token=self.bos_token or "", eos_token=self.eos_token or "")
             except ChatTemplateError:
                 raise
             except Exception as e:  # noqa: BLE001 - jinja raises many types

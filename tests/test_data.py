@@ -14,17 +14,26 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     tok = make_tokenizer([r["instruction"] + "\n" + r["response"] for r in swap_task(200, seed=1)]
                          + ["system user assistant ### Instruction Response hello world"] * 3)
+    tok.add_special_tokens(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
     out = {}
-    for name, template in (("chat", CHATML), ("plain", None)):
+    for name, template, eos in (("chat", CHATML, "<|im_end|>"), ("plain", None, "<|im_end|>"),
+                                ("llama3", LLAMA3, "<|eot_id|>")):
         d = root / name
         d.mkdir()
         tok.save(str(d / "tokenizer.json"))
-        cfg = {"eos_token": {"content": "<|im_end|>"}, "pad_token": "<|endoftext|>"}
+        cfg = {"eos_token": {"content": eos}, "pad_token": "<|endoftext|>", "bos_token": "<|begin_of_text|>"}
         if template:
             cfg["chat_template"] = template
         (d / "tokenizer_config.json").write_text(json.dumps(cfg))
         out[name] = d
     return out
+
+
+# Llama-3 style: bos from the template, headers, trimmed content, <|eot_id|> ends a turn
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+EOS = {"chat": "<|im_end|>", "plain": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 
 CONVS = [
@@ -35,24 +44,25 @@ CONVS = [
 ]
 
 
+@pytest.mark.parametrize("kind", ["chat", "llama3"])
 @pytest.mark.parametrize("conv", CONVS, ids=["one-turn", "multi-turn"])
-def test_chat_template_matches_transformers(folders, conv):
+def test_chat_template_matches_transformers(folders, conv, kind):
     transformers = pytest.importorskip("transformers", reason="test extra: transformers (reference renderer)")
-    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folders["chat"] / "tokenizer.json"),
-                                               eos_token="<|im_end|>")
-    ref.chat_template = CHATML
-    tok = D.TextTokenizer.from_folder(folders["chat"])
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folders[kind] / "tokenizer.json"),
+                                               eos_token=EOS[kind], bos_token="<|begin_of_text|>")
+    ref.chat_template = CHATML if kind == "chat" else LLAMA3
+    tok = D.TextTokenizer.from_folder(folders[kind])
     for gen in (False, True):
         text = ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
         assert tok.render(conv, add_generation_prompt=gen) == text
         assert tok.encode(text) == ref(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("kind", ["chat", "plain"])
+@pytest.mark.parametrize("kind", ["chat", "plain", "llama3"])
 @pytest.mark.parametrize("conv", CONVS, ids=["one-turn", "multi-turn"])
 def test_labels_are_exactly_the_assistant_turns(folders, kind, conv):
     tok = D.TextTokenizer.from_folder(folders[kind])
-    assert tok.template_name == ("chat_template" if kind == "chat" else "plain")
+    assert tok.template_name == ("plain" if kind == "plain" else "chat_template")
     s = D.encode_conversation(tok, conv)
     assert s.input_ids == tok.encode(tok.render(conv))  # the ids of the whole text, not of pieces
     assert len(s.labels) == len(s.input_ids)
@@ -67,7 +77,7 @@ def test_labels_are_exactly_the_assistant_turns(folders, kind, conv):
             cur = []
     if cur:
         runs.append(cur)
-    want = [m["content"] + "<|im_end|>" for m in conv if m["role"] == "assistant"]
+    want = [m["content"] + EOS[kind] for m in conv if m["role"] == "assistant"]
     assert [tok.decode(r, skip_special_tokens=False) for r in runs] == want
 
 
