@@ -27,31 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from qlora_core.kernels.quant4 import encode_8bit as _encode_8bit  # the shared CUDA-rule 8-bit encoder
 from qlora_core.optim_ref import BLOCKSIZE, AdamWCoeffs
 
 ROWS = 4  # 256-element blocks per program: 1024-element tiles, 4 warps
-
-
-@triton.jit
-def _encode_8bit(x, qmap_ptr):
-    # reference.encode_8bit: 7-step binary search from pivot 127, then the midpoint test against the
-    # bracketing probes; exact ties stay on the (even) pivot; NaN walks left to index 0.
-    pivot = tl.zeros(x.shape, tl.int32) + 127
-    lo = tl.zeros(x.shape, tl.int32)
-    hi = tl.zeros(x.shape, tl.int32) + 255
-    val = tl.load(qmap_ptr + pivot)
-    for i in tl.static_range(7):
-        step = 64 >> i
-        right = x > val
-        lo = tl.where(right, pivot, lo)
-        hi = tl.where(right, hi, pivot)
-        pivot = tl.where(right, pivot + step, pivot - step)
-        val = tl.load(qmap_ptr + pivot)
-    lower = tl.load(qmap_ptr + lo)
-    upper = tl.load(qmap_ptr + hi)
-    go_up = (x > val) & (x > (upper + val) * 0.5)
-    go_down = (x <= val) & (x < (lower + val) * 0.5)
-    return tl.where(go_up, hi, tl.where(go_down, lo, pivot))
 
 
 @triton.jit

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from qlora_core import backend
 from qlora_core.formats import code_table, dequant_table, dynamic_map, nf4_thresholds
+from qlora_core.kernels.nf4_tile import cast_rne  # fp32 -> dtype, round-to-nearest-even also in the interpreter
 from qlora_core.reference import (  # the spec of "reference" mode (re-exported, see __all__)
     dequantize_4bit_ref,
     quantize_4bit_ref,
@@ -146,6 +147,29 @@ def _quantize_4bit_kernel(x_ptr, thr_ptr, packed_ptr, absmax_ptr, n, nbytes, nbl
 
 
 @triton.jit
+def encode_8bit(x, code_ptr):
+    """reference.encode_8bit in Triton (also used by kernels/adamw8bit.py): 7-step binary search over the
+    sorted 256-entry map from pivot 127, then the midpoint test against the bracketing probes; exact ties
+    stay on the (even) pivot; NaN compares false everywhere and walks left to index 0."""
+    pivot = tl.zeros(x.shape, tl.int32) + 127
+    lower_pivot = tl.zeros(x.shape, tl.int32)
+    upper_pivot = tl.zeros(x.shape, tl.int32) + 255
+    val = tl.load(code_ptr + pivot)
+    for i in tl.static_range(7):
+        step = 64 >> i
+        right = x > val
+        lower_pivot = tl.where(right, pivot, lower_pivot)
+        upper_pivot = tl.where(right, upper_pivot, pivot)
+        pivot = tl.where(right, pivot + step, pivot - step)
+        val = tl.load(code_ptr + pivot)
+    lower = tl.load(code_ptr + lower_pivot)
+    upper = tl.load(code_ptr + upper_pivot)
+    go_up = (x > val) & (x > (upper + val) * 0.5)
+    go_down = (x <= val) & (x < (lower + val) * 0.5)
+    return tl.where(go_up, upper_pivot, tl.where(go_down, lower_pivot, pivot))
+
+
+@triton.jit
 def _quantize_8bit_kernel(x_ptr, code_ptr, q_ptr, absmax_ptr, n, nblocks,
                           BS: tl.constexpr, ROWS: tl.constexpr, RCP: tl.constexpr, FTZ: tl.constexpr):
     # Same blocking as the 4-bit kernel; codes follow CUDA's dQuantize<0> (see reference.encode_8bit).
@@ -159,41 +183,14 @@ def _quantize_8bit_kernel(x_ptr, code_ptr, q_ptr, absmax_ptr, n, nblocks,
     absmax = tl.max(tl.abs(x), axis=1)
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
     xn = _flush(x * _reciprocal(absmax, RCP)[:, None], FTZ)  # here a subnormal xn vs code 0.0 matters
-    pivot = tl.full([ROWS, BS], 127, tl.int32)
-    lower_pivot = tl.zeros([ROWS, BS], tl.int32)
-    upper_pivot = tl.full([ROWS, BS], 255, tl.int32)
-    val = tl.load(code_ptr + pivot)
-    for i in tl.static_range(7):
-        step = 64 >> i
-        right = xn > val
-        lower_pivot = tl.where(right, pivot, lower_pivot)
-        upper_pivot = tl.where(right, upper_pivot, pivot)
-        pivot = tl.where(right, pivot + step, pivot - step)
-        val = tl.load(code_ptr + pivot)
-    lower = tl.load(code_ptr + lower_pivot)
-    upper = tl.load(code_ptr + upper_pivot)
-    go_up = (xn > val) & (xn > (upper + val) * 0.5)
-    go_down = (xn <= val) & (xn < (lower + val) * 0.5)  # NaN: both false -> the final pivot, 0
-    q = tl.where(go_up, upper_pivot, tl.where(go_down, lower_pivot, pivot))
+    q = encode_8bit(xn, code_ptr)
     tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
-
-
-@triton.jit
-def _cast_out(v, dtype: tl.constexpr, MANUAL_RNE: tl.constexpr):
-    # fp32 -> dtype, round to nearest even. Triton 3.7's interpreter truncates fp32 -> bf16 (and its rounding
-    # flag rounds half up without carrying), so there we round by hand on the bits; GPUs use cvt.rn.
-    if MANUAL_RNE:
-        u = v.to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit
 def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, offset_ptr, lut_ptr, out_ptr,
                             n, nbytes, LOG2_BS: tl.constexpr, DOUBLE: tl.constexpr, BPR: tl.constexpr,
-                            BLOCK_BYTES: tl.constexpr, JOIN: tl.constexpr, MANUAL_RNE: tl.constexpr,
+                            BLOCK_BYTES: tl.constexpr, JOIN: tl.constexpr,
                             FTZ: tl.constexpr):
     # Tile (ROWS, BPR) packed bytes -> (ROWS, 2*BPR) outputs (see the header for the layout argument).
     ROWS: tl.constexpr = BLOCK_BYTES // BPR
@@ -213,8 +210,8 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, of
     scale = _flush(scale, FTZ)[:, None]
     hi = _flush(tl.load(lut_ptr + (b >> 4).to(tl.int32)) * scale, FTZ)
     lo = _flush(tl.load(lut_ptr + (b & 15).to(tl.int32)) * scale, FTZ)
-    hi = _cast_out(hi, out_ptr.dtype.element_ty, MANUAL_RNE)
-    lo = _cast_out(lo, out_ptr.dtype.element_ty, MANUAL_RNE)
+    hi = cast_rne(hi, out_ptr.dtype.element_ty)
+    lo = cast_rne(lo, out_ptr.dtype.element_ty)
     if JOIN:
         out = tl.reshape(tl.join(hi, lo), [ROWS, 2 * BPR])
         ooffs = seg[:, None] * (2 * BPR) + tl.arange(0, 2 * BPR)[None, :]
@@ -358,7 +355,7 @@ def dequantize_4bit(q, *, mode: str | None = None, ftz: bool | None = None, bloc
     nbytes = data.numel()
     args = (data, absmax, code256, absmax2, offset, lut, out.view(-1), n, nbytes)
     meta = dict(LOG2_BS=q.blocksize.bit_length() - 1, DOUBLE=bool(q.double_quant), BPR=8 // out.element_size(),
-                FTZ=flush, MANUAL_RNE=dev.type != "cuda" and q.dtype == torch.bfloat16, enable_fp_fusion=fp_fusion)
+                FTZ=flush, enable_fp_fusion=fp_fusion)
     if dev.type == "cuda" and block_bytes is None:
         _dequant_tuned()[lambda m: (triton.cdiv(nbytes, m["BLOCK_BYTES"]),)](*args, **meta)
     else:
