@@ -12,6 +12,16 @@ from qlora_core import data as D
 from tests._tiny import make_model_folder, swap_task, write_jsonl
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box two OpenMP threads that wait on each
+    other at every op turned a 1.4 s test into 120 s (measured here under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
@@ -238,7 +248,8 @@ def test_sigkill_at_a_random_moment_then_resume_is_exact(setup):
               "--seq-len", "64", "--lr", "3e-3", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.1",
               "--save-every", "1", "--eval-every", "0", "--eval-fraction", "0", "--log-every", "1000", "--seed", "2"]
     cmd = [sys.executable, "-m", "qlora_core", "train"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     killed = root / "sigkill"
     p = subprocess.Popen(cmd + common + ["--output", str(killed)], env=env, stdout=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
