@@ -40,6 +40,7 @@ _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_p
 
 @dataclasses.dataclass
 class LlamaConfig:
+    """Shapes and hyper-parameters of a Llama checkpoint (`from_hf_config` reads config.json in both forms)."""
     vocab_size: int                          # rows of embed_tokens / lm_head
     hidden_size: int                         # model width d
     intermediate_size: int                   # SwiGLU hidden width
@@ -163,6 +164,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) any float dtype -> (..., d) in x's dtype; the norm is computed in fp32."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -205,6 +207,7 @@ class Attention(nn.Module):
         self.H, self.KVH, self.D, self.layer_idx = H, KVH, D, layer_idx
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        """x (B, T, d) -> (B, T, d): RoPE'd causal SDPA with GQA; appends K/V to `cache` when given."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
@@ -239,6 +242,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def forward(self, x):
+        """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x))."""
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -251,6 +255,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
 
     def forward(self, x, cos, sin, mask=None, cache=None):  # cos, sin: (T, D) or (B, 1, T, D)
+        """x (B, T, d) -> (B, T, d): pre-norm attention and MLP residual blocks."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -280,6 +285,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) int64 -> final hidden states (B, T, d) after the last norm (no lm_head)."""
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
         if cache is not None and past + T > cache.max_len:

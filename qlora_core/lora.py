@@ -146,6 +146,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features): base(x) + scaling * B(A(dropout(x))) (base only if merged)."""
         y = self.base_layer(x)
         if self.merged:
             return y

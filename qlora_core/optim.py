@@ -37,6 +37,17 @@ SAFETY_MARGIN = 256 << 20  # bytes kept free beside the activation peak when the
 
 
 class PagedAdamW(torch.optim.Optimizer):
+    """AdamW with 32-bit or 8-bit blockwise states that page to pinned host memory under a GPU budget.
+
+    A drop-in torch.optim.Optimizer. optim_bits=32 follows torch.optim.AdamW (decoupled decay); optim_bits=8
+    stores m and v as uint8 codes per block of 256 (bitsandbytes' signed / unsigned dynamic maps, fp32 absmax;
+    tensors under 4096 elements keep fp32 state) and updates them in one fused Triton kernel on CUDA (the
+    PyTorch reference, qlora_core/optim_ref.py, on the CPU). State lives in fixed-size pages: resident on the
+    GPU within `gpu_budget_bytes` (None: decided at the first step from the free memory), the rest in pinned
+    host memory, prefetched on a side stream; `set_gpu_budget(bytes)` changes it at run time. No CUDA managed
+    memory is used. Raises ValueError naming the argument for lr < 0, optim_bits not in (8, 32), betas outside
+    [0, 1), eps < 0, weight_decay < 0, a negative budget or page_bytes < 4096.
+    """
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, optim_bits: int = 32, gpu_budget_bytes: int | None = None,
                  page_bytes: int | None = None):

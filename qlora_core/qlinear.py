@@ -43,6 +43,7 @@ class QuantLinear(nn.Module):
         return cls(q, None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) bf16/fp16/fp32 -> (..., out_features) in x's dtype, via nf4_linear."""
         from .linear import nf4_linear  # noqa: PLC0415 (keeps `import qlora_core.qlinear` light)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nf4_linear(x, self.weight, bias)
