@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import qlora_core as qc
 from qlora_core import reference
@@ -65,8 +65,12 @@ def test_round_trip_is_idempotent(case):
 @given(cases, st.integers(-4, 4))
 def test_power_of_two_scaling_scales_absmax_and_keeps_codes(case, k):
     x = make(case)
+    y = x * 2.0**k
+    # The property is about exact scaling: in fp16 a small value can become subnormal (or lose bits) at 2**-k,
+    # and then y is not x times a power of two any more.
+    assume(torch.equal(y / 2.0**k, x))
     q1 = qc.quantize(x, case["quant_type"], case["blocksize"], False)
-    q2 = qc.quantize(x * 2.0**k, case["quant_type"], case["blocksize"], False)
+    q2 = qc.quantize(y, case["quant_type"], case["blocksize"], False)
     assert torch.equal(q2.absmax, q1.absmax * 2.0**k)
     assert torch.equal(q1.data, q2.data)
 
