@@ -215,23 +215,17 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     _check_input(w, quant_type, blocksize)
     w = w.contiguous()
     if backend.choose(w.device) == "triton":
-        from .kernels import quant4
-        data, absmax = quant4.quantize_4bit(w, blocksize, quant_type)
+        from .kernels import quant4 as impl
+        quantize_4bit, quantize_blockwise = impl.quantize_4bit, impl.quantize_blockwise
     else:
-        data, absmax = reference.quantize_4bit_ref(w, blocksize, quant_type)
+        quantize_4bit, quantize_blockwise = reference.quantize_4bit_ref, reference.quantize_blockwise_ref
+    data, absmax = quantize_4bit(w, blocksize, quant_type)
     nested_absmax = offset = None
     if double_quant:
         # offset = absmax.mean() as a torch reduction on w's device, the same call bitsandbytes makes, so
         # the stored offset (and therefore every nested code) is reproduced bit for bit.
         offset = absmax.mean()
-        if backend.choose(w.device) == "triton":
-            from .kernels import quant4
-            qabsmax, nested_absmax = quant4.quantize_blockwise(absmax - offset, dynamic_map(True, w.device),
-                                                               NESTED_BLOCKSIZE)
-        else:
-            qabsmax, nested_absmax = reference.quantize_blockwise_ref(absmax - offset, dynamic_map(True, w.device),
-                                                                      NESTED_BLOCKSIZE)
-        absmax = qabsmax
+        absmax, nested_absmax = quantize_blockwise(absmax - offset, dynamic_map(True, w.device), NESTED_BLOCKSIZE)
     return QuantizedTensor(data=data, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
                            quant_type=quant_type, double_quant=double_quant,
                            nested_absmax=nested_absmax, offset=offset)

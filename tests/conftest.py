@@ -17,6 +17,21 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module (opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    Tiny tensors gain nothing from intra-op threads, and on the shared 2-core box two OpenMP threads that wait on
+    each other at every op made tests 10-100x slower under load (measured: a tiny-model training test 1.4 s ->
+    120 s; 20 steps of the 8-bit optimizer reference 0.45 s -> 10.8 s; the main job's 12 steps > 10 min vs 158 s).
+    Module scope, so it is in force before the module-scoped model fixtures are built.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

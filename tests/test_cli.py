@@ -15,15 +15,7 @@ from qlora_core.loading import load_llama
 from tests._tiny import make_model_folder, swap_task, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")  # before the module-scoped model fixtures
-def _one_thread():
-    """One intra-op thread: on the shared 2-core box two OpenMP threads that wait on each other at every op made these
-    tests 10-100x slower under load (tiny-model tests 1.4 s -> 120 s; the main job's 12 steps > 10 min vs 158 s with one
-    thread at load 3); on an idle box one thread costs the main job ~1.6x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

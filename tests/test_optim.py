@@ -12,14 +12,7 @@ from qlora_core.formats import dynamic_map
 from qlora_core.optim import PagedAdamW
 from qlora_core.reference import dequantize_blockwise_ref
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: with 2 intra-op threads on a loaded 2-core box the 8-bit reference ran 24x slower
-    # (10.8 s vs 0.45 s for 20 steps of 65k elements, measured); one thread is also faster when idle.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 SHAPES = [(64, 100), (300,), (17, 33), (4099,), (3, 2000)]  # 8-bit, 32-bit (<4096), 32-bit, 8-bit tail, 8-bit

@@ -12,14 +12,7 @@ from qlora_core import data as D
 from tests._tiny import make_model_folder, swap_task, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")  # before the module-scoped model fixtures
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box two OpenMP threads that wait on each
-    other at every op turned a 1.4 s test into 120 s (measured here under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
