@@ -50,7 +50,7 @@ class PagedAdamW(torch.optim.Optimizer):
     """
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, optim_bits: int = 32, gpu_budget_bytes: int | None = None,
-                 page_bytes: int | None = None):
+                 page_bytes: int | None = None, batch_pages: int | None = None):
         if not isinstance(lr, (int, float)) or lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
         if optim_bits not in (8, 32):
@@ -65,11 +65,14 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid gpu_budget_bytes: {gpu_budget_bytes} (must be >= 0 or None)")
         if page_bytes is not None and page_bytes < 4096:
             raise ValueError(f"Invalid page_bytes: {page_bytes} (must be >= 4096)")
+        if batch_pages is not None and (not isinstance(batch_pages, int) or batch_pages < 1):
+            raise ValueError(f"Invalid batch_pages: {batch_pages} (must be an int >= 1 or None)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.optim_bits = optim_bits
         self._budget = gpu_budget_bytes
         self._page_bytes = page_bytes
+        self._batch_pages = batch_pages
         self._store: PageStore | None = None
 
     # ---- structure ---------------------------------------------------------------------------------------------
@@ -93,28 +96,34 @@ class PagedAdamW(torch.optim.Optimizer):
         device = devices.pop()
         self._device = device
         self._flat = [p for p, _ in params]
-        self._group_of = [g for _, g in params]
+        group_index = {id(g): k for k, g in enumerate(self.param_groups)}
+        self._group_of = [group_index[id(g)] for _, g in params]
         self._steps = [0] * len(self._flat)
+        self._lockstep = True  # every parameter has taken the same number of steps (the fast path's premise)
         sizes = [(p.numel(), self._bits(p)) for p in self._flat]
         total = sum(s for s in _state_bytes(sizes))
         budget = self._budget
         if budget is None and device.type == "cuda":
             budget = auto_budget(device)
+        paged = budget is not None and budget < total
         page_bytes = self._page_bytes
         if page_bytes is None:
             page_bytes = DEFAULT_PAGE_BYTES
-            if budget is not None and budget < total:
+            if paged:
                 # pages small enough that 3 staging slots + a few resident pages fit the budget, no smaller:
-                # each paged page costs a fixed ~0.3 ms of launches and stream hand-offs (H100 measurement)
+                # each paged batch costs a fixed ~0.1-0.3 ms of launches and stream hand-offs (H100)
                 page_bytes = max(1 << 20, min(DEFAULT_PAGE_BYTES, (budget // 5) >> 16 << 16))
+        batch = self._batch_pages
+        if batch is None:  # neighbouring pages move and update together up to a fifth of the budget (<= 32 MiB)
+            batch = max(1, min(DEFAULT_PAGE_BYTES, budget // 5) // page_bytes) if paged else 1
         self._segments, num_pages = layout(sizes, page_bytes)
         self._by_page: list[list] = [[] for _ in range(num_pages)]
         for seg in self._segments:
             self._by_page[seg.page].append(seg)
-        self._offsets = [[seg.offsets() for seg in segs] for segs in self._by_page]
-        self._launch_groups = None  # multi-tensor tables, built on the first Triton step
-        self._addr_key, self._addr_tables, self._step_addr = None, {}, None
-        self._store = PageStore(num_pages, page_bytes, device, budget)
+        self._plans: dict = {}  # (first page, pages) -> launch plan of that buffer region, built on first use
+        self._addr_key, self._addr_tables = None, {}
+        self._fast_key, self._fast_ok = None, False
+        self._store = PageStore(num_pages, page_bytes, device, budget, batch)
         self._qmaps = (dynamic_map(True, device), dynamic_map(False, device))
 
     # ---- budget ------------------------------------------------------------------------------------------------
@@ -155,82 +164,134 @@ class PagedAdamW(torch.optim.Optimizer):
             if not any(p.grad is not None for p, _ in self._params()):
                 return loss
             self._build()
-        grads, coeffs, cache = {}, {}, {}
+        # Host cost is the limit for many small tensors (448 LoRA tensors: ~2 ms a step when every parameter
+        # went through a Python loop of checks and dict lookups), so the common case -- every parameter has a
+        # dense contiguous grad of its dtype and all took the same number of steps -- costs three list
+        # comprehensions of C getters; addresses, tables and launch plans are reused while they stay valid.
+        flat = self._flat
+        grads = [p.grad for p in flat]
+        try:
+            key = ([(g.data_ptr(), g.dtype, g.is_contiguous()) for g in grads],
+                   [(p.data_ptr(), p.is_contiguous()) for p in flat])
+        except (AttributeError, RuntimeError):  # a missing (None) or sparse gradient
+            key = None
+        fast = False
+        if key is not None and self._lockstep:
+            changed = key != self._fast_key
+            if changed:
+                self._fast_key = key
+                self._fast_ok = all(c and d == p.dtype for (_, d, c), p in zip(key[0], flat)) and all(
+                    c for _, c in key[1])
+            fast = self._fast_ok
+        if fast:
+            step = self._steps[0] + 1
+            self._steps = [step] * len(flat)
+            by_group = [self._coeffs(g, step) for g in self.param_groups]
+            coeffs = [by_group[k] for k in self._group_of]
+            batches = None
+        else:
+            self._fast_key = None  # the address tables below are this step's, not the fast path's
+            grads, coeffs, batches = self._slow_prepare(grads)
+            if grads is None:
+                return loss
+        if backend.choose(self._device) == "triton":
+            addr = self._addr_tables if fast and not changed else self._addresses(grads)
+            self._store.run(lambda first, count, buf: self._triton_region(first, count, buf, grads, coeffs, fast,
+                                                                          addr), batches)
+        else:
+            self._store.run(lambda first, count, buf: self._reference_region(first, count, buf, grads, coeffs),
+                            batches)
+        return loss
+
+    def _coeffs(self, g: dict, step: int) -> dict:
+        return {bits: adamw_coeffs(step, g["lr"], *g["betas"], g["eps"], g["weight_decay"], bits)
+                for bits in (8, 32)}
+
+    def _slow_prepare(self, grads: list):
+        """Checks and bookkeeping per parameter (some grads missing, non-contiguous, or steps out of lockstep).
+        Returns (grads with contiguous copies, per-param coefficients, indices of the batches to visit) or
+        (None, None, None) when no parameter has a grad."""
+        coeffs, cache = {}, {}
         for i, p in enumerate(self._flat):
-            if p.grad is None:
+            g = grads[i]
+            if g is None:
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError("PagedAdamW does not support sparse gradients")
             if not p.is_contiguous():
                 raise RuntimeError("PagedAdamW needs contiguous parameters")
+            if not g.is_contiguous():
+                grads[i] = g.contiguous()
             self._steps[i] += 1
-            grads[i] = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
-            g = self._group_of[i]
-            key = (id(g), self._steps[i])
+            key = (self._group_of[i], self._steps[i])
             if key not in cache:  # one pair of scalars per (group, step), not per parameter
-                cache[key] = {bits: adamw_coeffs(self._steps[i], g["lr"], *g["betas"], g["eps"],
-                                                 g["weight_decay"], bits) for bits in (8, 32)}
+                cache[key] = self._coeffs(self.param_groups[key[0]], key[1])
             coeffs[i] = cache[key]
-        if not grads:
-            return loss
-        pages = [page for page, segs in enumerate(self._by_page) if any(s.param in grads for s in segs)]
-        update_page = (self._triton_page if backend.choose(self._device) == "triton" else self._reference_page)
-        self._step_addr = None
-        self._store.run(lambda page, buf: update_page(page, buf, grads, coeffs), pages)
-        return loss
+        if not coeffs:
+            return None, None, None
+        self._lockstep = len(set(self._steps)) == 1
+        pages = {s.page for s in self._segments if grads[s.param] is not None}
+        batches = [j for j, (f, c) in enumerate(self._store.batches()) if any(f + k in pages for k in range(c))]
+        return grads, coeffs, batches
 
-    def _reference_page(self, page: int, buf: torch.Tensor, grads: dict, coeffs: dict) -> None:
+    def _reference_region(self, first: int, count: int, buf: torch.Tensor, grads: list, coeffs) -> None:
         q1, q2 = self._qmaps
-        for seg in self._by_page[page]:
-            g = grads.get(seg.param)
-            if g is None:
-                continue
-            end = seg.start + seg.count
-            p = self._flat[seg.param].view(-1)[seg.start:end]
-            g = g.view(-1)[seg.start:end]
-            if seg.bits == 8:
-                adamw8bit_ref(p, g, *seg.views(buf), q1, q2, coeffs[seg.param][8])
-            else:
-                adamw32_ref(p, g, *seg.views(buf), coeffs[seg.param][32])
-
-    def _build_launch_groups(self) -> None:
-        """Per page, segments grouped by (state bits, param dtype, param group) with device-resident tables:
-        seg (nseg, 8) int64 = param, start, count, state offsets; blk (nblk, 2) int32 = segment, block."""
-        group_index = {id(g): k for k, g in enumerate(self.param_groups)}
-        self._launch_groups = []
-        for page, segs in enumerate(self._by_page):
-            buckets: dict = {}
-            for seg, offs in zip(segs, self._offsets[page]):
-                p = self._flat[seg.param]
-                buckets.setdefault((seg.bits, p.dtype, group_index[id(self._group_of[seg.param])]), []).append(
-                    (seg, offs))
-            groups = []
-            for (bits, dtype, _), all_items in buckets.items():
-                # Large segments run alone: on H100 the one-tensor kernel did the 1B model's 8-bit step in
-                # 21.4 ms against 28.4 ms through the multi-tensor kernel (whose table reads and 64-bit
-                # offsets cost ALU in a gather-bound kernel); small ones batch to save ~35 us launches.
-                items = [(s, o) for s, o in all_items if s.count < SOLO_SEGMENT]
-                solo = [(s, o) for s, o in all_items if s.count >= SOLO_SEGMENT]
-                if solo:
-                    groups.append(dict(bits=bits, dtype=dtype, params=None, segs=solo))
-                if not items:
+        P = self._store.page_bytes
+        for page in range(first, first + count):
+            for seg in self._by_page[page]:
+                g = grads[seg.param]
+                if g is None:
                     continue
-                seg_rows, blk_rows = [], []
-                for j, (seg, offs) in enumerate(items):
-                    seg_rows.append([seg.param, seg.start, seg.count, *offs, 0])
-                    blk_rows += [[j, b] for b in range(seg.nblocks)]
-                groups.append(dict(bits=bits, dtype=dtype, params=sorted({s.param for s, _ in items}),
-                                   segs=items, nblk=len(blk_rows),
-                                   seg_table=torch.tensor(seg_rows, dtype=torch.int64).to(self._device),
-                                   blk_table=torch.tensor(blk_rows, dtype=torch.int32).to(self._device)))
-            self._launch_groups.append(groups)
+                end = seg.start + seg.count
+                p = self._flat[seg.param].view(-1)[seg.start:end]
+                g = g.view(-1)[seg.start:end]
+                views = seg.views(buf, (page - first) * P)
+                if seg.bits == 8:
+                    adamw8bit_ref(p, g, *views, q1, q2, coeffs[seg.param][8])
+                else:
+                    adamw32_ref(p, g, *views, coeffs[seg.param][32])
 
-    def _addresses(self, grads: dict) -> dict:
+    def _plan(self, first: int, count: int) -> list[dict]:
+        """Launch plan of the buffer holding pages first..first+count-1 (the resident region or one batch):
+        segments grouped by (state bits, param dtype, param group); small segments go through the multi-tensor
+        kernel with device tables seg (nseg, 8) int64 = param, start, count, state offsets (relative to the
+        buffer) and blk (nblk, 2) int32 = segment, block; large ones get their own launch."""
+        plan = self._plans.get((first, count))
+        if plan is not None:
+            return plan
+        P = self._store.page_bytes
+        buckets: dict = {}
+        for page in range(first, first + count):
+            for seg in self._by_page[page]:
+                key = (seg.bits, self._flat[seg.param].dtype, self._group_of[seg.param])
+                buckets.setdefault(key, []).append((seg, seg.offsets((page - first) * P)))
+        plan = []
+        for (bits, dtype, _), all_items in buckets.items():
+            # Large segments run alone: on H100 the one-tensor kernel did the 1B model's 8-bit step in
+            # 21.4 ms against 28.4 ms through the multi-tensor kernel (whose table reads and 64-bit
+            # offsets cost ALU in a gather-bound kernel); small ones batch to save ~35 us launches.
+            items = [(s, o) for s, o in all_items if s.count < SOLO_SEGMENT]
+            solo = [(s, o) for s, o in all_items if s.count >= SOLO_SEGMENT]
+            if solo:
+                plan.append(dict(bits=bits, dtype=dtype, params=None, segs=solo))
+            if not items:
+                continue
+            seg_rows, blk_rows = [], []
+            for j, (seg, offs) in enumerate(items):
+                seg_rows.append([seg.param, seg.start, seg.count, *offs, 0])
+                blk_rows += [[j, b] for b in range(seg.nblocks)]
+            plan.append(dict(bits=bits, dtype=dtype, params=sorted({s.param for s, _ in items}), segs=items,
+                             nblk=len(blk_rows),
+                             seg_table=torch.tensor(seg_rows, dtype=torch.int64).to(self._device),
+                             blk_table=torch.tensor(blk_rows, dtype=torch.int32).to(self._device)))
+        self._plans[(first, count)] = plan
+        return plan
+
+    def _addresses(self, grads: list) -> dict:
         """Per param dtype: (anchor tensor, (nparams, 2) int64 device table of p / grad element offsets from the
         anchor, all-16-byte-aligned flag). Re-sent only when an address changes (a fresh .grad from the caching
         allocator usually lands at the same address), so a step normally costs no copy."""
-        key = tuple(a for i, p in enumerate(self._flat)
-                    for a in (p.data_ptr(), grads[i].data_ptr() if i in grads else 0))
+        key = tuple(a for p, g in zip(self._flat, grads) for a in (p.data_ptr(), g.data_ptr() if g is not None else 0))
         if key != self._addr_key:
             self._addr_key, self._addr_tables = key, {}
             for dtype in {p.dtype for p in self._flat}:
@@ -247,30 +308,26 @@ class PagedAdamW(torch.optim.Optimizer):
                                             all(r % 16 == 0 for r in rel))
         return self._addr_tables
 
-    def _triton_page(self, page: int, buf: torch.Tensor, grads: dict, coeffs: dict) -> None:
-        # One launch per (page, bits, dtype, group) through the multi-tensor kernel; per-segment launches only
-        # where a group's tensors disagree (a missing grad, a different step count or grad dtype).
+    def _triton_region(self, first: int, count: int, buf: torch.Tensor, grads: list, coeffs, uniform: bool,
+                       addr: dict) -> None:
+        # One multi-tensor launch per (bits, dtype, group) of the region; per-segment launches for large
+        # segments and where a group's tensors disagree (a missing grad, a different step count or grad dtype).
         from .kernels.adamw8bit import launch, launch_multi
-        if self._launch_groups is None:
-            self._build_launch_groups()
-        if self._step_addr is None:  # once per step, not per page
-            self._step_addr = self._addresses(grads)
         q1, q2 = self._qmaps
         f32 = buf.view(torch.float32)
-        for lg in self._launch_groups[page]:
+        for lg in self._plan(first, count):
             params = lg["params"]
-            first = params[0] if params else None
-            addr = self._step_addr.get(lg["dtype"])
-            uniform = params is not None and addr is not None and all(
-                i in grads and self._steps[i] == self._steps[first] and grads[i].dtype == lg["dtype"]
-                for i in params)
-            if uniform:
-                anchor, table, aligned = addr
-                launch_multi(lg["seg_table"], table, lg["blk_table"], lg["nblk"], anchor, aligned, buf, q1, q2,
-                             coeffs[first][lg["bits"]], lg["bits"] == 8)
-                continue
+            if params is not None:
+                a = addr.get(lg["dtype"])
+                if a is not None and (uniform or all(
+                        grads[i] is not None and self._steps[i] == self._steps[params[0]]
+                        and grads[i].dtype == lg["dtype"] for i in params)):
+                    anchor, table, aligned = a
+                    launch_multi(lg["seg_table"], table, lg["blk_table"], lg["nblk"], anchor, aligned, buf, q1, q2,
+                                 coeffs[params[0]][lg["bits"]], lg["bits"] == 8)
+                    continue
             for seg, offs in lg["segs"]:
-                g = grads.get(seg.param)
+                g = grads[seg.param]
                 if g is None:
                     continue
                 p = self._flat[seg.param]
@@ -346,6 +403,8 @@ class PagedAdamW(torch.optim.Optimizer):
                     view.copy_(src[lo:lo + view.numel()].to(view.dtype))
             step = st["step"]
             self._steps[i] = int(step.item() if torch.is_tensor(step) else step)
+        self._lockstep = len(set(self._steps)) == 1
+        self._fast_key = None
         for page, data in pages.items():
             self._store.write(page, data)
 
