@@ -10,9 +10,10 @@
   4096 elements keep fp32 states (with the 32-bit update). A NaN/Inf gradient element resets that element's
   m and v to zero and leaves its parameter alone. The update is qlora_core.optim_ref.adamw8bit_ref, run as one
   fused Triton kernel (kernels/adamw8bit.py) on CUDA tensors and as the PyTorch reference elsewhere.
-* States live in fixed-size pages (qlora_core.paging): resident on the device within `gpu_budget_bytes`, the
-  rest in pinned host memory, streamed through three staging pages with prefetch and write-back overlapped with
-  the update. Never CUDA managed memory. With `gpu_budget_bytes=None` the budget is decided at the first step
+* States live in fixed-size pages (qlora_core.paging): resident on the device within `gpu_budget_bytes` (one
+  buffer, one launch per (bits, dtype, group)), the rest in one pinned host buffer, streamed in batches of
+  `batch_pages` neighbouring pages (one copy each way, one launch per batch) through three staging groups with
+  prefetch and write-back overlapped with the update. Never CUDA managed memory. With `gpu_budget_bytes=None` the budget is decided at the first step
   on CUDA: what the allocator may still take, minus the activation peak seen so far and a margin (so the
   next forward pass fits beside the pages); on the CPU nothing is paged.
 * state_dict() holds the exact state (codes, absmax, fp32 moments, step) as CPU tensors keyed like
@@ -45,8 +46,9 @@ class PagedAdamW(torch.optim.Optimizer):
     PyTorch reference, qlora_core/optim_ref.py, on the CPU). State lives in fixed-size pages: resident on the
     GPU within `gpu_budget_bytes` (None: decided at the first step from the free memory), the rest in pinned
     host memory, prefetched on a side stream; `set_gpu_budget(bytes)` changes it at run time. No CUDA managed
-    memory is used. Raises ValueError naming the argument for lr < 0, optim_bits not in (8, 32), betas outside
-    [0, 1), eps < 0, weight_decay < 0, a negative budget or page_bytes < 4096.
+    memory is used. `batch_pages` neighbouring non-resident pages move and update together (None: up to a fifth
+    of the budget, at most 32 MiB). Raises ValueError naming the argument for lr < 0, optim_bits not in (8, 32),
+    betas outside [0, 1), eps < 0, weight_decay < 0, a negative budget, page_bytes < 4096 or batch_pages < 1.
     """
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, optim_bits: int = 32, gpu_budget_bytes: int | None = None,

@@ -152,7 +152,7 @@ class PageStore:
             except torch.OutOfMemoryError:  # the budget overestimated the room: fewer pages stay resident
                 if resident == 0:
                     raise
-                resident //= 2
+                resident = min(resident - 1, resident * 7 // 8)
         host_bytes = (self.num_pages - resident) * P
         host = torch.empty(host_bytes, dtype=torch.uint8, pin_memory=self.cuda and host_bytes > 0)
         if state is None:

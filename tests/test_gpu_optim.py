@@ -79,14 +79,18 @@ def test_cuda_matches_cpu_reference(bits, dtype, solo, monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [8, 32])
-def test_paged_bit_identical_to_resident_and_no_sync(bits):
+@pytest.mark.parametrize("batch,page", [(1, 16384), (2, 8192)])
+def test_paged_bit_identical_to_resident_and_no_sync(bits, batch, page):
+    # batch 2: neighbouring pages move in one copy each way and update in one launch per batch
     ref, paged = _params("cuda"), _params("cuda")
-    o_ref = PagedAdamW(ref, optim_bits=bits, gpu_budget_bytes=None, page_bytes=16384)
-    o_pag = PagedAdamW(paged, optim_bits=bits, gpu_budget_bytes=5 * 16384, page_bytes=16384)
+    o_ref = PagedAdamW(ref, optim_bits=bits, gpu_budget_bytes=None, page_bytes=page)
+    o_pag = PagedAdamW(paged, optim_bits=bits, gpu_budget_bytes=(2 + 3 * batch) * page, page_bytes=page,
+                       batch_pages=batch)
     _run(o_ref, ref, 1)
     _run(o_pag, paged, 1)
     store = o_pag._store
-    assert len(store.device_pages) == 2 and len(store.staging) == 3 and store.num_pages > 5
+    assert len(store.device_pages) == 2 and len(store.staging) == 3 * batch and store.num_pages > 2 + 3 * batch
+    assert store.stats["h2d_copies"] == -(-(store.num_pages - 2) // batch)
     for t in range(1, 6):
         for p, g in zip(paged, _grads(t, "cuda")):
             p.grad = g
@@ -106,15 +110,16 @@ def test_paged_bit_identical_to_resident_and_no_sync(bits):
     assert store.stats["h2d_pages"] == store.stats["d2h_pages"] == 6 * (store.num_pages - 2)
 
 
-def test_set_gpu_budget_mid_training():
+@pytest.mark.parametrize("batch,page", [(1, 16384), (2, 8192)])
+def test_set_gpu_budget_mid_training(batch, page):
     ref, moved = _params("cuda"), _params("cuda")
-    o_ref = PagedAdamW(ref, optim_bits=8, page_bytes=16384, gpu_budget_bytes=None)
-    o_mov = PagedAdamW(moved, optim_bits=8, page_bytes=16384, gpu_budget_bytes=None)
+    o_ref = PagedAdamW(ref, optim_bits=8, page_bytes=page, gpu_budget_bytes=None)
+    o_mov = PagedAdamW(moved, optim_bits=8, page_bytes=page, gpu_budget_bytes=None, batch_pages=batch)
     _run(o_ref, ref, 9)
     _run(o_mov, moved, 3)
-    all_pages = o_mov._store.num_pages * 16384
-    o_mov.set_gpu_budget(4 * 16384)  # shrink: 1 resident page + 3 staging slots
-    assert o_mov.state_device_bytes == 4 * 16384
+    all_pages = o_mov._store.num_pages * page
+    o_mov.set_gpu_budget((1 + 3 * batch) * page)  # shrink: 1 resident page + 3 staging groups
+    assert o_mov.state_device_bytes == (1 + 3 * batch) * page and o_mov._store.resident == 1
     _run(o_mov, moved, 3, first=3)
     o_mov.set_gpu_budget(all_pages)  # grow back: everything resident, no staging
     assert o_mov.state_device_bytes == all_pages
