@@ -1,6 +1,6 @@
 """Fused NF4 linear vs bitsandbytes matmul_4bit vs bf16 cuBLAS, forward and input gradient (dx), 8B shapes.
 
-    python benchmarks/bench_matmul.py [--tune] [--ms 1,16,128,4096,8192] [--json out.json]
+    python benchmarks/bench_matmul.py [--tune] [--tune-gemv1] [--ms 1,16,128,4096,8192] [--json out.json]
 
 Shapes (N x K): 4096x4096 (q/o proj), 14336x4096 (gate/up), 4096x14336 (down); M rows of bf16 x.
 Timing: every op is captured in a CUDA graph together with R copies of its weight (R chosen so the copies
@@ -162,11 +162,43 @@ def tune_gemv(log, shapes):
     return out
 
 
+GEMV1_GRID = [(bn, nb, nw, st) for bn, nb, nw in ((16, 4, 1), (16, 8, 2), (32, 4, 4), (32, 2, 2), (16, 2, 1), (8, 4, 1),
+                                                 (4, 16, 1), (4, 8, 1), (2, 16, 1), (8, 8, 2), (64, 2, 4))
+              for st in (1, 3)]
+
+
+def tune_gemv1(log, shapes):
+    """Sweep the one-row decode kernel's tiling (kernels/nf4_gemv1.py) at M = 1, plus split-K 2 on the best."""
+    from qlora_core.kernels import nf4_gemv1
+    out = []
+    for n, k in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q0 = _quantize(w)
+        qs = [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        best = None
+        for cfg in GEMV1_GRID + [None]:
+            for sp in ((1,) if cfg is not None else (2, 4, 8)):
+                c = cfg or best[1][0]
+                try:
+                    t = _graph_time(lambda: [nf4_gemv1.gemv1(x, q, None, config=c, split_k=sp) for q in qs], len(qs))
+                except Exception as e:
+                    log(f"gemv1 cfg {c} split {sp} failed: {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                out.append({"N": n, "K": k, "cfg": list(c), "split_k": sp, "us": t * 1e3})
+                if best is None or t < best[0]:
+                    best = (t, (c, sp))
+        log(f"gemv1 best N={n} K={k}: {best[1]} {best[0] * 1e3:.2f} us; "
+            + " ".join(f"{r['cfg']}/{r['split_k']}:{r['us']:.1f}" for r in out if r["N"] == n and r["K"] == k))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ms", default="1,16,128,4096,8192")
     ap.add_argument("--shapes", default="all", help="all or indices into SHAPES, e.g. 0,2")
     ap.add_argument("--tune", action="store_true", help="sweep the gemv block sizes first")
+    ap.add_argument("--tune-gemv1", action="store_true", help="sweep the one-row decode kernel's tiling first")
     ap.add_argument("--no-paths", action="store_true", help="skip timing each dispatch path separately")
     ap.add_argument("--json", default=None, help="write all rows to this file")
     ap.add_argument("--tiled-max", type=int, default=1 << 30, help="time the fused tiled path only up to this M")
@@ -191,6 +223,8 @@ def main(argv=None):
     result = {"meta": meta}
     if a.tune:
         result["gemv_tune"] = tune_gemv(log, shapes)
+    if a.tune_gemv1:
+        result["gemv1_tune"] = tune_gemv1(log, shapes)
     rows = []
     for n, k in shapes:
         rows += bench_shape(n, k, ms, log, paths=not a.no_paths, a_tiled_max=a.tiled_max)

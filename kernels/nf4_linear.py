@@ -6,7 +6,8 @@ uses W bit-exact with dequantize(q), the tensor-core paths dequantize(q)'s value
 contraction (nf4_tile), the M=1 decode path the unrounded fp32 W.
 
 Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
-- "gemv"   (forward, M <= GEMV_MAX_M): kernels/nf4_gemv.py, split-K, reads the packed weight directly.
+- "gemv"   (forward, M <= GEMV_MAX_M): reads the packed weight directly; one bf16/fp16 row of an aligned
+           layout goes to kernels/nf4_gemv1.py (table in registers), everything else to kernels/nf4_gemv.py.
 - "tiled"  (dx at small M with K >= 2N; any M by request): kernels/nf4_matmul.py, dequantize fused into tiles.
 - "cublas" (everything else, and all fp32): kernels/nf4_tile.dequantize_transient into a buffer of x's
   dtype, then cuBLAS. At large M the GEMM is compute bound (2*M*N*K flops against one N*K dequantize pass,
@@ -57,7 +58,9 @@ def linear_forward(x: torch.Tensor, q, bias: torch.Tensor | None, path: str | No
         return x.new_empty((0, n))
     path = path or choose_path("fwd", m, n, k, x.dtype)
     if path == "gemv":
-        from . import nf4_gemv
+        from . import nf4_gemv, nf4_gemv1
+        if nf4_gemv1.supports(x, q):
+            return nf4_gemv1.gemv1(x, q, bias)
         return nf4_gemv.gemv(x, q, bias)
     if path == "tiled":
         from . import nf4_matmul

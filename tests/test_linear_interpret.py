@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-GROUPS = ("dequant", "gemv", "tiled_fwd", "tiled_dx", "autograd")
+GROUPS = ("dequant", "gemv", "gemv1", "tiled_fwd", "tiled_dx", "autograd")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (N, K, blocksize, quant_type, double_quant): aligned (K % blocksize == 0) and generic (odd K) layouts.
 WEIGHTS = [(37, 192, 64, "nf4", True), (19, 65, 64, "fp4", False), (24, 256, 128, "nf4", False),
@@ -41,7 +41,7 @@ def _weights(dtype):
 def run_group(group: str) -> int:
     import qlora_core as qc
     from qlora_core import backend
-    from qlora_core.kernels import nf4_gemv, nf4_linear, nf4_matmul, nf4_tile
+    from qlora_core.kernels import nf4_gemv, nf4_gemv1, nf4_linear, nf4_matmul, nf4_tile
     assert backend.interpreting()
     torch.manual_seed(0)
     checked = 0
@@ -63,6 +63,19 @@ def run_group(group: str) -> int:
                     y64 = x.double() @ w64.T + b.double()
                     _check(f"gemv M={m} split={split} {tag}", nf4_gemv.gemv(x, q, b, split_k=split), y64,
                            torch.nn.functional.linear(x, w, b), dtype)
+                    checked += 1
+            elif group == "gemv1":
+                # the one-row decode kernel (table decode path; its PTX is checked by tests/test_gemv1_ptx.py)
+                x = torch.randn(1, k, dtype=dtype)
+                if not nf4_gemv1.supports(x, q):
+                    with pytest.raises(ValueError, match="gemv1 needs"):
+                        nf4_gemv1.gemv1(x, q, None)
+                    continue
+                for cfg, split, bias in ((None, 1, True), ((8, 4, 2, 1), 1, False), ((2, 1, 1, 1), 3, True)):
+                    b = torch.randn(n, dtype=dtype) if bias else None
+                    y64 = x.double() @ w64.T + (b.double() if bias else 0.0)
+                    _check(f"gemv1 cfg={cfg} split={split} {tag}", nf4_gemv1.gemv1(x, q, b, config=cfg, split_k=split),
+                           y64, torch.nn.functional.linear(x, w, b), dtype)
                     checked += 1
             elif group == "tiled_fwd":
                 for m, bias in ((17, True), (33, False)):

@@ -1,0 +1,237 @@
+"""Decode kernel for one row of x: y (1, N) = x (1, K) @ dequantize(q).T + bias, table held in registers.
+
+Reference: `qlora_core.linear.dequantize_as` + `torch.nn.functional.linear` (the CPU path of nf4_linear);
+tests/test_linear_interpret.py and tests/test_gpu_linear.py hold it to the float64 product.
+
+Why a second decode kernel (kernels/nf4_gemv.py is the general one, M = 1..128): at M = 1 the op reads 0.5
+byte per weight, so on an H100 it has to retire ~4 weights per byte read, and the general kernel spends
+12-15 instructions per weight (two table gathers through L1 per code byte, unpacking, scaling): it ran
+at 480-700 GB/s, issue-bound. Here each 32-bit word of codes (8 weights) is decoded in registers with
+PTX byte permutes (`prmt`), ~4 instructions per weight, and nothing but the codes and absmax is loaded.
+
+The decoded value (the trick that makes `prmt` enough)
+- A weight's table value v = lut[c] (|v| <= 1) is represented as t = v / 2 + 3, which lies in [2.5, 3.5]:
+  every t has the fp32 exponent of 2.0, so its fp32 bits are 0x40 | b2 | b1 | 0x00 with two code-dependent
+  bytes (the top 15 mantissa bits; t is rounded to a multiple of 2**-14, so v is exact to 2**-14, finer
+  than the bf16/fp16 rounding dequantize(q) itself applies). Two 16-entry byte tables (b2, b1) fit in 8
+  registers; `prmt` looks up 4 codes per instruction pair (selector = code & 7, then a third `prmt`
+  picks the half by code bit 3), two more interleave b2/b1 and one per weight adds the constant bytes.
+- sum_k x_k v_k = 2 * (sum_k x_k t_k - 3 * sum_k x_k): the correction is per word (8 weights) and shared
+  by all rows of the tile, so a weight costs one FMA on top of its decode.
+- Column order inside a word: byte j holds column 2j in its high nibble and 2j+1 in its low nibble
+  (bitsandbytes' packing), so the 8 decoded values are columns [1, 0, 3, 2, 5, 4, 7, 6] of the word;
+  x is split to match (no interleaving of weights).
+
+Tiling: a program owns BLOCK_N rows and walks K in steps of NB absmax blocks of 64 columns (8 words per
+row per block: one absmax per (row, block), broadcast over its words). No split-K by default: one launch
+writes y in x's dtype directly (split-K needs a zeroed fp32 buffer and a cast: two more launches, which
+at ~10 us per call cost more than they gain). USE_ASM=False decodes with a 16-entry fp32 table of the same
+t values (the interpreter cannot run PTX); both give the same fp32 values, and the GPU test checks the
+two paths bit for bit.
+Limits: bf16/fp16 x, K % blocksize == 0, blocksize >= 64 (every real checkpoint); other cases use
+kernels/nf4_gemv.py.
+"""
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora_core import backend
+from qlora_core.formats import code_table
+
+from .nf4_tile import _absmax_at, cast_rne, q_args
+
+_T_STEP = 2.0 ** -14  # spacing of fp32 values with 15 mantissa bits in [2, 4)
+
+
+def t_values(quant_type: str) -> list[float]:
+    """The 16 decoded values t = lut[c] / 2 + 3, rounded to a multiple of 2**-14 (exact in fp32)."""
+    lut = code_table(quant_type, "cpu").double().tolist()
+    return [round((v / 2.0 + 3.0) / _T_STEP) * _T_STEP for v in lut]
+
+
+def _byte_tables(quant_type: str) -> tuple[list[int], list[int]]:
+    """(b2 table, b1 table): 4 little-endian words each, byte c = that byte of t_c's fp32 bits."""
+    bits = [struct.unpack("<I", struct.pack("<f", t))[0] for t in t_values(quant_type)]
+    assert all(b >> 24 == 0x40 and b & 0xFF == 0 for b in bits), "t outside [2, 4) or too many mantissa bits"
+    b2 = [(b >> 16) & 0xFF for b in bits]
+    b1 = [(b >> 8) & 0xFF for b in bits]
+    words = lambda bs: [bs[4 * i] | bs[4 * i + 1] << 8 | bs[4 * i + 2] << 16 | bs[4 * i + 3] << 24 for i in range(4)]
+    return words(b2), words(b1)
+
+
+def _decode_asm() -> str:
+    """PTX: one 32-bit word of codes ($8) and the 8 byte-table words ($9..$16: b2 then b1, 4 each) -> 8 fp32
+    bit patterns ($0..$7) of columns [1, 0, 3, 2, 5, 4, 7, 6]. The tables come in as registers loaded once
+    per program: as immediates ptxas re-materialised them before every use (one extra instruction per weight)."""
+    lines = ["{", ".reg .b32 kc, w, q, s, lo, hi, b2, b1, x, y;",
+             "mov.b32 kc, 0x00000040;"]  # byte 4 of a prmt pair = 0x40 (the exponent byte), byte 5 = 0x00
+    for shift, out in ((0, 0), (16, 4)):
+        lines += [
+            f"shr.u32 w, $8, {shift};",
+            "and.b32 q, w, 0x7777;",                 # selectors: code & 7 for 4 codes
+            "shr.u32 s, w, 1;",
+            "and.b32 s, s, 0x4444;",                 # code bit 3 -> +4: take the byte from the upper table half
+            "or.b32 s, s, 0x3210;",
+            "prmt.b32 lo, $9, $10, q;", "prmt.b32 hi, $11, $12, q;", "prmt.b32 b2, lo, hi, s;",
+            "prmt.b32 lo, $13, $14, q;", "prmt.b32 hi, $15, $16, q;", "prmt.b32 b1, lo, hi, s;",
+            "prmt.b32 x, b1, b2, 0x5140;",           # [b2_1 b1_1 b2_0 b1_0]
+            "prmt.b32 y, b1, b2, 0x7362;",           # [b2_3 b1_3 b2_2 b1_2]
+            f"prmt.b32 ${out + 0}, x, kc, 0x4105;",  # [0x40 b2_0 b1_0 0x00]
+            f"prmt.b32 ${out + 1}, x, kc, 0x4325;",
+            f"prmt.b32 ${out + 2}, y, kc, 0x4105;",
+            f"prmt.b32 ${out + 3}, y, kc, 0x4325;",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_ASM = _decode_asm()
+
+
+@triton.jit
+def _decode_word(w, tlut_ptr, tab, ASM: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 word of 8 codes -> 8 fp32 t values for columns [1, 0, 3, 2, 5, 4, 7, 6] of the word.
+    tab: the 8 byte-table words (int32 scalars) for the PTX path."""
+    if USE_ASM:
+        r = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                                      [w, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7]],
+                                      dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        return (r[0].to(tl.float32, bitcast=True), r[1].to(tl.float32, bitcast=True),
+                r[2].to(tl.float32, bitcast=True), r[3].to(tl.float32, bitcast=True),
+                r[4].to(tl.float32, bitcast=True), r[5].to(tl.float32, bitcast=True),
+                r[6].to(tl.float32, bitcast=True), r[7].to(tl.float32, bitcast=True))
+    else:
+        return (tl.load(tlut_ptr + (w & 0xF)), tl.load(tlut_ptr + ((w >> 4) & 0xF)),
+                tl.load(tlut_ptr + ((w >> 8) & 0xF)), tl.load(tlut_ptr + ((w >> 12) & 0xF)),
+                tl.load(tlut_ptr + ((w >> 16) & 0xF)), tl.load(tlut_ptr + ((w >> 20) & 0xF)),
+                tl.load(tlut_ptr + ((w >> 24) & 0xF)), tl.load(tlut_ptr + ((w >> 28) & 0xF)))
+
+
+@triton.jit
+def _split8(xv):
+    """(A, B, 8) -> the 8 (A, B) slices in column order [1, 0, 3, 2, 5, 4, 7, 6] (the decode order)."""
+    A: tl.constexpr = xv.shape[0]
+    B: tl.constexpr = xv.shape[1]
+    xe, xo = tl.split(tl.reshape(xv, (A, B, 4, 2)))      # columns 0,2,4,6 | 1,3,5,7
+    x04, x26 = tl.split(tl.reshape(xe, (A, B, 2, 2)))   # 0,4 | 2,6
+    x15, x37 = tl.split(tl.reshape(xo, (A, B, 2, 2)))   # 1,5 | 3,7
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return x1, x0, x3, x2, x5, x4, x7, x6
+
+
+@triton.jit
+def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, tlut_ptr,
+                  tab_ptr, N, K,
+                  ASM: tl.constexpr, USE_ASM: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = offs_n < N
+    ob = tl.arange(0, NB)          # 64-column blocks of a step
+    ow = tl.arange(0, 8)           # 32-bit words of a block
+    KB = K // 64                   # 64-column blocks per row
+    steps = tl.cdiv(tl.cdiv(KB, NB), SPLIT_K)
+    b_lo = pid_k * steps * NB
+    b_hi = tl.minimum(KB, b_lo + steps * NB)
+    words_per_row = K // 8
+    row_w = tl.multiple_of(offs_n * words_per_row, 8)  # rows start on 32-byte boundaries (K % 64 == 0)
+    acc = tl.zeros((BLOCK_N, NB, 8), dtype=tl.float32)
+    tab = (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
+           tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+    for b0 in range(b_lo, b_hi, NB):
+        blk = b0 + ob                                   # (NB,)
+        bmask = blk < b_hi
+        m3 = rmask[:, None, None] & bmask[None, :, None]
+        w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
+                    mask=m3, other=0)
+        # absmax of (row, 64-column block); for blocksize > 64 neighbouring 64-column blocks share one
+        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
+                       offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :], rmask[:, None] & bmask[None, :], DQ)
+        xv = tl.load(x_ptr + (blk * 64)[:, None, None] + (ow * 8)[None, :, None] + ow[None, None, :],
+                     mask=bmask[:, None, None], other=0.0).to(tl.float32)     # (NB, 8 words, 8 columns)
+        x1, x0, x3, x2, x5, x4, x7, x6 = _split8(xv)
+        s = -3.0 * (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))  # (NB, 8), shared by all rows
+        t1, t0, t3, t2, t5, t4, t7, t6 = _decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
+        d = s[None, :, :] + t1 * x1[None, :, :]
+        d += t0 * x0[None, :, :]
+        d += t3 * x3[None, :, :]
+        d += t2 * x2[None, :, :]
+        d += t5 * x5[None, :, :]
+        d += t4 * x4[None, :, :]
+        d += t7 * x7[None, :, :]
+        d += t6 * x6[None, :, :]
+        acc += a[:, :, None] * d
+    out = 2.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = tl.where(pid_k == 0, bias, 0.0)
+        out += bias
+    if SPLIT_K > 1:
+        tl.atomic_add(out_ptr + offs_n, out, mask=rmask)
+    else:
+        tl.store(out_ptr + offs_n, cast_rne(out, out_ptr.dtype.element_ty), mask=rmask)
+
+
+def supports(x: torch.Tensor, q) -> bool:
+    """True when this kernel handles (x, q): one bf16/fp16 row, K % blocksize == 0, blocksize >= 64.
+
+    Not fp32: the decoded values are exact to 2**-14 (finer than bf16/fp16 weights), not to fp32's 2**-24.
+    """
+    return (x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and q.blocksize >= 64
+            and q.shape[1] % q.blocksize == 0)
+
+
+_TABLES: dict = {}
+
+
+def _tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t values fp32 (16,), byte-table words int32 (8,): b2 then b1) on device, cached."""
+    key = (quant_type, str(device))
+    if key not in _TABLES:
+        b2, b1 = _byte_tables(quant_type)
+        words = [w - (1 << 32) if w >= 1 << 31 else w for w in b2 + b1]
+        _TABLES[key] = (torch.tensor(t_values(quant_type), dtype=torch.float32, device=device),
+                        torch.tensor(words, dtype=torch.int32, device=device))
+    return _TABLES[key]
+
+
+# (dtype) -> (BLOCK_N, NB, num_warps, num_stages); see benchmarks/bench_matmul.py --tune-gemv1.
+DEFAULT_CONFIG = (4, 4, 2, 2)
+
+
+def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None, split_k: int = 1,
+          use_asm: bool | None = None) -> torch.Tensor:
+    """x (1, K) contiguous bf16/fp16, q (N, K) 4-bit with K % blocksize == 0 -> y (1, N) in x's dtype.
+
+    config = (BLOCK_N, NB, num_warps, num_stages); use_asm defaults to True off the interpreter.
+    """
+    if not supports(x, q):
+        raise ValueError(f"gemv1 needs one bf16/fp16 row, K % blocksize == 0 and blocksize >= 64; got x "
+                         f"{tuple(x.shape)} {x.dtype}, q {tuple(q.shape)} blocksize {q.blocksize}")
+    n, k = q.shape
+    interp = backend.interpreting()
+    if use_asm is None:
+        use_asm = not interp
+    block_n, nb, num_warps, num_stages = config or ((4, 2, 1, 1) if interp else DEFAULT_CONFIG)
+    if split_k > 1:
+        out = torch.zeros((1, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    data, absmax, code256, nested, offset, _lut, dq = q_args(q)
+    tlut, tab = _tables(q.quant_type, x.device)
+    grid = (triton.cdiv(n, block_n), split_k)
+    _gemv1_kernel[grid](
+        x, out, bias if bias is not None else out, data.view(torch.int32), absmax, code256, nested, offset,
+        tlut, tab, n, k,
+        ASM=_ASM, USE_ASM=use_asm, BS=q.blocksize, DQ=dq, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
+    return out if split_k == 1 else out.to(x.dtype)
