@@ -23,9 +23,10 @@ The decoded value (the trick that makes `prmt` enough)
   x is split to match (no interleaving of weights).
 
 Tiling: a program owns BLOCK_N rows and walks K in steps of NB absmax blocks of 64 columns (8 words per
-row per block: one absmax per (row, block), broadcast over its words). No split-K by default: one launch
-writes y in x's dtype directly (split-K needs a zeroed fp32 buffer and a cast: two more launches, which
-at ~10 us per call cost more than they gain). USE_ASM=False decodes with a 16-entry fp32 table of the same
+row per block: one absmax per (row, block), broadcast over its words). Split-K (for enough resident warps
+when N is small) stays one launch: partials meet in a self-cleaning fp32 workspace and the last program of
+a row tile writes y (a zeroed buffer plus a cast kernel would be two more launches, ~2-4 us at this size);
+the fp32 sum order then depends on arrival, so split-K results are not bitwise reproducible. USE_ASM=False decodes with a 16-entry fp32 table of the same
 t values (the interpreter cannot run PTX); both give the same fp32 values, and the GPU test checks the
 two paths bit for bit.
 Limits: bf16/fp16 x, K % blocksize == 0, blocksize >= 64 (every real checkpoint); other cases use
@@ -128,7 +129,7 @@ def _split8(xv):
 
 @triton.jit
 def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, tlut_ptr,
-                  tab_ptr, N, K,
+                  tab_ptr, ws_ptr, cnt_ptr, N, K,
                   ASM: tl.constexpr, USE_ASM: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -170,14 +171,23 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
         d += t6 * x6[None, :, :]
         acc += a[:, :, None] * d
     out = 2.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = tl.where(pid_k == 0, bias, 0.0)
-        out += bias
     if SPLIT_K > 1:
-        tl.atomic_add(out_ptr + offs_n, out, mask=rmask)
+        # Split-K in one launch: partials go to an fp32 workspace; the last of the SPLIT_K programs of this
+        # row tile (counted with an atomic) reads the sum back while re-zeroing it, resets the counter and
+        # writes y. The workspace and counters are therefore all-zero between calls (allocated zeroed once).
+        tl.atomic_add(ws_ptr + offs_n, out, mask=rmask)
+        tl.debug_barrier()  # every thread's partial is issued before this program is counted
+        done = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if done == SPLIT_K - 1:
+            out = tl.atomic_add(ws_ptr + offs_n, tl.zeros_like(out), mask=rmask)  # a coherent read (L2)
+            tl.store(ws_ptr + offs_n, tl.zeros_like(out), mask=rmask)  # nobody else touches this tile now
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            if HAS_BIAS:
+                out += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_n, cast_rne(out, out_ptr.dtype.element_ty), mask=rmask)
     else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs_n, cast_rne(out, out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -204,6 +214,25 @@ def _tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TABLES[key]
 
 
+_WORKSPACE: dict = {}
+
+
+def _workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 partial sums (>= n) and int32 tile counters (>= tiles) for split-K, one pair per (device,
+    stream): the kernel leaves them zeroed, so they are allocated (zeroed) only when they must grow. Calls on
+    one stream run in order; another stream gets its own pair. Allocate outside CUDA-graph capture (a first
+    call before capturing does it)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, cnt = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < n or cnt.numel() < tiles:
+        size = max(n, ws.numel() if ws is not None else 0)
+        ws = torch.zeros(size, dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, size), dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, cnt)
+    return ws, cnt
+
+
 # (dtype) -> (BLOCK_N, NB, num_warps, num_stages); see benchmarks/bench_matmul.py --tune-gemv1.
 DEFAULT_CONFIG = (4, 4, 2, 2)
 
@@ -222,16 +251,14 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = 
     if use_asm is None:
         use_asm = not interp
     block_n, nb, num_warps, num_stages = config or ((4, 2, 1, 1) if interp else DEFAULT_CONFIG)
-    if split_k > 1:
-        out = torch.zeros((1, n), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    ws, cnt = _workspace(x.device, n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)
     tlut, tab = _tables(q.quant_type, x.device)
     grid = (triton.cdiv(n, block_n), split_k)
     _gemv1_kernel[grid](
         x, out, bias if bias is not None else out, data.view(torch.int32), absmax, code256, nested, offset,
-        tlut, tab, n, k,
+        tlut, tab, ws, cnt, n, k,
         ASM=_ASM, USE_ASM=use_asm, BS=q.blocksize, DQ=dq, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
-    return out if split_k == 1 else out.to(x.dtype)
+    return out

@@ -138,6 +138,10 @@ def test_gemv1_ptx_decode_equals_table_decode_and_float64(dtype, n, k, bs, qt, d
         y_tab = nf4_gemv1.gemv1(x, q, b, config=cfg, use_asm=False)
         assert torch.equal(y_asm, y_tab), f"PTX decode differs from table decode, cfg {cfg}"
         assert_close_verbose(y_asm, y64, atol=bound, rtol=0, name=f"gemv1 {cfg}")
-    y_split = nf4_gemv1.gemv1(x, q, b, split_k=3)
-    assert_close_verbose(y_split, y64, atol=bound, rtol=0, name="gemv1 split_k=3")
+    for split in (3, 8, 3):  # repeated: each call must leave the shared workspace zeroed for the next
+        y_split = nf4_gemv1.gemv1(x, q, b, split_k=split)
+        assert_close_verbose(y_split, y64, atol=bound, rtol=0, name=f"gemv1 split_k={split}")
+    torch.cuda.synchronize()
+    for ws, cnt in nf4_gemv1._WORKSPACE.values():
+        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
     assert torch.equal(dispatch.linear_forward(x, q, b), nf4_gemv1.gemv1(x, q, b)), "dispatch does not use gemv1"

@@ -74,8 +74,12 @@ def run_group(group: str) -> int:
                 for cfg, split, bias in ((None, 1, True), ((8, 4, 2, 1), 1, False), ((2, 1, 1, 1), 3, True)):
                     b = torch.randn(n, dtype=dtype) if bias else None
                     y64 = x.double() @ w64.T + (b.double() if bias else 0.0)
-                    _check(f"gemv1 cfg={cfg} split={split} {tag}", nf4_gemv1.gemv1(x, q, b, config=cfg, split_k=split),
-                           y64, torch.nn.functional.linear(x, w, b), dtype)
+                    for _ in range(2):  # twice: split-K must leave its workspace zeroed for the next call
+                        _check(f"gemv1 cfg={cfg} split={split} {tag}",
+                               nf4_gemv1.gemv1(x, q, b, config=cfg, split_k=split),
+                               y64, torch.nn.functional.linear(x, w, b), dtype)
+                    for ws, cnt in nf4_gemv1._WORKSPACE.values():
+                        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
                     checked += 1
             elif group == "tiled_fwd":
                 for m, bias in ((17, True), (33, False)):
