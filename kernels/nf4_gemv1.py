@@ -9,13 +9,7 @@ byte per weight, so on an H100 it has to retire ~4 weights per byte read, and th
 at 480-700 GB/s, issue-bound. Here each 32-bit word of codes (8 weights) is decoded in registers with
 PTX byte permutes (`prmt`), ~4 instructions per weight, and nothing but the codes and absmax is loaded.
 
-The decoded value (the trick that makes `prmt` enough)
-- A weight's table value v = lut[c] (|v| <= 1) is represented as t = v / 2 + 3, which lies in [2.5, 3.5]:
-  every t has the fp32 exponent of 2.0, so its fp32 bits are 0x40 | b2 | b1 | 0x00 with two code-dependent
-  bytes (the top 15 mantissa bits; t is rounded to a multiple of 2**-14, so v is exact to 2**-14, finer
-  than the bf16/fp16 rounding dequantize(q) itself applies). Two 16-entry byte tables (b2, b1) fit in 8
-  registers; `prmt` looks up 4 codes per instruction pair (selector = code & 7, then a third `prmt`
-  picks the half by code bit 3), two more interleave b2/b1 and one per weight adds the constant bytes.
+The decode (kernels/nf4_regdecode.py) yields t = v / 2 + 3 for a table value v = lut[c], exact to 2**-14.
 - sum_k x_k v_k = 2 * (sum_k x_k t_k - 3 * sum_k x_k): the correction is per word (8 weights) and shared
   by all rows of the tile, so a weight costs one FMA on top of its decode.
 - Column order inside a word: byte j holds column 2j in its high nibble and 2j+1 in its low nibble
@@ -34,83 +28,14 @@ kernels/nf4_gemv.py.
 """
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
 from qlora_core import backend
-from qlora_core.formats import code_table
 
+from .nf4_regdecode import ASM, decode_word, tables
 from .nf4_tile import _absmax_at, cast_rne, q_args
-
-_T_STEP = 2.0 ** -14  # spacing of fp32 values with 15 mantissa bits in [2, 4)
-
-
-def t_values(quant_type: str) -> list[float]:
-    """The 16 decoded values t = lut[c] / 2 + 3, rounded to a multiple of 2**-14 (exact in fp32)."""
-    lut = code_table(quant_type, "cpu").double().tolist()
-    return [round((v / 2.0 + 3.0) / _T_STEP) * _T_STEP for v in lut]
-
-
-def _byte_tables(quant_type: str) -> tuple[list[int], list[int]]:
-    """(b2 table, b1 table): 4 little-endian words each, byte c = that byte of t_c's fp32 bits."""
-    bits = [struct.unpack("<I", struct.pack("<f", t))[0] for t in t_values(quant_type)]
-    assert all(b >> 24 == 0x40 and b & 0xFF == 0 for b in bits), "t outside [2, 4) or too many mantissa bits"
-    b2 = [(b >> 16) & 0xFF for b in bits]
-    b1 = [(b >> 8) & 0xFF for b in bits]
-    words = lambda bs: [bs[4 * i] | bs[4 * i + 1] << 8 | bs[4 * i + 2] << 16 | bs[4 * i + 3] << 24 for i in range(4)]
-    return words(b2), words(b1)
-
-
-def _decode_asm() -> str:
-    """PTX: one 32-bit word of codes ($8) and the 8 byte-table words ($9..$16: b2 then b1, 4 each) -> 8 fp32
-    bit patterns ($0..$7) of columns [1, 0, 3, 2, 5, 4, 7, 6]. The tables come in as registers loaded once
-    per program: as immediates ptxas re-materialised them before every use (one extra instruction per weight)."""
-    lines = ["{", ".reg .b32 kc, w, q, s, lo, hi, b2, b1, x, y;",
-             "mov.b32 kc, 0x00000040;"]  # byte 4 of a prmt pair = 0x40 (the exponent byte), byte 5 = 0x00
-    for shift, out in ((0, 0), (16, 4)):
-        lines += [
-            f"shr.u32 w, $8, {shift};",
-            "and.b32 q, w, 0x7777;",                 # selectors: code & 7 for 4 codes
-            "shr.u32 s, w, 1;",
-            "and.b32 s, s, 0x4444;",                 # code bit 3 -> +4: take the byte from the upper table half
-            "or.b32 s, s, 0x3210;",
-            "prmt.b32 lo, $9, $10, q;", "prmt.b32 hi, $11, $12, q;", "prmt.b32 b2, lo, hi, s;",
-            "prmt.b32 lo, $13, $14, q;", "prmt.b32 hi, $15, $16, q;", "prmt.b32 b1, lo, hi, s;",
-            "prmt.b32 x, b1, b2, 0x5140;",           # [b2_1 b1_1 b2_0 b1_0]
-            "prmt.b32 y, b1, b2, 0x7362;",           # [b2_3 b1_3 b2_2 b1_2]
-            f"prmt.b32 ${out + 0}, x, kc, 0x4105;",  # [0x40 b2_0 b1_0 0x00]
-            f"prmt.b32 ${out + 1}, x, kc, 0x4325;",
-            f"prmt.b32 ${out + 2}, y, kc, 0x4105;",
-            f"prmt.b32 ${out + 3}, y, kc, 0x4325;",
-        ]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-_ASM = _decode_asm()
-
-
-@triton.jit
-def _decode_word(w, tlut_ptr, tab, ASM: tl.constexpr, USE_ASM: tl.constexpr):
-    """int32 word of 8 codes -> 8 fp32 t values for columns [1, 0, 3, 2, 5, 4, 7, 6] of the word.
-    tab: the 8 byte-table words (int32 scalars) for the PTX path."""
-    if USE_ASM:
-        r = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-                                      [w, tab[0], tab[1], tab[2], tab[3], tab[4], tab[5], tab[6], tab[7]],
-                                      dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-        return (r[0].to(tl.float32, bitcast=True), r[1].to(tl.float32, bitcast=True),
-                r[2].to(tl.float32, bitcast=True), r[3].to(tl.float32, bitcast=True),
-                r[4].to(tl.float32, bitcast=True), r[5].to(tl.float32, bitcast=True),
-                r[6].to(tl.float32, bitcast=True), r[7].to(tl.float32, bitcast=True))
-    else:
-        return (tl.load(tlut_ptr + (w & 0xF)), tl.load(tlut_ptr + ((w >> 4) & 0xF)),
-                tl.load(tlut_ptr + ((w >> 8) & 0xF)), tl.load(tlut_ptr + ((w >> 12) & 0xF)),
-                tl.load(tlut_ptr + ((w >> 16) & 0xF)), tl.load(tlut_ptr + ((w >> 20) & 0xF)),
-                tl.load(tlut_ptr + ((w >> 24) & 0xF)), tl.load(tlut_ptr + ((w >> 28) & 0xF)))
-
 
 @triton.jit
 def _split8(xv):
@@ -160,7 +85,7 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
                      mask=bmask[:, None, None], other=0.0).to(tl.float32)     # (NB, 8 words, 8 columns)
         x1, x0, x3, x2, x5, x4, x7, x6 = _split8(xv)
         s = -3.0 * (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))  # (NB, 8), shared by all rows
-        t1, t0, t3, t2, t5, t4, t7, t6 = _decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
+        t1, t0, t3, t2, t5, t4, t7, t6 = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
         d = s[None, :, :] + t1 * x1[None, :, :]
         d += t0 * x0[None, :, :]
         d += t3 * x3[None, :, :]
@@ -198,20 +123,6 @@ def supports(x: torch.Tensor, q) -> bool:
     """
     return (x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and q.blocksize >= 64
             and q.shape[1] % q.blocksize == 0)
-
-
-_TABLES: dict = {}
-
-
-def _tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t values fp32 (16,), byte-table words int32 (8,): b2 then b1) on device, cached."""
-    key = (quant_type, str(device))
-    if key not in _TABLES:
-        b2, b1 = _byte_tables(quant_type)
-        words = [w - (1 << 32) if w >= 1 << 31 else w for w in b2 + b1]
-        _TABLES[key] = (torch.tensor(t_values(quant_type), dtype=torch.float32, device=device),
-                        torch.tensor(words, dtype=torch.int32, device=device))
-    return _TABLES[key]
 
 
 _WORKSPACE: dict = {}
@@ -254,11 +165,11 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = 
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     ws, cnt = _workspace(x.device, n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)
-    tlut, tab = _tables(q.quant_type, x.device)
+    tlut, tab = tables(q.quant_type, x.device)
     grid = (triton.cdiv(n, block_n), split_k)
     _gemv1_kernel[grid](
         x, out, bias if bias is not None else out, data.view(torch.int32), absmax, code256, nested, offset,
         tlut, tab, ws, cnt, n, k,
-        ASM=_ASM, USE_ASM=use_asm, BS=q.blocksize, DQ=dq, HAS_BIAS=bias is not None,
+        ASM=ASM, USE_ASM=use_asm, BS=q.blocksize, DQ=dq, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -65,7 +65,7 @@ def run_group(group: str) -> int:
                            torch.nn.functional.linear(x, w, b), dtype)
                     checked += 1
             elif group == "gemv1":
-                # the one-row decode kernel (table decode path; its PTX is checked by tests/test_gemv1_ptx.py)
+                # the one-row decode kernel (table decode path; its PTX is checked by tests/test_regdecode_ptx.py)
                 x = torch.randn(1, k, dtype=dtype)
                 if not nf4_gemv1.supports(x, q):
                     with pytest.raises(ValueError, match="gemv1 needs"):

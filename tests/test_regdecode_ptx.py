@@ -1,4 +1,4 @@
-"""The PTX table decode of kernels/nf4_gemv1.py, run by a small emulator of the five instructions it uses.
+"""The PTX table decode of kernels/nf4_regdecode.py, run by a small emulator of the five instructions it uses.
 
 Property: for any 32-bit word of codes, the 8 values the PTX leaves in $0..$7 are exactly the fp32 table values
 t[c] = lut[c] / 2 + 3 (rounded to 2**-14) of its 8 nibbles in the order [1, 0, 3, 2, 5, 4, 7, 6], and every t
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from qlora_core.formats import code_table
-from qlora_core.kernels import nf4_gemv1
+from qlora_core.kernels import nf4_regdecode as nf4_gemv1
 
 MASK = 0xFFFFFFFF
 
