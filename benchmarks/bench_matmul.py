@@ -1,6 +1,6 @@
 """Fused NF4 linear vs bitsandbytes matmul_4bit vs bf16 cuBLAS, forward and input gradient (dx), 8B shapes.
 
-    python benchmarks/bench_matmul.py [--tune] [--tune-gemv1] [--ms 1,16,128,4096,8192] [--json out.json]
+    python benchmarks/bench_matmul.py [--tune] [--tune-gemv1] [--tune-mma] [--ms 1,16,128,4096,8192] [--json out.json]
 
 Shapes (N x K): 4096x4096 (q/o proj), 14336x4096 (gate/up), 4096x14336 (down); M rows of bf16 x.
 Timing: every op is captured in a CUDA graph together with R copies of its weight (R chosen so the copies
@@ -193,12 +193,47 @@ def tune_gemv1(log, shapes):
     return out
 
 
+MMA_GRID = {16: [(64, 2, 4, 1), (128, 2, 4, 1), (64, 4, 4, 1), (32, 2, 2, 1), (64, 2, 4, 3), (128, 2, 8, 1),
+                 (128, 4, 8, 1), (64, 2, 2, 1)],
+            128: [(64, 2, 4, 1), (128, 2, 8, 1), (64, 2, 8, 1), (128, 2, 4, 1), (64, 4, 8, 1), (32, 2, 4, 1)]}
+
+
+def tune_mma(log, shapes, ms=(16, 128)):
+    """Sweep the small-M tensor-core kernel's tiling (kernels/nf4_gemv_mma.py), plus split-K on the best."""
+    from qlora_core.kernels import nf4_gemv_mma
+    out = []
+    for n, k in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q0 = _quantize(w)
+        qs = [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            best = None
+            for cfg in MMA_GRID[max(16, 1 << (m - 1).bit_length()) if m <= 16 else 128] + [None]:
+                for sp in ((1,) if cfg is not None else (2, 4)):
+                    c = cfg or best[1][0]
+                    try:
+                        t = _graph_time(lambda: [nf4_gemv_mma.gemv_mma(x, q, None, config=c, split_k=sp) for q in qs],
+                                        len(qs))
+                    except Exception as e:
+                        log(f"mma cfg {c} split {sp} failed: {type(e).__name__}: {str(e)[:300]}")
+                        continue
+                    out.append({"N": n, "K": k, "M": m, "cfg": list(c), "split_k": sp, "us": t * 1e3})
+                    if best is None or t < best[0]:
+                        best = (t, (c, sp))
+            log(f"mma best N={n} K={k} M={m}: {best[1]} {best[0] * 1e3:.2f} us; "
+                + " ".join(f"{r['cfg']}/{r['split_k']}:{r['us']:.1f}" for r in out
+                           if (r["N"], r["K"], r["M"]) == (n, k, m)))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ms", default="1,16,128,4096,8192")
     ap.add_argument("--shapes", default="all", help="all or indices into SHAPES, e.g. 0,2")
     ap.add_argument("--tune", action="store_true", help="sweep the gemv block sizes first")
     ap.add_argument("--tune-gemv1", action="store_true", help="sweep the one-row decode kernel's tiling first")
+    ap.add_argument("--tune-mma", action="store_true", help="sweep the small-M tensor-core kernel's tiling first")
     ap.add_argument("--no-paths", action="store_true", help="skip timing each dispatch path separately")
     ap.add_argument("--json", default=None, help="write all rows to this file")
     ap.add_argument("--tiled-max", type=int, default=1 << 30, help="time the fused tiled path only up to this M")
@@ -225,6 +260,8 @@ def main(argv=None):
         result["gemv_tune"] = tune_gemv(log, shapes)
     if a.tune_gemv1:
         result["gemv1_tune"] = tune_gemv1(log, shapes)
+    if a.tune_mma:
+        result["mma_tune"] = tune_mma(log, shapes)
     rows = []
     for n, k in shapes:
         rows += bench_shape(n, k, ms, log, paths=not a.no_paths, a_tiled_max=a.tiled_max)

@@ -105,6 +105,7 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
         done = tl.atomic_add(cnt_ptr + pid_n, 1)
         if done == SPLIT_K - 1:
             out = tl.atomic_add(ws_ptr + offs_n, tl.zeros_like(out), mask=rmask)  # a coherent read (L2)
+            out = tl.where(rmask, out, 0.0)  # masked lanes of an atomic return garbage
             tl.store(ws_ptr + offs_n, tl.zeros_like(out), mask=rmask)  # nobody else touches this tile now
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
             if HAS_BIAS:

@@ -1,0 +1,144 @@
+"""Small-batch fused 4-bit linear on the tensor cores: y (M, N) = x (M, K) @ dequantize(q).T + bias, 2 <= M <= 128.
+
+Reference: `qlora_core.linear.dequantize_as` + `torch.nn.functional.linear` (the CPU path of nf4_linear);
+tests/test_linear_interpret.py and tests/test_gpu_linear.py hold it to the float64 product.
+
+Design
+- At small M the op reads the weight once and is bound by decoding it (kernels/nf4_gemv.py, which gathers
+  the table per code, ran at 0.74-0.83x cuBLAS at M = 16 on an H100). Here the codes are decoded in registers
+  (kernels/nf4_regdecode.py: t = lut/2 + 3 from `prmt` byte lookups), scaled to W = 2 * a * (t - 3) =
+  t * 2a - 6a (one FMA) and rounded to x's dtype, i.e. dequantize(q)'s values (up to the 2**-14 table
+  exactness, which can move a rounding by one ulp); the products run on the tensor cores (swap-AB:
+  y.T tile = W tile @ x.T tile, so BLOCK_M may be as small as 16).
+- A word of codes decodes to 8 columns in the order [1, 0, 3, 2, 5, 4, 7, 6]. Instead of interleaving them
+  back, each of the 8 "slots" is its own dot: W_j (BLOCK_N, NB*8) holds column 8w + j of every word, and
+  x_j (NB*8, BLOCK_M) is loaded with the same stride-8 columns. The sum over K does not care about order.
+- One launch; split-K (when N / BLOCK_N gives too few programs) uses the same self-cleaning fp32 workspace
+  as kernels/nf4_gemv1.py (not bitwise reproducible then).
+Limits: bf16/fp16 x, K % blocksize == 0, blocksize >= 64; other cases use kernels/nf4_gemv.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora_core import backend
+
+from .nf4_gemv1 import _workspace
+from .nf4_regdecode import ASM, decode_word, tables
+from .nf4_tile import _absmax_at, cast_rne, mma, q_args
+
+
+@triton.jit
+def _slot_dot(acc, t, a2, a6, x_ptr, xrow, xcol, xmask, J: tl.constexpr, dtype: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) += W_J @ x_J.T for decode slot J (column 8w + J of every word)."""
+    BN: tl.constexpr = t.shape[0]
+    C: tl.constexpr = t.shape[1] * t.shape[2]
+    w = cast_rne(t * a2 - a6, dtype)                      # dequantize(q)'s values, (BN, NB, 8)
+    xt = tl.load(x_ptr + xrow + xcol + J, mask=xmask, other=0.0)   # (NB*8, BLOCK_M) = x[m, 64b + 8w + J].T
+    return mma(tl.reshape(w, (BN, C)), xt, acc)
+
+
+@triton.jit
+def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
+                     tlut_ptr, tab_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om,
+                     ASM: tl.constexpr, USE_ASM: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    rmask = offs_n < N
+    ob = tl.arange(0, NB)
+    ow = tl.arange(0, 8)
+    oc = tl.arange(0, NB * 8)      # (block, word) pairs of a step, flattened: column 64*(oc // 8) + 8*(oc % 8)
+    KB = K // 64
+    steps = tl.cdiv(tl.cdiv(KB, NB), SPLIT_K)
+    b_lo = pid_k * steps * NB
+    b_hi = tl.minimum(KB, b_lo + steps * NB)
+    row_w = tl.multiple_of(offs_n * (K // 8), 8)
+    xrow = (offs_m * stride_xm)[None, :]
+    tab = (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
+           tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+    dt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for b0 in range(b_lo, b_hi, NB):
+        blk = b0 + ob
+        bmask = blk < b_hi
+        w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
+                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
+                       offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :], rmask[:, None] & bmask[None, :], DQ)
+        a2 = (2.0 * a)[:, :, None]
+        a6 = (6.0 * a)[:, :, None]
+        xcol = (b0 * 64 + (oc // 8) * 64 + (oc % 8) * 8)[:, None]
+        xmask = ((b0 + oc // 8) < b_hi)[:, None] & (offs_m < M)[None, :]
+        t1, t0, t3, t2, t5, t4, t7, t6 = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
+        acc = _slot_dot(acc, t0, a2, a6, x_ptr, xrow, xcol, xmask, 0, dt)
+        acc = _slot_dot(acc, t1, a2, a6, x_ptr, xrow, xcol, xmask, 1, dt)
+        acc = _slot_dot(acc, t2, a2, a6, x_ptr, xrow, xcol, xmask, 2, dt)
+        acc = _slot_dot(acc, t3, a2, a6, x_ptr, xrow, xcol, xmask, 3, dt)
+        acc = _slot_dot(acc, t4, a2, a6, x_ptr, xrow, xcol, xmask, 4, dt)
+        acc = _slot_dot(acc, t5, a2, a6, x_ptr, xrow, xcol, xmask, 5, dt)
+        acc = _slot_dot(acc, t6, a2, a6, x_ptr, xrow, xcol, xmask, 6, dt)
+        acc = _slot_dot(acc, t7, a2, a6, x_ptr, xrow, xcol, xmask, 7, dt)
+    ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    omask = (offs_m[None, :] < M) & rmask[:, None]
+    if SPLIT_K > 1:
+        # see kernels/nf4_gemv1.py: partials meet in a self-cleaning workspace of BLOCK_M-strided rows
+        wptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        tl.atomic_add(wptrs, acc, mask=omask)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if done == SPLIT_K - 1:
+            acc = tl.atomic_add(wptrs, tl.zeros_like(acc), mask=omask)  # a coherent read (L2)
+            acc = tl.where(omask, acc, 0.0)  # masked lanes of an atomic return garbage
+            tl.store(wptrs, tl.zeros_like(acc), mask=omask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            tl.store(ptrs, cast_rne(acc, out_ptr.dtype.element_ty), mask=omask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        tl.store(ptrs, cast_rne(acc, out_ptr.dtype.element_ty), mask=omask)
+
+
+def supports(x: torch.Tensor, q) -> bool:
+    """True when this kernel handles (x, q): 1..128 bf16/fp16 rows, K % blocksize == 0, blocksize >= 64."""
+    return (1 <= x.shape[0] <= 128 and x.dtype in (torch.bfloat16, torch.float16) and q.blocksize >= 64
+            and q.shape[1] % q.blocksize == 0)
+
+
+# BLOCK_M -> (BLOCK_N, NB, num_warps, num_stages); see benchmarks/bench_matmul.py --tune-mma.
+DEFAULT_CONFIG = {16: (64, 2, 4, 1), 32: (64, 2, 4, 1), 64: (64, 2, 4, 1), 128: (64, 2, 8, 1)}
+
+
+def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None, split_k: int = 1,
+             use_asm: bool | None = None) -> torch.Tensor:
+    """x (M, K) contiguous bf16/fp16 with M <= 128, q (N, K) 4-bit, K % blocksize == 0 -> y (M, N) in x's dtype.
+
+    config = (BLOCK_N, NB, num_warps, num_stages); use_asm defaults to True off the interpreter.
+    """
+    if not supports(x, q):
+        raise ValueError(f"gemv_mma needs 1..128 bf16/fp16 rows, K % blocksize == 0 and blocksize >= 64; got x "
+                         f"{tuple(x.shape)} {x.dtype}, q {tuple(q.shape)} blocksize {q.blocksize}")
+    m, k = x.shape
+    n = q.shape[0]
+    block_m = max(16, triton.next_power_of_2(m))
+    interp = backend.interpreting()
+    if use_asm is None:
+        use_asm = not interp
+    block_n, nb, num_warps, num_stages = config or ((16, 2, 1, 1) if interp else DEFAULT_CONFIG[block_m])
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    ws, cnt = _workspace(x.device, m * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
+    data, absmax, code256, nested, offset, _lut, dq = q_args(q)
+    tlut, tab = tables(q.quant_type, x.device)
+    _gemv_mma_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, out, bias if bias is not None else out, data.view(torch.int32), absmax, code256, nested, offset,
+        tlut, tab, ws, cnt, m, n, k, x.stride(0), out.stride(0),
+        ASM=ASM, USE_ASM=use_asm, BS=q.blocksize, DQ=dq, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
+    return out
