@@ -162,9 +162,9 @@ def tune_gemv(log, shapes):
     return out
 
 
-GEMV1_GRID = [(bn, nb, nw, st) for bn, nb, nw in ((16, 4, 1), (16, 8, 2), (32, 4, 4), (32, 2, 2), (16, 2, 1), (8, 4, 1),
-                                                 (4, 16, 1), (4, 8, 1), (2, 16, 1), (8, 8, 2), (64, 2, 4))
-              for st in (1, 3)]
+GEMV1_GRID = [(bn, nb, nw, 1, pf) for bn, nb, nw in ((4, 8, 1), (8, 8, 2), (4, 4, 1), (8, 4, 1), (2, 8, 1), (4, 16, 1),
+                                                  (16, 4, 1), (8, 8, 1))
+              for pf in (0, 1)]
 
 
 def tune_gemv1(log, shapes):
@@ -178,7 +178,7 @@ def tune_gemv1(log, shapes):
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         best = None
         for cfg in GEMV1_GRID + [None]:
-            for sp in ((1,) if cfg is not None else (2, 4, 8)):
+            for sp in ((1,) if cfg is not None else (2, 4)):
                 c = cfg or best[1][0]
                 try:
                     t = _graph_time(lambda: [nf4_gemv1.gemv1(x, q, None, config=c, split_k=sp) for q in qs], len(qs))

@@ -53,16 +53,33 @@ def _split8(xv):
 
 
 @triton.jit
+def _load_step(x_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, offs_n, rmask, row_w, blk, b_hi,
+               K, BS: tl.constexpr, DQ: tl.constexpr):
+    """Codes (BN, NB, 8 words) int32, absmax (BN, NB) fp32 and x (NB, 8 words, 8 columns) fp32 of the 64-column
+    blocks `blk` (NB,); blocks >= b_hi and rows >= N read as 0."""
+    ow = tl.arange(0, 8)
+    bmask = blk < b_hi
+    w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
+                mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+    # absmax of (row, 64-column block); for blocksize > 64 neighbouring 64-column blocks share one
+    a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
+                   offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :], rmask[:, None] & bmask[None, :], DQ)
+    xv = tl.load(x_ptr + (blk * 64)[:, None, None] + (ow * 8)[None, :, None] + ow[None, None, :],
+                 mask=bmask[:, None, None], other=0.0).to(tl.float32)
+    return w, a, xv
+
+
+@triton.jit
 def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, tlut_ptr,
                   tab_ptr, ws_ptr, cnt_ptr, N, K,
                   ASM: tl.constexpr, USE_ASM: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, SPLIT_K: tl.constexpr,
+                  PREFETCH: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = offs_n < N
     ob = tl.arange(0, NB)          # 64-column blocks of a step
-    ow = tl.arange(0, 8)           # 32-bit words of a block
     KB = K // 64                   # 64-column blocks per row
     steps = tl.cdiv(tl.cdiv(KB, NB), SPLIT_K)
     b_lo = pid_k * steps * NB
@@ -72,28 +89,25 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
     acc = tl.zeros((BLOCK_N, NB, 8), dtype=tl.float32)
     tab = (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
            tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+    # Software pipelining by hand: the loads of step i + 1 are issued before step i is decoded, so each warp
+    # keeps one step of codes in flight while it computes (Triton's pipeliner does not touch this loop).
+    w_n, a_n, x_n = _load_step(x_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, offs_n, rmask,
+                               row_w, b_lo + ob, b_hi, K, BS, DQ)
     for b0 in range(b_lo, b_hi, NB):
-        blk = b0 + ob                                   # (NB,)
-        bmask = blk < b_hi
-        m3 = rmask[:, None, None] & bmask[None, :, None]
-        w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
-                    mask=m3, other=0)
-        # absmax of (row, 64-column block); for blocksize > 64 neighbouring 64-column blocks share one
-        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
-                       offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :], rmask[:, None] & bmask[None, :], DQ)
-        xv = tl.load(x_ptr + (blk * 64)[:, None, None] + (ow * 8)[None, :, None] + ow[None, None, :],
-                     mask=bmask[:, None, None], other=0.0).to(tl.float32)     # (NB, 8 words, 8 columns)
-        x1, x0, x3, x2, x5, x4, x7, x6 = _split8(xv)
-        s = -3.0 * (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)))  # (NB, 8), shared by all rows
+        w, a, xv = w_n, a_n, x_n
+        if PREFETCH:
+            w_n, a_n, x_n = _load_step(x_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, offs_n,
+                                       rmask, row_w, b0 + NB + ob, b_hi, K, BS, DQ)
+        else:
+            w, a, xv = _load_step(x_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, offs_n,
+                                  rmask, row_w, b0 + ob, b_hi, K, BS, DQ)
         t1, t0, t3, t2, t5, t4, t7, t6 = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
-        d = s[None, :, :] + t1 * x1[None, :, :]
-        d += t0 * x0[None, :, :]
-        d += t3 * x3[None, :, :]
-        d += t2 * x2[None, :, :]
-        d += t5 * x5[None, :, :]
-        d += t4 * x4[None, :, :]
-        d += t7 * x7[None, :, :]
-        d += t6 * x6[None, :, :]
+        # Join the 8 slots back into column order (in registers: joins add an in-thread dimension), so x is
+        # used as loaded: (BN, NB, 8 words, 8 columns) * x[None]. Flat column = 4i + 2j + s for join levels
+        # (i, j, s), so the innermost join pairs even/odd columns.
+        tt = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
+        tt = tl.reshape(tt, (BLOCK_N, NB, 8, 8))
+        d = tl.sum(tt * xv[None, :, :, :], axis=3) - 3.0 * tl.sum(xv, axis=2)[None, :, :]
         acc += a[:, :, None] * d
     out = 2.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
     if SPLIT_K > 1:
@@ -145,15 +159,15 @@ def _workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ws, cnt
 
 
-# (dtype) -> (BLOCK_N, NB, num_warps, num_stages); see benchmarks/bench_matmul.py --tune-gemv1.
-DEFAULT_CONFIG = (4, 4, 2, 2)
+# (BLOCK_N, NB, num_warps, num_stages, PREFETCH); see benchmarks/bench_matmul.py --tune-gemv1.
+DEFAULT_CONFIG = (4, 8, 1, 1, 1)
 
 
 def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None, split_k: int = 1,
           use_asm: bool | None = None) -> torch.Tensor:
     """x (1, K) contiguous bf16/fp16, q (N, K) 4-bit with K % blocksize == 0 -> y (1, N) in x's dtype.
 
-    config = (BLOCK_N, NB, num_warps, num_stages); use_asm defaults to True off the interpreter.
+    config = (BLOCK_N, NB, num_warps, num_stages, PREFETCH); use_asm defaults to True off the interpreter.
     """
     if not supports(x, q):
         raise ValueError(f"gemv1 needs one bf16/fp16 row, K % blocksize == 0 and blocksize >= 64; got x "
@@ -162,7 +176,7 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = 
     interp = backend.interpreting()
     if use_asm is None:
         use_asm = not interp
-    block_n, nb, num_warps, num_stages = config or ((4, 2, 1, 1) if interp else DEFAULT_CONFIG)
+    block_n, nb, num_warps, num_stages, prefetch = config or ((4, 2, 1, 1, 1) if interp else DEFAULT_CONFIG)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     ws, cnt = _workspace(x.device, n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)
@@ -172,5 +186,6 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = 
         x, out, bias if bias is not None else out, data.view(torch.int32), absmax, code256, nested, offset,
         tlut, tab, ws, cnt, n, k,
         ASM=ASM, USE_ASM=use_asm, BS=q.blocksize, DQ=dq, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=block_n, NB=nb, SPLIT_K=split_k, PREFETCH=bool(prefetch), num_warps=num_warps,
+        num_stages=num_stages)
     return out

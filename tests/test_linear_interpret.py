@@ -71,7 +71,7 @@ def run_group(group: str) -> int:
                     with pytest.raises(ValueError, match="gemv1 needs"):
                         nf4_gemv1.gemv1(x, q, None)
                     continue
-                for cfg, split, bias in ((None, 1, True), ((8, 4, 2, 1), 1, False), ((2, 1, 1, 1), 3, True)):
+                for cfg, split, bias in ((None, 1, True), ((8, 4, 2, 1, 0), 1, False), ((2, 1, 1, 1, 1), 3, True)):
                     b = torch.randn(n, dtype=dtype) if bias else None
                     y64 = x.double() @ w64.T + (b.double() if bias else 0.0)
                     for _ in range(2):  # twice: split-K must leave its workspace zeroed for the next call
