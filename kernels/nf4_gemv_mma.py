@@ -27,7 +27,7 @@ from qlora_core import backend
 
 from .nf4_gemv1 import _workspace
 from .nf4_regdecode import ASM, decode_word, tables
-from .nf4_tile import _absmax_at, cast_rne, mma, q_args
+from .nf4_tile import absmax_finish, absmax_load, cast_rne, mma, q_args
 
 
 @triton.jit
@@ -38,6 +38,19 @@ def _slot_dot(acc, t, a2, a6, x_ptr, xrow, xcol, xmask, J: tl.constexpr, dtype: 
     w = cast_rne(t * a2 - a6, dtype)                      # dequantize(q)'s values, (BN, NB, 8)
     xt = tl.load(x_ptr + xrow + xcol + J, mask=xmask, other=0.0)   # (NB*8, BLOCK_M) = x[m, 64b + 8w + J].T
     return mma(tl.reshape(w, (BN, C)), xt, acc)
+
+
+@triton.jit
+def _load_codes(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, blk, b_hi, K, BS: tl.constexpr,
+                DQ: tl.constexpr):
+    """Codes (BN, NB, 8 words) int32 and the absmax reads (BN, NB) of the 64-column blocks `blk`."""
+    ow = tl.arange(0, 8)
+    bmask = blk < b_hi
+    w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
+                mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+    raw, nest = absmax_load(absmax_ptr, nested_ptr, offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :],
+                            rmask[:, None] & bmask[None, :], DQ)
+    return w, raw, nest
 
 
 @triton.jit
@@ -52,7 +65,6 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
     offs_m = tl.arange(0, BLOCK_M)
     rmask = offs_n < N
     ob = tl.arange(0, NB)
-    ow = tl.arange(0, 8)
     oc = tl.arange(0, NB * 8)      # (block, word) pairs of a step, flattened: column 64*(oc // 8) + 8*(oc % 8)
     KB = K // 64
     steps = tl.cdiv(tl.cdiv(KB, NB), SPLIT_K)
@@ -64,13 +76,13 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
            tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # loads of step i + 1 issued before step i is decoded (see kernels/nf4_gemv1.py)
+    w_n, r_n, n_n = _load_codes(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b_lo + ob, b_hi, K, BS, DQ)
     for b0 in range(b_lo, b_hi, NB):
-        blk = b0 + ob
-        bmask = blk < b_hi
-        w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
-                    mask=rmask[:, None, None] & bmask[None, :, None], other=0)
-        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
-                       offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :], rmask[:, None] & bmask[None, :], DQ)
+        w, raw, nest = w_n, r_n, n_n
+        w_n, r_n, n_n = _load_codes(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b0 + NB + ob, b_hi, K,
+                                    BS, DQ)
+        a = absmax_finish(raw, nest, code256_ptr, offset_ptr, DQ)
         a2 = (2.0 * a)[:, :, None]
         a6 = (6.0 * a)[:, :, None]
         xcol = (b0 * 64 + (oc // 8) * 64 + (oc % 8) * 8)[:, None]

@@ -108,3 +108,25 @@ def tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
         _TABLES[key] = (torch.tensor(t_values(quant_type), dtype=torch.float32, device=device),
                         torch.tensor(words, dtype=torch.int32, device=device))
     return _TABLES[key]
+
+
+@triton.jit
+def _decode_words_kernel(words_ptr, out_ptr, tlut_ptr, tab_ptr, n, ASM: tl.constexpr, USE_ASM: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    w = tl.load(words_ptr + offs, mask=mask, other=0)
+    tab = (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
+           tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+    t = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
+    for i in tl.static_range(8):
+        tl.store(out_ptr + offs * 8 + i, t[i], mask=mask)
+
+
+def decode_words(words: torch.Tensor, quant_type: str, use_asm: bool) -> torch.Tensor:
+    """Decode int32 words (n,) -> (n, 8) fp32 t values in decode order [1, 0, 3, 2, 5, 4, 7, 6] (for tests)."""
+    n = words.numel()
+    out = torch.empty((n, 8), dtype=torch.float32, device=words.device)
+    tlut, tab = tables(quant_type, words.device)
+    _decode_words_kernel[(triton.cdiv(n, 256),)](words, out, tlut, tab, n, ASM=ASM, USE_ASM=use_asm, BLOCK=256)
+    return out

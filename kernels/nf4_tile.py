@@ -53,6 +53,28 @@ def _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, b, mask, DQ: tl.
 
 
 @triton.jit
+def absmax_load(absmax_ptr, nested_ptr, b, mask, DQ: tl.constexpr):
+    """The memory reads of `_absmax_at` without its dependent table lookup, for kernels that prefetch: a
+    gather that depends on a load just issued would stall the prefetch. Returns (raw, nested) for
+    `absmax_finish`: (8-bit code as int32, nested fp32) with double quant, else (fp32 absmax, same)."""
+    if DQ:
+        qa = tl.load(absmax_ptr + b, mask=mask, other=0).to(tl.int32)
+        return qa, tl.load(nested_ptr + (b >> 8), mask=mask, other=0.0)
+    else:
+        a = tl.load(absmax_ptr + b, mask=mask, other=0.0)
+        return a, a
+
+
+@triton.jit
+def absmax_finish(raw, nest, code256_ptr, offset_ptr, DQ: tl.constexpr):
+    """fp32 absmax from `absmax_load`'s reads (the same value `_absmax_at` gives)."""
+    if DQ:
+        return tl.load(code256_ptr + raw) * nest + tl.load(offset_ptr)
+    else:
+        return raw
+
+
+@triton.jit
 def load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                    offs_r, k0, N, K,
                    HC: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr):
