@@ -204,11 +204,11 @@ def tune_gemv1(log, shapes):
 
 
 MMA_GRID = {16: [(64, 2, 4, 1), (128, 2, 4, 1), (64, 4, 4, 1), (32, 2, 2, 1), (64, 2, 4, 3), (128, 2, 8, 1),
-                 (128, 4, 8, 1), (64, 2, 2, 1)],
+                 (128, 4, 8, 1)],
             128: [(64, 2, 4, 1), (128, 2, 8, 1), (64, 2, 8, 1), (128, 2, 4, 1), (64, 4, 8, 1), (32, 2, 4, 1)]}
 
 
-def tune_mma(log, shapes, ms=(16, 128)):
+def tune_mma(log, shapes, ms=(16,)):
     """Sweep the small-M tensor-core kernel's tiling (kernels/nf4_gemv_mma.py), plus split-K on the best."""
     from qlora_core.kernels import nf4_gemv_mma
     out = []
