@@ -163,9 +163,6 @@ def tune_gemv(log, shapes):
 
 
 GEMV1_GRID = [(8, 8, 2, 1, 1), (4, 8, 1, 1, 1), (8, 4, 1, 1, 1), (4, 16, 1, 1, 1)]
-# kernels/nf4_gemv1.gemv1_rows: (BLOCK_N, NB, num_warps, GROUPS)
-ROWS_GRID = [(4, 8, 1, g) for g in (64, 128, 256)] + [(8, 8, 2, g) for g in (64, 128)] + \
-            [(8, 4, 1, g) for g in (32, 64, 128)] + [(16, 8, 4, g) for g in (32, 64)] + [(4, 16, 1, g) for g in (128, 256)]
 
 
 def tune_gemv1(log, shapes):
@@ -189,15 +186,6 @@ def tune_gemv1(log, shapes):
                 out.append({"N": n, "K": k, "cfg": list(c), "split_k": sp, "us": t * 1e3})
                 if best is None or t < best[0]:
                     best = (t, (c, sp))
-        for c in ROWS_GRID:
-            try:
-                t = _graph_time(lambda: [nf4_gemv1.gemv1_rows(x, q, None, config=c) for q in qs], len(qs))
-            except Exception as e:
-                log(f"gemv1_rows cfg {c} failed: {type(e).__name__}: {str(e)[:300]}")
-                continue
-            out.append({"N": n, "K": k, "cfg": ["rows"] + list(c), "split_k": 0, "us": t * 1e3})
-            if t < best[0]:
-                best = (t, (("rows",) + c, 0))
         log(f"gemv1 best N={n} K={k}: {best[1]} {best[0] * 1e3:.2f} us; "
             + " ".join(f"{r['cfg']}/{r['split_k']}:{r['us']:.1f}" for r in out if r["N"] == n and r["K"] == k))
     return out

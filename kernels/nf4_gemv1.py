@@ -132,65 +132,6 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
         tl.store(out_ptr + offs_n, cast_rne(out, out_ptr.dtype.element_ty), mask=rmask)
 
 
-@triton.jit
-def _gemv1_rows_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
-                       tlut_ptr, tab_ptr, ws_ptr, cnt_ptr, N, K, ROWS,
-                       ASM: tl.constexpr, USE_ASM: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, CHUNKS: tl.constexpr):
-    """The loop the other way round: a program owns one K chunk (NB blocks of 64 columns) and ROWS rows, holds
-    its slice of x in registers (loaded and laid out once) and walks its rows BLOCK_N at a time. Each row
-    tile's partial goes to the fp32 workspace; the last of the CHUNKS programs to finish a tile writes y."""
-    pid_g = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    ob = tl.arange(0, NB)
-    on = tl.arange(0, BLOCK_N)
-    blk = pid_k * NB + ob
-    KB = K // 64
-    bmask = blk < KB
-    ow = tl.arange(0, 8)
-    xv = tl.load(x_ptr + (blk * 64)[:, None, None] + (ow * 8)[None, :, None] + ow[None, None, :],
-                 mask=bmask[:, None, None], other=0.0).to(tl.float32)      # (NB, 8 words, 8 columns)
-    sx = -3.0 * tl.sum(xv, axis=2)                                        # (NB, 8 words)
-    tab = (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
-           tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
-    r_lo = pid_g * ROWS
-    r_hi = tl.minimum(N, r_lo + ROWS)
-    offs = r_lo + on
-    rmask = offs < r_hi
-    w_n, r_n, n_n, _x = _load_step(x_ptr, data_ptr, absmax_ptr, nested_ptr, offs, rmask,
-                                   tl.multiple_of(offs * (K // 8), 8), blk, KB, K, BS, DQ)
-    for r0 in range(r_lo, r_hi, BLOCK_N):
-        offs_n = r0 + on
-        rmask = offs_n < r_hi
-        w, raw, nest = w_n, r_n, n_n
-        nxt = offs_n + BLOCK_N
-        w_n, r_n, n_n, _x = _load_step(x_ptr, data_ptr, absmax_ptr, nested_ptr, nxt, nxt < r_hi,
-                                       tl.multiple_of(nxt * (K // 8), 8), blk, KB, K, BS, DQ)
-        a = absmax_finish(raw, nest, code256_ptr, offset_ptr, DQ)
-        t1, t0, t3, t2, t5, t4, t7, t6 = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
-        tt = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
-        tt = tl.reshape(tt, (BLOCK_N, NB, 8, 8))
-        d = tl.sum(tt * xv[None, :, :, :], axis=3) + sx[None, :, :]
-        part = 2.0 * tl.sum(tl.sum(a[:, :, None] * d, axis=2), axis=1)        # (BLOCK_N,)
-        if CHUNKS == 1:
-            if HAS_BIAS:
-                part += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs_n, cast_rne(part, out_ptr.dtype.element_ty), mask=rmask)
-        else:
-            tile = offs_n // BLOCK_N  # row tiles are BLOCK_N-aligned (ROWS is a multiple of BLOCK_N)
-            tl.atomic_add(ws_ptr + offs_n, part, mask=rmask)
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + r0 // BLOCK_N, 1)
-            if done == CHUNKS - 1:
-                y = tl.atomic_add(ws_ptr + offs_n, tl.zeros_like(part), mask=rmask)  # a coherent read (L2)
-                y = tl.where(rmask, y, 0.0)
-                tl.store(ws_ptr + offs_n, tl.zeros_like(part), mask=rmask)
-                tl.atomic_xchg(cnt_ptr + r0 // BLOCK_N, 0)
-                if HAS_BIAS:
-                    y += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + offs_n, cast_rne(y, out_ptr.dtype.element_ty), mask=rmask)
-
-
 def supports(x: torch.Tensor, q) -> bool:
     """True when this kernel handles (x, q): one bf16/fp16 row, K % blocksize == 0, blocksize >= 64.
 
@@ -219,15 +160,26 @@ def _workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ws, cnt
 
 
-# (BLOCK_N, NB, num_warps, num_stages, PREFETCH); see benchmarks/bench_matmul.py --tune-gemv1.
-DEFAULT_CONFIG = (4, 8, 1, 1, 1)
+# (BLOCK_N, NB, num_warps, num_stages, PREFETCH): the best of benchmarks/bench_matmul.py --tune-gemv1 on all
+# three 8B shapes on an H100 (docs/benchmarks.md); num_stages has no effect (Triton does not pipeline this loop).
+DEFAULT_CONFIG = (8, 8, 2, 1, 1)
 
 
-def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None, split_k: int = 1,
-          use_asm: bool | None = None) -> torch.Tensor:
+def default_split(n_tiles: int, k_steps: int) -> int:
+    """Programs along K: 1 once there are >= 256 row tiles (split-K measured slower at N = 4096, 14336 on an
+    H100); for smaller N enough K splits for ~256 programs, at most 8 and at most one per K step."""
+    split = 1
+    while n_tiles * split < 256 and split < 8 and split * 2 <= k_steps:
+        split *= 2
+    return split
+
+
+def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None,
+          split_k: int | None = None, use_asm: bool | None = None) -> torch.Tensor:
     """x (1, K) contiguous bf16/fp16, q (N, K) 4-bit with K % blocksize == 0 -> y (1, N) in x's dtype.
 
-    config = (BLOCK_N, NB, num_warps, num_stages, PREFETCH); use_asm defaults to True off the interpreter.
+    config = (BLOCK_N, NB, num_warps, num_stages, PREFETCH); split_k defaults to `default_split`; use_asm
+    defaults to True off the interpreter.
     """
     if not supports(x, q):
         raise ValueError(f"gemv1 needs one bf16/fp16 row, K % blocksize == 0 and blocksize >= 64; got x "
@@ -237,6 +189,8 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = 
     if use_asm is None:
         use_asm = not interp
     block_n, nb, num_warps, num_stages, prefetch = config or ((4, 2, 1, 1, 1) if interp else DEFAULT_CONFIG)
+    if split_k is None:
+        split_k = default_split(triton.cdiv(n, block_n), triton.cdiv(k // 64, nb))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     ws, cnt = _workspace(x.device, n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)
@@ -250,28 +204,3 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = 
         num_stages=num_stages)
     return out
 
-
-def gemv1_rows(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple = (8, 8, 2, 64),
-               use_asm: bool | None = None) -> torch.Tensor:
-    """Same contract as `gemv1`, with the loop over rows (x held in registers): config = (BLOCK_N, NB,
-    num_warps, GROUPS), GROUPS row groups x ceil(K / (64 NB)) K chunks of programs."""
-    if not supports(x, q):
-        raise ValueError(f"gemv1 needs one bf16/fp16 row, K % blocksize == 0 and blocksize >= 64; got x "
-                         f"{tuple(x.shape)} {x.dtype}, q {tuple(q.shape)} blocksize {q.blocksize}")
-    n, k = q.shape
-    if use_asm is None:
-        use_asm = not backend.interpreting()
-    block_n, nb, num_warps, groups = config
-    chunks = triton.cdiv(k // 64, nb)
-    rows = triton.cdiv(triton.cdiv(n, groups), block_n) * block_n
-    groups = triton.cdiv(n, rows)
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    ws, cnt = _workspace(x.device, n, triton.cdiv(n, block_n)) if chunks > 1 else (out, out)
-    data, absmax, code256, nested, offset, _lut, dq = q_args(q)
-    tlut, tab = tables(q.quant_type, x.device)
-    _gemv1_rows_kernel[(groups, chunks)](
-        x, out, bias if bias is not None else out, data.view(torch.int32), absmax, code256, nested, offset,
-        tlut, tab, ws, cnt, n, k, rows,
-        ASM=ASM, USE_ASM=use_asm, BS=q.blocksize, DQ=dq, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, NB=nb, CHUNKS=chunks, num_warps=num_warps)
-    return out

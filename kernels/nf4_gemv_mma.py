@@ -124,15 +124,18 @@ def supports(x: torch.Tensor, q) -> bool:
             and q.shape[1] % q.blocksize == 0)
 
 
-# BLOCK_M -> (BLOCK_N, NB, num_warps, num_stages); see benchmarks/bench_matmul.py --tune-mma.
-DEFAULT_CONFIG = {16: (64, 2, 4, 1), 32: (64, 2, 4, 1), 64: (64, 2, 4, 1), 128: (64, 2, 8, 1)}
+# BLOCK_M -> (BLOCK_N, NB, num_warps, num_stages): at BLOCK_M = 16 the best of benchmarks/bench_matmul.py
+# --tune-mma on all three 8B shapes on an H100, with split-K 4 (docs/benchmarks.md); larger BLOCK_M are not
+# dispatched (dequantize + cuBLAS is faster there) and keep the same tiling.
+DEFAULT_CONFIG = {16: (64, 4, 4, 1), 32: (64, 4, 4, 1), 64: (64, 4, 4, 1), 128: (64, 4, 8, 1)}
 
 
-def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None, split_k: int = 1,
-             use_asm: bool | None = None) -> torch.Tensor:
+def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None,
+             split_k: int | None = None, use_asm: bool | None = None) -> torch.Tensor:
     """x (M, K) contiguous bf16/fp16 with M <= 128, q (N, K) 4-bit, K % blocksize == 0 -> y (M, N) in x's dtype.
 
-    config = (BLOCK_N, NB, num_warps, num_stages); use_asm defaults to True off the interpreter.
+    config = (BLOCK_N, NB, num_warps, num_stages); split_k defaults to 4 K splits (at most one per K step:
+    measured best at N = 4096 and 14336 on an H100); use_asm defaults to True off the interpreter.
     """
     if not supports(x, q):
         raise ValueError(f"gemv_mma needs 1..128 bf16/fp16 rows, K % blocksize == 0 and blocksize >= 64; got x "
@@ -144,6 +147,8 @@ def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None
     if use_asm is None:
         use_asm = not interp
     block_n, nb, num_warps, num_stages = config or ((16, 2, 1, 1) if interp else DEFAULT_CONFIG[block_m])
+    if split_k is None:
+        split_k = min(4, triton.cdiv(k // 64, nb))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, cnt = _workspace(x.device, m * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)

@@ -6,8 +6,10 @@ uses W bit-exact with dequantize(q), the tensor-core paths dequantize(q)'s value
 contraction (nf4_tile), the M=1 decode path the unrounded fp32 W.
 
 Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
-- "gemv"   (forward, M <= GEMV_MAX_M): reads the packed weight directly; one bf16/fp16 row of an aligned
-           layout goes to kernels/nf4_gemv1.py (table in registers), everything else to kernels/nf4_gemv.py.
+- "gemv"   (forward, M <= GEMV_MAX_M): reads the packed weight directly. bf16/fp16 x on an aligned layout
+           (K % blocksize == 0, blocksize >= 64) decodes the codes in registers (kernels/nf4_regdecode.py):
+           one row in kernels/nf4_gemv1.py (CUDA cores), 2..16 rows in kernels/nf4_gemv_mma.py (tensor
+           cores); everything else goes to kernels/nf4_gemv.py (table gathers).
 - "tiled"  (dx at small M with K >= 2N; any M by request): kernels/nf4_matmul.py, dequantize fused into tiles.
 - "cublas" (everything else, and all fp32): kernels/nf4_tile.dequantize_transient into a buffer of x's
   dtype, then cuBLAS. At large M the GEMM is compute bound (2*M*N*K flops against one N*K dequantize pass,
@@ -58,9 +60,11 @@ def linear_forward(x: torch.Tensor, q, bias: torch.Tensor | None, path: str | No
         return x.new_empty((0, n))
     path = path or choose_path("fwd", m, n, k, x.dtype)
     if path == "gemv":
-        from . import nf4_gemv, nf4_gemv1
+        from . import nf4_gemv, nf4_gemv1, nf4_gemv_mma
         if nf4_gemv1.supports(x, q):
             return nf4_gemv1.gemv1(x, q, bias)
+        if nf4_gemv_mma.supports(x, q):
+            return nf4_gemv_mma.gemv_mma(x, q, bias)
         return nf4_gemv.gemv(x, q, bias)
     if path == "tiled":
         from . import nf4_matmul

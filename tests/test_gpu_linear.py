@@ -138,7 +138,7 @@ def test_register_table_decode_is_exact_on_gpu(quant_type):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,bs,qt,dq", GEMV1_CASES)
 def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq):
-    """The one-row kernels (both loop orders, PTX and table decode, several tilings, split-K) are within the
+    """The one-row kernel (PTX and table decode, several tilings, split-K) is within the
     matmul tolerance of the float64 product, leave the split-K workspace zeroed, and dispatch uses them."""
     from qlora_core.kernels import nf4_gemv1
     q = _q(n, k, dtype, qt, dq, bs)
@@ -154,11 +154,34 @@ def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq):
     for split in (3, 8, 3):  # repeated: each call must leave the shared workspace zeroed for the next
         assert_close_verbose(nf4_gemv1.gemv1(x, q, b, split_k=split), y64, atol=bound, rtol=0,
                              name=f"gemv1 split_k={split}")
-    for cfg in ((8, 8, 2, 64), (4, 8, 1, 7), (16, 4, 4, 1), (8, 2, 1, 300)):
-        for _ in range(2):
-            assert_close_verbose(nf4_gemv1.gemv1_rows(x, q, b, config=cfg), y64, atol=bound, rtol=0,
-                                 name=f"gemv1_rows {cfg}")
     torch.cuda.synchronize()
     for ws, cnt in nf4_gemv1._WORKSPACE.values():
         assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
     assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name="dispatch M=1")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,bs,qt,dq", GEMV1_CASES)
+def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq):
+    """The small-M tensor-core kernel (PTX and table decode, tilings, split-K, odd M) is within the matmul
+    tolerance of the float64 product; dispatch uses it for 2..16 rows."""
+    from qlora_core.kernels import nf4_gemv_mma
+    q = _q(n, k, dtype, qt, dq, bs)
+    w = _ref_w(q, dtype)
+    w64 = _ref_w(q, torch.float32).double()
+    for m in (2, 16, 17, 100):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        b = torch.randn(n, dtype=dtype, device="cuda")
+        y64 = x.double() @ w64.T + b.double()
+        bound = _bound(torch.nn.functional.linear(x, w, b), y64, dtype)
+        for cfg, split in ((None, None), ((128, 2, 8, 1), 1), ((64, 4, 4, 1), 3), ((32, 2, 2, 1), 1)):
+            for use_asm in (True, False):
+                assert_close_verbose(nf4_gemv_mma.gemv_mma(x, q, b, config=cfg, split_k=split, use_asm=use_asm),
+                                     y64, atol=bound, rtol=0, name=f"gemv_mma M={m} {cfg} split={split}")
+        if m <= 16:
+            assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name=f"dispatch M={m}")
+    torch.cuda.synchronize()
+    from qlora_core.kernels import nf4_gemv1  # owns the split-K workspace both kernels share
+    assert nf4_gemv1._WORKSPACE, "split-K never ran"
+    for ws, cnt in nf4_gemv1._WORKSPACE.values():
+        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-GROUPS = ("dequant", "gemv", "gemv1", "tiled_fwd", "tiled_dx", "autograd")
+GROUPS = ("dequant", "gemv", "gemv1", "gemv_mma", "tiled_fwd", "tiled_dx", "autograd")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (N, K, blocksize, quant_type, double_quant): aligned (K % blocksize == 0) and generic (odd K) layouts.
 WEIGHTS = [(37, 192, 64, "nf4", True), (19, 65, 64, "fp4", False), (24, 256, 128, "nf4", False),
@@ -41,7 +41,7 @@ def _weights(dtype):
 def run_group(group: str) -> int:
     import qlora_core as qc
     from qlora_core import backend
-    from qlora_core.kernels import nf4_gemv, nf4_gemv1, nf4_linear, nf4_matmul, nf4_tile
+    from qlora_core.kernels import nf4_gemv, nf4_gemv1, nf4_gemv_mma, nf4_linear, nf4_matmul, nf4_tile
     assert backend.interpreting()
     torch.manual_seed(0)
     checked = 0
@@ -80,6 +80,21 @@ def run_group(group: str) -> int:
                                y64, torch.nn.functional.linear(x, w, b), dtype)
                     for ws, cnt in nf4_gemv1._WORKSPACE.values():
                         assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
+                    checked += 1
+            elif group == "gemv_mma":
+                # the small-M tensor-core kernel (table decode path), with and without split-K
+                for m, cfg, split in ((2, None, None), (16, (32, 4, 2, 1), 2), (33, (16, 2, 1, 1), 3)):
+                    x = torch.randn(m, k, dtype=dtype)
+                    if not nf4_gemv_mma.supports(x, q):
+                        with pytest.raises(ValueError, match="gemv_mma needs"):
+                            nf4_gemv_mma.gemv_mma(x, q, None)
+                        break
+                    b = torch.randn(n, dtype=dtype)
+                    y64 = x.double() @ w64.T + b.double()
+                    for _ in range(2):  # twice: split-K must leave its workspace zeroed
+                        _check(f"gemv_mma M={m} cfg={cfg} split={split} {tag}",
+                               nf4_gemv_mma.gemv_mma(x, q, b, config=cfg, split_k=split), y64,
+                               torch.nn.functional.linear(x, w, b), dtype)
                     checked += 1
             elif group == "tiled_fwd":
                 for m, bias in ((17, True), (33, False)):
