@@ -162,7 +162,7 @@ def tune_gemv(log, shapes):
     return out
 
 
-GEMV1_GRID = [(8, 8, 2, 1, 1), (4, 8, 1, 1, 1), (8, 4, 1, 1, 1), (4, 16, 1, 1, 1)]
+GEMV1_GRID = [(8, 8, 2, 1, 1), (16, 8, 4, 1, 1), (8, 16, 4, 1, 1), (16, 4, 2, 1, 1), (8, 8, 2, 1, 0)]
 
 
 def tune_gemv1(log, shapes):

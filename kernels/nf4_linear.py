@@ -3,7 +3,7 @@
 Reference: `qlora_core.linear` CPU path (F.linear on `dequantize_as(q, x.dtype)`); every path here returns
 the same function of (x, q, bias) within the matmul tolerance of the exact float64 product. The cuBLAS path
 uses W bit-exact with dequantize(q), the tensor-core paths dequantize(q)'s values up to a 1-ulp absmax
-contraction (nf4_tile), the M=1 decode path the unrounded fp32 W.
+contraction (nf4_tile), the register-decode paths (nf4_gemv1, nf4_gemv_mma) the table values to 2**-14.
 
 Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
 - "gemv"   (forward, M <= GEMV_MAX_M): reads the packed weight directly. bf16/fp16 x on an aligned layout
@@ -11,9 +11,9 @@ Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
            one row in kernels/nf4_gemv1.py (CUDA cores), 2..16 rows in kernels/nf4_gemv_mma.py (tensor
            cores); everything else goes to kernels/nf4_gemv.py (table gathers).
 - "tiled"  (dx at small M with K >= 2N; any M by request): kernels/nf4_matmul.py, dequantize fused into tiles.
-- "cublas" (everything else, and all fp32): kernels/nf4_tile.dequantize_transient into a buffer of x's
-  dtype, then cuBLAS. At large M the GEMM is compute bound (2*M*N*K flops against one N*K dequantize pass,
-  ~4-9% extra at M = 4096 on an H100) and cuBLAS' Hopper GEMM (wgmma + TMA, warp-specialised) outruns our
+- "cublas" (everything else, and all fp32): kernels/quant4.dequantize_4bit (the library's dequantizer,
+  ~92% of copy bandwidth on an H100) into a buffer of x's dtype, then cuBLAS. At large M the GEMM is
+  compute bound (2*M*N*K flops against one N*K dequantize pass, ~4-9% extra at M = 4096 on an H100) and cuBLAS' Hopper GEMM (wgmma + TMA, warp-specialised) outruns our
   Triton GEMMs, whose dequantize (one table gather per element) is not overlapped with the MMAs.
   NOTE: the buffer is a local of this call, dropped before returning: the caching allocator reuses its
   memory for the next layer, but no dense weight outlives the op (peak memory grows by one N*K weight of
@@ -69,8 +69,8 @@ def linear_forward(x: torch.Tensor, q, bias: torch.Tensor | None, path: str | No
     if path == "tiled":
         from . import nf4_matmul
         return nf4_matmul.matmul_fwd(x, q, bias)
-    from . import nf4_tile
-    w = nf4_tile.dequantize_transient(q, x.dtype)  # (N, K), freed on return
+    from . import quant4
+    w = quant4.dequantize_4bit(q, dtype=x.dtype)  # (N, K), freed on return
     return torch.nn.functional.linear(x, w, bias)
 
 
@@ -85,6 +85,6 @@ def linear_input_grad(dy: torch.Tensor, q, path: str | None = None) -> torch.Ten
     if path == "tiled":
         from . import nf4_matmul
         return nf4_matmul.matmul_dx(dy, q)
-    from . import nf4_tile
-    w = nf4_tile.dequantize_transient(q, dy.dtype)  # (N, K), freed on return
+    from . import quant4
+    w = quant4.dequantize_4bit(q, dtype=dy.dtype)  # (N, K), freed on return
     return dy @ w

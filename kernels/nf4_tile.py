@@ -1,5 +1,5 @@
 """Shared Triton pieces of the fused 4-bit matmuls: load a (R, C) tile of W = dequantize(q) straight from the
-packed codes and the (nested) absmax, plus a transient-dequantize kernel for the dequantize-then-cuBLAS path.
+packed codes and the (nested) absmax, the absmax restore, and the interpreter-safe cast and dot.
 
 Reference: `qlora_core.quant.dequantize` / `qlora_core.reference.dequantize_4bit_ref` (W[n, k] =
 dtype(lut[code(n*K + k)] * absmax[(n*K + k) // blocksize]), absmax restored as code256[qa] * nested[b >> 8]
@@ -10,15 +10,13 @@ Design
   sub-tile of <= blocksize columns lies in one absmax block per row, so the codes are read as 16-byte
   vectors (alignment hint; rows start on 16-byte boundaries) and used as two halves, high nibbles = even
   columns and low nibbles = odd columns, with one restored absmax per row: no join/reshape in hot loops.
-- `load_tile` (the transient dequantize): the (R, C) tile in element order (join + reshape of the nibbles),
-  each row's NBLK absmax blocks broadcast through a reshape (R, NBLK, SUB).
 - Generic layouts (odd K; blocks straddle rows): flat index n*K + k per element, one byte and one absmax
   gather per element. Correct for every shape, used only by shapes no model has (tests hit it).
 - The 16-entry table is read with `tl.load(lut_ptr + code)`: 64 bytes that stay in L1 for the whole kernel.
 - NOTE: the fused kernels let LLVM contract code256*nested + offset into one FMA, so a restored absmax may
   differ from `absmax_fp32()` by 1 ulp of fp32 (then rounded to bf16/fp16 with W: rarely visible; the fused
-  paths are held to the matmul tolerance, not to bit-exactness). The transient-dequantize kernel is launched
-  with enable_fp_fusion=False and matches `dequantize(q)` bit for bit (tested on CPU and GPU).
+  paths are held to the matmul tolerance, not to bit-exactness). The dequantize-then-cuBLAS path uses
+  kernels/quant4.dequantize_4bit, which matches `dequantize(q)` bit for bit.
 Limits: q 2-D with N*K < 2**31 (the format's own limit, int32 indexing); blocksize a power of two.
 """
 from __future__ import annotations
@@ -118,38 +116,6 @@ def load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lu
     return v_even, v_odd, a
 
 
-@triton.jit
-def load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-              offs_r, k0, N, K,
-              C: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr):
-    """W[offs_r, k0:k0+C] as fp32 (R, C); rows >= N and columns >= K read as 0."""
-    R: tl.constexpr = offs_r.shape[0]
-    if ALIGNED:
-        NBLK: tl.constexpr = C // BS if C > BS else 1
-        SUB: tl.constexpr = C // NBLK
-        rmask = offs_r < N
-        cb = tl.arange(0, C // 2)
-        bmask = rmask[:, None] & (cb[None, :] < (K - k0) // 2)
-        base = tl.multiple_of(offs_r * (K // 2) + k0 // 2, 16)  # 16-byte aligned rows (see load_pair_tile)
-        byts = tl.load(data_ptr + base[:, None] + cb[None, :], mask=bmask, other=0)
-        codes = tl.reshape(tl.join(byts >> 4, byts & 0xF), (R, C))  # element 2j = high nibble
-        vals = tl.load(lut_ptr + codes.to(tl.int32))
-        jb = tl.arange(0, NBLK)
-        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
-                       offs_r[:, None] * (K // BS) + (k0 // BS) + jb[None, :],
-                       rmask[:, None] & (k0 + jb[None, :] * BS < K), DQ)
-        w = tl.reshape(tl.reshape(vals, (R, NBLK, SUB)) * a[:, :, None], (R, C))
-    else:
-        offs_c = k0 + tl.arange(0, C)
-        mask = (offs_r[:, None] < N) & (offs_c[None, :] < K)
-        idx = offs_r[:, None] * K + offs_c[None, :]
-        byt = tl.load(data_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
-        code = (byt >> ((1 - (idx & 1)) * 4)) & 0xF
-        a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, idx // BS, mask, DQ)
-        w = tl.where(mask, tl.load(lut_ptr + code) * a, 0.0)
-    return w
-
-
 # The CPU interpreter (TRITON_INTERPRET=1) truncates fp32 -> bf16 and computes tl.dot on bf16 operands
 # wrongly; kernels read this flag to round by hand and to upcast dot operands to fp32 there.
 INTERPRET: tl.constexpr = tl.constexpr(backend.interpreting())
@@ -178,29 +144,3 @@ def mma(a, b, acc):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _dequantize_kernel(out_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr, N, K,
-                       BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    w = load_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr, offs_n, k0, N, K,
-                  BLOCK_K, BS, DQ, ALIGNED)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], cast_rne(w, out_ptr.dtype.element_ty), mask=mask)
-
-
-def dequantize_transient(q, dtype: torch.dtype) -> torch.Tensor:
-    """W = dequantize(q) in `dtype`, (N, K), bit-exact with the reference. The caller must drop it after use."""
-    n, k = q.shape
-    out = torch.empty((n, k), dtype=dtype, device=q.device)
-    data, absmax, code256, nested, offset, lut, dq = q_args(q)
-    block_n, block_k = 16, 256
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequantize_kernel[grid](out, data, absmax, code256, nested, offset, lut, n, k,
-                             BS=q.blocksize, DQ=dq, ALIGNED=(k % q.blocksize == 0),
-                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False)
-    return out

@@ -324,10 +324,12 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, m
     return q, absmax
 
 
-def dequantize_4bit(q, *, mode: str | None = None, ftz: bool | None = None, block_bytes: int | None = None,
-                    join: bool = True, num_warps: int | None = None, fp_fusion: bool = False) -> torch.Tensor:
-    """Triton twin of dequantize_4bit_ref for a QuantizedTensor -> Tensor(q.shape, q.dtype).
+def dequantize_4bit(q, *, dtype: torch.dtype | None = None, mode: str | None = None, ftz: bool | None = None,
+                    block_bytes: int | None = None, join: bool = True, num_warps: int | None = None,
+                    fp_fusion: bool = False) -> torch.Tensor:
+    """Triton twin of dequantize_4bit_ref for a QuantizedTensor -> Tensor(q.shape, dtype or q.dtype).
 
+    dtype: the output dtype (default q.dtype); nf4_linear's dequantize-then-cuBLAS path asks for x's dtype.
     Reads the packed codes and, with double quant, the uint8 absmax, nested_absmax and offset directly.
     mode/ftz as in quantize_4bit. block_bytes/join/num_warps: a fixed tile instead of autotuning.
     fp_fusion=True lets the compiler contract the nested restore into an FMA (only to measure that it
@@ -343,7 +345,7 @@ def dequantize_4bit(q, *, mode: str | None = None, ftz: bool | None = None, bloc
     _check_device(data)
     dev = data.device
     mode, _, flush = _resolve(dev, mode, None, ftz)
-    out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=dev)
     lut = _tables(mode, str(dev))[1] if q.quant_type == "fp4" else code_table("nf4", dev)
     if q.double_quant:
         if q.absmax.dtype != torch.uint8:

@@ -12,7 +12,7 @@ import torch
 import qlora_core as qc
 from qlora_core import reference
 from qlora_core.kernels import nf4_linear as dispatch
-from qlora_core.kernels import nf4_tile
+from qlora_core.kernels import quant4
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
 
 pytestmark = pytest.mark.gpu
@@ -69,11 +69,14 @@ def test_forward_and_dx_all_paths(dtype, n, k, bs, qt, dq, m):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dq", [True, False])
-def test_dequantize_transient_bit_exact(dtype, dq):
-    q = _q(777, 1536, dtype, "nf4", dq)
-    assert torch.equal(nf4_tile.dequantize_transient(q, dtype), _ref_w(q, dtype))
-    q = _q(77, 99, dtype, "fp4", dq)
-    assert torch.equal(nf4_tile.dequantize_transient(q, dtype), _ref_w(q, dtype))
+def test_dequantize_to_other_dtype_bit_exact(dtype, dq):
+    """The dequantize-then-cuBLAS path's buffer: quant4.dequantize_4bit(q, dtype=x's dtype) == the reference in
+    that dtype, also when q was quantized from another dtype."""
+    for src in (dtype, torch.float32):
+        q = _q(777, 1536, src, "nf4", dq)
+        assert torch.equal(quant4.dequantize_4bit(q, dtype=dtype), _ref_w(q, dtype))
+        q = _q(77, 99, src, "fp4", dq)
+        assert torch.equal(quant4.dequantize_4bit(q, dtype=dtype), _ref_w(q, dtype))
 
 
 @pytest.mark.parametrize("lead", [(1,), (3, 5), (4, 300)])

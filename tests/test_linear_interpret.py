@@ -41,7 +41,7 @@ def _weights(dtype):
 def run_group(group: str) -> int:
     import qlora_core as qc
     from qlora_core import backend
-    from qlora_core.kernels import nf4_gemv, nf4_gemv1, nf4_gemv_mma, nf4_linear, nf4_matmul, nf4_tile
+    from qlora_core.kernels import nf4_gemv, nf4_gemv1, nf4_gemv_mma, nf4_linear, nf4_matmul, quant4
     assert backend.interpreting()
     torch.manual_seed(0)
     checked = 0
@@ -51,10 +51,10 @@ def run_group(group: str) -> int:
             if group == "dequant":
                 # bit-exact: same fp32 product, same round-to-nearest-even cast
                 for out_dtype in DTYPES:
-                    out = nf4_tile.dequantize_transient(q, out_dtype)
+                    out = quant4.dequantize_4bit(q, dtype=out_dtype)
                     want = qc.reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, out_dtype,
                                                             q.blocksize, q.quant_type)
-                    assert torch.equal(out, want), f"dequantize_transient differs: {tag} -> {out_dtype}"
+                    assert torch.equal(out, want), f"quant4.dequantize_4bit(dtype=) differs: {tag} -> {out_dtype}"
                     checked += 1
             elif group == "gemv":
                 for m, split in ((1, None), (1, 2), (3, None), (16, 2), (40, None)):
