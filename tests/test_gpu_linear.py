@@ -150,11 +150,12 @@ def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq):
     b = torch.randn(n, dtype=dtype, device="cuda")
     y64 = x.double() @ w64.T + b.double()
     bound = _bound(torch.nn.functional.linear(x, _ref_w(q, dtype), b), y64, dtype)
-    for cfg in (None, (8, 4, 2, 1, 0), (2, 8, 1, 3, 1), (16, 4, 4, 2, 1)):
+    # few configs: every one is a separate compile per layout and dtype (device time)
+    for cfg in (None, (2, 8, 1, 1, 0)):
         for use_asm in (True, False):
             assert_close_verbose(nf4_gemv1.gemv1(x, q, b, config=cfg, use_asm=use_asm), y64, atol=bound, rtol=0,
                                  name=f"gemv1 {cfg} asm={use_asm}")
-    for split in (3, 8, 3):  # repeated: each call must leave the shared workspace zeroed for the next
+    for split in (3, 3):  # repeated: each call must leave the shared workspace zeroed for the next
         assert_close_verbose(nf4_gemv1.gemv1(x, q, b, split_k=split), y64, atol=bound, rtol=0,
                              name=f"gemv1 split_k={split}")
     torch.cuda.synchronize()
@@ -163,8 +164,8 @@ def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq):
     assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name="dispatch M=1")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k,bs,qt,dq", GEMV1_CASES)
+@pytest.mark.parametrize("dtype,n,k,bs,qt,dq", [(torch.bfloat16, *c) for c in GEMV1_CASES[:5]]
+                         + [(torch.float16, *GEMV1_CASES[3])])
 def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq):
     """The small-M tensor-core kernel (PTX and table decode, tilings, split-K, odd M) is within the matmul
     tolerance of the float64 product; dispatch uses it for 2..16 rows."""
@@ -172,12 +173,12 @@ def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq):
     q = _q(n, k, dtype, qt, dq, bs)
     w = _ref_w(q, dtype)
     w64 = _ref_w(q, torch.float32).double()
-    for m in (2, 16, 17, 100):
+    for m in (2, 16, 17):
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         b = torch.randn(n, dtype=dtype, device="cuda")
         y64 = x.double() @ w64.T + b.double()
         bound = _bound(torch.nn.functional.linear(x, w, b), y64, dtype)
-        for cfg, split in ((None, None), ((128, 2, 8, 1), 1), ((64, 4, 4, 1), 3), ((32, 2, 2, 1), 1)):
+        for cfg, split in ((None, None), ((32, 2, 2, 1), 1)):
             for use_asm in (True, False):
                 assert_close_verbose(nf4_gemv_mma.gemv_mma(x, q, b, config=cfg, split_k=split, use_asm=use_asm),
                                      y64, atol=bound, rtol=0, name=f"gemv_mma M={m} {cfg} split={split}")
