@@ -79,5 +79,16 @@ def test_cuda_kv_cache_generate_equals_full_recompute(folder, dtype):
             ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], dim=1)
     if dtype == torch.float32:
         assert torch.equal(out, ref)
-    else:  # bf16: the decode GEMV and the prefill GEMM round differently; near-ties may flip a token
-        assert (out == ref).float().mean() > 0.9
+    else:
+        # bf16: the decode kernels (M = batch rows) and the prefill GEMM round differently, so near-ties may
+        # flip a token and the continuations then differ. The property that holds: every token the cached
+        # decode chose is an argmax of the full recompute's logits on the same prefix, up to bf16 noise
+        # (same 3% of the logit scale as the CUDA-vs-CPU logits test above).
+        p = ids.shape[1]
+        with torch.no_grad():
+            logits = model(out[:, :-1])[:, p - 1:].float()        # predicts out[:, p:]
+        chosen = logits.gather(-1, out[:, p:, None]).squeeze(-1)
+        gap = logits.max(-1).values - chosen
+        scale = logits.abs().max().item()
+        assert (gap <= 0.03 * scale).all(), f"cached decode picked non-argmax tokens: gaps {gap.tolist()}, scale {scale}"
+        assert (out[:, :p] == ids).all()
