@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from torch import nn
 
+from .durable import atomic_write
 from .lora import (LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules,
                    unload_lora)
 
@@ -39,19 +39,8 @@ class AdapterMismatchError(ValueError):
 
 
 def _atomic_write(path: str, write) -> None:
-    """write(tmp) to a temporary file beside `path`, flush it to disk, then os.replace it onto `path`."""
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """write(tmp) beside `path`, fsync, rename onto `path`, fsync the directory (qlora_core/durable.py)."""
+    atomic_write(path, write)
 
 
 def _model_base_name(model: nn.Module) -> str | None:

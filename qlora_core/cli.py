@@ -15,14 +15,14 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .durable import atomic_write, atomic_write_text
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
@@ -122,15 +122,8 @@ def write_checkpoint(model, src: Path, out: Path, config: dict) -> None:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
 
-    def atomic(name, write):
-        fd, tmp = tempfile.mkstemp(prefix="." + name, dir=out)
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp, out / name)
-
-    atomic("model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    atomic("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def cmd_merge(args) -> int:

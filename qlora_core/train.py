@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from .durable import atomic_write_text, fsync_dir, fsync_tree
 
 LOSS_CHUNK_ELEMS = 1 << 27  # logits per loss chunk (fp32: 512 MiB); bounds the lm_head/CE peak at any vocab
 POINTER = "checkpoint.json"
@@ -232,10 +233,7 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def save_checkpoint(out: Path, step: int, model, opt, sched, position: int, bad: int, cfg: TrainConfig,
@@ -250,10 +248,12 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, position: int, bad:
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": step, "scheduler": sched.state_dict(), "rng": _rng_state(device), "data_position": position,
                 "bad_streak": bad, "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.pt")
+    fsync_tree(tmp)  # every file on disk before the directory gets its final name
     final = root / f"step-{step:08d}"
     if final.exists():  # the same step saved by an earlier, killed process: the pointer may not name it yet
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(root)
     _atomic_text(out / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}"}) + "\n")
     for old in root.iterdir():
         if old.name != final.name:
