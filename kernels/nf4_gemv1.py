@@ -13,16 +13,18 @@ The decode (kernels/nf4_regdecode.py) yields t = v / 2 + 3 for a table value v =
 - sum_k x_k v_k = 2 * (sum_k x_k t_k - 3 * sum_k x_k): the correction is per word (8 weights) and shared
   by all rows of the tile, so a weight costs one FMA on top of its decode.
 - Column order inside a word: byte j holds column 2j in its high nibble and 2j+1 in its low nibble
-  (bitsandbytes' packing), so the 8 decoded values are columns [1, 0, 3, 2, 5, 4, 7, 6] of the word;
-  x is split to match (no interleaving of weights).
+  (bitsandbytes' packing), so the 8 decoded values are columns [1, 0, 3, 2, 5, 4, 7, 6] of the word; they
+  are joined back into column order in registers (tl.join adds an in-thread dimension), so x is used as
+  loaded, 16 bytes at a time.
+- Loads are pipelined by hand: the codes, absmax bytes and x of step i + 1 are issued before step i is
+  decoded, and the absmax table lookup (a gather that depends on a load) happens at use, not in the prefetch.
 
 Tiling: a program owns BLOCK_N rows and walks K in steps of NB absmax blocks of 64 columns (8 words per
 row per block: one absmax per (row, block), broadcast over its words). Split-K (for enough resident warps
 when N is small) stays one launch: partials meet in a self-cleaning fp32 workspace and the last program of
 a row tile writes y (a zeroed buffer plus a cast kernel would be two more launches, ~2-4 us at this size);
-the fp32 sum order then depends on arrival, so split-K results are not bitwise reproducible. USE_ASM=False decodes with a 16-entry fp32 table of the same
-t values (the interpreter cannot run PTX); both give the same fp32 values, and the GPU test checks the
-two paths bit for bit.
+the fp32 sum order then depends on arrival, so split-K results are not bitwise reproducible.
+USE_ASM=False decodes with a table gather of the same t values (the interpreter cannot run PTX).
 Limits: bf16/fp16 x, K % blocksize == 0, blocksize >= 64 (every real checkpoint); other cases use
 kernels/nf4_gemv.py.
 """
@@ -36,20 +38,6 @@ from qlora_core import backend
 
 from .nf4_regdecode import ASM, decode_word, tables
 from .nf4_tile import absmax_finish, absmax_load, cast_rne, q_args
-
-@triton.jit
-def _split8(xv):
-    """(A, B, 8) -> the 8 (A, B) slices in column order [1, 0, 3, 2, 5, 4, 7, 6] (the decode order)."""
-    A: tl.constexpr = xv.shape[0]
-    B: tl.constexpr = xv.shape[1]
-    xe, xo = tl.split(tl.reshape(xv, (A, B, 4, 2)))      # columns 0,2,4,6 | 1,3,5,7
-    x04, x26 = tl.split(tl.reshape(xe, (A, B, 2, 2)))   # 0,4 | 2,6
-    x15, x37 = tl.split(tl.reshape(xo, (A, B, 2, 2)))   # 1,5 | 3,7
-    x0, x4 = tl.split(x04)
-    x2, x6 = tl.split(x26)
-    x1, x5 = tl.split(x15)
-    x3, x7 = tl.split(x37)
-    return x1, x0, x3, x2, x5, x4, x7, x6
 
 
 @triton.jit
