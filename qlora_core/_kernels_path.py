@@ -15,6 +15,12 @@ import types
 
 
 def bind(package_name: str, package_dir: str) -> None:
+    """Bind `<package_name>.kernels` to the `kernels/` folder beside package_dir (the repository root's).
+
+    No-op when that module is already in sys.modules, when package_dir holds its own `kernels/` (an installed
+    wheel), or when there is no such folder. Side effects: a package module in sys.modules and an attribute of the
+    already-imported package `package_name`; nothing inside the folder is imported yet.
+    """
     name = package_name + ".kernels"
     if name in sys.modules or os.path.isdir(os.path.join(package_dir, "kernels")):
         return  # already bound, or an installed copy that carries qlora_core/kernels itself

@@ -40,6 +40,12 @@ def _field_help() -> dict[str, str]:
 
 
 def add_train_args(ap: argparse.ArgumentParser) -> None:
+    """Add one flag per TrainConfig field to `ap` (max_steps -> --max-steps), help from the field's comment.
+
+    bool fields become --x / --no-x; --target-modules takes one or more values (cmd_train joins them with commas);
+    --quant is limited to nf4/fp4/none; int and float fields are typed, the rest are strings. --model, --data and
+    --output are required.
+    """
     from .train import TrainConfig
     helps = _field_help()
     required = {"model", "data", "output"}
@@ -59,6 +65,11 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    """`qlora train`: build a TrainConfig from the parsed flags and run train(); returns the exit code.
+
+    0 when the run reached its last step (adapter and metrics.jsonl in --output), 1 when it stopped early (the reason
+    goes to stderr). ValueError from TrainConfig and loading / data errors propagate.
+    """
     from .train import TrainConfig, train
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     kw["target_modules"] = ",".join(kw["target_modules"])
@@ -78,6 +89,12 @@ def _load(model: str, quant: str, dtype: str, device: str | None):
 
 
 def cmd_generate(args) -> int:
+    """`qlora generate`: load the model (plus --adapter, base not checked), print the reply to --prompt; returns 0.
+
+    The prompt goes through the chat template with --system, or with --raw is tokenized as is (--system ignored).
+    Greedy at --temperature 0, else top-p sampling seeded by --seed; stops at eos or --max-new-tokens. Only the new
+    tokens are printed, special tokens skipped.
+    """
     from .adapter import load_adapter
     from .data import TextTokenizer
     from .loading import resolve_folder
@@ -127,6 +144,12 @@ def write_checkpoint(model, src: Path, out: Path, config: dict) -> None:
 
 
 def cmd_merge(args) -> int:
+    """`qlora merge`: fold --adapter into the dense base and write an HF checkpoint to --output; returns 0.
+
+    The base is loaded unquantized in --dtype on the CPU, so scaling * B @ A is added to the real weights (fp32 sum,
+    rounded once). model.safetensors and config.json (dtype set, quantization_config dropped) are written atomically;
+    the tokenizer files are copied.
+    """
     from .adapter import load_adapter
     from .loading import resolve_folder
     from .lora import merge_lora, unload_lora
@@ -152,6 +175,12 @@ def bnb_quantization_config(quant: str, double_quant: bool, compute_dtype: torch
 
 
 def cmd_quantize(args) -> int:
+    """`qlora quantize`: write a bitsandbytes 4-bit checkpoint of --model to --output; returns 0.
+
+    Decoder linears are quantized to --quant (optionally double quant) on --device (default cuda if available);
+    embeddings, norms and lm_head stay dense in --dtype. model.safetensors (Linear4bit keys) and config.json (with a
+    quantization_config transformers reads) are written atomically, tokenizer files copied; prints the size in MiB.
+    """
     from .loading import load_llama, resolve_folder
     folder = resolve_folder(args.model)
     dtype = DTYPES[args.dtype]
@@ -166,6 +195,10 @@ def cmd_quantize(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `qlora` parser: subcommands train, generate, merge, quantize and demo, each setting `fn` to its handler.
+
+    `demo` is a placeholder (fn=None, no --help of its own): main() forwards its arguments before parsing.
+    """
     ap = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from scratch (qlora_core)")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -213,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the subcommand in argv (default sys.argv[1:]) and return its exit code.
+
+    `demo ...` goes untouched to finetune_demo.main (then 0); argparse exits with status 2 on bad flags.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         from .finetune_demo import main as demo

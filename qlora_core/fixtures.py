@@ -24,6 +24,7 @@ DONE_MARKER = "qlora_core_fixture.json"  # written last; its presence marks a co
 
 
 def default_cache_dir() -> Path:
+    """$QLORA_CORE_CACHE/smollm2-135m-instruct, or ~/.cache/qlora_core/... when the variable is unset or empty."""
     root = os.environ.get("QLORA_CORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qlora_core")
     return Path(root) / "smollm2-135m-instruct"
 

@@ -81,6 +81,11 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None):
+        """x (..., K) fp32/fp16/bf16, q (N, K), bias (N,) or None -> (..., N) in x's dtype.
+
+        No validation here (nf4_linear does it). Saves only q's packed tensors (codes, absmax, nested absmax, offset),
+        never the dequantized weight.
+        """
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
         y = _forward(x2, q, bias)  # (M, N)
@@ -94,6 +99,10 @@ class NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        """dy (..., N) -> (dx (..., K), None, dbias (N,)), each in dy's dtype or None when not needed.
+
+        Rebuilds q from the saved tensors and dequantizes it again for dx = dy @ W; dbias sums dy over rows in fp32.
+        """
         saved = list(ctx.saved_tensors)
         meta: QuantizedTensor = ctx.q_meta
         data, absmax = saved[0], saved[1]

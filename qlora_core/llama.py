@@ -153,11 +153,17 @@ def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (..., D): halves [x1, x2] -> [-x2, x1] on the last dim (HF's rotate-half RoPE layout)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim; weight (dim,) starts at ones.
+
+    Normalized in fp32 and cast back to x's dtype before the weight multiply, as HF does.
+    """
+
     def __init__(self, dim: int, eps: float, device=None, dtype=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
@@ -196,6 +202,12 @@ def _sdpa_gqa_ok(q: torch.Tensor, mask) -> bool:
 
 
 class Attention(nn.Module):
+    """Llama self-attention: q_proj (d -> H*D), k_proj and v_proj (d -> KVH*D), o_proj (H*D -> d), RoPE, SDPA.
+
+    The projections start as nn.Linear (bias per cfg.attention_bias) and may be swapped in place for QuantLinear or
+    LoRALinear; layer_idx picks this layer's slot in a shared KVCache.
+    """
+
     def __init__(self, cfg: LlamaConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         H, KVH, D, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
@@ -234,6 +246,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: gate_proj, up_proj (d -> intermediate_size), down_proj (back to d); bias per cfg.mlp_bias."""
+
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
@@ -247,6 +261,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm Llama block: x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.))."""
+
     def __init__(self, cfg: LlamaConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx, device, dtype)
@@ -339,6 +355,7 @@ class Llama(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool:
+        """Whether each decoder block is recomputed in backward (applies in train mode with grad on, no KV cache)."""
         return self.model.gradient_checkpointing
 
     @gradient_checkpointing.setter

@@ -137,6 +137,11 @@ def _download(repo_id: str) -> Path:
 
 
 def read_config(folder: Path) -> LlamaConfig:
+    """folder/config.json -> LlamaConfig.
+
+    Raises ConfigError, its message prefixed with the file path, when the file is missing, is not valid JSON, or is
+    not a supported Llama config.
+    """
     f = Path(folder) / "config.json"
     if not f.exists():
         raise ConfigError(f"{f} not found; a model folder needs config.json")

@@ -75,10 +75,12 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with use_rslora."""
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """The multiplier on B @ A: alpha / sqrt(r) with use_rslora, else alpha / r (PEFT's rule)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
@@ -135,13 +137,19 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) with use_rslora (the multiplier on B @ A)."""
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     @property
     def dropout(self) -> float:
+        """Dropout probability on the LoRA input (0.0 when it is an nn.Identity)."""
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     def set_dropout(self, p: float) -> None:
+        """Replace the LoRA-input dropout with probability p (0 installs an nn.Identity).
+
+        Raises LoraConfigError unless 0 <= p < 1. The base path never sees dropout.
+        """
         LoraConfig(r=self.r, dropout=p)  # validates
         self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
 
@@ -194,6 +202,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
+        """Features, r, alpha, scaling, rslora and merged, for print(module)."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}, merged={self.merged}")
 
@@ -231,6 +240,7 @@ class LoraParamCount:
 
     @property
     def fraction(self) -> float:
+        """trainable / total (0.0 when total is 0)."""
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
@@ -259,6 +269,8 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def count_parameters(model: nn.Module) -> LoraParamCount:
+    """LoraParamCount of any module: trainable = elements of parameters that require grad; total adds the frozen
+    ones and each 4-bit weight's logical out * in elements (not its packed bytes). Tied parameters count once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     total += sum(math.prod(m.weight.shape) for m in model.modules() if is_quantized_linear(m))

@@ -82,6 +82,7 @@ class PagedAdamW(torch.optim.Optimizer):
         return [(p, g) for g in self.param_groups for p in g["params"]]
 
     def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim.Optimizer's; RuntimeError after the first step (the state pages are laid out then)."""
         if getattr(self, "_store", None) is not None:
             raise RuntimeError("PagedAdamW.add_param_group after the first step is not supported "
                                "(the state pages are laid out at the first step)")
@@ -139,6 +140,10 @@ class PagedAdamW(torch.optim.Optimizer):
 
     @property
     def gpu_budget_bytes(self) -> int | None:
+        """Device byte budget for state pages: the store's after the first step, else the one asked for.
+
+        None before the first step: decided then (CUDA) or unlimited (CPU); None after it: every page resident.
+        """
         return self._store.budget if self._store is not None else self._budget
 
     @property
@@ -153,11 +158,18 @@ class PagedAdamW(torch.optim.Optimizer):
 
     @property
     def paging_stats(self) -> dict:
+        """A copy of the page store's transfer counters (h2d/d2h pages, bytes, copies); {} before the first step."""
         return dict(self._store.stats) if self._store is not None else {}
 
     # ---- the step ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        """One AdamW update of every parameter that has a grad; returns closure()'s loss (run with grad on) or None.
+
+        The first step that sees a grad lays out the state pages (ValueError unless all parameters share one device).
+        Parameters without a grad are skipped and keep their own step count. RuntimeError for a sparse grad or a
+        non-contiguous parameter. Triton kernels on CUDA, the PyTorch reference elsewhere.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -342,6 +354,12 @@ class PagedAdamW(torch.optim.Optimizer):
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The exact state as CPU tensors: {"state": {param index: ...}, "param_groups", "optim_bits"}.
+
+        Per stepped parameter: "step" (fp32 0-dim) and either state1/state2 uint8 (param shape) with absmax1/absmax2
+        fp32 (ceil(numel/256),), or exp_avg/exp_avg_sq fp32 (param shape). Unstepped parameters have no entry.
+        Synchronizes the device.
+        """
         index = {id(p): i for i, (p, _) in enumerate(self._params())}
         groups = []
         for g in self.param_groups:
@@ -370,6 +388,11 @@ class PagedAdamW(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups, "optim_bits": self.optim_bits}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a state_dict() written on any device: group hyper-parameters, moments and step counts.
+
+        Lays out the pages first if no step has run; parameters absent from the state restart at step 0 with zero
+        moments. ValueError when the group sizes, optim_bits, state keys or element counts disagree.
+        """
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
                 len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):

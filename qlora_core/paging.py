@@ -52,10 +52,12 @@ class Segment:
 
     @property
     def nblocks(self) -> int:
+        """256-element blocks in the segment (the last may be partial)."""
         return -(-self.count // BLOCK)
 
     @property
     def nbytes(self) -> int:
+        """Bytes the segment takes in its page (segment_bytes: each array 64-byte aligned)."""
         return segment_bytes(self.count, self.bits)
 
     def offsets(self, base: int = 0) -> tuple[int, int, int, int]:
@@ -81,6 +83,10 @@ class Segment:
 
 
 def segment_bytes(count: int, bits: int) -> int:
+    """Page bytes for the state of `count` elements, each array padded to a multiple of 64 bytes.
+
+    bits=8: two uint8 code arrays + two fp32 absmax arrays (one value per 256-element block); else fp32 m and v.
+    """
     if bits == 8:
         return 2 * _align(count) + 2 * _align(4 * (-(-count // BLOCK)))
     return 2 * _align(4 * count)
@@ -200,6 +206,7 @@ class PageStore:
 
     @property
     def device_bytes(self) -> int:
+        """Bytes held on the device: resident pages plus staging groups."""
         return self._dev.numel() + self._staging.numel()
 
     def batches(self) -> list[tuple[int, int]]:

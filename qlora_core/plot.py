@@ -25,6 +25,12 @@ def read_metrics(path) -> tuple[list, list]:
 
 
 def plot_metrics(metrics_path, png_path, title: str = "training loss") -> Path | None:
+    """Plot train loss per step and eval loss points from metrics.jsonl into png_path; returns png_path, or None
+    (and writes nothing) when no step has a loss.
+
+    matplotlib (log y axis, labels) when installed, else render() + write_png without text. The PNG is written in
+    place, not atomically; FileNotFoundError when metrics_path is missing.
+    """
     train, evals = read_metrics(metrics_path)
     if not train:
         print(f"no losses in {metrics_path}; no plot")
@@ -93,6 +99,10 @@ def render(train, evals, w: int = 640, h: int = 400):
 
 
 def write_png(path, img, w: int, h: int) -> None:
+    """Write `img` (h rows of 3*w RGB bytes, as render() returns) to `path` as an 8-bit RGB PNG.
+
+    No row filter, zlib level 6; a plain write, not atomic.
+    """
     raw = b"".join(b"\x00" + bytes(row) for row in img)  # filter type 0 per scanline
 
     def chunk(kind: bytes, body: bytes) -> bytes:

@@ -49,6 +49,7 @@ class QuantLinear(nn.Module):
         return nf4_linear(x, self.weight, bias)
 
     def extra_repr(self) -> str:
+        """Features, bias and the weight's quant_type, blocksize, double_quant and dtype, for print(module)."""
         q = self.weight
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={q.quant_type}, blocksize={q.blocksize}, double_quant={q.double_quant}, "

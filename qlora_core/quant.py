@@ -52,14 +52,17 @@ class QuantizedTensor:
     # -- derived sizes ---------------------------------------------------------------------------
     @property
     def numel(self) -> int:
+        """Elements of the original tensor, prod(shape)."""
         return math.prod(self.shape)
 
     @property
     def nblocks(self) -> int:
+        """Absmax blocks, ceil(numel / blocksize)."""
         return -(-self.numel // self.blocksize)
 
     @property
     def device(self) -> torch.device:
+        """Device of the packed codes (the other state tensors live there too)."""
         return self.data.device
 
     @property

@@ -101,12 +101,14 @@ class TrainConfig:
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
 
     def targets(self):
+        """target_modules as apply_lora takes it: "all-linear" as is, else a tuple of the comma-separated names."""
         t = self.target_modules.strip()
         return t if t == "all-linear" else tuple(s.strip() for s in t.split(",") if s.strip())
 
 
 @dataclasses.dataclass
 class TrainResult:
+    """What train() returns: the model (eval mode) with its trained adapters, the tokenizer and the run's record."""
     model: torch.nn.Module  # the Llama with trained LoRA adapters (train mode off)
     tokenizer: D.TextTokenizer
     steps: int  # optimizer steps done (skipped steps included)
@@ -117,6 +119,8 @@ class TrainResult:
 
 # -- setup --------------------------------------------------------------------------------------------------------
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) for cfg: device "auto" is cuda when available, else cpu; dtype "auto" is bfloat16 on CUDA,
+    float32 elsewhere."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -262,6 +266,11 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, position: int, bad:
 
 
 def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
+    """(checkpoint directory, trainer_state dict) named by out/checkpoint.json, or None without a pointer file.
+
+    trainer_state holds step, scheduler, rng, data_position, bad_streak and config; it is unpickled
+    (weights_only=False), so read only checkpoints you wrote. FileNotFoundError when the named directory is gone.
+    """
     p = out / POINTER
     if not p.exists():
         return None
