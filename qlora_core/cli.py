@@ -137,7 +137,7 @@ def write_checkpoint(model, src: Path, out: Path, config: dict) -> None:
         sd.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+            atomic_write(out / name, lambda p, f=src / name: shutil.copyfile(f, p))
 
     atomic_write(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")

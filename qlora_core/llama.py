@@ -170,7 +170,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., d) any float dtype -> (..., d) in x's dtype; the norm is computed in fp32."""
+        """x (..., d) any float dtype -> (..., d): the norm in fp32, cast back to x's dtype, times the weight (so
+        the result takes PyTorch's promotion of x's and the weight's dtypes, as transformers' LlamaRMSNorm does)."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

@@ -268,14 +268,15 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, position: int, bad:
 def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
     """(checkpoint directory, trainer_state dict) named by out/checkpoint.json, or None without a pointer file.
 
-    trainer_state holds step, scheduler, rng, data_position, bad_streak and config; it is unpickled
-    (weights_only=False), so read only checkpoints you wrote. FileNotFoundError when the named directory is gone.
+    trainer_state holds step, scheduler, rng, data_position, bad_streak and config; it is read with
+    torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling).
+    FileNotFoundError when the named directory is gone.
     """
     p = out / POINTER
     if not p.exists():
         return None
     ck = out / json.loads(p.read_text())["path"]
-    return ck, torch.load(ck / "trainer_state.pt", weights_only=False)
+    return ck, torch.load(ck / "trainer_state.pt", weights_only=True)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -343,7 +344,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     if found is not None:
         ck, st = found
         load_adapter(model, ck, check_base=False)
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
+        opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
         sched.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng"], device)
         step, bad, stream.position = st["step"], st["bad_streak"], st["data_position"]
