@@ -10,6 +10,7 @@ Pipeline (each step a function, so tests and the CLI can call any of them):
                                  assistant turns (their content and the end-of-turn token).
   pack(samples, seq_len)      -> rows of up to seq_len tokens, short samples concatenated greedily in order.
   collate(rows, pad_id)       -> (input_ids, labels) tensors padded on the right to the longest row of the batch.
+  collate_positions(rows)     -> (position_ids, document_ids) of the same rows, for per-sample attention.
 
 Chat template: the Jinja template from tokenizer_config.json ("chat_template", a string or a list of named
 templates) or chat_template.jinja (transformers 5 writes it there), rendered with jinja2 in a sandbox as
@@ -21,10 +22,13 @@ conversation is rendered once, the character span of each assistant turn is foun
 conversation up to that turn with and without it, and a token is a label when its character offset falls in a
 span. So the ids are exactly those of tokenizing the full text (what the model sees at inference).
 
-Packing note: samples packed into one row attend to the samples before them in that row (plain causal
-attention, no per-document mask), as TRL's packing without position ids. No label crosses a sample boundary:
-each sample starts with prompt tokens whose labels are -100. Right padding needs no attention mask at all: a
-causal model's real tokens never look at the padding after them.
+Packing note: a packed row carries position ids that restart at 0 for each sample; `collate_positions` turns
+them into (position_ids, document_ids), and the training loop (TrainConfig.pack_isolate, on by default) passes
+both to the model so each sample attends only to itself with its own RoPE positions, exactly as if it were
+alone in the batch. With pack_isolate off, samples in one row attend to the samples before them (plain causal
+attention, as TRL's packing without position ids), which keeps flash attention on the GPU. No label crosses a
+sample boundary either way: each sample starts with prompt tokens whose labels are -100. Right padding needs no
+attention mask: a causal model's real tokens never look at the padding after them.
 """
 from __future__ import annotations
 
@@ -261,6 +265,7 @@ class Sample:
     """
     input_ids: list[int]  # token ids of the whole rendered conversation
     labels: list[int]  # same length; IGNORE_INDEX outside assistant turns
+    position_ids: list[int] | None = None  # packed rows: positions restart at 0 for each sample; None = 0..len-1
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -332,16 +337,18 @@ def pack(samples: Sequence[Sample], seq_len: int) -> list[Sample]:
     rows: list[Sample] = []
     cur_ids: list[int] = []
     cur_labels: list[int] = []
+    cur_pos: list[int] = []
     for s in samples:
         if len(s) > seq_len:
             raise ValueError(f"sample of {len(s)} tokens is longer than seq_len={seq_len}; truncate first")
         if cur_ids and len(cur_ids) + len(s) > seq_len:
-            rows.append(Sample(cur_ids, cur_labels))
-            cur_ids, cur_labels = [], []
+            rows.append(Sample(cur_ids, cur_labels, cur_pos))
+            cur_ids, cur_labels, cur_pos = [], [], []
         cur_ids = cur_ids + s.input_ids
         cur_labels = cur_labels + s.labels
+        cur_pos = cur_pos + list(range(len(s)))
     if cur_ids:
-        rows.append(Sample(cur_ids, cur_labels))
+        rows.append(Sample(cur_ids, cur_labels, cur_pos))
     return rows
 
 
@@ -354,6 +361,20 @@ def collate(rows: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Te
         ids[i, : len(r)] = torch.tensor(r.input_ids, dtype=torch.long)
         labels[i, : len(r)] = torch.tensor(r.labels, dtype=torch.long)
     return ids, labels
+
+
+def collate_positions(rows: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, document_ids), both (B, T) int64 like `collate`'s tensors: each row's own positions
+    (restarting at 0 per packed sample; 0..len-1 when it has none), padding continuing the last document.
+    document_ids count the samples of a row: a new document starts wherever the position is 0."""
+    T = max(len(r) for r in rows)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        own = r.position_ids if r.position_ids is not None else list(range(len(r)))
+        last = own[-1] if own else -1
+        pos[i, : len(r)] = torch.tensor(own, dtype=torch.long)
+        pos[i, len(r):] = torch.arange(last + 1, last + 1 + T - len(r))
+    return pos, (pos == 0).long().cumsum(1)
 
 
 def split_holdout(convs: list, fraction: float, seed: int) -> tuple[list, list]:

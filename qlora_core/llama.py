@@ -301,8 +301,13 @@ class LlamaModel(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) int64 -> final hidden states (B, T, d) after the last norm (no lm_head)."""
+                cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) int64 -> final hidden states (B, T, d) after the last norm (no lm_head).
+
+        document_ids (B, T) int (packed training rows, no cache): a token attends only to earlier tokens of its
+        own document; pass position_ids restarting at 0 per document with it (data.collate_positions).
+        """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
@@ -312,6 +317,8 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device)
         cos, sin = self.rope(position_ids, x.dtype)
         mask = _attn_mask(B, T, past, attention_mask, x.device)
+        if document_ids is not None:
+            mask = _document_mask(document_ids, mask, cache)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if ckpt:
@@ -321,6 +328,21 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.norm(x)
+
+
+def _document_mask(document_ids: torch.Tensor, mask, cache) -> torch.Tensor:
+    """Causal mask restricted to same-document pairs: bool (B, 1, T, T), combined with `mask` when given.
+
+    Why: packed rows hold several samples; without it a sample attends to the unrelated samples before it.
+    Each query still sees itself, so no row is all-False.
+    """
+    if cache is not None:
+        raise ValueError("document_ids is for packed training rows; it cannot be combined with a KV cache")
+    B, T = document_ids.shape
+    i = torch.arange(T, device=document_ids.device)
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    doc = (same & (i[None, None, :] <= i[None, :, None]))[:, None]
+    return doc if mask is None else doc & mask
 
 
 def _attn_mask(B, T, past, attention_mask, device):
@@ -365,13 +387,15 @@ class Llama(nn.Module):
         self.model.gradient_checkpointing = bool(on)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) int64 -> logits (B, T, vocab) in the lm_head dtype.
 
         attention_mask (B, past+T), 1 = real token, masks padded keys; position_ids (T,) or (B, T) default to
-        past..past+T-1 (pass them for left-padded rows); cache: a KVCache, advanced by T.
+        past..past+T-1 (pass them for left-padded rows); cache: a KVCache, advanced by T; document_ids (B, T):
+        packed rows, attention only within a document (see LlamaModel.forward).
         """
-        return self.lm_head(self.model(input_ids, attention_mask, cache, position_ids))
+        return self.lm_head(self.model(input_ids, attention_mask, cache, position_ids, document_ids))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

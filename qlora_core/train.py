@@ -76,6 +76,7 @@ class TrainConfig:
     optim_bits: int = 8  # PagedAdamW state bits: 8 (bnb-style blockwise) or 32
     gradient_checkpointing: bool = True  # recompute each decoder block in backward (memory for ~1/3 more compute)
     pack: bool = True  # concatenate short samples into rows of up to seq_len tokens
+    pack_isolate: bool = True  # packed samples attend only to themselves, positions restart (off: plain causal row)
     chat_template: bool = True  # use the checkpoint's chat template if it has one (else the plain template)
     eval_every: int = 50  # evaluate every N steps and at the end (0 = only at the end)
     eval_batch_size: int = 8  # samples per eval batch
@@ -170,13 +171,15 @@ def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(logits, y, reduction="sum")
 
 
-def batch_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def batch_loss(model, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+               document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(summed next-token cross entropy over label positions, number of label positions) for one micro-batch.
 
     ids, labels (B, T); the label of position t+1 is predicted at t. Only the N label positions reach the lm_head,
-    in chunks of LOSS_CHUNK_ELEMS // vocab rows, each recomputed in backward when grads are on.
+    in chunks of LOSS_CHUNK_ELEMS // vocab rows, each recomputed in backward when grads are on. position_ids and
+    document_ids (B, T) (data.collate_positions): packed rows with attention kept inside each sample.
     """
-    hidden = model.model(ids)  # (B, T, d)
+    hidden = model.model(ids, position_ids=position_ids, document_ids=document_ids)  # (B, T, d)
     y = labels[:, 1:]
     sel = y != D.IGNORE_INDEX
     h = hidden[:, :-1][sel]  # (N, d)
@@ -379,8 +382,11 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
             loss_sum, finite = 0.0, True
             for rs in micro:
                 ids, labels = D.collate(rs, tok.pad_token_id)
+                pos = doc = None
+                if cfg.pack and cfg.pack_isolate:
+                    pos, doc = (t.to(device) for t in D.collate_positions(rs))
                 with _autocast(device, dtype):
-                    s, _ = batch_loss(model, ids.to(device), labels.to(device))
+                    s, _ = batch_loss(model, ids.to(device), labels.to(device), pos, doc)
                 if not torch.isfinite(s).item():
                     finite = False
                     break

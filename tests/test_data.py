@@ -153,6 +153,31 @@ def test_collate_pads_right_to_longest():
         assert (ids[i, len(r):] == 7).all() and (labels[i, len(r):] == D.IGNORE_INDEX).all()
 
 
+@pytest.mark.parametrize("seq_len", [7, 16])
+def test_packed_positions_restart_per_sample_and_documents_count_samples(seq_len):
+    samples = _samples([3, 5, 1, 2, 6])
+    rows = D.pack(samples, seq_len)
+    # every sample shows up as one run of positions 0..len-1, in order
+    runs = []
+    for r in rows:
+        assert len(r.position_ids) == len(r)
+        for p in r.position_ids:
+            if p == 0:
+                runs.append(0)
+            runs[-1] += 1
+    assert runs == [len(s) for s in samples]
+    pos, doc = D.collate_positions(rows)
+    assert pos.shape == doc.shape == (len(rows), max(len(r) for r in rows)) and pos.dtype == doc.dtype == torch.long
+    for i, r in enumerate(rows):
+        assert pos[i, :len(r)].tolist() == r.position_ids
+        n_docs = r.position_ids.count(0)
+        assert doc[i, :len(r)].max().item() == n_docs and doc[i, 0].item() == 1
+        assert (doc[i, len(r):] == n_docs).all(), "padding must stay in the last document (never position 0)"
+    # unpacked samples: plain 0..len-1 and one document
+    pos, doc = D.collate_positions(_samples([4, 2]))
+    assert pos[0].tolist() == [0, 1, 2, 3] and pos[1].tolist() == [0, 1, 2, 3] and (doc == 1).all()
+
+
 def test_truncation_and_label_less_samples_dropped(folders):
     tok = D.TextTokenizer.from_folder(folders["chat"])
     long_prompt = [{"role": "user", "content": "a b c " * 50}, {"role": "assistant", "content": "c"}]

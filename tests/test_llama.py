@@ -250,6 +250,29 @@ def test_right_padding_mask_leaves_real_tokens_unchanged(folder):
     assert_close_verbose(y[0], y_nomask[0], atol=1e-5, rtol=1e-5, name="unpadded row")
 
 
+def test_packed_documents_attend_only_to_themselves(folder):
+    """Packed row [A | B | C] with restarting positions and document ids gives each sample the logits it has
+    when run alone (tests/test_train.py checks loss and gradients); without the document ids B would see A."""
+    from qlora_core import data as D
+    model = load_llama(folder, quantize=None, dtype=torch.float32)
+    docs = [_ids(model.config.vocab_size, B=1, T=t, seed=s)[0] for t, s in ((5, 1), (7, 2), (3, 4))]
+    row = D.pack([D.Sample(d.tolist(), d.tolist()) for d in docs], 32)
+    assert len(row) == 1
+    pos, doc = D.collate_positions(row)
+    ids = torch.cat(docs)[None]
+    with torch.no_grad():
+        y = model(ids, position_ids=pos, document_ids=doc)
+        y_plain = model(ids)
+        alone = [model(d[None])[0] for d in docs]
+    at = 0
+    for d, ya in zip(docs, alone):
+        assert_close_verbose(y[0, at:at + len(d)], ya, atol=1e-5, rtol=1e-5, name=f"document at {at}")
+        at += len(d)
+    assert (y_plain[0, 5:12] - alone[1]).abs().max() > 1e-3, "the check would pass without isolation"
+    with pytest.raises(ValueError, match="KV cache"):
+        model(ids, cache=KVCache(model.config, 1, 32), position_ids=pos, document_ids=doc)
+
+
 def test_gradient_checkpointing_gives_same_grads():
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)

@@ -106,6 +106,46 @@ def test_grad_accumulation_equals_one_big_batch(setup):
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("isolate", [True, False])
+def test_packed_isolated_loss_and_grads_equal_samples_alone(setup, isolate):
+    """A packed row of 4 samples with per-sample attention (the loop's default) has the loss sum, label count and
+    LoRA gradients of the 4 samples run one by one, also with gradient checkpointing in train mode; with
+    isolation off the packed loss differs (later samples attend to earlier ones)."""
+    from qlora_core.loading import load_llama
+    from qlora_core.lora import apply_lora
+    model = load_llama(setup[1], quantize="nf4", dtype=torch.float32)
+    apply_lora(model, r=4, alpha=8)
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B, std=0.1)
+    model.train()
+    model.gradient_checkpointing = True
+    tok = D.TextTokenizer.from_folder(setup[1])
+    samples, _ = D.encode_all(tok, D.read_jsonl(setup[2])[:4], 64)
+    row = D.pack(samples, 4 * 64)
+    assert len(row) == 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, labels = D.collate(row, tok.pad_token_id)
+    pos, doc = D.collate_positions(row) if isolate else (None, None)
+    s, n = T.batch_loss(model, ids, labels, pos, doc)
+    s.backward()
+    packed = [p.grad.clone() for p in params]
+    model.zero_grad()
+    s_alone, n_alone = 0.0, 0
+    for smp in samples:
+        ids, labels = D.collate([smp], tok.pad_token_id)
+        si, ni = T.batch_loss(model, ids, labels)
+        si.backward()
+        s_alone, n_alone = s_alone + si.item(), n_alone + ni
+    assert n == n_alone
+    if isolate:
+        assert abs(s.item() - s_alone) <= 1e-5 * n
+        for a, p in zip(packed, params):
+            torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    else:
+        assert abs(s.item() - s_alone) > 1e-3, "samples in one row did not see each other"
+
+
 def test_lr_schedule():
     f = [T.lr_factor(s, 100, 10, 0.1) for s in range(100)]
     assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
