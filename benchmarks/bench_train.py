@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                       # 1B and 8B, batch 1 and 4, seq 2048
     python benchmarks/bench_train.py --models llama-3.2-1b --batches 1 --iters 3   # quick
+    python benchmarks/bench_train.py --stacks ours --packed-docs 8   # cost of per-document attention in packed rows
 
 A step is what `qlora_core.train` does per optimizer step: forward over (B, 2048) random tokens with every position
 labelled, backward, grad-norm clipping, paged 8-bit AdamW, zero_grad. Both stacks: random weights built directly
@@ -43,7 +44,7 @@ HF_REFERENCE = {  # the issue's H100 numbers for the HF stack: (tok/s, GiB)
 
 
 # -- ours ---------------------------------------------------------------------------------------------------------
-def build_ours(name: str):
+def build_ours(name: str, packed_docs: int = 0):
     from qlora_core.llama import Llama, LlamaConfig
     from qlora_core.lora import apply_lora
     from qlora_core.optim import PagedAdamW
@@ -76,9 +77,19 @@ def build_ours(name: str):
 
     from qlora_core.train import batch_loss
 
+    def packing(B, T):
+        """position_ids / document_ids of rows made of `packed_docs` equal documents (what TrainConfig.pack_isolate
+        passes for packed rows), or (None, None)."""
+        if not packed_docs:
+            return None, None
+        L = -(-T // packed_docs)
+        pos = (torch.arange(T, device="cuda") % L).expand(B, T)
+        return pos, (torch.arange(T, device="cuda") // L).expand(B, T)
+
     def step(ids, labels):
+        pos, doc = packing(*ids.shape)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            s, n = batch_loss(model, ids, labels)
+            s, n = batch_loss(model, ids, labels, pos, doc)
         (s / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -157,8 +168,9 @@ def profile(step, batch: int, seq: int, vocab: int, top: int = 18) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
 
 
-def worker(stack: str, name: str, batches: list[int], seq: int, iters: int, prof: bool = False) -> None:
-    step = (build_ours if stack == "ours" else build_hf)(name)
+def worker(stack: str, name: str, batches: list[int], seq: int, iters: int, prof: bool = False,
+           packed_docs: int = 0) -> None:
+    step = build_ours(name, packed_docs) if stack == "ours" else build_hf(name)
     if prof:
         measure(step, batches[0], seq, SHAPES[name]["vocab_size"], 1)
         profile(step, batches[0], seq, SHAPES[name]["vocab_size"])
@@ -193,10 +205,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300, help="seconds per (stack, model) subprocess")
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "MODEL"),
                     help="profile one step of STACK on MODEL at the first --batches value (no table)")
+    ap.add_argument("--packed-docs", type=int, default=0,
+                    help="ours: rows of N packed documents with per-document attention (TrainConfig.pack_isolate)")
     ap.add_argument("--worker", nargs=2, metavar=("STACK", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker or args.profile:
-        worker(*(args.worker or args.profile), args.batches, args.seq, args.iters, prof=bool(args.profile))
+        worker(*(args.worker or args.profile), args.batches, args.seq, args.iters, prof=bool(args.profile),
+               packed_docs=args.packed_docs)
         return
     info = versions()
     print(f"# {info}")
@@ -207,7 +222,8 @@ def main() -> None:
                 print(f"# hf stack skipped: transformers/peft/bitsandbytes not installed ({info})")
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, name, "--seq", str(args.seq),
-                   "--iters", str(args.iters), "--batches", *map(str, args.batches)]
+                   "--iters", str(args.iters), "--packed-docs", str(args.packed_docs),
+                   "--batches", *map(str, args.batches)]
             t0 = time.perf_counter()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
