@@ -21,9 +21,7 @@ The decode (kernels/nf4_regdecode.py) yields t = v / 2 + 3 for a table value v =
 
 Tiling: a program owns BLOCK_N rows and walks K in steps of NB absmax blocks of 64 columns (8 words per
 row per block: one absmax per (row, block), broadcast over its words). Split-K (for enough resident warps
-when N is small) stays one launch: partials meet in a self-cleaning fp32 workspace and the last program of
-a row tile writes y (a zeroed buffer plus a cast kernel would be two more launches, ~2-4 us at this size);
-the fp32 sum order then depends on arrival, so split-K results are not bitwise reproducible.
+when N is small) stays one launch (kernels/splitk.py; not bitwise reproducible).
 USE_ASM=False decodes with a table gather of the same t values (the interpreter cannot run PTX).
 Limits: bf16/fp16 x, K % blocksize == 0, blocksize >= 64 (every real checkpoint); other cases use
 kernels/nf4_gemv.py.
@@ -36,8 +34,9 @@ import triton.language as tl
 
 from qlora_core import backend
 
-from .nf4_regdecode import ASM, decode_word, tables
-from .nf4_tile import absmax_finish, absmax_load, cast_rne, q_args
+from . import splitk
+from .nf4_regdecode import ASM, decode_word, load_code_words, load_tables, tables
+from .nf4_tile import absmax_finish, q_args
 
 
 @triton.jit
@@ -47,11 +46,7 @@ def _load_step(x_ptr, data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, bl
     8 columns) fp32 of the 64-column blocks `blk` (NB,); blocks >= b_hi and rows >= N read as 0."""
     ow = tl.arange(0, 8)
     bmask = blk < b_hi
-    w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
-                mask=rmask[:, None, None] & bmask[None, :, None], other=0)
-    # absmax of (row, 64-column block); for blocksize > 64 neighbouring 64-column blocks share one
-    raw, nest = absmax_load(absmax_ptr, nested_ptr, offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :],
-                            rmask[:, None] & bmask[None, :], DQ)
+    w, raw, nest = load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, blk, b_hi, K, BS, DQ)
     xv = tl.load(x_ptr + (blk * 64)[:, None, None] + (ow * 8)[None, :, None] + ow[None, None, :],
                  mask=bmask[:, None, None], other=0.0).to(tl.float32)
     return w, raw, nest, xv
@@ -75,8 +70,7 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
     words_per_row = K // 8
     row_w = tl.multiple_of(offs_n * words_per_row, 8)  # rows start on 32-byte boundaries (K % 64 == 0)
     acc = tl.zeros((BLOCK_N, NB, 8), dtype=tl.float32)
-    tab = (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
-           tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+    tab = load_tables(tab_ptr)
     # Software pipelining by hand: the loads of step i + 1 are issued before step i is decoded, so each warp
     # keeps one step of codes in flight while it computes (Triton's pipeliner does not touch this loop).
     w_n, r_n, n_n, x_n = _load_step(x_ptr, data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b_lo + ob, b_hi,
@@ -99,26 +93,8 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
         d = tl.sum(tt * xv[None, :, :, :], axis=3) - 3.0 * tl.sum(xv, axis=2)[None, :, :]
         acc += a[:, :, None] * d
     out = 2.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
-    if SPLIT_K > 1:
-        # Split-K in one launch: partials go to an fp32 workspace; the last of the SPLIT_K programs of this
-        # row tile (counted with an atomic) reads the sum back while re-zeroing it, resets the counter and
-        # writes y. The workspace and counters are therefore all-zero between calls (allocated zeroed once).
-        tl.atomic_add(ws_ptr + offs_n, out, mask=rmask)
-        tl.debug_barrier()  # every thread's partial is issued before this program is counted
-        done = tl.atomic_add(cnt_ptr + pid_n, 1)
-        if done == SPLIT_K - 1:
-            out = tl.atomic_add(ws_ptr + offs_n, tl.zeros_like(out), mask=rmask)  # a coherent read (L2)
-            out = tl.where(rmask, out, 0.0)  # masked lanes of an atomic return garbage
-            tl.store(ws_ptr + offs_n, tl.zeros_like(out), mask=rmask)  # nobody else touches this tile now
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
-            if HAS_BIAS:
-                out += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs_n, cast_rne(out, out_ptr.dtype.element_ty), mask=rmask)
-    else:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, cast_rne(out, out_ptr.dtype.element_ty), mask=rmask)
-
+    bias = tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
+    splitk.store(out, bias, out_ptr + offs_n, ws_ptr + offs_n, rmask, cnt_ptr, pid_n, SPLIT_K)
 
 def supports(x: torch.Tensor, q) -> bool:
     """True when this kernel handles (x, q): one bf16/fp16 row, K % blocksize == 0, blocksize >= 64.
@@ -127,25 +103,6 @@ def supports(x: torch.Tensor, q) -> bool:
     """
     return (x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and q.blocksize >= 64
             and q.shape[1] % q.blocksize == 0)
-
-
-_WORKSPACE: dict = {}
-
-
-def _workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed fp32 partial sums (>= n) and int32 tile counters (>= tiles) for split-K, one pair per (device,
-    stream): the kernel leaves them zeroed, so they are allocated (zeroed) only when they must grow. Calls on
-    one stream run in order; another stream gets its own pair. Allocate outside CUDA-graph capture (a first
-    call before capturing does it)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    ws, cnt = _WORKSPACE.get(key, (None, None))
-    if ws is None or ws.numel() < n or cnt.numel() < tiles:
-        size = max(n, ws.numel() if ws is not None else 0)
-        ws = torch.zeros(size, dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(tiles, size), dtype=torch.int32, device=device)
-        _WORKSPACE[key] = (ws, cnt)
-    return ws, cnt
 
 
 # (BLOCK_N, NB, num_warps, num_stages, PREFETCH): the best of benchmarks/bench_matmul.py --tune-gemv1 on all
@@ -180,7 +137,7 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = 
     if split_k is None:
         split_k = default_split(triton.cdiv(n, block_n), triton.cdiv(k // 64, nb))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    ws, cnt = _workspace(x.device, n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
+    ws, cnt = splitk.workspace(x.device, n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)
     tlut, tab = tables(q.quant_type, x.device)
     grid = (triton.cdiv(n, block_n), split_k)

@@ -13,8 +13,8 @@ Design
 - A word of codes decodes to 8 columns in the order [1, 0, 3, 2, 5, 4, 7, 6]. Instead of interleaving them
   back, each of the 8 "slots" is its own dot: W_j (BLOCK_N, NB*8) holds column 8w + j of every word, and
   x_j (NB*8, BLOCK_M) is loaded with the same stride-8 columns. The sum over K does not care about order.
-- One launch; split-K (when N / BLOCK_N gives too few programs) uses the same self-cleaning fp32 workspace
-  as kernels/nf4_gemv1.py (not bitwise reproducible then).
+- One launch; split-K (when N / BLOCK_N gives too few programs) goes through kernels/splitk.py (not bitwise
+  reproducible then).
 Limits: bf16/fp16 x, K % blocksize == 0, blocksize >= 64; other cases use kernels/nf4_gemv.py.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ import triton.language as tl
 
 from qlora_core import backend
 
-from .nf4_gemv1 import _workspace
-from .nf4_regdecode import ASM, decode_word, tables
-from .nf4_tile import absmax_finish, absmax_load, cast_rne, mma, q_args
+from . import splitk
+from .nf4_regdecode import ASM, decode_word, load_code_words, load_tables, tables
+from .nf4_tile import absmax_finish, cast_rne, mma, q_args
 
 
 @triton.jit
@@ -38,19 +38,6 @@ def _slot_dot(acc, t, a2, a6, x_ptr, xrow, xcol, xmask, J: tl.constexpr, dtype: 
     w = cast_rne(t * a2 - a6, dtype)                      # dequantize(q)'s values, (BN, NB, 8)
     xt = tl.load(x_ptr + xrow + xcol + J, mask=xmask, other=0.0)   # (NB*8, BLOCK_M) = x[m, 64b + 8w + J].T
     return mma(tl.reshape(w, (BN, C)), xt, acc)
-
-
-@triton.jit
-def _load_codes(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, blk, b_hi, K, BS: tl.constexpr,
-                DQ: tl.constexpr):
-    """Codes (BN, NB, 8 words) int32 and the absmax reads (BN, NB) of the 64-column blocks `blk`."""
-    ow = tl.arange(0, 8)
-    bmask = blk < b_hi
-    w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
-                mask=rmask[:, None, None] & bmask[None, :, None], other=0)
-    raw, nest = absmax_load(absmax_ptr, nested_ptr, offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :],
-                            rmask[:, None] & bmask[None, :], DQ)
-    return w, raw, nest
 
 
 @triton.jit
@@ -72,15 +59,14 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
     b_hi = tl.minimum(KB, b_lo + steps * NB)
     row_w = tl.multiple_of(offs_n * (K // 8), 8)
     xrow = (offs_m * stride_xm)[None, :]
-    tab = (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
-           tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+    tab = load_tables(tab_ptr)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # loads of step i + 1 issued before step i is decoded (see kernels/nf4_gemv1.py)
-    w_n, r_n, n_n = _load_codes(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b_lo + ob, b_hi, K, BS, DQ)
+    w_n, r_n, n_n = load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b_lo + ob, b_hi, K, BS, DQ)
     for b0 in range(b_lo, b_hi, NB):
         w, raw, nest = w_n, r_n, n_n
-        w_n, r_n, n_n = _load_codes(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b0 + NB + ob, b_hi, K,
+        w_n, r_n, n_n = load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b0 + NB + ob, b_hi, K,
                                     BS, DQ)
         a = absmax_finish(raw, nest, code256_ptr, offset_ptr, DQ)
         a2 = (2.0 * a)[:, :, None]
@@ -98,25 +84,9 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
         acc = _slot_dot(acc, t7, a2, a6, x_ptr, xrow, xcol, xmask, 7, dt)
     ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     omask = (offs_m[None, :] < M) & rmask[:, None]
-    if SPLIT_K > 1:
-        # see kernels/nf4_gemv1.py: partials meet in a self-cleaning workspace of BLOCK_M-strided rows
-        wptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
-        tl.atomic_add(wptrs, acc, mask=omask)
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid_n, 1)
-        if done == SPLIT_K - 1:
-            acc = tl.atomic_add(wptrs, tl.zeros_like(acc), mask=omask)  # a coherent read (L2)
-            acc = tl.where(omask, acc, 0.0)  # masked lanes of an atomic return garbage
-            tl.store(wptrs, tl.zeros_like(acc), mask=omask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)[:, None]
-            tl.store(ptrs, cast_rne(acc, out_ptr.dtype.element_ty), mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)[:, None]
-        tl.store(ptrs, cast_rne(acc, out_ptr.dtype.element_ty), mask=omask)
-
+    bias = tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else 0.0
+    # split-K workspace rows are M-strided: ws[m * N + n]
+    splitk.store(acc, bias, ptrs, ws_ptr + offs_m[None, :] * N + offs_n[:, None], omask, cnt_ptr, pid_n, SPLIT_K)
 
 def supports(x: torch.Tensor, q) -> bool:
     """True when this kernel handles (x, q): 1..128 bf16/fp16 rows, K % blocksize == 0, blocksize >= 64."""
@@ -150,7 +120,7 @@ def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None
     if split_k is None:
         split_k = min(4, triton.cdiv(k // 64, nb))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    ws, cnt = _workspace(x.device, m * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
+    ws, cnt = splitk.workspace(x.device, m * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)
     tlut, tab = tables(q.quant_type, x.device)
     _gemv_mma_kernel[(triton.cdiv(n, block_n), split_k)](

@@ -29,6 +29,8 @@ import triton.language as tl
 
 from qlora_core.formats import code_table
 
+from .nf4_tile import absmax_load
+
 _T_STEP = 2.0 ** -14  # spacing of fp32 values with 15 mantissa bits in [2, 4)
 
 
@@ -111,13 +113,34 @@ def tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def load_tables(tab_ptr):
+    """The 8 byte-table words (int32 scalars, b2 then b1) for `decode_word`'s PTX path, read once per program."""
+    return (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
+            tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+
+
+@triton.jit
+def load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, blk, b_hi, K, BS: tl.constexpr,
+                    DQ: tl.constexpr):
+    """Codes (BN, NB, 8 words) int32 of rows offs_n and 64-column blocks `blk` (NB,) from the packed data viewed
+    as int32 (row_w = first word of each row), and the absmax reads (BN, NB) (nf4_tile.absmax_load; for
+    blocksize > 64 neighbouring 64-column blocks share one). Blocks >= b_hi and masked rows read as 0."""
+    ow = tl.arange(0, 8)
+    bmask = blk < b_hi
+    w = tl.load(data_ptr + row_w[:, None, None] + (blk * 8)[None, :, None] + ow[None, None, :],
+                mask=rmask[:, None, None] & bmask[None, :, None], other=0)
+    raw, nest = absmax_load(absmax_ptr, nested_ptr, offs_n[:, None] * (K // BS) + (blk * 64 // BS)[None, :],
+                            rmask[:, None] & bmask[None, :], DQ)
+    return w, raw, nest
+
+
+@triton.jit
 def _decode_words_kernel(words_ptr, out_ptr, tlut_ptr, tab_ptr, n, ASM: tl.constexpr, USE_ASM: tl.constexpr,
                          BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w = tl.load(words_ptr + offs, mask=mask, other=0)
-    tab = (tl.load(tab_ptr + 0), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
-           tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+    tab = load_tables(tab_ptr)
     t = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
     for i in tl.static_range(8):
         tl.store(out_ptr + offs * 8 + i, t[i], mask=mask)

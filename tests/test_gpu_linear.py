@@ -159,7 +159,8 @@ def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq):
         assert_close_verbose(nf4_gemv1.gemv1(x, q, b, split_k=split), y64, atol=bound, rtol=0,
                              name=f"gemv1 split_k={split}")
     torch.cuda.synchronize()
-    for ws, cnt in nf4_gemv1._WORKSPACE.values():
+    from qlora_core.kernels import splitk
+    for ws, cnt in splitk._WORKSPACE.values():
         assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
     assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name="dispatch M=1")
 
@@ -185,7 +186,7 @@ def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq):
         if m <= 16:
             assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name=f"dispatch M={m}")
     torch.cuda.synchronize()
-    from qlora_core.kernels import nf4_gemv1  # owns the split-K workspace both kernels share
-    assert nf4_gemv1._WORKSPACE, "split-K never ran"
-    for ws, cnt in nf4_gemv1._WORKSPACE.values():
+    from qlora_core.kernels import splitk
+    assert splitk._WORKSPACE, "split-K never ran"
+    for ws, cnt in splitk._WORKSPACE.values():
         assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"

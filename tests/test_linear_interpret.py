@@ -41,7 +41,7 @@ def _weights(dtype):
 def run_group(group: str) -> int:
     import qlora_core as qc
     from qlora_core import backend
-    from qlora_core.kernels import nf4_gemv, nf4_gemv1, nf4_gemv_mma, nf4_linear, nf4_matmul, quant4
+    from qlora_core.kernels import nf4_gemv, nf4_gemv1, nf4_gemv_mma, nf4_linear, nf4_matmul, quant4, splitk
     assert backend.interpreting()
     torch.manual_seed(0)
     checked = 0
@@ -78,7 +78,7 @@ def run_group(group: str) -> int:
                         _check(f"gemv1 cfg={cfg} split={split} {tag}",
                                nf4_gemv1.gemv1(x, q, b, config=cfg, split_k=split),
                                y64, torch.nn.functional.linear(x, w, b), dtype)
-                    for ws, cnt in nf4_gemv1._WORKSPACE.values():
+                    for ws, cnt in splitk._WORKSPACE.values():
                         assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
                     checked += 1
             elif group == "gemv_mma":
@@ -95,6 +95,8 @@ def run_group(group: str) -> int:
                         _check(f"gemv_mma M={m} cfg={cfg} split={split} {tag}",
                                nf4_gemv_mma.gemv_mma(x, q, b, config=cfg, split_k=split), y64,
                                torch.nn.functional.linear(x, w, b), dtype)
+                    for ws, cnt in splitk._WORKSPACE.values():
+                        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
                     checked += 1
             elif group == "tiled_fwd":
                 for m, bias in ((17, True), (33, False)):

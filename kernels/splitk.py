@@ -1,0 +1,55 @@
+"""Split-K in one launch: SPLIT_K programs add fp32 partials of one output tile, the last to arrive writes it.
+
+Used by the decode kernels (kernels/nf4_gemv1.py, kernels/nf4_gemv_mma.py), where N alone gives too few
+programs to keep an H100 busy. The usual alternative (a zeroed fp32 buffer, atomics, then a cast kernel) costs
+two more launches, ~2-4 us in a CUDA graph, as much as the whole op at 4096x4096.
+
+How: each program atomically adds its partial into the workspace, then (after a CTA barrier, so every thread's
+partial is issued first) increments the tile's counter. The program that sees SPLIT_K - 1 reads the sum back
+(an atomic add of 0: a coherent read from L2), zeroes the workspace tile, resets the counter, adds the bias and
+stores y in its dtype. So workspace and counters are all-zero between calls and are allocated zeroed only
+when they must grow. The fp32 sum order depends on arrival: results are not bitwise reproducible.
+Reference: the same kernels with SPLIT_K = 1 (tests compare both with float64).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .nf4_tile import cast_rne
+
+_WORKSPACE: dict = {}
+
+
+def workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 partial sums (>= n) and int32 tile counters (>= tiles), one pair per (device, stream): calls on
+    one stream run in order; another stream gets its own pair. Allocate outside CUDA-graph capture (a first
+    call before capturing does it)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, cnt = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < n or cnt.numel() < tiles:
+        size = max(n, ws.numel() if ws is not None else 0)
+        ws = torch.zeros(size, dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, size), dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, cnt)
+    return ws, cnt
+
+
+@triton.jit
+def store(acc, bias, out_ptrs, ws_ptrs, mask, cnt_ptr, tile, SPLIT_K: tl.constexpr):
+    """Write acc + bias (fp32, any shape; bias broadcastable or 0.0) to out_ptrs in their dtype: directly when
+    SPLIT_K == 1, else through the workspace tile ws_ptrs (same shape) by the last of the tile's programs."""
+    if SPLIT_K > 1:
+        tl.atomic_add(ws_ptrs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is issued before this program is counted
+        done = tl.atomic_add(cnt_ptr + tile, 1)
+        if done == SPLIT_K - 1:
+            tot = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=mask)  # a coherent read (L2)
+            tot = tl.where(mask, tot, 0.0)  # masked lanes of an atomic return garbage
+            tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)  # nobody else touches this tile now
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            tl.store(out_ptrs, cast_rne(tot + bias, out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptrs, cast_rne(acc + bias, out_ptrs.dtype.element_ty), mask=mask)
