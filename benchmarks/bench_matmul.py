@@ -133,32 +133,47 @@ def bench_shape(n, k, ms, log, do_bnb=True, paths=True, a_tiled_max=1 << 30):
     return rows
 
 
+def _weight_copies(n: int, k: int) -> list:
+    """NF4 copies of one random (n, k) bf16 weight, as many as `_copies` asks for (beyond 2x the L2)."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q0 = _quantize(w)
+    return [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
+
+
+def _sweep(log, label: str, call, qs: list, grid: list, splits=()) -> tuple[list, tuple]:
+    """Time call(q, cfg, split_k) over every cfg of grid with split_k=1, then the best cfg with each of `splits`.
+    Returns (rows {"cfg", "split_k", "us"}, (best ms, (cfg, split_k))); a failing config is logged and skipped."""
+    rows, best = [], None
+    for cfg, sp in [(c, 1) for c in grid] + [(None, s) for s in splits]:
+        c = cfg if cfg is not None else best[1][0]
+        try:
+            t = _graph_time(lambda: [call(q, c, sp) for q in qs], len(qs))
+        except Exception as e:
+            log(f"{label} cfg {c} split {sp} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        rows.append({"cfg": list(c), "split_k": sp, "us": t * 1e3})
+        if best is None or t < best[0]:
+            best = (t, (c, sp))
+    log(f"{label} best: {best[1]} {best[0] * 1e3:.2f} us; "
+        + " ".join(f"{r['cfg']}/{r['split_k']}:{r['us']:.1f}" for r in rows))
+    return rows, best
+
+
 def tune_gemv(log, shapes):
-    """Sweep the decode kernel's block sizes at M = 1, 16 and 128 on the given shapes."""
+    """Sweep the general decode kernel's block sizes (kernels/nf4_gemv.py) at M = 1, 16 and 128."""
     from qlora_core.kernels import nf4_gemv
     out = []
     for n, k in shapes:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        q0 = _quantize(w)
-        qs = [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
+        qs = _weight_copies(n, k)
         for m, grid in ((1, [(bn, un, 4, 1, None) for bn in (16, 32, 64) for un in (2, 4)]
                          + [(32, 4, 4, 1, 4), (32, 4, 8, 1, None), (64, 4, 8, 1, None), (32, 4, 4, 3, None)]),
                         (16, [(bn, un, 4, 1, None) for bn in (32, 64, 128) for un in (1, 2)] + [(64, 1, 8, 1, None)]),
                         (128, [(bn, 1, 4, 1, None) for bn in (32, 64, 128)] + [(64, 1, 8, 1, None), (64, 1, 4, 1, 2)])):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            best = None
-            for cfg in grid:
-                bn, un, nw, st, sp = cfg
-                try:
-                    t = _graph_time(lambda: [nf4_gemv.gemv(x, q, None, bn, un, nw, split_k=sp, num_stages=st)
-                                             for q in qs], len(qs))
-                except Exception as e:
-                    log(f"gemv cfg {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
-                    continue
-                out.append({"N": n, "K": k, "M": m, "cfg": list(cfg), "us": t * 1e3})
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            log(f"gemv best N={n} K={k} M={m}: {best[1]} {best[0] * 1e3:.2f} us")
+            rows, _ = _sweep(log, f"gemv N={n} K={k} M={m}",
+                             lambda q, c, sp: nf4_gemv.gemv(x, q, None, c[0], c[1], c[2], split_k=c[4], num_stages=c[3]),
+                             qs, grid)
+            out += [dict(r, N=n, K=k, M=m) for r in rows]
     return out
 
 
@@ -166,28 +181,14 @@ GEMV1_GRID = [(8, 8, 2, 1, 1), (16, 8, 4, 1, 1), (8, 16, 4, 1, 1), (16, 4, 2, 1,
 
 
 def tune_gemv1(log, shapes):
-    """Sweep the one-row decode kernel's tiling (kernels/nf4_gemv1.py) at M = 1, plus split-K 2 on the best."""
+    """Sweep the one-row decode kernel's tiling (kernels/nf4_gemv1.py) at M = 1, plus split-K 2 and 4 on the best."""
     from qlora_core.kernels import nf4_gemv1
     out = []
     for n, k in shapes:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        q0 = _quantize(w)
-        qs = [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        best = None
-        for cfg in GEMV1_GRID + [None]:
-            for sp in ((1,) if cfg is not None else (2, 4)):
-                c = cfg or best[1][0]
-                try:
-                    t = _graph_time(lambda: [nf4_gemv1.gemv1(x, q, None, config=c, split_k=sp) for q in qs], len(qs))
-                except Exception as e:
-                    log(f"gemv1 cfg {c} split {sp} failed: {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                out.append({"N": n, "K": k, "cfg": list(c), "split_k": sp, "us": t * 1e3})
-                if best is None or t < best[0]:
-                    best = (t, (c, sp))
-        log(f"gemv1 best N={n} K={k}: {best[1]} {best[0] * 1e3:.2f} us; "
-            + " ".join(f"{r['cfg']}/{r['split_k']}:{r['us']:.1f}" for r in out if r["N"] == n and r["K"] == k))
+        rows, _ = _sweep(log, f"gemv1 N={n} K={k}", lambda q, c, sp: nf4_gemv1.gemv1(x, q, None, config=c, split_k=sp),
+                         _weight_copies(n, k), GEMV1_GRID, splits=(2, 4))
+        out += [dict(r, N=n, K=k) for r in rows]
     return out
 
 
@@ -197,31 +198,18 @@ MMA_GRID = {16: [(64, 2, 4, 1), (128, 2, 4, 1), (64, 4, 4, 1), (32, 2, 2, 1), (6
 
 
 def tune_mma(log, shapes, ms=(16,)):
-    """Sweep the small-M tensor-core kernel's tiling (kernels/nf4_gemv_mma.py), plus split-K on the best."""
+    """Sweep the small-M tensor-core kernel's tiling (kernels/nf4_gemv_mma.py), plus split-K 2 and 4 on the best."""
     from qlora_core.kernels import nf4_gemv_mma
     out = []
     for n, k in shapes:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        q0 = _quantize(w)
-        qs = [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
+        qs = _weight_copies(n, k)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            best = None
-            for cfg in MMA_GRID[max(16, 1 << (m - 1).bit_length()) if m <= 16 else 128] + [None]:
-                for sp in ((1,) if cfg is not None else (2, 4)):
-                    c = cfg or best[1][0]
-                    try:
-                        t = _graph_time(lambda: [nf4_gemv_mma.gemv_mma(x, q, None, config=c, split_k=sp) for q in qs],
-                                        len(qs))
-                    except Exception as e:
-                        log(f"mma cfg {c} split {sp} failed: {type(e).__name__}: {str(e)[:300]}")
-                        continue
-                    out.append({"N": n, "K": k, "M": m, "cfg": list(c), "split_k": sp, "us": t * 1e3})
-                    if best is None or t < best[0]:
-                        best = (t, (c, sp))
-            log(f"mma best N={n} K={k} M={m}: {best[1]} {best[0] * 1e3:.2f} us; "
-                + " ".join(f"{r['cfg']}/{r['split_k']}:{r['us']:.1f}" for r in out
-                           if (r["N"], r["K"], r["M"]) == (n, k, m)))
+            grid = MMA_GRID[16 if m <= 16 else 128]
+            rows, _ = _sweep(log, f"mma N={n} K={k} M={m}",
+                             lambda q, c, sp: nf4_gemv_mma.gemv_mma(x, q, None, config=c, split_k=sp),
+                             qs, grid, splits=(2, 4))
+            out += [dict(r, N=n, K=k, M=m) for r in rows]
     return out
 
 
