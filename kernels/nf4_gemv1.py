@@ -28,6 +28,8 @@ kernels/nf4_gemv.py.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -105,9 +107,18 @@ def supports(x: torch.Tensor, q) -> bool:
             and q.shape[1] % q.blocksize == 0)
 
 
-# (BLOCK_N, NB, num_warps, num_stages, PREFETCH): the best of benchmarks/bench_matmul.py --tune-gemv1 on all
-# three 8B shapes on an H100 (docs/benchmarks.md); num_stages has no effect (Triton does not pipeline this loop).
-DEFAULT_CONFIG = (8, 8, 2, 1, 1)
+class Gemv1Config(NamedTuple):
+    """Tiling of the one-row kernel (a plain tuple in the same order works too). The defaults are the best of
+    benchmarks/bench_matmul.py --tune-gemv1 on all three 8B shapes on an H100 (docs/benchmarks.md)."""
+    block_n: int = 8  # rows per program
+    nb: int = 8  # 64-column absmax blocks per K step (8 words of codes per row and block)
+    num_warps: int = 2
+    num_stages: int = 1  # no effect measured: Triton does not pipeline this loop (prefetch does it by hand)
+    prefetch: bool = True  # issue step i + 1's loads before decoding step i
+
+
+DEFAULT_CONFIG = Gemv1Config()
+INTERPRETER_CONFIG = Gemv1Config(4, 2, 1, 1, True)  # small tiles: the interpreter runs every program in Python
 
 
 def default_split(n_tiles: int, k_steps: int) -> int:
@@ -119,12 +130,12 @@ def default_split(n_tiles: int, k_steps: int) -> int:
     return split
 
 
-def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None,
+def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: Gemv1Config | tuple | None = None,
           split_k: int | None = None, use_asm: bool | None = None) -> torch.Tensor:
     """x (1, K) contiguous bf16/fp16, q (N, K) 4-bit with K % blocksize == 0 -> y (1, N) in x's dtype.
 
-    config = (BLOCK_N, NB, num_warps, num_stages, PREFETCH); split_k defaults to `default_split`; use_asm
-    defaults to True off the interpreter.
+    config: a Gemv1Config (default DEFAULT_CONFIG); split_k defaults to `default_split`; use_asm defaults to
+    True off the interpreter.
     """
     if not supports(x, q):
         raise ValueError(f"gemv1 needs one bf16/fp16 row, K % blocksize == 0 and blocksize >= 64; got x "
@@ -133,7 +144,7 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = 
     interp = backend.interpreting()
     if use_asm is None:
         use_asm = not interp
-    block_n, nb, num_warps, num_stages, prefetch = config or ((4, 2, 1, 1, 1) if interp else DEFAULT_CONFIG)
+    block_n, nb, num_warps, num_stages, prefetch = config or (INTERPRETER_CONFIG if interp else DEFAULT_CONFIG)
     if split_k is None:
         split_k = default_split(triton.cdiv(n, block_n), triton.cdiv(k // 64, nb))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)

@@ -19,6 +19,8 @@ Limits: bf16/fp16 x, K % blocksize == 0, blocksize >= 64; other cases use kernel
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -94,17 +96,26 @@ def supports(x: torch.Tensor, q) -> bool:
             and q.shape[1] % q.blocksize == 0)
 
 
-# BLOCK_M -> (BLOCK_N, NB, num_warps, num_stages): at BLOCK_M = 16 the best of benchmarks/bench_matmul.py
-# --tune-mma on all three 8B shapes on an H100, with split-K 4 (docs/benchmarks.md); larger BLOCK_M are not
-# dispatched (dequantize + cuBLAS is faster there) and keep the same tiling.
-DEFAULT_CONFIG = {16: (64, 4, 4, 1), 32: (64, 4, 4, 1), 64: (64, 4, 4, 1), 128: (64, 4, 8, 1)}
+class MmaConfig(NamedTuple):
+    """Tiling of the small-M tensor-core kernel (a plain tuple in the same order works too)."""
+    block_n: int = 64  # weight rows (output features) per program: the MMA's M side (swap-AB)
+    nb: int = 4  # 64-column absmax blocks per K step; each slot dot has K = 8 * nb
+    num_warps: int = 4
+    num_stages: int = 1
 
 
-def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None = None,
+# BLOCK_M (rows of x, rounded up) -> tiling: at BLOCK_M = 16 the best of benchmarks/bench_matmul.py --tune-mma on
+# all three 8B shapes on an H100, with split-K 4 (docs/benchmarks.md); larger BLOCK_M are not dispatched
+# (dequantize + cuBLAS is faster there) and keep the same tiling.
+DEFAULT_CONFIG = {16: MmaConfig(), 32: MmaConfig(), 64: MmaConfig(), 128: MmaConfig(num_warps=8)}
+INTERPRETER_CONFIG = MmaConfig(16, 2, 1, 1)  # small tiles: the interpreter runs every program in Python
+
+
+def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: MmaConfig | tuple | None = None,
              split_k: int | None = None, use_asm: bool | None = None) -> torch.Tensor:
     """x (M, K) contiguous bf16/fp16 with M <= 128, q (N, K) 4-bit, K % blocksize == 0 -> y (M, N) in x's dtype.
 
-    config = (BLOCK_N, NB, num_warps, num_stages); split_k defaults to 4 K splits (at most one per K step:
+    config: an MmaConfig (default DEFAULT_CONFIG[BLOCK_M]); split_k defaults to 4 K splits (at most one per K step:
     measured best at N = 4096 and 14336 on an H100); use_asm defaults to True off the interpreter.
     """
     if not supports(x, q):
@@ -116,7 +127,7 @@ def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: tuple | None
     interp = backend.interpreting()
     if use_asm is None:
         use_asm = not interp
-    block_n, nb, num_warps, num_stages = config or ((16, 2, 1, 1) if interp else DEFAULT_CONFIG[block_m])
+    block_n, nb, num_warps, num_stages = config or (INTERPRETER_CONFIG if interp else DEFAULT_CONFIG[block_m])
     if split_k is None:
         split_k = min(4, triton.cdiv(k // 64, nb))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -13,8 +13,9 @@ Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
 - "tiled"  (dx at small M with K >= 2N; any M by request): kernels/nf4_matmul.py, dequantize fused into tiles.
 - "cublas" (everything else, and all fp32): kernels/quant4.dequantize_4bit (the library's dequantizer,
   ~92% of copy bandwidth on an H100) into a buffer of x's dtype, then cuBLAS. At large M the GEMM is
-  compute bound (2*M*N*K flops against one N*K dequantize pass, ~4-9% extra at M = 4096 on an H100) and cuBLAS' Hopper GEMM (wgmma + TMA, warp-specialised) outruns our
-  Triton GEMMs, whose dequantize (one table gather per element) is not overlapped with the MMAs.
+  compute bound (2*M*N*K flops against one N*K dequantize pass, ~4-9% extra at M = 4096 on an H100) and
+  cuBLAS' Hopper GEMM (wgmma + TMA, warp-specialised) outruns our Triton GEMMs, whose dequantize (one table
+  gather per element) is not overlapped with the MMAs.
   NOTE: the buffer is a local of this call, dropped before returning: the caching allocator reuses its
   memory for the next layer, but no dense weight outlives the op (peak memory grows by one N*K weight of
   x's dtype only while the op runs; bench_matmul.py reports kept = 0 MB).
