@@ -24,8 +24,7 @@ _WORKSPACE: dict = {}
 
 def workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed fp32 partial sums (>= n) and int32 tile counters (>= tiles), one pair per (device, stream): calls on
-    one stream run in order; another stream gets its own pair. Allocate outside CUDA-graph capture (a first
-    call before capturing does it)."""
+    one stream run in order; another stream gets its own pair. Not during CUDA-graph capture (see `usable`)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     ws, cnt = _WORKSPACE.get(key, (None, None))
@@ -35,6 +34,17 @@ def workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
         cnt = torch.zeros(max(tiles, size), dtype=torch.int32, device=device)
         _WORKSPACE[key] = (ws, cnt)
     return ws, cnt
+
+
+def usable(device, n: int, tiles: int) -> bool:
+    """Whether split-K may run now. Always outside CUDA-graph capture; during a capture only if this stream's
+    workspace was already allocated big enough: allocating inside the capture would put it in the graph's
+    private memory pool, and later calls would keep using memory the graph owns. Callers fall back to
+    SPLIT_K = 1 (no workspace) when this is False."""
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return True
+    ws, cnt = _WORKSPACE.get((str(device), torch.cuda.current_stream(device).cuda_stream), (None, None))
+    return ws is not None and ws.numel() >= n and cnt.numel() >= tiles
 
 
 @triton.jit
