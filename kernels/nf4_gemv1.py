@@ -37,7 +37,7 @@ import triton.language as tl
 from qlora_core import backend
 
 from . import splitk
-from .nf4_regdecode import ASM, decode_word, load_code_words, load_tables, tables
+from .nf4_regdecode import ASM, decodable, decode_word, load_code_words, load_tables, tables
 from .nf4_tile import absmax_finish, q_args
 
 
@@ -65,12 +65,8 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = offs_n < N
     ob = tl.arange(0, NB)          # 64-column blocks of a step
-    KB = K // 64                   # 64-column blocks per row
-    steps = tl.cdiv(tl.cdiv(KB, NB), SPLIT_K)
-    b_lo = pid_k * steps * NB
-    b_hi = tl.minimum(KB, b_lo + steps * NB)
-    words_per_row = K // 8
-    row_w = tl.multiple_of(offs_n * words_per_row, 8)  # rows start on 32-byte boundaries (K % 64 == 0)
+    b_lo, b_hi = splitk.k_blocks(pid_k, K, NB, SPLIT_K)
+    row_w = tl.multiple_of(offs_n * (K // 8), 8)  # first code word of each row: 32-byte aligned (K % 64 == 0)
     acc = tl.zeros((BLOCK_N, NB, 8), dtype=tl.float32)
     tab = load_tables(tab_ptr)
     # Software pipelining by hand: the loads of step i + 1 are issued before step i is decoded, so each warp
@@ -98,13 +94,10 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
     bias = tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     splitk.store(out, bias, out_ptr + offs_n, ws_ptr + offs_n, rmask, cnt_ptr, pid_n, SPLIT_K)
 
-def supports(x: torch.Tensor, q) -> bool:
-    """True when this kernel handles (x, q): one bf16/fp16 row, K % blocksize == 0, blocksize >= 64.
 
-    Not fp32: the decoded values are exact to 2**-14 (finer than bf16/fp16 weights), not to fp32's 2**-24.
-    """
-    return (x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and q.blocksize >= 64
-            and q.shape[1] % q.blocksize == 0)
+def supports(x: torch.Tensor, q) -> bool:
+    """True when this kernel handles (x, q): one row, and nf4_regdecode.decodable (bf16/fp16, aligned layout)."""
+    return x.shape[0] == 1 and decodable(x, q)
 
 
 class Gemv1Config(NamedTuple):

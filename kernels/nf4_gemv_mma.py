@@ -28,7 +28,7 @@ import triton.language as tl
 from qlora_core import backend
 
 from . import splitk
-from .nf4_regdecode import ASM, decode_word, load_code_words, load_tables, tables
+from .nf4_regdecode import ASM, decodable, decode_word, load_code_words, load_tables, tables
 from .nf4_tile import absmax_finish, cast_rne, mma, q_args
 
 
@@ -55,21 +55,19 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
     rmask = offs_n < N
     ob = tl.arange(0, NB)
     oc = tl.arange(0, NB * 8)      # (block, word) pairs of a step, flattened: column 64*(oc // 8) + 8*(oc % 8)
-    KB = K // 64
-    steps = tl.cdiv(tl.cdiv(KB, NB), SPLIT_K)
-    b_lo = pid_k * steps * NB
-    b_hi = tl.minimum(KB, b_lo + steps * NB)
+    b_lo, b_hi = splitk.k_blocks(pid_k, K, NB, SPLIT_K)
     row_w = tl.multiple_of(offs_n * (K // 8), 8)
     xrow = (offs_m * stride_xm)[None, :]
     tab = load_tables(tab_ptr)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # loads of step i + 1 issued before step i is decoded (see kernels/nf4_gemv1.py)
-    w_n, r_n, n_n = load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b_lo + ob, b_hi, K, BS, DQ)
+    w_n, r_n, n_n = load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b_lo + ob, b_hi, K,
+                                    BS, DQ)
     for b0 in range(b_lo, b_hi, NB):
         w, raw, nest = w_n, r_n, n_n
-        w_n, r_n, n_n = load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b0 + NB + ob, b_hi, K,
-                                    BS, DQ)
+        w_n, r_n, n_n = load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b0 + NB + ob, b_hi,
+                                        K, BS, DQ)
         a = absmax_finish(raw, nest, code256_ptr, offset_ptr, DQ)
         a2 = (2.0 * a)[:, :, None]
         a6 = (6.0 * a)[:, :, None]
@@ -90,10 +88,10 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
     # split-K workspace rows are M-strided: ws[m * N + n]
     splitk.store(acc, bias, ptrs, ws_ptr + offs_m[None, :] * N + offs_n[:, None], omask, cnt_ptr, pid_n, SPLIT_K)
 
+
 def supports(x: torch.Tensor, q) -> bool:
-    """True when this kernel handles (x, q): 1..128 bf16/fp16 rows, K % blocksize == 0, blocksize >= 64."""
-    return (1 <= x.shape[0] <= 128 and x.dtype in (torch.bfloat16, torch.float16) and q.blocksize >= 64
-            and q.shape[1] % q.blocksize == 0)
+    """True when this kernel handles (x, q): 1..128 rows, and nf4_regdecode.decodable (bf16/fp16, aligned)."""
+    return 1 <= x.shape[0] <= 128 and decodable(x, q)
 
 
 class MmaConfig(NamedTuple):

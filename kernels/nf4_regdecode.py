@@ -112,6 +112,13 @@ def tables(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TABLES[key]
 
 
+def decodable(x: torch.Tensor, q) -> bool:
+    """True when the register-decode kernels can run (x, q): bf16/fp16 x (the decoded values are exact to 2**-14,
+    finer than bf16/fp16 weights but not fp32's 2**-24), blocksize >= 64 and K % blocksize == 0 (every real
+    checkpoint), so each 64-column block of a row has one absmax."""
+    return x.dtype in (torch.bfloat16, torch.float16) and q.blocksize >= 64 and q.shape[1] % q.blocksize == 0
+
+
 @triton.jit
 def load_tables(tab_ptr):
     """The 8 byte-table words (int32 scalars, b2 then b1) for `decode_word`'s PTX path, read once per program."""

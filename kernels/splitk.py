@@ -48,6 +48,15 @@ def usable(device, n: int, tiles: int) -> bool:
 
 
 @triton.jit
+def k_blocks(pid_k, K, NB: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[b_lo, b_hi): the 64-column blocks of K that K split `pid_k` of SPLIT_K owns, whole steps of NB blocks."""
+    KB = K // 64
+    steps = tl.cdiv(tl.cdiv(KB, NB), SPLIT_K)
+    b_lo = pid_k * steps * NB
+    return b_lo, tl.minimum(KB, b_lo + steps * NB)
+
+
+@triton.jit
 def store(acc, bias, out_ptrs, ws_ptrs, mask, cnt_ptr, tile, SPLIT_K: tl.constexpr):
     """Write acc + bias (fp32, any shape; bias broadcastable or 0.0) to out_ptrs in their dtype: directly when
     SPLIT_K == 1, else through the workspace tile ws_ptrs (same shape) by the last of the tile's programs."""
