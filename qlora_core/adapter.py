@@ -21,7 +21,7 @@ import os
 import torch
 from torch import nn
 
-from .durable import atomic_write
+from .durable import atomic_write, atomic_write_text
 from .lora import (LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules,
                    unload_lora)
 
@@ -36,11 +36,6 @@ class AdapterFileError(OSError):
 
 class AdapterMismatchError(ValueError):
     """The adapter does not fit the model: other modules, other shapes, other rank, or another base model."""
-
-
-def _atomic_write(path: str, write) -> None:
-    """write(tmp) beside `path`, fsync, rename onto `path`, fsync the directory (qlora_core/durable.py)."""
-    atomic_write(path, write)
 
 
 def _model_base_name(model: nn.Module) -> str | None:
@@ -108,14 +103,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous().clone()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous().clone()
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: _write_text(p, text))
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

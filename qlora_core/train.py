@@ -239,10 +239,6 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
 def save_checkpoint(out: Path, step: int, model, opt, sched, position: int, bad: int, cfg: TrainConfig,
                     device) -> Path:
     """Write checkpoints/step-N as a whole (temp dir + rename), then point checkpoint.json at it; drop older ones."""
@@ -261,7 +257,7 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, position: int, bad:
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
-    _atomic_text(out / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}"}) + "\n")
+    atomic_write_text(out / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}"}) + "\n")
     for old in root.iterdir():
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -294,7 +290,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if rec.get("step", 0) <= last_step:
             keep.append(line)
-    _atomic_text(path, "".join(x + "\n" for x in keep))
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
 
 
 # -- logging ------------------------------------------------------------------------------------------------------

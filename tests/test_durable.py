@@ -81,7 +81,7 @@ def test_training_checkpoint_directory_synced_before_rename(tmp_path, monkeypatc
     monkeypatch.setattr(train, "fsync_dir", lambda p: calls.append(("dir", str(p))))
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", str(a), str(b))), real_replace(a, b)))
-    monkeypatch.setattr(train, "_atomic_text", lambda path, text: calls.append(("pointer", str(path))))
+    monkeypatch.setattr(train, "atomic_write_text", lambda path, text: calls.append(("pointer", str(path))))
     monkeypatch.setattr("qlora_core.adapter.save_adapter", lambda model, d, base: None)
 
     class Stub:
