@@ -140,11 +140,12 @@ def _weight_copies(n: int, k: int) -> list:
     return [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
 
 
-def _sweep(log, label: str, call, qs: list, grid: list, splits=()) -> tuple[list, tuple]:
-    """Time call(q, cfg, split_k) over every cfg of grid with split_k=1, then the best cfg with each of `splits`.
+def _sweep(log, label: str, call, qs: list, grid: list, splits=(), grid_split=1) -> tuple[list, tuple]:
+    """Time call(q, cfg, split_k) over every cfg of grid with split_k=grid_split, then the best cfg with each of
+    `splits`.
     Returns (rows {"cfg", "split_k", "us"}, (best ms, (cfg, split_k))); a failing config is logged and skipped."""
     rows, best = [], None
-    for cfg, sp in [(c, 1) for c in grid] + [(None, s) for s in splits]:
+    for cfg, sp in [(c, grid_split) for c in grid] + [(None, s) for s in splits]:
         c = cfg if cfg is not None else best[1][0]
         try:
             t = _graph_time(lambda: [call(q, c, sp) for q in qs], len(qs))
@@ -177,7 +178,8 @@ def tune_gemv(log, shapes):
     return out
 
 
-GEMV1_GRID = [(8, 8, 2, 1, 1), (16, 8, 4, 1, 1), (8, 16, 4, 1, 1), (16, 4, 2, 1, 1), (8, 8, 2, 1, 0)]
+GEMV1_GRID = [(8, 8, 2, 1, 1), (16, 8, 4, 1, 1), (8, 16, 4, 1, 1), (16, 4, 2, 1, 1), (8, 8, 2, 1, 0),
+              (4, 8, 1, 1, 1), (8, 4, 2, 1, 1), (8, 8, 4, 1, 1), (4, 16, 2, 1, 1)]
 
 
 def tune_gemv1(log, shapes):
@@ -193,7 +195,7 @@ def tune_gemv1(log, shapes):
 
 
 MMA_GRID = {16: [(64, 2, 4, 1), (128, 2, 4, 1), (64, 4, 4, 1), (32, 2, 2, 1), (64, 2, 4, 3), (128, 2, 8, 1),
-                 (128, 4, 8, 1)],
+                 (128, 4, 8, 1), (64, 4, 8, 1), (32, 4, 2, 1), (64, 8, 4, 1), (16, 4, 1, 1), (32, 4, 4, 1)],
             128: [(64, 2, 4, 1), (128, 2, 8, 1), (64, 2, 8, 1), (128, 2, 4, 1), (64, 4, 8, 1), (32, 2, 4, 1)]}
 
 
@@ -208,7 +210,7 @@ def tune_mma(log, shapes, ms=(16,)):
             grid = MMA_GRID[16 if m <= 16 else 128]
             rows, _ = _sweep(log, f"mma N={n} K={k} M={m}",
                              lambda q, c, sp: nf4_gemv_mma.gemv_mma(x, q, None, config=c, split_k=sp),
-                             qs, grid, splits=(2, 4))
+                             qs, grid, splits=(1, 2, 8), grid_split=4)
             out += [dict(r, N=n, K=k, M=m) for r in rows]
     return out
 

@@ -140,8 +140,6 @@ def gemv1(x: torch.Tensor, q, bias: torch.Tensor | None, config: Gemv1Config | t
     block_n, nb, num_warps, num_stages, prefetch = config or (INTERPRETER_CONFIG if interp else DEFAULT_CONFIG)
     if split_k is None:
         split_k = default_split(triton.cdiv(n, block_n), triton.cdiv(k // 64, nb))
-    if split_k > 1 and not splitk.usable(x.device, n, triton.cdiv(n, block_n)):
-        split_k = 1  # inside a CUDA-graph capture without a workspace allocated beforehand
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     ws, cnt = splitk.workspace(x.device, n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)

@@ -128,8 +128,6 @@ def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: MmaConfig | 
     block_n, nb, num_warps, num_stages = config or (INTERPRETER_CONFIG if interp else DEFAULT_CONFIG[block_m])
     if split_k is None:
         split_k = min(4, triton.cdiv(k // 64, nb))
-    if split_k > 1 and not splitk.usable(x.device, m * n, triton.cdiv(n, block_n)):
-        split_k = 1  # inside a CUDA-graph capture without a workspace allocated beforehand
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, cnt = splitk.workspace(x.device, m * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)

@@ -23,28 +23,30 @@ _WORKSPACE: dict = {}
 
 
 def workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed fp32 partial sums (>= n) and int32 tile counters (>= tiles), one pair per (device, stream): calls on
-    one stream run in order; another stream gets its own pair. Not during CUDA-graph capture (see `usable`)."""
+    """All-zero fp32 partial sums (>= n) and int32 tile counters (>= tiles) for one split-K launch on the current
+    stream.
+
+    Outside a CUDA-graph capture: one cached pair per (device, stream) (calls on one stream run in order; another
+    stream gets its own pair), allocated zeroed only when it must grow; the kernels leave it zeroed.
+    During a capture: that stream's cached pair when it is big enough (it is all-zero between calls, and the graph
+    keeps it so); otherwise a fresh zeroed pair allocated inside the capture: memory of the graph's private pool,
+    zeroed by one memset node at every replay, and never cached (an eager call must not use memory that only the
+    graph zeroes). Graphs are usually captured on a side stream that never ran the op eagerly (torch.cuda.graph
+    does), so this is the common case; split-K used to fall back to one K split there, which made the M = 16
+    kernel 2x slower at 4096x4096 in a graph on an H200 (40.2 us against 20.5, docs/benchmarks.md)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     ws, cnt = _WORKSPACE.get(key, (None, None))
-    if ws is None or ws.numel() < n or cnt.numel() < tiles:
-        size = max(n, ws.numel() if ws is not None else 0)
-        ws = torch.zeros(size, dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(tiles, size), dtype=torch.int32, device=device)
-        _WORKSPACE[key] = (ws, cnt)
+    if ws is not None and ws.numel() >= n and cnt.numel() >= tiles:
+        return ws, cnt
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        buf = torch.zeros(n + tiles, dtype=torch.int32, device=device)  # one memset node: zero bits = 0.0f
+        return buf[:n].view(torch.float32), buf[n:]
+    size = max(n, ws.numel() if ws is not None else 0)
+    ws = torch.zeros(size, dtype=torch.float32, device=device)
+    cnt = torch.zeros(max(tiles, size), dtype=torch.int32, device=device)
+    _WORKSPACE[key] = (ws, cnt)
     return ws, cnt
-
-
-def usable(device, n: int, tiles: int) -> bool:
-    """Whether split-K may run now. Always outside CUDA-graph capture; during a capture only if this stream's
-    workspace was already allocated big enough: allocating inside the capture would put it in the graph's
-    private memory pool, and later calls would keep using memory the graph owns. Callers fall back to
-    SPLIT_K = 1 (no workspace) when this is False."""
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-        return True
-    ws, cnt = _WORKSPACE.get((str(device), torch.cuda.current_stream(device).cuda_stream), (None, None))
-    return ws is not None and ws.numel() >= n and cnt.numel() >= tiles
 
 
 @triton.jit

@@ -190,3 +190,39 @@ def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq):
     assert splitk._WORKSPACE, "split-K never ran"
     for ws, cnt in splitk._WORKSPACE.values():
         assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
+
+
+def test_split_k_inside_a_cuda_graph_captured_on_a_fresh_stream(monkeypatch):
+    """torch.cuda.graph captures on its own side stream, which never ran the op eagerly: split-K still runs there
+    (a workspace allocated inside the capture), replays are within the matmul tolerance of float64 each time (the
+    graph zeroes its workspace at every replay), and no graph memory enters the eager workspace cache."""
+    from qlora_core.kernels import nf4_gemv_mma, splitk
+    dtype = torch.bfloat16
+    q = _q(4096, 4096, dtype)
+    w64 = _ref_w(q, torch.float32).double()
+    x = torch.randn(16, 4096, dtype=dtype, device="cuda")
+    y64 = x.double() @ w64.T
+    bound = _bound(torch.nn.functional.linear(x, _ref_w(q, dtype)), y64, dtype)
+    nf4_gemv_mma.gemv_mma(x, q, None, split_k=4)  # compile outside the capture
+    torch.cuda.synchronize()
+    cached = dict(splitk._WORKSPACE)
+    calls = []
+    real = splitk.workspace
+
+    def spy(device, n, tiles):
+        out = real(device, n, tiles)
+        calls.append((torch.cuda.is_current_stream_capturing(), out[0].data_ptr()))
+        return out
+
+    monkeypatch.setattr(splitk, "workspace", spy)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = nf4_gemv_mma.gemv_mma(x, q, None, split_k=4)
+    assert calls and calls[0][0], "split-K did not run inside the capture"
+    assert all(ptr != ws.data_ptr() for _, ptr in calls for ws, _c in cached.values()), "used an eager pair"
+    assert splitk._WORKSPACE.keys() == cached.keys(), "graph memory entered the eager cache"
+    for rep in range(3):
+        y.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert_close_verbose(y, y64, atol=bound, rtol=0, name=f"graph replay {rep}")
