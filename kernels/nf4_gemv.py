@@ -59,7 +59,7 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, ne
             # aligned layout a sub-tile is wholly inside K or wholly past it, so the mask is one scalar.
             offs_c = kk + tl.arange(0, C)
             if ALIGNED:
-                cmask = kk < K
+                cmask = (offs_c * 0 + kk) < K  # constant over the tile (a tensor: see nf4_tile.load_pair_tile)
             else:
                 cmask = offs_c < K
             if BLOCK_M == 1:

@@ -10,9 +10,12 @@ Design
   t * 2a - 6a (one FMA) and rounded to x's dtype, i.e. dequantize(q)'s values (up to the 2**-14 table
   exactness, which can move a rounding by one ulp); the products run on the tensor cores (swap-AB:
   y.T tile = W tile @ x.T tile, so BLOCK_M may be as small as 16).
-- A word of codes decodes to 8 columns in the order [1, 0, 3, 2, 5, 4, 7, 6]. Instead of interleaving them
-  back, each of the 8 "slots" is its own dot: W_j (BLOCK_N, NB*8) holds column 8w + j of every word, and
-  x_j (NB*8, BLOCK_M) is loaded with the same stride-8 columns. The sum over K does not care about order.
+- A word of codes decodes to 8 columns in the order [1, 0, 3, 2, 5, 4, 7, 6]; they are joined back into column
+  order in registers (tl.join adds an in-thread dimension, as in kernels/nf4_gemv1.py), so a thread holds 8
+  consecutive columns of W and the tile reaches the MMA's shared-memory operand in 16-byte stores: one dot of
+  K = 64 * NB per step. The first version ran one dot per decode slot (column 8w + j of every word, x loaded
+  with stride 8): 8 small dots and ~6x the shared-memory stores and barriers, 17-29% slower on an H200
+  (docs/benchmarks.md).
 - One launch; split-K (when N / BLOCK_N gives too few programs) goes through kernels/splitk.py (not bitwise
   reproducible then).
 Limits: bf16/fp16 x, K % blocksize == 0, blocksize >= 64; other cases use kernels/nf4_gemv.py.
@@ -33,16 +36,6 @@ from .nf4_tile import absmax_finish, cast_rne, mma, q_args
 
 
 @triton.jit
-def _slot_dot(acc, t, a2, a6, x_ptr, xrow, xcol, xmask, J: tl.constexpr, dtype: tl.constexpr):
-    """acc (BLOCK_N, BLOCK_M) += W_J @ x_J.T for decode slot J (column 8w + J of every word)."""
-    BN: tl.constexpr = t.shape[0]
-    C: tl.constexpr = t.shape[1] * t.shape[2]
-    w = cast_rne(t * a2 - a6, dtype)                      # dequantize(q)'s values, (BN, NB, 8)
-    xt = tl.load(x_ptr + xrow + xcol + J, mask=xmask, other=0.0)   # (NB*8, BLOCK_M) = x[m, 64b + 8w + J].T
-    return mma(tl.reshape(w, (BN, C)), xt, acc)
-
-
-@triton.jit
 def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr,
                      tlut_ptr, tab_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om,
                      ASM: tl.constexpr, USE_ASM: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
@@ -54,7 +47,7 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
     offs_m = tl.arange(0, BLOCK_M)
     rmask = offs_n < N
     ob = tl.arange(0, NB)
-    oc = tl.arange(0, NB * 8)      # (block, word) pairs of a step, flattened: column 64*(oc // 8) + 8*(oc % 8)
+    oc = tl.arange(0, NB * 64)     # the step's columns
     b_lo, b_hi = splitk.k_blocks(pid_k, K, NB, SPLIT_K)
     row_w = tl.multiple_of(offs_n * (K // 8), 8)
     xrow = (offs_m * stride_xm)[None, :]
@@ -69,19 +62,15 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
         w_n, r_n, n_n = load_code_words(data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b0 + NB + ob, b_hi,
                                         K, BS, DQ)
         a = absmax_finish(raw, nest, code256_ptr, offset_ptr, DQ)
-        a2 = (2.0 * a)[:, :, None]
-        a6 = (6.0 * a)[:, :, None]
-        xcol = (b0 * 64 + (oc // 8) * 64 + (oc % 8) * 8)[:, None]
-        xmask = ((b0 + oc // 8) < b_hi)[:, None] & (offs_m < M)[None, :]
+        a2 = (2.0 * a)[:, :, None, None]
+        a6 = (6.0 * a)[:, :, None, None]
         t1, t0, t3, t2, t5, t4, t7, t6 = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
-        acc = _slot_dot(acc, t0, a2, a6, x_ptr, xrow, xcol, xmask, 0, dt)
-        acc = _slot_dot(acc, t1, a2, a6, x_ptr, xrow, xcol, xmask, 1, dt)
-        acc = _slot_dot(acc, t2, a2, a6, x_ptr, xrow, xcol, xmask, 2, dt)
-        acc = _slot_dot(acc, t3, a2, a6, x_ptr, xrow, xcol, xmask, 3, dt)
-        acc = _slot_dot(acc, t4, a2, a6, x_ptr, xrow, xcol, xmask, 4, dt)
-        acc = _slot_dot(acc, t5, a2, a6, x_ptr, xrow, xcol, xmask, 5, dt)
-        acc = _slot_dot(acc, t6, a2, a6, x_ptr, xrow, xcol, xmask, 6, dt)
-        acc = _slot_dot(acc, t7, a2, a6, x_ptr, xrow, xcol, xmask, 7, dt)
+        # (BN, NB, 8 words, 8 columns) in column order; flat column = 4i + 2j + s for join levels (i, j, s)
+        tt = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
+        wt = cast_rne(tl.reshape(tt, (BLOCK_N, NB, 8, 8)) * a2 - a6, dt)   # dequantize(q)'s values
+        xt = tl.load(x_ptr + xrow + (b0 * 64 + oc)[:, None],                  # (NB*64, BLOCK_M) = x[m, k].T
+                     mask=((b0 + oc // 64) < b_hi)[:, None] & (offs_m < M)[None, :], other=0.0)
+        acc = mma(tl.reshape(wt, (BLOCK_N, NB * 64)), xt, acc)
     ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     omask = (offs_m[None, :] < M) & rmask[:, None]
     bias = tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else 0.0
@@ -97,24 +86,24 @@ def supports(x: torch.Tensor, q) -> bool:
 class MmaConfig(NamedTuple):
     """Tiling of the small-M tensor-core kernel (a plain tuple in the same order works too)."""
     block_n: int = 64  # weight rows (output features) per program: the MMA's M side (swap-AB)
-    nb: int = 4  # 64-column absmax blocks per K step; each slot dot has K = 8 * nb
+    nb: int = 2  # 64-column absmax blocks per K step: one dot of K = 64 * nb
     num_warps: int = 4
     num_stages: int = 1
 
 
-# BLOCK_M (rows of x, rounded up) -> tiling: at BLOCK_M = 16 the best of benchmarks/bench_matmul.py --tune-mma on
-# all three 8B shapes on an H100, with split-K 4 (docs/benchmarks.md); larger BLOCK_M are not dispatched
-# (dequantize + cuBLAS is faster there) and keep the same tiling.
+# BLOCK_M (rows of x, rounded up) -> tiling: at BLOCK_M = 16, with split-K 8, the best sum over the three 8B shapes
+# of 10 tilings x splits 1-8 on an H200 (17.5 / 43.6 / 41.3 us; (64, 4) with split 4 was within 3%,
+# docs/benchmarks.md); larger BLOCK_M are not dispatched (dequantize + cuBLAS is faster there).
 DEFAULT_CONFIG = {16: MmaConfig(), 32: MmaConfig(), 64: MmaConfig(), 128: MmaConfig(num_warps=8)}
+DEFAULT_SPLIT_K = 8
 INTERPRETER_CONFIG = MmaConfig(16, 2, 1, 1)  # small tiles: the interpreter runs every program in Python
-
 
 def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: MmaConfig | tuple | None = None,
              split_k: int | None = None, use_asm: bool | None = None) -> torch.Tensor:
     """x (M, K) contiguous bf16/fp16 with M <= 128, q (N, K) 4-bit, K % blocksize == 0 -> y (M, N) in x's dtype.
 
-    config: an MmaConfig (default DEFAULT_CONFIG[BLOCK_M]); split_k defaults to 4 K splits (at most one per K step:
-    measured best at N = 4096 and 14336 on an H100); use_asm defaults to True off the interpreter.
+    config: an MmaConfig (default DEFAULT_CONFIG[BLOCK_M]); split_k defaults to DEFAULT_SPLIT_K K splits (at most
+    one per K step); use_asm defaults to True off the interpreter.
     """
     if not supports(x, q):
         raise ValueError(f"gemv_mma needs 1..128 bf16/fp16 rows, K % blocksize == 0 and blocksize >= 64; got x "
@@ -127,7 +116,7 @@ def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: MmaConfig | 
         use_asm = not interp
     block_n, nb, num_warps, num_stages = config or (INTERPRETER_CONFIG if interp else DEFAULT_CONFIG[block_m])
     if split_k is None:
-        split_k = min(4, triton.cdiv(k // 64, nb))
+        split_k = min(DEFAULT_SPLIT_K, triton.cdiv(k // 64, nb))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, cnt = splitk.workspace(x.device, m * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q)

@@ -89,8 +89,10 @@ def load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lu
     rmask = offs_r < N
     if ALIGNED:
         # K % C == 0 here, so a sub-tile is either wholly inside K or (an unrolled step past K) wholly out:
-        # a row-constant mask keeps the loads vectorizable.
-        mask = (rmask & (k0 < K))[:, None] & (cj[None, :] < HC)
+        # a row-constant mask keeps the loads vectorizable. (k0 < K is compared as a tensor: triton 3.9's
+        # interpreter turns `bool tensor & scalar comparison` into an int32 mask, which its loads reject.)
+        rin = rmask & ((offs_r * 0 + k0) < K)
+        mask = rin[:, None] & (cj[None, :] < HC)
         # Row starts are 16-byte aligned (K % 32 == 0 since K % BS == 0, BS >= 32; k0 % 32 == 0): telling
         # the compiler turns 1-byte loads into 16-byte vector loads.
         base = tl.multiple_of(offs_r * (K // 2) + k0 // 2, 16)
@@ -98,7 +100,7 @@ def load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lu
         v_even = tl.load(lut_ptr + (byts >> 4).to(tl.int32))
         v_odd = tl.load(lut_ptr + (byts & 0xF).to(tl.int32))
         a = _absmax_at(absmax_ptr, code256_ptr, nested_ptr, offset_ptr, offs_r * (K // BS) + k0 // BS,
-                       rmask & (k0 < K), DQ)
+                       rin, DQ)
     else:
         col = k0 + 2 * cj
         idx = offs_r[:, None] * K + col[None, :]
