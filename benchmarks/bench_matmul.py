@@ -200,7 +200,8 @@ MMA_GRID = {16: [(64, 2, 4, 1), (128, 2, 4, 1), (64, 4, 4, 1), (32, 2, 2, 1), (6
 
 
 def tune_mma(log, shapes, ms=(16,)):
-    """Sweep the small-M tensor-core kernel's tiling (kernels/nf4_gemv_mma.py), plus split-K 2 and 4 on the best."""
+    """Sweep the small-M tensor-core kernel's tiling (kernels/nf4_gemv_mma.py) at its default split-K, then split-K
+    1, 2 and 4 on the best."""
     from qlora_core.kernels import nf4_gemv_mma
     out = []
     for n, k in shapes:
@@ -210,7 +211,7 @@ def tune_mma(log, shapes, ms=(16,)):
             grid = MMA_GRID[16 if m <= 16 else 128]
             rows, _ = _sweep(log, f"mma N={n} K={k} M={m}",
                              lambda q, c, sp: nf4_gemv_mma.gemv_mma(x, q, None, config=c, split_k=sp),
-                             qs, grid, splits=(1, 2, 8), grid_split=4)
+                             qs, grid, splits=(1, 2, 4), grid_split=nf4_gemv_mma.DEFAULT_SPLIT_K)
             out += [dict(r, N=n, K=k, M=m) for r in rows]
     return out
 

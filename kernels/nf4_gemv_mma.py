@@ -98,6 +98,7 @@ DEFAULT_CONFIG = {16: MmaConfig(), 32: MmaConfig(), 64: MmaConfig(), 128: MmaCon
 DEFAULT_SPLIT_K = 8
 INTERPRETER_CONFIG = MmaConfig(16, 2, 1, 1)  # small tiles: the interpreter runs every program in Python
 
+
 def gemv_mma(x: torch.Tensor, q, bias: torch.Tensor | None, config: MmaConfig | tuple | None = None,
              split_k: int | None = None, use_asm: bool | None = None) -> torch.Tensor:
     """x (M, K) contiguous bf16/fp16 with M <= 128, q (N, K) 4-bit, K % blocksize == 0 -> y (M, N) in x's dtype.
