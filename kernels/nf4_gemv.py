@@ -56,7 +56,7 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, ne
             v_e, v_o, a = load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
                                          offs_n, kk, N, K, HC, BS, DQ, ALIGNED)
             # x is read contiguously (vector loads) and split into even / odd columns in registers; in the
-            # aligned layout a sub-tile is wholly inside K or wholly past it, so the mask is one scalar.
+            # aligned layout a sub-tile is wholly inside K or wholly past it, so the mask is constant over it.
             offs_c = kk + tl.arange(0, C)
             if ALIGNED:
                 cmask = (offs_c * 0 + kk) < K  # constant over the tile (a tensor: see nf4_tile.load_pair_tile)

@@ -37,7 +37,7 @@ import triton.language as tl
 from qlora_core import backend
 
 from . import splitk
-from .nf4_regdecode import ASM, decodable, decode_word, load_code_words, load_tables, tables
+from .nf4_regdecode import ASM, decodable, decode_columns, load_code_words, load_tables, tables
 from .nf4_tile import absmax_finish, q_args
 
 
@@ -82,12 +82,8 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
             w, raw, nest, xv = _load_step(x_ptr, data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, b0 + ob,
                                           b_hi, K, BS, DQ)
         a = absmax_finish(raw, nest, code256_ptr, offset_ptr, DQ)  # (BN, NB); the table gather hits L1
-        t1, t0, t3, t2, t5, t4, t7, t6 = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
-        # Join the 8 slots back into column order (in registers: joins add an in-thread dimension), so x is
-        # used as loaded: (BN, NB, 8 words, 8 columns) * x[None]. Flat column = 4i + 2j + s for join levels
-        # (i, j, s), so the innermost join pairs even/odd columns.
-        tt = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
-        tt = tl.reshape(tt, (BLOCK_N, NB, 8, 8))
+        # the 8 slots joined back into column order, so x is used as loaded: (BN, NB, 8 words, 8 columns) * x[None]
+        tt = decode_columns(w, tlut_ptr, tab, ASM, USE_ASM)
         d = tl.sum(tt * xv[None, :, :, :], axis=3) - 3.0 * tl.sum(xv, axis=2)[None, :, :]
         acc += a[:, :, None] * d
     out = 2.0 * tl.sum(tl.sum(acc, axis=2), axis=1)

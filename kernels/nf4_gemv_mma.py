@@ -11,7 +11,7 @@ Design
   exactness, which can move a rounding by one ulp); the products run on the tensor cores (swap-AB:
   y.T tile = W tile @ x.T tile, so BLOCK_M may be as small as 16).
 - A word of codes decodes to 8 columns in the order [1, 0, 3, 2, 5, 4, 7, 6]; they are joined back into column
-  order in registers (tl.join adds an in-thread dimension, as in kernels/nf4_gemv1.py), so a thread holds 8
+  order in registers (nf4_regdecode.decode_columns, as in kernels/nf4_gemv1.py), so a thread holds 8
   consecutive columns of W and the tile reaches the MMA's shared-memory operand in 16-byte stores: one dot of
   K = 64 * NB per step. The first version ran one dot per decode slot (column 8w + j of every word, x loaded
   with stride 8): 8 small dots and ~6x the shared-memory stores and barriers, 17-29% slower on an H200
@@ -31,7 +31,7 @@ import triton.language as tl
 from qlora_core import backend
 
 from . import splitk
-from .nf4_regdecode import ASM, decodable, decode_word, load_code_words, load_tables, tables
+from .nf4_regdecode import ASM, decodable, decode_columns, load_code_words, load_tables, tables
 from .nf4_tile import absmax_finish, cast_rne, mma, q_args
 
 
@@ -64,10 +64,8 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
         a = absmax_finish(raw, nest, code256_ptr, offset_ptr, DQ)
         a2 = (2.0 * a)[:, :, None, None]
         a6 = (6.0 * a)[:, :, None, None]
-        t1, t0, t3, t2, t5, t4, t7, t6 = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
-        # (BN, NB, 8 words, 8 columns) in column order; flat column = 4i + 2j + s for join levels (i, j, s)
-        tt = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
-        wt = cast_rne(tl.reshape(tt, (BLOCK_N, NB, 8, 8)) * a2 - a6, dt)   # dequantize(q)'s values
+        tt = decode_columns(w, tlut_ptr, tab, ASM, USE_ASM)       # (BN, NB, 8 words, 8 columns), column order
+        wt = cast_rne(tt * a2 - a6, dt)                            # dequantize(q)'s values
         xt = tl.load(x_ptr + xrow + (b0 * 64 + oc)[:, None],                  # (NB*64, BLOCK_M) = x[m, k].T
                      mask=((b0 + oc // 64) < b_hi)[:, None] & (offs_m < M)[None, :], other=0.0)
         acc = mma(tl.reshape(wt, (BLOCK_N, NB * 64)), xt, acc)

@@ -98,6 +98,17 @@ def decode_word(w, tlut_ptr, tab, ASM: tl.constexpr, USE_ASM: tl.constexpr):
                 tl.load(tlut_ptr + ((w >> 24) & 0xF)), tl.load(tlut_ptr + ((w >> 28) & 0xF)))
 
 
+@triton.jit
+def decode_columns(w, tlut_ptr, tab, ASM: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words (BN, NB, 8) -> fp32 t values (BN, NB, 8 words, 8 columns) in column order: `decode_word`'s 8
+    slots joined back in registers (tl.join adds an in-thread dimension, so a thread ends up holding a word's 8
+    consecutive columns). Flat column = 4i + 2j + s for join levels (i, j, s), so the innermost join pairs
+    even/odd columns."""
+    t1, t0, t3, t2, t5, t4, t7, t6 = decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
+    tt = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
+    return tl.reshape(tt, (w.shape[0], w.shape[1], 8, 8))
+
+
 _TABLES: dict = {}
 
 
