@@ -1,81 +1,177 @@
-"""Tokens/s and peak GPU memory of one full QLoRA training step: ours vs transformers + PEFT + bitsandbytes.
+"""Tokens/s, peak GPU memory and host memory of one QLoRA training step: ours against transformers + PEFT +
+bitsandbytes ("hf"), Unsloth ("unsloth") and HF + Liger-Kernel ("liger"), all measured in the same run.
 
-    python benchmarks/bench_train.py                       # 1B and 8B, batch 1 and 4, seq 2048
-    python benchmarks/bench_train.py --models llama-3.2-1b --batches 1 --iters 3   # quick
-    python benchmarks/bench_train.py --stacks ours --packed-docs 8   # cost of per-document attention in packed rows
+    python3 benchmarks/bench_train.py                        # 1B and 8B, batch 1 and 4, seq 2048, all four stacks
+    python3 benchmarks/bench_train.py --models llama-3.1-8b llama-3.2-1b:4 --deadline 480   # 1B at batch 4 only
+    python3 benchmarks/bench_train.py --stacks ours hf --models llama-3.2-1b --iters 3        # quick
+    python3 benchmarks/bench_train.py --frontier --models llama-3.1-8b:4 --policy full --budget 10 14 20
+    python3 benchmarks/bench_train.py --stacks ours --packed-docs 8   # cost of per-document attention in packed rows
+    python3 benchmarks/bench_train.py --smoke                # CPU: the plumbing on a tiny model (no measurement)
 
-A step is what `qlora_core.train` does per optimizer step: forward over (B, 2048) random tokens with every position
-labelled, backward, grad-norm clipping, paged 8-bit AdamW, zero_grad. Both stacks: random weights built directly
-on the GPU (never an 8B model on the CPU), decoder linears NF4 + double quant, bf16 everywhere else, LoRA r=16
-alpha=32 dropout 0 on all 7 projections (fp32 A/B), gradient checkpointing per block.
-- ours: qlora_core Llama + QuantLinear (Triton NF4 kernels) + apply_lora + PagedAdamW(optim_bits=8) +
-  train.batch_loss (label-only, chunked lm_head/cross entropy);
-- peer: transformers LlamaForCausalLM with bnb Linear4bit, PEFT get_peft_model, bnb PagedAdamW8bit,
+A step is what `qlora_core.train` does per optimizer step: forward over (B, T) random tokens with every position
+labelled, backward, grad-norm clipping (1.0), paged 8-bit AdamW, zero_grad. Every stack: random weights, decoder
+linears NF4 + double quant (blocksize 64), bf16 elsewhere, LoRA r=16 alpha=32 dropout 0 on all 7 projections,
+gradient checkpointing per block, bf16 autocast.
+- ours: qlora_core Llama built block by block on the GPU + QuantLinear (Triton NF4 kernels) + apply_lora (fp32
+  A/B) + PagedAdamW(optim_bits=8) + train.batch_loss (label-only, chunked lm_head / cross entropy); the
+  checkpointing policy is `--policy` / `--budget` (below).
+- hf: transformers LlamaForCausalLM with bnb Linear4bit, PEFT get_peft_model, bnb PagedAdamW8bit,
   model(input_ids, labels=labels).loss (full fp32 logits). prepare_model_for_kbit_training is NOT called (it
   upcasts norms/embeddings to fp32, which only adds memory).
-Each (stack, model) runs in its own subprocess so one's allocations and caches never touch another's peak.
-Timing: 2 warm-up steps (Triton compile, optimizer pages), then `--iters` steps, each synchronized; the median is
-reported. Peak memory = torch.cuda.max_memory_allocated over the timed steps, model and optimizer included.
-The last line printed is one JSON object with every row.
+- liger: the hf stack after liger_kernel's apply_liger_kernel_to_llama (RoPE, RMSNorm, SwiGLU, fused linear
+  cross entropy: no logits tensor), applied before the model exists.
+- unsloth: `import unsloth` first (before transformers / peft), FastLanguageModel.from_pretrained of a random
+  bf16 checkpoint folder (built by a subprocess into /dev/shm while Unsloth imports; QLORA_BENCH_CKPT moves it)
+  with load_in_4bit (its bnb NF4 + double quant), get_peft_model(r=16, alpha=32, dropout 0, 7 projections,
+  use_gradient_checkpointing="unsloth"), bnb PagedAdamW8bit, model(input_ids, labels).loss. Its defaults stay on:
+  it compiles each decoder block (the warm-up steps pay 20-45 s), sets PYTORCH_ALLOC_CONF=expandable_segments,
+  and its "unsloth" checkpointing offloads block inputs to pinned host memory (the "pinned" column).
+Each (stack, model) runs in its own subprocess (ours: one per policy point), so one's allocations, caches and
+patches never touch another's numbers; they run one after another, never at the same time.
+
+Checkpointing policy (ours): each `--policy` name (OUR_POLICIES) and each `--budget` GiB is handed to
+`qlora_core.train.apply_policy(model, policy[, budget_gib=GiB]) -> str | None` once the model is built and
+before the first step; the string it returns (the plan it chose) is printed with the row. Without that function
+in the library only "full" (recompute every block: today's behaviour) and no budget are accepted. A plan that
+depends on the batch shape reads it at the first forward: the process runs its --batches in order.
+`--frontier` measures ours at every (policy, budget) point and each peer's one point, prints them as a table
+and plots tokens/s against peak GPU GiB into --png (pinned host GiB drawn as a dotted extension of the point).
+
+Timing: `--warmup` steps (Triton / torch.compile, optimizer pages), then at least `--iters` timed steps and
+at least `--min-seconds` of them (1B steps of ~0.2 s vary by +-30% between calls), each synchronized; the
+median is reported. Memory, per batch shape, over the timed steps:
+- GPU GiB = torch.cuda.max_memory_allocated (model, LoRA and optimizer state included); "reserved" and
+  "device used" (total - free from cudaMemGetInfo, polled: CUDA context, cuBLAS workspaces, memory outside
+  torch's allocator) are in the detail table and the JSON;
+- pinned GiB = pinned host memory held by torch's pinned allocator at its peak (torch.cuda.host_memory_stats,
+  "allocated_bytes": cached blocks included, since they stay locked in host RAM): what offloading moved off
+  the GPU. RSS peak and RSS growth (peak during the timed steps minus RSS before this shape's warm-up; catches
+  host buffers outside the pinned allocator) are in the detail table and the JSON.
+Output: the detail table (every row), the comparison table (one row per model and B x T: each stack's tok/s,
+GPU GiB, pinned GiB, then ours/HF and ours/Unsloth), the frontier table with --frontier, and one JSON line last.
+A stack that fails or times out prints its stderr tail and shows "-" (or "OOM").
+
+Offline wheels (`--offline-wheels` prints this; benchmarks/device_setup.sh does it, `source` it): the device
+machine has torch, triton, transformers and peft but no internet; carry `.whl` (bitsandbytes) and `.peerwhl`
+(unsloth, unsloth_zoo, liger_kernel, trl, datasets, dill, multiprocess: ../shared/peer-wheels copied into an
+ignored folder of the checkout), then from the repository root:
+
+    python3 -c "import zipfile,glob;[zipfile.ZipFile(w).extractall('/tmp/site') \
+        for w in sorted(glob.glob('.whl/*.whl')+glob.glob('.peerwhl/*.whl'))]"
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
+    export HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import math
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    # --smoke only: the plumbing on the CPU, never a measurement
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
 }
+# The peers build the dense bf16 model first (hf, liger: on the GPU; unsloth: a checkpoint in host RAM), which
+# at 70B (140 GB) fits neither, so 70B rows are ours alone.
+PEER_MODELS = ("llama-3.2-1b", "llama-3.1-8b", "tiny")
 ROPE = dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-HF_REFERENCE = {  # the issue's H100 numbers for the HF stack: (tok/s, GiB)
-    ("llama-3.1-8b", 4): (5706, 21.4), ("llama-3.1-8b", 1): (3255, 9.5), ("llama-3.2-1b", 4): (20510, 15.3)}
+STACKS = ("ours", "hf", "unsloth", "liger")
+LABEL = {"ours": "ours", "hf": "HF", "unsloth": "Unsloth", "liger": "HF+Liger"}
+REQUIRES = {"ours": (), "hf": ("transformers", "peft", "bitsandbytes"),  # checked before a worker starts
+            "liger": ("transformers", "peft", "bitsandbytes", "liger_kernel"),
+            "unsloth": ("unsloth", "unsloth_zoo", "bitsandbytes")}
+OUR_POLICIES = ("full",)  # checkpointing policies of ours that --policy accepts (qlora_core.train.apply_policy)
+LR = 2e-4
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+WORKDIR = os.environ.get("QLORA_BENCH_WORK", "/tmp/qlora_bench_work")  # workers' cwd: Unsloth writes its cache here
+GIB = 2**30
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
 
 
 # -- ours ---------------------------------------------------------------------------------------------------------
-def build_ours(name: str, packed_docs: int = 0):
+def use_checkout() -> None:
+    """Import qlora_core from this checkout. The repository root joins sys.path only in processes that run ours:
+    its top-level kernels/ folder would stand in for the PyPI `kernels` package that transformers probes for."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+
+
+def apply_our_policy(model, policy: str, budget_gib: float | None) -> str | None:
+    """Hand (policy, budget) to qlora_core.train.apply_policy when the library has it; returns its plan string.
+
+    Without apply_policy only policy "full" and no budget are valid (check_points refuses the rest earlier)."""
+    hook = getattr(importlib.import_module("qlora_core.train"), "apply_policy", None)
+    if hook is None:
+        return None
+    plan = hook(model, policy) if budget_gib is None else hook(model, policy, budget_gib=budget_gib)
+    return None if plan is None else str(plan)
+
+
+def build_ours(name: str, policy: str = "full", budget_gib: float | None = None, packed_docs: int = 0,
+               device: str = "cuda"):
+    """(step(ids, labels) -> loss, notes) of our stack on SHAPES[name], built one block at a time on `device`."""
+    use_checkout()
     from qlora_core.llama import Llama, LlamaConfig
     from qlora_core.lora import apply_lora
     from qlora_core.optim import PagedAdamW
     from qlora_core.qlinear import QuantLinear
+    from qlora_core.train import batch_loss
 
     cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072)
     with torch.device("meta"):
         model = Llama(cfg, dtype=torch.bfloat16)
-    # materialize one block at a time on the GPU: peak = quantized model + one dense block
+    # materialize one block at a time: peak = quantized model + one dense block (never a 70B model in bf16)
     for mod in [model.model.embed_tokens, model.model.norm] + ([] if cfg.tie_word_embeddings else [model.lm_head]):
-        mod.to_empty(device="cuda")
+        mod.to_empty(device=device)
         with torch.no_grad():
             mod.weight.normal_(0, 0.02) if mod.weight.dim() == 2 else mod.weight.fill_(1.0)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     for layer in model.model.layers:
-        layer.to_empty(device="cuda")
-        for n, p in layer.named_parameters():
+        layer.to_empty(device=device)
+        for p in layer.parameters():
             with torch.no_grad():
                 p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
         for parent in (layer.self_attn, layer.mlp):
             for child, lin in list(parent.named_children()):
                 setattr(parent, child, QuantLinear.from_linear(lin, "nf4", 64, True))
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules=TARGETS, dtype=torch.float32)
     model.gradient_checkpointing = True
     model.train()
+    notes = {"policy": policy, "budget_gib": budget_gib, "plan": apply_our_policy(model, policy, budget_gib)}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0, optim_bits=8)
-
-    from qlora_core.train import batch_loss
+    opt = PagedAdamW(params, lr=LR, weight_decay=0.0, optim_bits=8)
 
     def packing(B, T):
         """position_ids / document_ids of rows made of `packed_docs` equal documents (what TrainConfig.pack_isolate
@@ -83,31 +179,40 @@ def build_ours(name: str, packed_docs: int = 0):
         if not packed_docs:
             return None, None
         L = -(-T // packed_docs)
-        pos = (torch.arange(T, device="cuda") % L).expand(B, T)
-        return pos, (torch.arange(T, device="cuda") // L).expand(B, T)
+        pos = (torch.arange(T, device=device) % L).expand(B, T)
+        return pos, (torch.arange(T, device=device) // L).expand(B, T)
 
     def step(ids, labels):
         pos, doc = packing(*ids.shape)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             s, n = batch_loss(model, ids, labels, pos, doc)
-        (s / n).backward()
+        loss = s / n
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step
+        return loss.detach()
+    return step, notes
 
 
-# -- transformers + PEFT + bitsandbytes ----------------------------------------------------------------------------
-def build_hf(name: str):
+# -- transformers + PEFT + bitsandbytes, with or without Liger ----------------------------------------------------
+def special_ids(vocab: int) -> dict[str, int]:
+    """Llama-3's bos / eos / pad ids (128000, 128001, 128004 of 128256), placed the same way in any vocabulary."""
+    return {"bos": vocab - 256, "eos": vocab - 255, "pad": vocab - 252}
+
+
+def hf_config(name: str):
+    from transformers import LlamaConfig
+
+    ids = special_ids(SHAPES[name]["vocab_size"])
+    return LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                       bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], use_cache=False)
+
+
+def quantize_hf_linears(model, device: str) -> None:
+    """Decoder linears -> bnb Linear4bit (NF4, double quant, blocksize 64, bf16 compute), layer by layer."""
     import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for child, lin in list(parent.named_children()):
@@ -116,47 +221,253 @@ def build_hf(name: str):
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
                                       compress_statistics=True, quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", blocksize=64).to("cuda")
+                                             quant_type="nf4", blocksize=64).to(device)
                 setattr(parent, child, q)
         torch.cuda.empty_cache()
+
+
+def build_hf(name: str, device: str = "cuda", liger: bool = False):
+    """(step, notes) of the HF stack; liger=True patches the Llama modules with Liger's kernels first. On the CPU
+    (--smoke) the linears stay dense bf16 and the optimizer is torch AdamW: bnb's 4-bit and paged paths need CUDA."""
+    notes = {}
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        # before the model exists: patches LlamaRMSNorm, LlamaMLP (SwiGLU), apply_rotary_pos_emb and
+        # LlamaForCausalLM.forward (fused linear cross entropy: training never materializes the logits)
+        apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True,
+                                    swiglu=True)
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_config(name))
+    torch.set_default_dtype(torch.float32)
+    if device == "cuda":
+        quantize_hf_linears(model, device)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS),
                                              task_type="CAUSAL_LM"))
     model.train()
+    if liger:
+        import transformers.models.llama.modeling_llama as ml
+
+        notes["liger_patched"] = {"mlp": ml.LlamaMLP.__name__, "norm": ml.LlamaRMSNorm.__name__,
+                                  "rope": ml.apply_rotary_pos_emb.__module__}
+    return peer_step(model, device), notes
+
+
+def peer_step(model, device: str):
+    """step(ids, labels) -> loss of a transformers-style model: bf16 autocast forward with labels, backward, clip,
+    bnb PagedAdamW8bit (torch AdamW on the CPU), zero_grad."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    if device == "cuda":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.PagedAdamW8bit(params, lr=LR, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 
     def step(ids, labels):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
     return step
 
 
-# -- measuring ----------------------------------------------------------------------------------------------------
-def measure(step, batch: int, seq: int, vocab: int, iters: int, warmup: int = 2) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    # fresh tokens per step (rotating inputs), every position labelled
-    batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(warmup + iters)]
-    for ids in batches[:warmup]:
-        step(ids, ids)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for ids in batches[warmup:]:
+# -- Unsloth ------------------------------------------------------------------------------------------------------
+def param_bytes(name: str) -> int:
+    """bf16 bytes of SHAPES[name]'s weights (what its checkpoint folder holds)."""
+    s = SHAPES[name]
+    h, i, L, d = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["head_dim"]
+    attn = h * d * (2 * s["num_attention_heads"] + 2 * s["num_key_value_heads"])
+    embed = s["vocab_size"] * h * (1 if s["tie_word_embeddings"] else 2)
+    return 2 * (embed + L * (attn + 3 * h * i))
+
+
+def ckpt_dir(name: str) -> str:
+    """Where model `name`'s checkpoint folder goes: QLORA_BENCH_CKPT/name, else /dev/shm (tmpfs: written and
+    read at memory speed) when a complete one is there or it has room with a margin, else /tmp."""
+    if os.environ.get("QLORA_BENCH_CKPT"):
+        return os.path.join(os.environ["QLORA_BENCH_CKPT"], name)
+    shm = os.path.join("/dev/shm/qlora_bench_ckpt", name)
+    try:
+        roomy = shutil.disk_usage("/dev/shm").free > 1.25 * param_bytes(name) + 2 * GIB
+    except OSError:
+        roomy = False
+    if roomy or os.path.exists(os.path.join(shm, ".complete")):
+        return shm
+    return os.path.join("/tmp/qlora_bench_ckpt", name)
+
+
+def save_tokenizer(folder: str, vocab: int) -> None:
+    """A word-level tokenizer over the whole Llama-3 vocabulary: only ids matter, but Unsloth loads one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ids = special_ids(vocab)
+    names = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|finetune_right_pad_id|>"}
+    words = {f"<t{i}>": i for i in range(vocab) if i not in ids.values()}
+    words.update({names[k]: i for k, i in ids.items()})
+    tk = Tokenizer(models.WordLevel(vocab=words, unk_token="<t0>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=names["bos"], eos_token=names["eos"],
+                                  pad_token=names["pad"], model_max_length=131072)
+    tok.save_pretrained(folder)
+
+
+def make_checkpoint(name: str, folder: str, device: str) -> None:
+    """Write a random-weight bf16 HF folder for SHAPES[name] (HF init: normal(0, 0.02), norms 1) plus a tokenizer
+    into `folder` once (its .complete marker is written last); a second builder waits on the folder's lock."""
+    import fcntl
+
+    from transformers import LlamaForCausalLM
+
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, ".lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(os.path.join(folder, ".complete")):
         t0 = time.perf_counter()
-        step(ids, ids)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(device):
+            model = LlamaForCausalLM(hf_config(name))
+        torch.set_default_dtype(torch.float32)
+        model.save_pretrained(folder, max_shard_size="5GB")
+        save_tokenizer(folder, SHAPES[name]["vocab_size"])
+        open(os.path.join(folder, ".complete"), "w").write("ok\n")
+        log(f"checkpoint {folder}: {time.perf_counter() - t0:.1f} s")
+
+
+def build_unsloth(name: str, seq: int, device: str = "cuda"):
+    """(step, notes) of Unsloth. The checkpoint folder is written by a subprocess while `import unsloth` runs."""
+    if importlib.util.find_spec("unsloth") is None:
+        raise ImportError("No module named 'unsloth' (carry .peerwhl and source benchmarks/device_setup.sh)")
+    folder = ckpt_dir(name)
+    notes = {"checkpoint": folder}
+    builder = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--mkckpt", name, folder,
+                                "--device", device], stdout=sys.stderr, stderr=sys.stderr)
+    t0 = time.perf_counter()
+    env_before = dict(os.environ)
+    try:
+        import unsloth  # noqa: F401  (must come before transformers / peft / trl: it patches them)
+        from unsloth import FastLanguageModel
+    except BaseException:
+        builder.kill()
+        raise
+    notes["import_s"] = round(time.perf_counter() - t0, 1)
+    notes["env_set_by_unsloth"] = {k: v for k, v in os.environ.items() if env_before.get(k) != v}
+    if builder.wait() != 0:
+        raise RuntimeError(f"checkpoint builder for {name} exited {builder.returncode}")
+    notes["ckpt_ready_s"] = round(time.perf_counter() - t0, 1)
+    model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=True, use_gradient_checkpointing="unsloth")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+                                             target_modules=list(TARGETS), use_gradient_checkpointing="unsloth",
+                                             random_state=3407)
+    FastLanguageModel.for_training(model)
+    model.train()
+    notes["loaded_s"] = round(time.perf_counter() - t0, 1)
+    return peer_step(model, device), notes
+
+
+# -- measuring ----------------------------------------------------------------------------------------------------
+def rss_bytes() -> int | None:
+    """Resident set size of this process (Linux /proc), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Sampler:
+    """Peak RSS and device memory in use (total - free), polled on a daemon thread every `period` s and after
+    each step: levels that no allocator counter records (unpinned host buffers, CUDA context, cuBLAS workspaces)."""
+
+    def __init__(self, cuda: bool, period: float = 0.025):
+        self.cuda, self.period = cuda, period
+        self.rss_peak = self.dev_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def poll(self) -> None:
+        self.rss_peak = max(self.rss_peak, rss_bytes() or 0)
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info()
+            self.dev_peak = max(self.dev_peak, total - free)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.poll()
+
+    def __enter__(self):
+        self.poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def reset(self) -> None:
+        self.rss_peak = self.dev_peak = 0
+        self.poll()
+
+
+def pinned_stats() -> dict:
+    """Pinned host GiB held (cached blocks included) and in use at their peaks, from torch's pinned allocator
+    (None where this torch has no such counter)."""
+    stats = getattr(torch.cuda, "host_memory_stats", dict)()
+    gib = lambda key: stats[key] / GIB if key in stats else None  # noqa: E731
+    return {"pinned_gib": gib("allocated_bytes.peak"), "pinned_active_gib": gib("active_bytes.peak")}
+
+
+def measure(step, batch: int, seq: int, vocab: int, iters: int, device: str, warmup: int = 2,
+            min_seconds: float = 0.0, max_steps: int = 200) -> dict:
+    """Warm up, then time >= iters and >= min_seconds synchronized steps on fresh random tokens (every position
+    labelled); the row: median step time, tok/s, GPU / pinned / RSS peaks over the timed steps, first and last loss."""
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    g = torch.Generator(device=device).manual_seed(0)
+    pool = [torch.randint(0, vocab, (batch, seq), device=device, generator=g) for _ in range(warmup + iters)]
+    rss0 = rss_bytes() or 0
+    with Sampler(cuda) as mem:
+        warm = []
+        for ids in pool[:warmup]:
+            t0 = time.perf_counter()
+            step(ids, ids)
+            sync()
+            warm.append(round(time.perf_counter() - t0, 3))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            getattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)()
+        mem.reset()
+        times, losses = [], []
+        while len(times) < max_steps and (len(times) < iters or sum(times) < min_seconds):
+            ids = pool[warmup + len(times) % iters]
+            t0 = time.perf_counter()
+            loss = step(ids, ids)
+            sync()
+            times.append(time.perf_counter() - t0)
+            losses.append(loss)
+            mem.poll()
     med = statistics.median(times)
-    return {"batch": batch, "seq": seq, "step_s": med, "tok_s": batch * seq / med,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    row = {"batch": batch, "seq": seq, "steps": len(times), "step_s": med, "tok_s": batch * seq / med,
+           "times_s": [round(t, 4) for t in times], "warmup_s": warm,
+           "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
+           "rss_peak_gib": mem.rss_peak / GIB, "rss_growth_gib": (mem.rss_peak - rss0) / GIB}
+    if cuda:
+        row.update(gpu_gib=torch.cuda.max_memory_allocated() / GIB, reserved_gib=torch.cuda.max_memory_reserved() / GIB,
+                   device_used_gib=mem.dev_peak / GIB, **pinned_stats())
+    return row
 
 
 def profile(step, batch: int, seq: int, vocab: int, top: int = 18) -> None:
@@ -168,86 +479,440 @@ def profile(step, batch: int, seq: int, vocab: int, top: int = 18) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
 
 
-def worker(stack: str, name: str, batches: list[int], seq: int, iters: int, prof: bool = False,
-           packed_docs: int = 0) -> None:
-    step = build_ours(name, packed_docs) if stack == "ours" else build_hf(name)
-    if prof:
-        measure(step, batches[0], seq, SHAPES[name]["vocab_size"], 1)
-        profile(step, batches[0], seq, SHAPES[name]["vocab_size"])
+def build(stack: str, name: str, a) -> tuple:
+    """(step, notes) of `stack` on model `name` from the worker's arguments."""
+    if stack == "ours":
+        return build_ours(name, a.policy[0], a.budget[0] if a.budget else None, a.packed_docs, a.device)
+    if stack == "unsloth":
+        return build_unsloth(name, a.seq, a.device)
+    return build_hf(name, a.device, liger=stack == "liger")
+
+
+def worker(stack: str, name: str, a) -> None:
+    """Build one stack in this process and print one `ROW {json}` line per batch size (an OOM is a row too)."""
+    if a.device == "cpu":
+        torch.set_num_threads(1)  # tiny smoke shapes: extra threads only wait on each other (tests/conftest.py)
+    t0 = time.perf_counter()
+    try:
+        step, notes = build(stack, name, a)
+    except ImportError as e:
+        log(f"bench_train worker: {stack} cannot be imported: {type(e).__name__}: {e}")
+        sys.exit(3)
+    notes["build_s"] = round(time.perf_counter() - t0, 1)
+    vocab = SHAPES[name]["vocab_size"]
+    if a.profile:
+        measure(step, a.batches[0], a.seq, vocab, 1, a.device, a.warmup)
+        profile(step, a.batches[0], a.seq, vocab)
         return
-    for b in batches:
+    for b in a.batches:
         try:
-            row = measure(step, b, seq, SHAPES[name]["vocab_size"], iters)
+            row = measure(step, b, a.seq, vocab, a.iters, a.device, a.warmup, a.min_seconds)
         except torch.OutOfMemoryError as e:
-            row = {"batch": b, "seq": seq, "error": f"OOM: {str(e)[:120]}"}
+            row = {"batch": b, "seq": a.seq, "error": f"OOM: {str(e)[:160]}"}
             torch.cuda.empty_cache()
-        row.update(stack=stack, model=name)
+        row.update(stack=stack, model=name, notes=notes,
+                   gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
         print("ROW " + json.dumps(row), flush=True)
 
 
-def versions() -> dict:
-    v = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for mod in ("triton", "bitsandbytes", "transformers", "peft"):
+# -- driver -------------------------------------------------------------------------------------------------------
+def parse_models(specs: list[str], batches: list[int]) -> list[tuple[str, list[int]]]:
+    """["llama-3.1-8b", "llama-3.2-1b:4"] -> [(name, batch sizes)]: a ":B,B" suffix overrides --batches."""
+    plan = []
+    for spec in specs:
+        name, _, bs = spec.partition(":")
+        if name not in SHAPES:
+            raise SystemExit(f"bench_train.py: --models {spec!r}: unknown model {name!r} (one of {', '.join(SHAPES)})")
         try:
-            v[mod] = __import__(mod).__version__
-        except ImportError:
-            v[mod] = None
+            sizes = [int(b) for b in bs.split(",")] if bs else list(batches)
+        except ValueError:
+            raise SystemExit(f"bench_train.py: --models {spec!r}: batch sizes after ':' must be integers like 1,4")
+        plan.append((name, sizes))
+    return plan
+
+
+def parse_timeouts(items: list[str]) -> dict[str, float]:
+    """["200", "unsloth=400"] -> seconds per stack's subprocess: a bare number sets every stack, STACK=S one."""
+    out = dict.fromkeys(STACKS, 300.0)
+    for item in items:
+        stack, _, sec = item.rpartition("=")
+        try:
+            value = float(sec)
+        except ValueError:
+            raise SystemExit(f"bench_train.py: --timeout {item!r}: expected SECONDS or STACK=SECONDS")
+        if stack and stack not in STACKS:
+            raise SystemExit(f"bench_train.py: --timeout {item!r}: unknown stack {stack!r} "
+                             f"(one of {', '.join(STACKS)})")
+        out.update({stack: value} if stack else dict.fromkeys(STACKS, value))
+    return out
+
+
+def our_points(policies: list[str] | None, budgets: list[float], frontier: bool) -> list[tuple[str, float | None]]:
+    """Ours' (policy, budget GiB or None) points: every policy x every budget (or no budget); checked here, before
+    any subprocess starts, against OUR_POLICIES and what qlora_core.train offers."""
+    policies = policies or (list(OUR_POLICIES) if frontier else ["full"])
+    bad = [p for p in policies if p not in OUR_POLICIES]
+    if bad:
+        raise SystemExit(f"bench_train.py: --policy {bad[0]!r}: not one of OUR_POLICIES {OUR_POLICIES}")
+    if any(b <= 0 for b in budgets):
+        raise SystemExit(f"bench_train.py: --budget {budgets}: every budget must be > 0 GiB")
+    use_checkout()
+    has_hook = hasattr(importlib.import_module("qlora_core.train"), "apply_policy")
+    if not has_hook and (budgets or policies != ["full"]):
+        raise SystemExit("bench_train.py: --policy other than 'full' and --budget need qlora_core.train.apply_policy, "
+                         "which this checkout does not define")
+    points = [(p, b) for p in policies for b in (budgets or [None])]
+    if len(points) > 1 and not frontier:
+        raise SystemExit(f"bench_train.py: {len(points)} --policy/--budget points need --frontier "
+                         "(one point otherwise)")
+    return points
+
+
+def point_label(point: tuple[str, float | None] | None) -> str | None:
+    if point is None:
+        return None
+    policy, budget = point
+    return policy if budget is None else f"{policy}@{budget:g}GiB"
+
+
+def versions() -> dict:
+    """Installed versions (package metadata: nothing is imported, so Unsloth patches nothing in this process)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    v = {}
+    for pkg in ("torch", "triton", "bitsandbytes", "transformers", "peft", "unsloth", "unsloth_zoo", "liger_kernel"):
+        try:
+            v[pkg] = version(pkg)
+        except PackageNotFoundError:
+            v[pkg] = None
     return v
 
 
-def main() -> None:
+def worker_env(stack: str) -> dict:
+    """The environment of a worker: offline settings; a peer's PYTHONPATH loses this checkout (use_checkout)."""
+    env = dict(os.environ, **OFFLINE_ENV)
+    if stack != "ours":
+        keep = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != ROOT]
+        env["PYTHONPATH"] = os.pathsep.join(keep)
+    return env
+
+
+def run_worker(cmd: list[str], env: dict, timeout: float, log_path: str | None
+               ) -> tuple[list[dict], str | None, str, float]:
+    """Run one worker in its own session with stdout/stderr in files; kill its whole process group afterwards
+    (compile workers, a checkpoint builder). Returns (ROW dicts, why it failed or None, stderr, wall seconds)."""
+    os.makedirs(WORKDIR, exist_ok=True)
+    paths = [os.path.join(WORKDIR, f"worker{os.getpid()}.{k}") for k in ("out", "err")]
+    t0 = time.perf_counter()
+    with open(paths[0], "w") as out, open(paths[1], "w") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=WORKDIR, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait()
+    wall = time.perf_counter() - t0
+    stdout, stderr = (open(path, errors="replace").read() for path in paths)
+    if log_path:
+        with open(log_path, "a") as f:
+            f.write(f"\n==== {' '.join(cmd[2:])} (rc={rc}, {wall:.0f} s)\n{stdout}\n---- stderr\n{stderr}")
+    rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    if rc is None:
+        why = f"timeout after {timeout:.0f} s"
+    else:
+        why = None if rc == 0 else (lines[-1] if lines else f"exit {rc}")
+    return rows, why, stderr, wall
+
+
+def load_reused(path: str | None) -> dict:
+    """Peer rows (with tok/s) of an earlier run's JSON (the --json file or a log whose last line is the JSON),
+    keyed (stack, model, batch, seq)."""
+    if not path:
+        return {}
+    data = json.loads(open(path).read().strip().splitlines()[-1])
+    return {(r["stack"], r["model"], r["batch"], r["seq"]): dict(r, reused=path)
+            for r in data["rows"] if r.get("stack") != "ours" and "tok_s" in r}
+
+
+def worker_cmd(a, stack: str, name: str, batches: list[int], point) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, name, "--device", a.device,
+           "--seq", str(a.seq), "--iters", str(a.iters), "--warmup", str(a.warmup),
+           "--min-seconds", str(a.min_seconds), "--packed-docs", str(a.packed_docs),
+           "--batches", *map(str, batches)]
+    if point is not None:
+        cmd += ["--policy", point[0]] + ([] if point[1] is None else ["--budget", str(point[1])])
+    return cmd
+
+
+def skip_reason(stack: str, name: str, left: float, deadline: float) -> str | None:
+    """Why (stack, model) is not run at all, or None."""
+    missing = [m for m in REQUIRES[stack] if importlib.util.find_spec(m) is None]
+    if stack != "ours" and name not in PEER_MODELS:
+        return "not run: the peers build the dense bf16 model first, which does not fit at this size"
+    if missing:
+        return f"not installed: {', '.join(missing)} (carry .whl and .peerwhl, source benchmarks/device_setup.sh)"
+    if left < 30:
+        return f"skipped: --deadline {deadline:.0f} s reached"
+    return None
+
+
+def run_stack(a, base: dict, batches: list[int], timeout: float) -> tuple[list[dict], dict | None]:
+    """One worker for (stack, model[, point]): its rows plus an error row per missing batch, and the failure."""
+    tag = " ".join(filter(None, [base["stack"], base["model"], base["point"]]))
+    point = None if base["stack"] != "ours" else next(p for p in a.points if point_label(p) == base["point"])
+    cmd = worker_cmd(a, base["stack"], base["model"], batches, point)
+    got, why, stderr, wall = run_worker(cmd, worker_env(base["stack"]), timeout, a.log)
+    for r in got:
+        r.update(point=base["point"], wall_s=round(wall, 1))
+    done = {r["batch"] for r in got}
+    print(f"# {tag}: {wall:.0f} s, {len(done)}/{len(batches)} shapes", flush=True)
+    if len(done) == len(batches):
+        return got, None
+    why = why or "the worker printed no row"
+    print(f"# {tag} failed: {why}\n#   stderr tail:\n" +
+          "\n".join("#   " + ln for ln in stderr[-a.tail:].splitlines()), flush=True)
+    return got + [dict(base, batch=b, error=why) for b in batches if b not in done], \
+        dict(base, error=why, stderr_tail=stderr[-a.tail:])
+
+
+def run_all(a, plan: list[tuple[str, list[int]]]) -> tuple[list[dict], list[dict]]:
+    """Every (model, stack[, ours point]) in order, one subprocess each; rows not measured carry an error."""
+    rows, failures = [], []
+    reused = load_reused(a.reuse)
+    t_start = time.perf_counter()
+    for name, batches in plan:
+        for stack in a.stacks:
+            for point in (a.points if stack == "ours" else [None]):
+                base = {"stack": stack, "model": name, "seq": a.seq, "point": point_label(point)}
+                old = [reused.get((stack, name, b, a.seq)) for b in batches]
+                left = a.deadline - (time.perf_counter() - t_start) if a.deadline else math.inf
+                why = skip_reason(stack, name, left, a.deadline)
+                if all(old):
+                    rows += old
+                    print(f"# {stack} {name}: rows reused from {a.reuse}", flush=True)
+                elif why:
+                    rows += [dict(base, batch=b, error=why) for b in batches]
+                    print(f"# {stack} {name}: {why}", flush=True)
+                else:
+                    got, failure = run_stack(a, base, batches, min(a.timeout[stack], left))
+                    rows += got
+                    failures += [failure] if failure else []
+    return rows, failures
+
+
+# -- tables -------------------------------------------------------------------------------------------------------
+def print_table(header: list[str], body: list[list[str]]) -> None:
+    """A markdown table, padded so it also reads as plain text."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)  # noqa: E731
+                                           for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    print("\n" + line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for cells in body:
+        print(line(cells))
+
+
+def cell(row: dict | None, key: str, spec: str) -> str:
+    """row[key] formatted, or "OOM" / "-" when the row failed or lacks the value."""
+    if row is None or "error" in row:
+        return "OOM" if row and row["error"].startswith("OOM") else "-"
+    v = row.get(key)
+    return "-" if v is None else format(v, spec)
+
+
+def ratio(a: dict | None, b: dict | None, key: str) -> str:
+    ok = a and b and a.get(key) is not None and b.get(key)
+    return f"{a[key] / b[key]:.2f}x" if ok else "-"
+
+
+def find(rows: list[dict], stack: str, model: str, batch: int) -> dict | None:
+    """The row of (stack, model, batch); for ours its first point's (rows keep the order of the points)."""
+    return next((r for r in rows if (r["stack"], r["model"], r["batch"]) == (stack, model, batch)), None)
+
+
+def detail_table(rows: list[dict]) -> None:
+    head = ["stack", "point", "model", "B x T", "steps", "step s", "tok/s", "GPU GiB", "reserved", "dev used",
+            "pinned GiB", "pinned act", "RSS GiB", "RSS +GiB", "loss", "note"]
+    body = []
+    for r in rows:
+        note = r.get("error") or (r.get("notes") or {}).get("plan") or ("reused" if r.get("reused") else "")
+        loss = f"{r['loss_first']:.3f}>{r['loss_last']:.3f}" if "loss_first" in r else "-"
+        body.append([LABEL[r["stack"]], r.get("point") or "", r["model"], f"{r['batch']}x{r['seq']}",
+                     cell(r, "steps", "d"), cell(r, "step_s", ".3f"), cell(r, "tok_s", ",.0f"),
+                     cell(r, "gpu_gib", ".2f"), cell(r, "reserved_gib", ".2f"), cell(r, "device_used_gib", ".2f"),
+                     cell(r, "pinned_gib", ".2f"), cell(r, "pinned_active_gib", ".2f"),
+                     cell(r, "rss_peak_gib", ".2f"), cell(r, "rss_growth_gib", ".2f"), loss, str(note)[:60]])
+    print_table(head, body)
+
+
+def comparison_table(rows: list[dict], plan, stacks: list[str], seq: int) -> None:
+    """One row per (model, B x T): each stack's tok/s, GPU GiB and pinned host GiB, then ours/HF and ours/Unsloth."""
+    head = ["model", "B x T"]
+    for s in stacks:
+        head += [f"{LABEL[s]} tok/s", f"{LABEL[s]} GPU GiB", f"{LABEL[s]} pinned GiB"]
+    vs = [s for s in ("hf", "unsloth") if s in stacks and "ours" in stacks]
+    for s in vs:
+        head += [f"ours/{LABEL[s]} tok/s", f"ours/{LABEL[s]} GPU"]
+    body = []
+    for name, batches in plan:
+        for b in batches:
+            got = {s: find(rows, s, name, b) for s in stacks}
+            line = [name, f"{b}x{seq}"]
+            for s in stacks:
+                line += [cell(got[s], key, spec) for key, spec in (("tok_s", ",.0f"), ("gpu_gib", ".2f"),
+                                                                    ("pinned_gib", ".2f"))]
+            for s in vs:
+                line += [ratio(got["ours"], got[s], "tok_s"), ratio(got["ours"], got[s], "gpu_gib")]
+            body.append(line)
+    print_table(head, body)
+    print("GPU GiB = torch.cuda.max_memory_allocated; pinned GiB = pinned host memory held (torch's pinned "
+          "allocator) at its peak, i.e. what offloading moved off the GPU; both over the timed steps.")
+
+
+def frontier_table(rows: list[dict], plan, seq: int) -> None:
+    head = ["model", "B x T", "stack", "point", "tok/s", "GPU GiB", "pinned GiB", "tok/s / HF", "GPU / HF",
+            "tok/s / Unsloth", "GPU / Unsloth"]
+    body = []
+    for name, batches in plan:
+        for b in batches:
+            hf, un = find(rows, "hf", name, b), find(rows, "unsloth", name, b)
+            for r in rows:
+                if (r["model"], r["batch"]) == (name, b):
+                    body.append([name, f"{b}x{seq}", LABEL[r["stack"]], r.get("point") or "",
+                                 cell(r, "tok_s", ",.0f"), cell(r, "gpu_gib", ".2f"), cell(r, "pinned_gib", ".2f"),
+                                 ratio(r, hf, "tok_s"), ratio(r, hf, "gpu_gib"), ratio(r, un, "tok_s"),
+                                 ratio(r, un, "gpu_gib")])
+    print_table(head, body)
+
+
+def plot_frontier(rows: list[dict], plan, seq: int, png: str) -> str | None:
+    """Tokens/s against peak GPU GiB, one panel per (model, B x T): ours' points joined in memory order and
+    labelled by policy, each peer's one point; pinned host GiB drawn as a dotted extension to the right. CPU rows
+    (--smoke) have no GPU peak and are drawn against peak RSS instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = [r for r in rows if "tok_s" in r]
+    xkey = "gpu_gib" if any("gpu_gib" in r for r in good) else "rss_peak_gib"
+    panels = [(n, b) for n, bs in plan for b in bs if any((r["model"], r["batch"]) == (n, b) for r in good)]
+    if not panels:
+        print("# frontier: no measured point, no plot")
+        return None
+    cols = min(2, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(7 * cols, 5 * -(-len(panels) // cols)),
+                             squeeze=False)
+    style = {"ours": ("o-", "C0"), "hf": ("s", "C1"), "unsloth": ("^", "C2"), "liger": ("D", "C3")}
+    for ax, (name, b) in zip(axes.flat, panels):
+        for stack in STACKS:
+            pts = sorted((r for r in good if (r["stack"], r["model"], r["batch"]) == (stack, name, b)),
+                         key=lambda r: r[xkey])
+            if not pts:
+                continue
+            marker, color = style[stack]
+            ax.plot([r[xkey] for r in pts], [r["tok_s"] for r in pts], marker, color=color, label=LABEL[stack])
+            for r in pts:
+                text = r.get("point") or LABEL[stack]
+                if r.get("pinned_gib", 0) >= 0.01:
+                    ax.plot([r[xkey], r[xkey] + r["pinned_gib"]], [r["tok_s"]] * 2, ":", color=color)
+                    text += f" (+{r['pinned_gib']:.1f} GiB pinned)"
+                ax.annotate(text, (r[xkey], r["tok_s"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_title(f"{name} {b}x{seq}")
+        ax.set_xlabel("peak GPU GiB (max_memory_allocated)" if xkey == "gpu_gib" else "peak RSS GiB (CPU smoke)")
+        ax.set_ylabel("tokens/s")
+        ax.margins(0.15)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    print(f"# frontier plot: {png}")
+    return png
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"],
+                    help=f"models in run order, each NAME or NAME:B,B to override --batches ({', '.join(SHAPES)})")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--iters", type=int, default=5, help="timed steps per shape (median reported)")
-    ap.add_argument("--stacks", nargs="+", default=["ours", "hf"], choices=["ours", "hf"])
-    ap.add_argument("--timeout", type=int, default=300, help="seconds per (stack, model) subprocess")
-    ap.add_argument("--profile", nargs=2, metavar=("STACK", "MODEL"),
-                    help="profile one step of STACK on MODEL at the first --batches value (no table)")
+    ap.add_argument("--iters", type=int, default=5, help="timed steps per shape at least (median reported)")
+    ap.add_argument("--min-seconds", type=float, default=5.0, help="timed seconds per shape at least (more steps)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per shape first (compile, optimizer pages)")
+    ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS)
+    ap.add_argument("--policy", nargs="+", help=f"ours' checkpointing policies (of {OUR_POLICIES}); default full, "
+                    "with --frontier all of them")
+    ap.add_argument("--budget", nargs="+", type=float, default=[], help="ours' GPU memory budgets in GiB (each "
+                    "combined with each --policy) for qlora_core.train.apply_policy")
+    ap.add_argument("--frontier", action="store_true", help="every policy/budget point of ours and each peer's "
+                    "point: a frontier table and a tokens/s vs peak GiB plot into --png")
+    ap.add_argument("--png", default=os.path.join(ROOT, "docs", "train_frontier.png"), help="frontier plot path")
+    ap.add_argument("--timeout", nargs="+", default=["300"], help="seconds per (stack, model) subprocess: "
+                    "SECONDS for all stacks and/or STACK=SECONDS (e.g. 200 unsloth=360)")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds for the whole run: no subprocess starts "
+                    "later and each is cut at it, so the tables always print (0: none)")
+    ap.add_argument("--tail", type=int, default=2500, help="characters of a failed worker's stderr to print")
+    ap.add_argument("--log", help="append every worker's stdout and stderr to this file")
+    ap.add_argument("--json", help="also write the final JSON object to this file")
+    ap.add_argument("--reuse", metavar="JSON", help="take peer rows (hf, unsloth, liger) of the same model, batch "
+                    "and seq from an earlier run's --json file instead of measuring them again (marked reused)")
     ap.add_argument("--packed-docs", type=int, default=0,
                     help="ours: rows of N packed documents with per-document attention (TrainConfig.pack_isolate)")
+    ap.add_argument("--profile", nargs=2, metavar=("STACK", "MODEL"),
+                    help="profile one step of STACK on MODEL at the first --batches value (in this process)")
+    ap.add_argument("--smoke", action="store_true", help="CPU plumbing check on a tiny model (seq 64, batches "
+                    "1 2, 2 timed steps): no measurement")
+    ap.add_argument("--offline-wheels", action="store_true", help="print benchmarks/device_setup.sh and exit")
     ap.add_argument("--worker", nargs=2, metavar=("STACK", "MODEL"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker or args.profile:
-        worker(*(args.worker or args.profile), args.batches, args.seq, args.iters, prof=bool(args.profile),
-               packed_docs=args.packed_docs)
+    ap.add_argument("--mkckpt", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.device, a.models, a.batches, a.seq, a.iters, a.warmup, a.min_seconds = "cpu", ["tiny"], [1, 2], 64, 2, 1, 0
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if a.offline_wheels:
+        print(open(os.path.join(ROOT, "benchmarks", "device_setup.sh")).read())
         return
+    if a.mkckpt:
+        make_checkpoint(*a.mkckpt, a.device)
+        return
+    if a.worker or a.profile:
+        a.policy = a.policy or ["full"]
+        stack, name = a.worker or a.profile
+        worker(stack, name, a)
+        return
+    plan = parse_models(a.models, a.batches)
+    a.timeout = parse_timeouts(a.timeout)
+    a.points = our_points(a.policy, a.budget, a.frontier)
     info = versions()
-    print(f"# {info}")
-    rows = []
-    for name in args.models:
-        for stack in args.stacks:
-            if stack == "hf" and (info["bitsandbytes"] is None or info["transformers"] is None or info["peft"] is None):
-                print(f"# hf stack skipped: transformers/peft/bitsandbytes not installed ({info})")
-                continue
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, name, "--seq", str(args.seq),
-                   "--iters", str(args.iters), "--packed-docs", str(args.packed_docs),
-                   "--batches", *map(str, args.batches)]
-            t0 = time.perf_counter()
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                out, err = p.stdout, p.stderr
-            except subprocess.TimeoutExpired as e:
-                out, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
-            got = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
-            if len(got) < len(args.batches):
-                print(f"# {stack} {name} failed after {time.perf_counter() - t0:.0f} s:\n{err[-3000:]}")
-            rows += got
-    by = {(r["stack"], r["model"], r["batch"]): r for r in rows}
-    print(f"\n{'model':<14}{'B x T':>9}{'ours tok/s':>12}{'ours GiB':>10}{'HF tok/s':>10}{'HF GiB':>8}"
-          f"{'speed x':>9}{'mem x':>7}{'issue HF tok/s':>16}{'GiB':>6}")
-    for name in args.models:
-        for b in args.batches:
-            o, h = by.get(("ours", name, b), {}), by.get(("hf", name, b), {})
-            ref = HF_REFERENCE.get((name, b), (None, None))
-            f = lambda r, k, fmt: format(r[k], fmt) if k in r else r.get("error", "-")[:8]  # noqa: E731
-            sp = f"{o['tok_s'] / h['tok_s']:.2f}" if "tok_s" in o and "tok_s" in h else "-"
-            mx = f"{o['peak_gib'] / h['peak_gib']:.2f}" if "peak_gib" in o and "peak_gib" in h else "-"
-            print(f"{name:<14}{f'{b}x{args.seq}':>9}{f(o, 'tok_s', ',.0f'):>12}{f(o, 'peak_gib', '.2f'):>10}"
-                  f"{f(h, 'tok_s', ',.0f'):>10}{f(h, 'peak_gib', '.2f'):>8}{sp:>9}{mx:>7}"
-                  f"{(f'{ref[0]:,}' if ref[0] else '-'):>16}{(ref[1] or '-'):>6}")
-    print(json.dumps({"bench": "train_step", "versions": info, "rows": rows}))
+    print(f"# {info}", flush=True)
+    rows, failures = run_all(a, plan)
+    detail_table(rows)
+    comparison_table(rows, plan, a.stacks, a.seq)
+    if a.frontier:
+        frontier_table(rows, plan, a.seq)
+        plot_frontier(rows, plan, a.seq, a.png)
+    info["gpu"] = next((r["gpu"] for r in rows if "gpu" in r), None)
+    result = {"bench": "train_step", "argv": sys.argv[1:], "versions": info, "seq": a.seq,
+              "points": [point_label(p) for p in a.points], "rows": rows, "failures": failures}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""benchmarks/bench_train.py's plumbing on the CPU (its measurements need the device: docs/benchmarks.md).
+
+`--smoke --frontier` runs ours and the HF stack on a tiny random Llama, each in its own subprocess, reports the
+peers that cannot run here (Unsloth never runs on a CPU), and ends with the tables, the frontier plot and one
+JSON line. The worker runner is checked on its own: a failing worker's stderr reaches the report, and a worker
+that outlives its timeout is killed with everything it started.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_train.py"
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def table(stdout: str, *first: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows' cells) of the markdown table whose header cells start with `first`."""
+    lines = stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|") and cells(ln)[:len(first)] == list(first))
+    body = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        body.append(cells(ln))
+    return cells(lines[start]), body
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_train")
+    p = run_bench("--smoke", "--frontier", "--png", str(out / "frontier.png"), "--json", str(out / "result.json"),
+                  "--log", str(out / "workers.log"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout, out
+
+
+def test_smoke_rows_and_json(smoke):
+    stdout, out = smoke
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result == json.loads((out / "result.json").read_text())
+    assert result["bench"] == "train_step" and result["seq"] == 64 and result["points"] == ["full"]
+    rows = {(r["stack"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {(s, b) for s in ("ours", "hf", "unsloth", "liger") for b in (1, 2)}
+    for stack in ("ours", "hf"):
+        for b in (1, 2):
+            r = rows[stack, b]
+            assert "error" not in r, r
+            assert r["model"] == "tiny" and r["seq"] == 64 and r["steps"] == 2 == len(r["times_s"])
+            assert r["tok_s"] == b * 64 / r["step_s"]
+            # random N(0, 0.02) weights predict a near-uniform distribution: loss ~ ln(vocab 512) = 6.24
+            for loss in (r["loss_first"], r["loss_last"]):
+                assert abs(loss - math.log(512)) < 0.15, r
+            assert r["rss_peak_gib"] > 0.05
+    assert rows["ours", 1]["point"] == "full" and rows["ours", 1]["notes"]["policy"] == "full"
+    # Unsloth needs an NVIDIA GPU: on the CPU it is never measured, and says why
+    assert all("error" in rows["unsloth", b] for b in (1, 2))
+    assert all(("error" in rows["liger", b]) != ("tok_s" in rows["liger", b]) for b in (1, 2))
+    assert "# unsloth tiny" in stdout
+    log = (out / "workers.log").read_text()
+    assert log.count("==== --worker ours tiny") == 1 and log.count("==== --worker hf tiny") == 1
+
+
+def test_smoke_tables(smoke):
+    stdout, _ = smoke
+    result = json.loads(stdout.strip().splitlines()[-1])
+    rows = {(r["stack"], r["batch"]): r for r in result["rows"]}
+    head, body = table(stdout, "model", "B x T", "ours tok/s")
+    assert [line[:2] for line in body] == [["tiny", "1x64"], ["tiny", "2x64"]]
+    for line, b in zip(body, (1, 2)):
+        got = dict(zip(head, line))
+        assert got["ours tok/s"] == format(rows["ours", b]["tok_s"], ",.0f")
+        assert got["HF tok/s"] == format(rows["hf", b]["tok_s"], ",.0f")
+        assert got["ours/HF tok/s"] == f"{rows['ours', b]['tok_s'] / rows['hf', b]['tok_s']:.2f}x"
+        assert got["Unsloth tok/s"] == got["ours/Unsloth tok/s"] == got["ours GPU GiB"] == "-"
+    _, detail = table(stdout, "stack")
+    assert len(detail) == 8
+    fhead, frontier = table(stdout, "model", "B x T", "stack")
+    assert [(ln[2], ln[3]) for ln in frontier if ln[1] == "1x64"] == [("ours", "full"), ("HF", ""), ("Unsloth", ""),
+                                                                      ("HF+Liger", "")]
+
+
+def test_smoke_frontier_png(smoke):
+    _, out = smoke
+    png = (out / "frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_unknown_policy_is_refused_before_any_worker():
+    p = run_bench("--smoke", "--policy", "no-such-policy", timeout=300)
+    assert p.returncode != 0
+    assert "no-such-policy" in p.stderr and "OUR_POLICIES" in p.stderr
+    assert "ROW" not in p.stdout and "# ours" not in p.stdout
+
+
+def test_parse_models_and_timeouts():
+    bt = bench_module()
+    assert bt.parse_models(["llama-3.1-8b", "llama-3.2-1b:4"], [1, 4]) == [("llama-3.1-8b", [1, 4]),
+                                                                          ("llama-3.2-1b", [4])]
+    assert bt.parse_timeouts(["200", "unsloth=400"]) == {"ours": 200, "hf": 200, "unsloth": 400, "liger": 200}
+    with pytest.raises(SystemExit, match="'llama-9b'"):
+        bt.parse_models(["llama-9b"], [1])
+    with pytest.raises(SystemExit, match="'peft'"):
+        bt.parse_timeouts(["peft=3"])
+
+
+def test_run_worker_reports_failure(tmp_path):
+    bt = bench_module()
+    code = ("import sys; print('ROW {\"batch\": 1}'); print('noise'); "
+            "sys.stderr.write('Traceback\\nValueError: bad shape\\n'); sys.exit(2)")
+    rows, why, stderr, _ = bt.run_worker([sys.executable, "-c", code], dict(os.environ), 60, str(tmp_path / "log"))
+    assert rows == [{"batch": 1}]
+    assert why == "ValueError: bad shape" and stderr.startswith("Traceback")
+    assert "rc=2" in (tmp_path / "log").read_text()
+
+
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited (gone, or a zombie waiting for a parent that no longer reaps it)."""
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def test_run_worker_kills_the_whole_group_on_timeout():
+    bt = bench_module()
+    code = ("import json, subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            "print('ROW ' + json.dumps({'batch': 4, 'child': c.pid}), flush=True); time.sleep(120)")
+    rows, why, _, wall = bt.run_worker([sys.executable, "-c", code], dict(os.environ), 12, None)
+    assert why == "timeout after 12 s" and 12 <= wall < 60
+    assert [r["batch"] for r in rows] == [4]
+    deadline = time.time() + 10
+    while not process_gone(rows[0]["child"]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert process_gone(rows[0]["child"]), "the worker's child outlived the timeout"
