@@ -423,11 +423,13 @@ class Sampler:
 
 
 def pinned_stats() -> dict:
-    """Pinned host GiB held (cached blocks included) and in use at their peaks, from torch's pinned allocator
-    (None where this torch has no such counter)."""
+    """Pinned host GiB held at its peak (cached blocks included: they stay locked in host RAM) and in use at its
+    peak, from torch's pinned allocator; None where this torch keeps no such counter. The counters' names moved
+    (2.13: allocated_bytes = held, active_bytes = in use; earlier: reserved_bytes = held, allocated_bytes = in
+    use); held >= in use in both, so held is the largest of the peaks and in use the smallest."""
     stats = getattr(torch.cuda, "host_memory_stats", dict)()
-    gib = lambda key: stats[key] / GIB if key in stats else None  # noqa: E731
-    return {"pinned_gib": gib("allocated_bytes.peak"), "pinned_active_gib": gib("active_bytes.peak")}
+    peaks = [stats[k] / GIB for k in ("allocated_bytes.peak", "reserved_bytes.peak", "active_bytes.peak") if k in stats]
+    return {"pinned_gib": max(peaks, default=None), "pinned_active_gib": min(peaks, default=None)}
 
 
 def measure(step, batch: int, seq: int, vocab: int, iters: int, device: str, warmup: int = 2,
