@@ -43,15 +43,14 @@ median is reported. Memory, per batch shape, over the timed steps:
 - GPU GiB = torch.cuda.max_memory_allocated (model, LoRA and optimizer state included); "reserved" and
   "device used" (total - free from cudaMemGetInfo, polled: CUDA context, cuBLAS workspaces, memory outside
   torch's allocator) are in the detail table and the JSON;
-- pinned GiB = pinned host memory held by torch's pinned allocator at its peak (torch.cuda.host_memory_stats,
-  "allocated_bytes": cached blocks included, since they stay locked in host RAM): what offloading moved off
-  the GPU. RSS peak and RSS growth (peak during the timed steps minus RSS before this shape's warm-up; catches
+- pinned GiB = pinned host memory held by torch's pinned allocator at its peak (torch.cuda.host_memory_stats;
+  cached blocks included, since they stay locked in host RAM): what offloading moved off the GPU. RSS peak and RSS growth (peak during the timed steps minus RSS before this shape's warm-up; catches
   host buffers outside the pinned allocator) are in the detail table and the JSON.
 Output: the detail table (every row), the comparison table (one row per model and B x T: each stack's tok/s,
 GPU GiB, pinned GiB, then ours/HF and ours/Unsloth), the frontier table with --frontier, and one JSON line last.
 A stack that fails or times out prints its stderr tail and shows "-" (or "OOM").
 
-Offline wheels (`--offline-wheels` prints this; benchmarks/device_setup.sh does it, `source` it): the device
+Offline wheels (benchmarks/device_setup.sh does this: `source` it; `--offline-wheels` prints it): the device
 machine has torch, triton, transformers and peft but no internet; carry `.whl` (bitsandbytes) and `.peerwhl`
 (unsloth, unsloth_zoo, liger_kernel, trl, datasets, dill, multiprocess: ../shared/peer-wheels copied into an
 ignored folder of the checkout), then from the repository root:
@@ -61,6 +60,12 @@ ignored folder of the checkout), then from the repository root:
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
     export HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+The whole comparison in one device call (8B at B=1 and 4, 1B at B=4; about 8-9 minutes, --deadline keeps it
+under the call's 10; carry .whl and .peerwhl; files come back from $OUT):
+
+    source benchmarks/device_setup.sh && python3 benchmarks/bench_train.py --models llama-3.1-8b llama-3.2-1b:4 \
+        --deadline 540 --timeout 150 unsloth=270 --log $OUT/bench_train.log --json $OUT/bench_train.json
 """
 from __future__ import annotations
 
@@ -80,7 +85,8 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.abspath(__file__)  # workers chdir to WORKDIR, so resolved now
+ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 
 SHAPES = {
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -352,7 +358,7 @@ def build_unsloth(name: str, seq: int, device: str = "cuda"):
         raise ImportError("No module named 'unsloth' (carry .peerwhl and source benchmarks/device_setup.sh)")
     folder = ckpt_dir(name)
     notes = {"checkpoint": folder}
-    builder = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--mkckpt", name, folder,
+    builder = subprocess.Popen([sys.executable, SCRIPT, "--mkckpt", name, folder,
                                 "--device", device], stdout=sys.stderr, stderr=sys.stderr)
     t0 = time.perf_counter()
     env_before = dict(os.environ)
@@ -642,7 +648,7 @@ def load_reused(path: str | None) -> dict:
 
 
 def worker_cmd(a, stack: str, name: str, batches: list[int], point) -> list[str]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, name, "--device", a.device,
+    cmd = [sys.executable, SCRIPT, "--worker", stack, name, "--device", a.device,
            "--seq", str(a.seq), "--iters", str(a.iters), "--warmup", str(a.warmup),
            "--min-seconds", str(a.min_seconds), "--packed-docs", str(a.packed_docs),
            "--batches", *map(str, batches)]
@@ -894,6 +900,8 @@ def main(argv=None) -> None:
         return
     if a.worker or a.profile:
         a.policy = a.policy or ["full"]
+        os.makedirs(WORKDIR, exist_ok=True)
+        os.chdir(WORKDIR)  # Unsloth writes unsloth_compiled_cache/ into the working directory
         stack, name = a.worker or a.profile
         worker(stack, name, a)
         return
