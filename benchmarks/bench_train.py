@@ -685,7 +685,7 @@ def run_stack(a, base: dict, batches: list[int], timeout: float) -> tuple[list[d
     print(f"# {tag} failed: {why}\n#   stderr tail:\n" +
           "\n".join("#   " + ln for ln in stderr[-a.tail:].splitlines()), flush=True)
     return got + [dict(base, batch=b, error=why) for b in batches if b not in done], \
-        dict(base, error=why, stderr_tail=stderr[-a.tail:])
+        dict(base, error=why)
 
 
 def run_all(a, plan: list[tuple[str, list[int]]]) -> tuple[list[dict], list[dict]]:
@@ -847,6 +847,17 @@ def plot_frontier(rows: list[dict], plan, seq: int, png: str) -> str | None:
     return png
 
 
+def rounded(obj):
+    """obj with every float cut to 5 significant digits: the JSON line stays short enough to read in a log tail."""
+    if isinstance(obj, float):
+        return float(f"{obj:.5g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v) for v in obj]
+    return obj
+
+
 # -- command line -------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -917,8 +928,8 @@ def main(argv=None) -> None:
         frontier_table(rows, plan, a.seq)
         plot_frontier(rows, plan, a.seq, a.png)
     info["gpu"] = next((r["gpu"] for r in rows if "gpu" in r), None)
-    result = {"bench": "train_step", "argv": sys.argv[1:], "versions": info, "seq": a.seq,
-              "points": [point_label(p) for p in a.points], "rows": rows, "failures": failures}
+    result = rounded({"bench": "train_step", "argv": sys.argv[1:], "versions": info, "seq": a.seq,
+                      "points": [point_label(p) for p in a.points], "rows": rows, "failures": failures})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f)
