@@ -625,6 +625,8 @@ def run_worker(cmd: list[str], env: dict, timeout: float, log_path: str | None
         p.wait()
     wall = time.perf_counter() - t0
     stdout, stderr = (open(path, errors="replace").read() for path in paths)
+    for path in paths:
+        os.remove(path)  # --log keeps them
     if log_path:
         with open(log_path, "a") as f:
             f.write(f"\n==== {' '.join(cmd[2:])} (rc={rc}, {wall:.0f} s)\n{stdout}\n---- stderr\n{stderr}")
