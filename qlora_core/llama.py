@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused_lora import project
 from .qlinear import QuantLinear
 
 
@@ -222,9 +223,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         """x (B, T, d) -> (B, T, d): RoPE'd causal SDPA with GQA; appends K/V to `cache` when given."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
-        v = self.v_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self)  # one grouped GEMM where possible
+        q = q.view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
+        k = k.view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
+        v = v.view(B, T, self.KVH, self.D).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast changed the projections' dtype
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -243,7 +245,7 @@ class Attention(nn.Module):
             gqa = False
         kw = {"enable_gqa": True} if gqa else {}
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **kw)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+        return project(y.transpose(1, 2).reshape(B, T, self.H * self.D), (self.o_proj,), self)[0]
 
 
 class MLP(nn.Module):
@@ -258,7 +260,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x))."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self)
+        return project(F.silu(gate) * up, (self.down_proj,), self)[0]
 
 
 class DecoderLayer(nn.Module):
