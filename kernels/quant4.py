@@ -326,10 +326,12 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, m
 
 def dequantize_4bit(q, *, dtype: torch.dtype | None = None, mode: str | None = None, ftz: bool | None = None,
                     block_bytes: int | None = None, join: bool = True, num_warps: int | None = None,
-                    fp_fusion: bool = False) -> torch.Tensor:
+                    fp_fusion: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of dequantize_4bit_ref for a QuantizedTensor -> Tensor(q.shape, dtype or q.dtype).
 
     dtype: the output dtype (default q.dtype); nf4_linear's dequantize-then-cuBLAS path asks for x's dtype.
+    out: a contiguous tensor of q.numel elements to write into instead of a new one (its dtype is the output
+    dtype); the grouped LoRA linear dequantizes several weights into row ranges of one buffer this way.
     Reads the packed codes and, with double quant, the uint8 absmax, nested_absmax and offset directly.
     mode/ftz as in quantize_4bit. block_bytes/join/num_warps: a fixed tile instead of autotuning.
     fp_fusion=True lets the compiler contract the nested restore into an FMA (only to measure that it
@@ -345,7 +347,11 @@ def dequantize_4bit(q, *, dtype: torch.dtype | None = None, mode: str | None = N
     _check_device(data)
     dev = data.device
     mode, _, flush = _resolve(dev, mode, None, ftz)
-    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=dev)
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype or q.dtype, device=dev)
+    elif not out.is_contiguous() or out.numel() != n or out.device != dev or (dtype and dtype != out.dtype):
+        raise ValueError(f"out must be a contiguous {dtype or ''} tensor of {n} elements on {dev}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     lut = _tables(mode, str(dev))[1] if q.quant_type == "fp4" else code_table("nf4", dev)
     if q.double_quant:
         if q.absmax.dtype != torch.uint8:

@@ -23,8 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from .checkpointing import POLICIES, HostOffload, run_block
+from .fused_lora import project
 from .qlinear import QuantLinear
 
 
@@ -222,9 +223,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         """x (B, T, d) -> (B, T, d): RoPE'd causal SDPA with GQA; appends K/V to `cache` when given."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
-        v = self.v_proj(x).view(B, T, self.KVH, self.D).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self)  # one grouped GEMM where possible
+        q = q.view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
+        k = k.view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
+        v = v.view(B, T, self.KVH, self.D).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast changed the projections' dtype
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -243,7 +245,7 @@ class Attention(nn.Module):
             gqa = False
         kw = {"enable_gqa": True} if gqa else {}
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **kw)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+        return project(y.transpose(1, 2).reshape(B, T, self.H * self.D), (self.o_proj,), self)[0]
 
 
 class MLP(nn.Module):
@@ -258,7 +260,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x))."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self)
+        return project(F.silu(gate) * up, (self.down_proj,), self)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -286,8 +289,29 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
-        self.gradient_checkpointing = False
+        # per-block checkpointing policy (checkpointing.POLICIES), or a list of one per block; applies in train mode
+        # with grad enabled and no KV cache
+        self.checkpoint_policy: str | list[str] = "none"
         self._inv_freq: dict = {}
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """True when any block is recomputed in backward (checkpoint_policy other than "none")."""
+        return self.checkpoint_plan() != ["none"] * len(self.layers)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.checkpoint_policy = "full" if on else "none"
+
+    def checkpoint_plan(self) -> list[str]:
+        """checkpoint_policy as one policy per block (validated)."""
+        p = self.checkpoint_policy
+        plan = [p] * len(self.layers) if isinstance(p, str) else list(p)
+        bad = [q for q in plan if q not in POLICIES]
+        if bad or len(plan) != len(self.layers):
+            raise ValueError(f"checkpoint_policy must be one of {POLICIES} or a list of {len(self.layers)} of them, "
+                             f"got {p!r}")
+        return plan
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin in `dtype` (computed in fp32) for integer positions (T,) -> (T, D), or (B, T) -> (B, 1, T, D)."""
@@ -319,10 +343,11 @@ class LlamaModel(nn.Module):
         mask = _attn_mask(B, T, past, attention_mask, x.device)
         if document_ids is not None:
             mask = _document_mask(document_ids, mask, cache)
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for layer in self.layers:
-            if ckpt:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+        plan = self.checkpoint_plan() if self.training and torch.is_grad_enabled() and cache is None else None
+        offload = HostOffload(x.device) if plan and "offload" in plan else None
+        for i, layer in enumerate(self.layers):
+            if plan:
+                x = run_block(layer, plan[i], x, cos, sin, mask, offload=offload)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:

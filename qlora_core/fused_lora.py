@@ -1,0 +1,262 @@
+"""LoRA inside the frozen linear: one autograd Function for the projections that read the same input.
+
+For members i of a group (q/k/v of an attention block, gate/up of an MLP, or a single o/down projection):
+
+    y = x @ [W_0; W_1; ...]^T + [b_0; b_1; ...] + [s_i * dropout_i(x) @ A_i^T @ B_i^T]_i     (M, N_0 + N_1 + ...)
+
+Why one Function instead of one LoRALinear call per projection: the frozen weights are dequantized into row ranges
+of ONE buffer and multiplied by ONE GEMM (N = 6144 for 8B q/k/v instead of 4096 + 1024 + 1024), the LoRA
+down-projections of all members are one GEMM against the stacked A's (M, sum r), and their up-projections go into
+the base result by one `addmm_` against a block-diagonal, pre-scaled B. Everything runs in the compute dtype (the
+autocast dtype, or x's), with the bf16/fp16 copies of A and B made once per optimizer step (they are cached on
+the parameters' `_version`), not cast on every call. Backward rebuilds W from the packed weights (never saved) and
+does dx = dy @ W + ((dy @ sB) @ A), dA = (dy @ sB)^T @ x, dB_i = s_i * dy_i^T @ h_i from the saved x and
+h = x @ A^T (M, sum r). Dropout (per member, as PEFT draws an independent mask per LoRA layer) is regenerated in
+backward from a seed drawn from the global CPU generator, so activation checkpointing (which restores the RNG
+state for its recompute) sees the same masks and no mask is stored.
+
+Semantics are PEFT's lora.Linear (qlora_core/lora.py LoRALinear): the base sees x unchanged, the scaling is
+alpha / r (or alpha / sqrt(r)). Numerics differ from LoRALinear's fp32-adapter path only by rounding: the LoRA
+matmuls run in the compute dtype (as they do under autocast in PEFT). Grads of A and B come back in their own dtype.
+Members that are merged LoRA layers or plain linears join the group with no adapter.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from . import backend
+from .lora import LoRALinear, is_quantized_linear
+from .quant import QuantizedTensor
+
+
+@dataclasses.dataclass(eq=False)
+class Member:
+    """One projection of a group: its frozen base (packed or dense weight, bias) and its adapter, if any."""
+    weight: QuantizedTensor | torch.Tensor  # (N_i, K)
+    bias: torch.Tensor | None               # (N_i,) or None
+    lora: LoRALinear | None                 # unmerged adapter, or None
+    out_features: int                       # N_i
+
+
+def member_of(module: nn.Module) -> Member | None:
+    """Member for a frozen nn.Linear, a quantized linear or a LoRALinear over one of them; None for anything else
+    (a base with a trainable weight or bias keeps its own module path, which produces those grads)."""
+    lora = None
+    if isinstance(module, LoRALinear):
+        lora = None if module.merged else module
+        module = module.base_layer
+    if not (isinstance(module, nn.Linear) or is_quantized_linear(module)):
+        return None
+    if any(p.requires_grad for p in module.parameters()):
+        return None
+    w = module.weight
+    if isinstance(w, torch.Tensor) and w.dim() != 2:
+        return None
+    return Member(weight=w if isinstance(w, QuantizedTensor) else w.detach(), bias=getattr(module, "bias", None),
+                  lora=lora, out_features=int(w.shape[0]))
+
+
+class LinearGroup:
+    """Projections sharing an input, concatenated along N (see the module docstring). Build with `from_modules`."""
+
+    def __init__(self, members: list[Member]):
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.in_features = int(members[0].weight.shape[1])
+        self.adapted = [i for i, m in enumerate(members) if m.lora is not None]
+        self._lora_cache: tuple | None = None
+
+    @classmethod
+    def from_modules(cls, modules) -> "LinearGroup | None":
+        """The group of `modules` (same in_features), or None when any of them cannot join."""
+        members = [member_of(m) for m in modules]
+        if any(m is None for m in members) or len({int(m.weight.shape[1]) for m in members}) != 1:
+            return None
+        return cls(members)
+
+    def lora_params(self) -> list[torch.Parameter]:
+        """A_0, B_0, A_1, B_1, ... of the adapted members (what the Function returns grads for)."""
+        return [p for i in self.adapted for p in (self.members[i].lora.lora_A, self.members[i].lora.lora_B)]
+
+    def dropouts(self) -> list[float]:
+        """Each adapted member's dropout probability as it applies now (0.0 for a module in eval mode)."""
+        return [m.lora.dropout if m.lora.training else 0.0 for m in (self.members[i] for i in self.adapted)]
+
+    # -- the frozen weight -------------------------------------------------------------------------
+    def weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """All members' weights dequantized (or cast) into one (N, K) buffer of `dtype`; a fresh buffer per call."""
+        w = torch.empty(sum(self.sizes), self.in_features, dtype=dtype, device=device)
+        row = 0
+        for m, n in zip(self.members, self.sizes):
+            dequantize_into(m.weight, w[row:row + n]) if isinstance(m.weight, QuantizedTensor) else \
+                w[row:row + n].copy_(m.weight)
+            row += n
+        return w
+
+    def bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """The members' biases concatenated (N,) in `dtype` (zeros for members without one), or None if none has."""
+        if all(m.bias is None for m in self.members):
+            return None
+        return torch.cat([torch.zeros(n, dtype=dtype, device=device) if m.bias is None else m.bias.detach().to(dtype)
+                          for m, n in zip(self.members, self.sizes)])
+
+    # -- the adapters, in the compute dtype --------------------------------------------------------
+    def lora_compute(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[float], list[int]]:
+        """(A (R, K), sB (N, R), scalings, ranks) in `dtype`: A stacked over members, sB block-diagonal with each
+        member's B times its scaling. Rebuilt only when an A or B changed (their `_version`) or dtype differs."""
+        params = self.lora_params()
+        key = (dtype, *((id(p), p._version) for p in params))
+        if self._lora_cache is None or self._lora_cache[0] != key:
+            loras = [self.members[i].lora for i in self.adapted]
+            ranks = [m.r for m in loras]
+            scalings = [m.scaling for m in loras]
+            with torch.no_grad():
+                a = torch.cat([m.lora_A.to(dtype) for m in loras])  # (R, K)
+                sb = torch.zeros(sum(self.sizes), sum(ranks), dtype=dtype, device=a.device)  # (N, R)
+                rows, col = _row_starts(self.sizes), 0
+                for i, m in zip(self.adapted, loras):
+                    sb[rows[i]:rows[i] + self.sizes[i], col:col + m.r] = m.lora_B * m.scaling
+                    col += m.r
+            self._lora_cache = (key, a, sb, scalings, ranks)
+        return self._lora_cache[1:]
+
+
+def _row_starts(sizes: list[int]) -> list[int]:
+    starts, row = [], 0
+    for n in sizes:
+        starts.append(row)
+        row += n
+    return starts
+
+
+def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
+    """Write dequantize(q) rounded once to out.dtype into `out` (contiguous, q.numel elements)."""
+    if backend.choose(out.device) == "triton":
+        from .kernels import quant4
+        quant4.dequantize_4bit(q, out=out)
+    else:
+        from .linear import dequantize_as
+        out.copy_(dequantize_as(q, out.dtype).reshape(out.shape))
+
+
+def dropout_masks(seed: int, ps: list[float], shape, device) -> list[torch.Tensor | None]:
+    """One keep-mask (bool, `shape`) per probability in ps (None where p is 0), regenerated identically from seed.
+
+    Member j's mask is drawn j-th from one generator, so a test can rebuild exactly what the Function used.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.rand(shape, generator=g, device=device) >= p if p > 0 else None for p in ps]
+
+
+def _dropped(t: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """Inverted dropout with a given keep-mask: t * keep / (1 - p); t itself when there is no mask."""
+    return t if keep is None else t * keep / (1 - p)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class GroupLinearFunction(torch.autograd.Function):
+    """y = x @ W^T + b + LoRA, for a LinearGroup; saves x and h = x @ A^T, never W (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: LinearGroup, *params: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in the compute dtype; params are group.lora_params() (for their grads)."""
+        dtype = _compute_dtype(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
+        with torch.autocast(x.device.type, enabled=False):
+            w = group.weight(dtype, x.device)
+            y = torch.nn.functional.linear(x2, w, group.bias(dtype, x.device))  # (M, N)
+            del w
+            h = seed = ps = None
+            if group.adapted:
+                a, sb, _, ranks = group.lora_compute(dtype)
+                ps = group.dropouts()
+                if any(ps):
+                    seed = int(torch.randint(0, 2**62, (1,)).item())
+                    masks = dropout_masks(seed, ps, x2.shape, x2.device)
+                    h = torch.cat([_dropped(x2, mk, p) @ ai.T
+                                   for mk, p, ai in zip(masks, ps, a.split(ranks))], dim=1)  # (M, R)
+                else:
+                    h = x2 @ a.T  # (M, R)
+                y.addmm_(h, sb.T)
+        ctx.save_for_backward(x2 if group.adapted else None, h)
+        ctx.group, ctx.seed, ctx.ps, ctx.lead, ctx.x_dtype = group, seed, ps, lead, x.dtype
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        """dy (..., N) -> dx (..., K) in x's dtype, None, then dA_i, dB_i in each parameter's dtype."""
+        group: LinearGroup = ctx.group
+        x2, h = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dtype = x2.dtype if x2 is not None else dy2.dtype
+        dy2 = dy2.to(dtype).contiguous()
+        grads = [None] * (2 * len(group.adapted))
+        with torch.autocast(dy.device.type, enabled=False):
+            dx = None
+            if ctx.needs_input_grad[0]:
+                w = group.weight(dtype, dy.device)
+                dx = dy2 @ w  # (M, K)
+                del w
+            if group.adapted:
+                a, sb, scalings, ranks = group.lora_compute(dtype)
+                g = dy2 @ sb  # (M, R): dy through each scaled B
+                if ctx.seed is None:
+                    if dx is not None:
+                        dx.addmm_(g, a)
+                    da = (g.T @ x2).split(ranks)
+                else:
+                    masks = dropout_masks(ctx.seed, ctx.ps, x2.shape, x2.device)
+                    da = []
+                    for mk, p, gi, ai in zip(masks, ctx.ps, g.split(ranks, dim=1), a.split(ranks)):
+                        if dx is not None:
+                            dx.add_(_dropped(gi @ ai, mk, p))
+                        da.append(gi.T @ _dropped(x2, mk, p))
+                rows = _row_starts(group.sizes)
+                hs = h.split(ranks, dim=1)
+                for j, i in enumerate(group.adapted):
+                    lo = group.members[i].lora
+                    dyi = dy2[:, rows[i]:rows[i] + group.sizes[i]]
+                    grads[2 * j] = da[j].to(lo.lora_A.dtype)
+                    grads[2 * j + 1] = ((dyi.T @ hs[j]) * scalings[j]).to(lo.lora_B.dtype)
+        if dx is not None:
+            dx = dx.to(ctx.x_dtype).reshape(*ctx.lead, dx.shape[-1])
+        return (dx, None, *grads)
+
+
+def group_linear(x: torch.Tensor, group: LinearGroup) -> torch.Tensor:
+    """x (..., K) -> (..., sum N_i): every member's output side by side, in the compute dtype (autocast's or x's).
+
+    Differentiable in x and in the adapters' A and B; the frozen weights get no grad.
+    """
+    return GroupLinearFunction.apply(x, group, *group.lora_params())
+
+
+def project(x: torch.Tensor, modules, owner: nn.Module) -> list[torch.Tensor]:
+    """Outputs of `modules` (each (..., N_i)) for input x: through one group_linear where they can be grouped and
+    x has more than a few rows (the decode kernels serve M <= 16 per module), else module by module.
+
+    The LinearGroup is cached on `owner` and rebuilt when a module was swapped or merged; `owner.fuse_projections =
+    False` turns grouping off (the module-by-module reference path).
+    """
+    rows = x.numel() // max(1, x.shape[-1])
+    if not getattr(owner, "fuse_projections", True) or (rows <= 16 and not torch.is_grad_enabled()):
+        return [m(x) for m in modules]
+    key = tuple((id(m), getattr(m, "merged", None)) for m in modules)
+    cache = owner.__dict__.setdefault("_linear_groups", {})
+    if key not in cache:
+        if len(cache) >= 8:  # modules were swapped or merged since: drop the stale groups
+            cache.clear()
+        cache[key] = LinearGroup.from_modules(modules)
+    group = cache[key]
+    if group is None:
+        return [m(x) for m in modules]
+    return list(group_linear(x, group).split(group.sizes, dim=-1))
