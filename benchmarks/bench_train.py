@@ -110,7 +110,7 @@ LABEL = {"ours": "ours", "hf": "HF", "unsloth": "Unsloth", "liger": "HF+Liger"}
 REQUIRES = {"ours": (), "hf": ("transformers", "peft", "bitsandbytes"),  # checked before a worker starts
             "liger": ("transformers", "peft", "bitsandbytes", "liger_kernel"),
             "unsloth": ("unsloth", "unsloth_zoo", "bitsandbytes")}
-OUR_POLICIES = ("full",)  # checkpointing policies of ours that --policy accepts (qlora_core.train.apply_policy)
+OUR_POLICIES = ("none", "save_attn", "full", "offload")  # --policy choices (qlora_core.train.apply_policy)
 LR = 2e-4
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",

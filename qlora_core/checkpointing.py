@@ -210,6 +210,32 @@ def plan_for_budget(s: BlockShape, layers: int, budget_bytes: float, fixed_bytes
         used += extra
 
 
+@dataclasses.dataclass
+class MemoryBudget:
+    """A checkpoint_policy that plans itself: the fastest per-block plan whose estimate fits `gib` of GPU memory.
+
+    Planned at the first training forward of each micro-batch shape, when the weights and the trainable state are
+    in memory: fixed bytes = what is allocated then + a working set (two blocks' worth of activations for the
+    block being recomputed and its grads, plus `loss_bytes` for the loss chunks and the optimizer's first step).
+    """
+    gib: float  # GPU budget in GiB for the whole step (torch.cuda.max_memory_allocated's measure)
+    loss_bytes: int = 2**30  # headroom for the chunked lm_head / cross entropy and optimizer state
+    plans: dict = dataclasses.field(default_factory=dict)  # (tokens, seq) -> plan
+
+    def plan(self, s: BlockShape, layers: int, device: torch.device) -> list[str]:
+        """The plan for this batch shape (computed once per shape, printed once)."""
+        key = (s.tokens, s.seq)
+        if key not in self.plans:
+            allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            fixed = allocated + 2 * block_bytes(s, "none") + self.loss_bytes
+            plan = plan_for_budget(s, layers, self.gib * 2**30, fixed)
+            est = fixed + sum(block_bytes(s, p) for p in plan)
+            print(f"checkpointing for {s.tokens} tokens per micro-batch: {describe(plan)} "
+                  f"(estimated peak {est / 2**30:.2f} GiB of a {self.gib:g} GiB budget)", flush=True)
+            self.plans[key] = plan
+        return self.plans[key]
+
+
 def describe(plan: list[str]) -> str:
     """'12 offload, 20 full' style summary of a plan, in POLICIES order."""
     return ", ".join(f"{plan.count(p)} {p}" for p in POLICIES if plan.count(p))

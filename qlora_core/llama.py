@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpointing import POLICIES, HostOffload, run_block
+from .checkpointing import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
 from .fused_lora import project
 from .qlinear import QuantLinear
 
@@ -289,23 +289,30 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
-        # per-block checkpointing policy (checkpointing.POLICIES), or a list of one per block; applies in train mode
-        # with grad enabled and no KV cache
-        self.checkpoint_policy: str | list[str] = "none"
+        # per-block checkpointing: a policy of checkpointing.POLICIES, a list of one per block, or a
+        # checkpointing.MemoryBudget that plans itself; applies in train mode with grad enabled and no KV cache
+        self.checkpoint_policy: str | list[str] | MemoryBudget = "none"
         self._inv_freq: dict = {}
 
     @property
     def gradient_checkpointing(self) -> bool:
         """True when any block is recomputed in backward (checkpoint_policy other than "none")."""
-        return self.checkpoint_plan() != ["none"] * len(self.layers)
+        p = self.checkpoint_policy
+        return isinstance(p, MemoryBudget) or self.checkpoint_plan() != ["none"] * len(self.layers)
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool) -> None:
         self.checkpoint_policy = "full" if on else "none"
 
-    def checkpoint_plan(self) -> list[str]:
-        """checkpoint_policy as one policy per block (validated)."""
+    def checkpoint_plan(self, batch: int = 1, seq: int = 1, device=None) -> list[str]:
+        """checkpoint_policy as one policy per block (validated); a MemoryBudget plans for (batch, seq) tokens."""
         p = self.checkpoint_policy
+        if isinstance(p, MemoryBudget):
+            c = self.config
+            shape = BlockShape(tokens=batch * seq, seq=seq, hidden=c.hidden_size, heads=c.num_attention_heads,
+                               kv_heads=c.num_key_value_heads, head_dim=c.head_dim, intermediate=c.intermediate_size,
+                               elem=self.embed_tokens.weight.element_size())
+            p = p.plan(shape, len(self.layers), device or self.embed_tokens.weight.device)
         plan = [p] * len(self.layers) if isinstance(p, str) else list(p)
         bad = [q for q in plan if q not in POLICIES]
         if bad or len(plan) != len(self.layers):
@@ -343,7 +350,9 @@ class LlamaModel(nn.Module):
         mask = _attn_mask(B, T, past, attention_mask, x.device)
         if document_ids is not None:
             mask = _document_mask(document_ids, mask, cache)
-        plan = self.checkpoint_plan() if self.training and torch.is_grad_enabled() and cache is None else None
+        plan = None
+        if self.training and torch.is_grad_enabled() and cache is None:
+            plan = self.checkpoint_plan(B, T, x.device)
         offload = HostOffload(x.device) if plan and "offload" in plan else None
         for i, layer in enumerate(self.layers):
             if plan:

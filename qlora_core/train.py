@@ -74,7 +74,9 @@ class TrainConfig:
     dtype: str = "auto"  # model dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
     optim_bits: int = 8  # PagedAdamW state bits: 8 (bnb-style blockwise) or 32
-    gradient_checkpointing: bool = True  # recompute each decoder block in backward (memory for ~1/3 more compute)
+    gradient_checkpointing: bool = True  # recompute decoder blocks in backward (off = policy none everywhere)
+    checkpoint_policy: str = "full"  # per block: none, save_attn, full or offload (docs: checkpointing.py)
+    memory_budget_gib: float = 0.0  # > 0: per-block policies planned to fit this GPU budget (overrides the policy)
     pack: bool = True  # concatenate short samples into rows of up to seq_len tokens
     pack_isolate: bool = True  # packed samples attend only to themselves, positions restart (off: plain causal row)
     chat_template: bool = True  # use the checkpoint's chat template if it has one (else the plain template)
@@ -98,6 +100,10 @@ class TrainConfig:
             raise ValueError(f"max_steps must be positive or -1 (from epochs), got {self.max_steps}")
         if self.max_steps == -1 and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
+        if self.checkpoint_policy not in ("none", "save_attn", "full", "offload"):
+            raise ValueError(f"checkpoint_policy must be none, save_attn, full or offload, got {self.checkpoint_policy!r}")
+        if self.memory_budget_gib < 0:
+            raise ValueError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
 
@@ -137,8 +143,25 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
                        double_quant=cfg.double_quant, dtype=dtype, device=device)
     counts = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         target_modules=cfg.targets(), dtype=torch.float32)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    print(apply_policy(model, cfg.checkpoint_policy if cfg.gradient_checkpointing else "none",
+                       cfg.memory_budget_gib or None))
     return model, counts
+
+
+def apply_policy(model, policy: str, budget_gib: float | None = None) -> str:
+    """Set the model's activation checkpointing: `policy` (checkpointing.POLICIES) for every block, or, with
+    budget_gib, a MemoryBudget that plans per-block policies at the first step. Returns a one-line description."""
+    from .checkpointing import POLICIES, MemoryBudget
+
+    if budget_gib:
+        if not budget_gib > 0:
+            raise ValueError(f"memory budget must be > 0 GiB, got {budget_gib}")
+        model.model.checkpoint_policy = MemoryBudget(float(budget_gib))
+        return f"checkpointing: planned per block for a {budget_gib:g} GiB GPU budget at the first step"
+    if policy not in POLICIES:
+        raise ValueError(f"checkpoint_policy must be one of {POLICIES}, got {policy!r}")
+    model.model.checkpoint_policy = policy
+    return f"checkpointing: {policy} for all {len(model.model.layers)} blocks"
 
 
 def load_data(cfg: TrainConfig, tok: D.TextTokenizer) -> tuple[list, list, dict]:

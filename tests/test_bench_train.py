@@ -55,7 +55,8 @@ def table(stdout: str, *first: str) -> tuple[list[str], list[list[str]]]:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_train")
-    p = run_bench("--smoke", "--frontier", "--png", str(out / "frontier.png"), "--json", str(out / "result.json"),
+    p = run_bench("--smoke", "--frontier", "--policy", "full", "--png", str(out / "frontier.png"),
+                  "--json", str(out / "result.json"),
                   "--log", str(out / "workers.log"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout, out

@@ -113,3 +113,22 @@ def test_planner_follows_its_estimates():
         plan = C.plan_for_budget(s, 32, 6 * gib + extra * gib, 6 * gib)
         assert 6 * gib + sum(C.block_bytes(s, p) for p in plan) <= 6 * gib + extra * gib
     assert C.describe(["full", "offload", "full"]) == "2 full, 1 offload"
+
+
+def test_memory_budget_plans_at_the_first_step(model, capsys):
+    from qlora_core.train import apply_policy
+
+    ids = torch.randint(0, 101, (2, 16))
+    l0, g0 = _loss_and_grads(model, "none", ids)
+    assert "budget" in apply_policy(model, "full", budget_gib=0.001)  # far below the working set: all offloaded
+    l1, g1 = _loss_and_grads(model, model.model.checkpoint_policy, ids)
+    assert "3 offload" in capsys.readouterr().out
+    assert torch.equal(l0, l1)
+    for a, b in zip(g1, g0):
+        assert_close_verbose(a, b, atol=1e-6, rtol=1e-5, name="budget grads")
+    apply_policy(model, "full", budget_gib=1000.0)
+    _loss_and_grads(model, model.model.checkpoint_policy, ids)
+    assert "3 none" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="sometimes"):
+        apply_policy(model, "sometimes")
+    model.model.checkpoint_policy = "none"
