@@ -8,8 +8,6 @@ Two kinds of test:
     group runs in a fresh subprocess: `python tests/test_kernels_block.py GROUP`. Shapes are small (the
     interpreter runs every program in Python); tests/test_gpu_block_kernels.py runs the 8B shapes.
 """
-import os
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +17,7 @@ from qlora_core import backend
 from qlora_core.kernels import fused_linear_ce as fce
 from qlora_core.kernels import rmsnorm, rope, swiglu
 from tests import _block_cases as C
-from tests.helpers import assert_close_verbose
+from tests.helpers import assert_close_verbose, run_interpreter_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -183,14 +181,7 @@ def run_group(group: str) -> int:
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_block_kernels_under_interpreter(group):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("QLORA_CORE_BACKEND", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), group], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run of {group!r} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    assert f"{group}: " in proc.stdout and "checks passed" in proc.stdout, proc.stdout
-    assert not proc.stdout.strip().endswith(": 0 checks passed"), "no case ran"
+    run_interpreter_group(__file__, group)
 
 
 if __name__ == "__main__":
