@@ -11,9 +11,11 @@ row; the token and batch strides are free (q, k may be column slices of one fuse
 have stride 1. cos, sin: (T, D) shared by all rows, or (B, T, D) per row (packed rows restart positions);
 (B or 1, 1, T, D) as llama.py's `rope()` returns them is accepted too.
 
-Design: one launch for q and k together. A program owns one token (b, t): it loads the first half of that
-token's cos/sin row once (the tables are duplicated, see above) and rotates all H query heads, then all KVH key
-heads, in tiles of (BLOCK_H heads, D/2). Same kernel for backward with the sign of sin flipped (constexpr).
+Design: one launch for q and k together: `apply_rope_qkv_` on a fused projection output, or `apply_rope_` on two
+tensors that are not views (autograd cannot mark two views dirty in one Function, so two views take one launch
+each). A program owns one token (b, t): it loads the first half of that token's cos/sin row once (the tables are
+duplicated, see above) and rotates all H query heads, then all KVH key heads, in tiles of (BLOCK_H heads, D/2).
+Same kernel for backward with the sign of sin flipped (constexpr).
 Limits: D even; cos/sin must be duplicated halves (not checked: it would cost a pass over the tables).
 """
 from __future__ import annotations
@@ -188,7 +190,8 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     One launch when neither q nor k is a view; views (F.linear's 3-D output is one) take one launch each, since
     autograd cannot mark two views dirty in one Function: prefer `apply_rope_qkv_` on a fused projection output.
     q and k must not be leaves that require grad, nor outputs of split/chunk/unbind (autograd forbids in-place
-    ops on those; slice a fused tensor with [..., a:b] instead).
+    ops on those; slice a fused tensor with [..., a:b] instead). Backward rotates the incoming gradients in place:
+    a tensor passed as `gradient=` to backward() comes back rotated.
     """
     impl = backend.choose(q.device)
     D = cos.shape[-1]

@@ -220,6 +220,15 @@ def case_ce(N, d, V, dtype, device, chunk_logits: int, weight_grad: bool, ignore
     check(f"{tag} dh", g[0], g64[0], g_t[0], dtype)
     if weight_grad:
         check(f"{tag} dw", g[1], g64[1], g_t[1], dtype)
+    if impl == "triton":  # without grad mode the launcher runs alone, with no gradient work, same loss
+        real_forward, flags = fce.fused_linear_ce_forward, []
+        fce.fused_linear_ce_forward = lambda *a: flags.append(a[-2:]) or real_forward(*a)
+        try:
+            with torch.no_grad(), backend.forced(impl):
+                loss_eval = fce.fused_linear_cross_entropy(h, w, y, chunk_logits=chunk_logits)
+        finally:
+            fce.fused_linear_ce_forward = real_forward
+        assert flags == [(False, False)] and torch.equal(loss_eval, loss), f"{tag}: no-grad path {flags}"
     if ignored >= 1.0:
         assert loss.item() == 0.0 and not g[0].any() and (not weight_grad or not g[1].any()), f"{tag}: not zero"
     return 3 if weight_grad else 2
