@@ -1,4 +1,9 @@
-"""Shared test helpers: one readable assertion for float comparisons and the dtype tolerance table."""
+"""Shared test helpers: one readable assertion for float comparisons, the dtype tolerance table, and the runner of
+interpreter groups."""
+import os
+import subprocess
+import sys
+
 import torch
 
 # Tolerance rule (STYLE.md): no worse than 2x PyTorch's own same-dtype error against a float64 reference,
@@ -26,3 +31,16 @@ def matmul_error_bound(x: torch.Tensor, w: torch.Tensor, ref64: torch.Tensor) ->
     """2x the max abs error of PyTorch's own same-dtype matmul x @ w.T against the float64 reference."""
     torch_err = (torch.nn.functional.linear(x, w).double() - ref64).abs().max().item()
     return 2.0 * torch_err
+
+
+def run_interpreter_group(script: str, group: str) -> None:
+    """Run `python script group` with TRITON_INTERPRET=1 in a fresh process (the variable must be set before triton
+    is first imported) and assert it passed: exit 0 and a "<group>: N checks passed" line with N > 0."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("QLORA_CORE_BACKEND", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(script), group], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter run of {group!r} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert f"{group}: " in proc.stdout and "checks passed" in proc.stdout, proc.stdout
+    assert not proc.stdout.strip().endswith(": 0 checks passed"), "no case ran"

@@ -1,0 +1,174 @@
+"""RMSNorm in Triton with its backward: y = weight * cast(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps).
+
+Semantics are those of qlora_core/llama.py's RMSNorm (and transformers' LlamaRMSNorm): the mean square, rstd
+and the normalized row in fp32, that row rounded to x's dtype, then multiplied by the weight in PyTorch's
+promotion of (x.dtype, weight.dtype), which is also the output dtype (bf16 x with an fp32 weight gives fp32).
+`rms_norm_ref` below is that spec; `rms_norm` routes to the kernels or to it (backend.choose).
+
+Design:
+  * Forward: one program per row holds the whole row in registers (BLOCK = next_pow2(d)) and writes y and
+    rstd (fp32, one per row). The Function saves x and rstd only; the normalized row is recomputed in backward.
+  * Backward: dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * weight and xhat = x * rstd, all fp32 (the
+    rounding of xhat to x's dtype is a cast, whose gradient is the identity, as in autograd).
+    dweight = sum over rows of dy * cast(xhat): each program walks a fixed, contiguous range of rows and keeps
+    its partial sum in fp32 registers; the (programs, d) partials are then summed by torch in a fixed order,
+    so dweight is deterministic run to run (no atomics).
+  * Frozen weight (QLoRA norms): COMPUTE_DW=False drops the partial sums and the reduction, and the grid
+    goes back to one row per program.
+Limits: d <= MAX_D (one row per program in registers); x's last dim contiguous after `.contiguous()`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from qlora_core import backend
+from qlora_core.kernels.nf4_tile import cast_rne  # fp32 -> dtype with round-to-nearest-even in the interpreter too
+
+MAX_D = 65536  # the widest row a program holds in registers (Llama widths are 2048..16384)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Spec. x (..., d) fp32/fp16/bf16, weight (d,) -> (..., d) in promote(x.dtype, weight.dtype).
+
+    Mean square and normalization in fp32, the normalized row cast to x's dtype, then times weight (llama.py).
+    Differentiable through autograd.
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, d, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < d
+    x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / d + eps)
+    xn = cast_rne(xf * rstd, x.dtype).to(tl.float32)  # rounded to x's dtype before the weight, as llama.py
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * d + cols, cast_rne(xn * w, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, d, rows_per_program,
+                         COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < d
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for row in range(first, last):
+        x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + row * d + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = x.to(tl.float32) * rstd
+        if COMPUTE_DW:
+            dw += dy * cast_rne(xhat, x.dtype).to(tl.float32)  # the weight saw the rounded row
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / d))
+        tl.store(dx_ptr + row * d + cols, cast_rne(dx, dx_ptr.dtype.element_ty), mask=mask)
+    if COMPUTE_DW:
+        tl.store(dw_part_ptr + pid * d + cols, dw, mask=mask)
+
+
+def _num_warps(block: int) -> int:
+    # one warp per 256 row elements (8 fp32 registers a thread), 4..16 warps
+    return max(4, min(16, block // 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so several rows per program are exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
+    d = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != d:
+        raise ValueError(f"kernels/rmsnorm.py: weight shape {tuple(weight.shape)} != ({d},) for x {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"kernels/rmsnorm.py: x dtype {x.dtype} is not fp32/fp16/bf16")
+    if not 0 < d <= MAX_D:
+        raise ValueError(f"kernels/rmsnorm.py: row width d={d} is outside 1..{MAX_D}")
+    return d
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher. x (..., d), weight (d,) -> (y (..., d) in promote(x, weight) dtype, rstd (rows,) fp32).
+
+    x is made contiguous once; y has x's shape.
+    """
+    d = _check(x, weight)
+    x2 = x.reshape(-1, d).contiguous()
+    rows = x2.shape[0]
+    y = torch.empty((rows, d), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        block = triton.next_power_of_2(d)
+        _rms_norm_fwd_kernel[(rows,)](x2, weight.contiguous(), y, rstd, d, eps, BLOCK=block,
+                                      num_warps=_num_warps(block))
+    return y.view(x.shape), rstd
+
+
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launcher. dy, x (..., d), weight (d,), rstd (rows,) fp32 -> (dx (..., d) in x's dtype,
+    dweight (d,) in weight's dtype, or None when not compute_dw)."""
+    d = _check(x, weight)
+    x2 = x.reshape(-1, d).contiguous()
+    dy2 = dy.reshape(-1, d).contiguous()
+    rows = x2.shape[0]
+    dx = torch.empty_like(x2)
+    if compute_dw:
+        programs = max(1, min(rows, 4 * _sm_count(x.device)))
+    else:
+        programs = rows
+    per_program = triton.cdiv(rows, programs) if rows else 0
+    programs = triton.cdiv(rows, per_program) if rows else 0
+    dw_part = torch.empty((programs, d) if compute_dw else (1,), dtype=torch.float32, device=x.device)
+    if rows:
+        block = triton.next_power_of_2(d)
+        _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_part, rows, d, per_program,
+                                          COMPUTE_DW=compute_dw, BLOCK=block, num_warps=_num_warps(block))
+    dw = None
+    if compute_dw:
+        dw = dw_part.sum(0).to(weight.dtype) if rows else torch.zeros_like(weight)
+    return dx.view(x.shape), dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd for the kernels: saves x and rstd; dweight only when weight requires grad."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x = x.contiguous()  # once: backward reads the saved copy as is
+        y, rstd = rms_norm_forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, compute_dw=ctx.needs_input_grad[1])
+        return (dx if ctx.needs_input_grad[0] else None), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., d) fp32/fp16/bf16, weight (d,) -> (..., d) in promote(x.dtype, weight.dtype): llama.py's RMSNorm.
+
+    Triton kernels where backend.choose(x.device) says so (CUDA, or forced under TRITON_INTERPRET=1), else
+    `rms_norm_ref` (differentiable either way). A weight that does not require grad gets no gradient work.
+    """
+    if backend.choose(x.device) == "triton":
+        return RMSNormFunction.apply(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
