@@ -173,7 +173,15 @@ class GroupLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
         with torch.autocast(x.device.type, enabled=False):
             w = group.weight(dtype, x.device)
-            y = torch.nn.functional.linear(x2, w, group.bias(dtype, x.device))  # (M, N)
+            # y is allocated in its final shape and filled through a 2-D view: returning a view of the result
+            # would forbid the in-place RoPE that follows on q/k
+            y = torch.empty(*lead, w.shape[0], dtype=dtype, device=x.device)
+            y2 = y.view(-1, w.shape[0])  # (M, N)
+            bias = group.bias(dtype, x.device)
+            if bias is None:
+                torch.mm(x2, w.T, out=y2)
+            else:
+                torch.addmm(bias, x2, w.T, out=y2)
             del w
             h = seed = ps = None
             if group.adapted:
@@ -186,10 +194,10 @@ class GroupLinearFunction(torch.autograd.Function):
                                    for mk, p, ai in zip(masks, ps, a.split(ranks))], dim=1)  # (M, R)
                 else:
                     h = x2 @ a.T  # (M, R)
-                y.addmm_(h, sb.T)
+                y2.addmm_(h, sb.T)
         ctx.save_for_backward(x2 if group.adapted else None, h)
         ctx.group, ctx.seed, ctx.ps, ctx.lead, ctx.x_dtype = group, seed, ps, lead, x.dtype
-        return y.reshape(*lead, y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -240,23 +248,24 @@ def group_linear(x: torch.Tensor, group: LinearGroup) -> torch.Tensor:
     return GroupLinearFunction.apply(x, group, *group.lora_params())
 
 
-def project(x: torch.Tensor, modules, owner: nn.Module) -> list[torch.Tensor]:
-    """Outputs of `modules` (each (..., N_i)) for input x: through one group_linear where they can be grouped and
-    x has more than a few rows (the decode kernels serve M <= 16 per module), else module by module.
+def project(x: torch.Tensor, modules, owner: nn.Module) -> torch.Tensor:
+    """The outputs of `modules` for input x side by side, (..., sum N_i): through one group_linear where they can be
+    grouped and x has more than a few rows (the decode kernels serve M <= 16 per module), else module by module.
 
     The LinearGroup is cached on `owner` and rebuilt when a module was swapped or merged; `owner.fuse_projections =
     False` turns grouping off (the module-by-module reference path).
     """
     rows = x.numel() // max(1, x.shape[-1])
-    if not getattr(owner, "fuse_projections", True) or (rows <= 16 and not torch.is_grad_enabled()):
-        return [m(x) for m in modules]
-    key = tuple((id(m), getattr(m, "merged", None)) for m in modules)
-    cache = owner.__dict__.setdefault("_linear_groups", {})
-    if key not in cache:
-        if len(cache) >= 8:  # modules were swapped or merged since: drop the stale groups
-            cache.clear()
-        cache[key] = LinearGroup.from_modules(modules)
-    group = cache[key]
+    group = None
+    if getattr(owner, "fuse_projections", True) and (rows > 16 or torch.is_grad_enabled()):
+        key = tuple((id(m), getattr(m, "merged", None)) for m in modules)
+        cache = owner.__dict__.setdefault("_linear_groups", {})
+        if key not in cache:
+            if len(cache) >= 8:  # modules were swapped or merged since: drop the stale groups
+                cache.clear()
+            cache[key] = LinearGroup.from_modules(modules)
+        group = cache[key]
     if group is None:
-        return [m(x) for m in modules]
-    return list(group_linear(x, group).split(group.sizes, dim=-1))
+        outs = [m(x) for m in modules]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return group_linear(x, group)

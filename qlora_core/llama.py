@@ -173,9 +173,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) any float dtype -> (..., d): the norm in fp32, cast back to x's dtype, times the weight (so
         the result takes PyTorch's promotion of x's and the weight's dtypes, as transformers' LlamaRMSNorm does)."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        from .kernels.rmsnorm import rms_norm
+
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -222,14 +222,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         """x (B, T, d) -> (B, T, d): RoPE'd causal SDPA with GQA; appends K/V to `cache` when given."""
+        from .kernels.rope import apply_rope_qkv_
+
         B, T, _ = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self)  # one grouped GEMM where possible
+        qkv = project(x, (self.q_proj, self.k_proj, self.v_proj), self)  # (B, T, (H + 2 KVH) D), one GEMM
+        qkv = apply_rope_qkv_(qkv, self.H + self.KVH, cos, sin)  # q and k heads rotated in place
+        q, k, v = qkv.split([self.H * self.D, self.KVH * self.D, self.KVH * self.D], dim=-1)
         q = q.view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
         k = k.view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
         v = v.view(B, T, self.KVH, self.D).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # no-op unless autocast changed the projections' dtype
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         is_causal = mask is None and T > 1
         if cache is not None:
             p = cache.pos
@@ -245,7 +246,7 @@ class Attention(nn.Module):
             gqa = False
         kw = {"enable_gqa": True} if gqa else {}
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **kw)  # (B, H, T, D)
-        return project(y.transpose(1, 2).reshape(B, T, self.H * self.D), (self.o_proj,), self)[0]
+        return project(y.transpose(1, 2).reshape(B, T, self.H * self.D), (self.o_proj,), self)
 
 
 class MLP(nn.Module):
@@ -260,8 +261,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x))."""
-        gate, up = project(x, (self.gate_proj, self.up_proj), self)
-        return project(F.silu(gate) * up, (self.down_proj,), self)[0]
+        from .kernels.swiglu import swiglu
+
+        gate_up = project(x, (self.gate_proj, self.up_proj), self)  # (B, T, 2I): [gate | up], one GEMM
+        return project(swiglu(gate_up), (self.down_proj,), self)
 
 
 class DecoderLayer(nn.Module):

@@ -189,19 +189,17 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 # -- the loss -----------------------------------------------------------------------------------------------------
-def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight).float()  # (n, V)
-    return F.cross_entropy(logits, y, reduction="sum")
-
-
 def batch_loss(model, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(summed next-token cross entropy over label positions, number of label positions) for one micro-batch.
 
     ids, labels (B, T); the label of position t+1 is predicted at t. Only the N label positions reach the lm_head,
-    in chunks of LOSS_CHUNK_ELEMS // vocab rows, each recomputed in backward when grads are on. position_ids and
-    document_ids (B, T) (data.collate_positions): packed rows with attention kept inside each sample.
+    in chunks of LOSS_CHUNK_ELEMS // vocab rows (kernels/fused_linear_ce.py: on the GPU the gradients are made
+    chunk by chunk in forward, so no (N, vocab) logits exist; on the CPU each chunk is recomputed in backward).
+    position_ids and document_ids (B, T) (data.collate_positions): packed rows with attention kept inside each sample.
     """
+    from .kernels.fused_linear_ce import fused_linear_cross_entropy
+
     hidden = model.model(ids, position_ids=position_ids, document_ids=document_ids)  # (B, T, d)
     y = labels[:, 1:]
     sel = y != D.IGNORE_INDEX
@@ -210,17 +208,7 @@ def batch_loss(model, ids: torch.Tensor, labels: torch.Tensor, position_ids: tor
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    weight = model.lm_head.weight
-    rows = max(1, LOSS_CHUNK_ELEMS // weight.shape[0])
-    total = None
-    for s in range(0, n, rows):
-        hs, ys = h[s:s + rows], y[s:s + rows]
-        if torch.is_grad_enabled() and n > rows:
-            part = torch.utils.checkpoint.checkpoint(_chunk_ce, hs, weight, ys, use_reentrant=False)
-        else:
-            part = _chunk_ce(hs, weight, ys)
-        total = part if total is None else total + part
-    return total, n
+    return fused_linear_cross_entropy(h, model.lm_head.weight, y, D.IGNORE_INDEX, LOSS_CHUNK_ELEMS), n
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
