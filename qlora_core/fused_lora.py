@@ -11,7 +11,9 @@ the base result by one `addmm_` against a block-diagonal, pre-scaled B. Everythi
 autocast dtype, or x's), with the bf16/fp16 copies of A and B made once per optimizer step (they are cached on
 the parameters' `_version`), not cast on every call. Backward rebuilds W from the packed weights (never saved) and
 does dx = dy @ W + ((dy @ sB) @ A), dA = (dy @ sB)^T @ x, dB_i = s_i * dy_i^T @ h_i from the saved x and
-h = x @ A^T (M, sum r). Dropout (per member, as PEFT draws an independent mask per LoRA layer) is regenerated in
+h = x @ A^T (M, sum r). It is two Functions, the LoRA down-projection (which saves x) and then the base GEMM with
+the up-projection (which saves nothing): when the group is the last op of a checkpointed block (down_proj), the
+recompute in backward stops once x is saved again and skips that GEMM (torch.utils.checkpoint's early stop). Dropout (per member, as PEFT draws an independent mask per LoRA layer) is regenerated in
 backward from a seed drawn from the global CPU generator, so activation checkpointing (which restores the RNG
 state for its recompute) sees the same masks and no mask is stored.
 
@@ -78,8 +80,16 @@ class LinearGroup:
         return cls(members)
 
     def lora_params(self) -> list[torch.Parameter]:
-        """A_0, B_0, A_1, B_1, ... of the adapted members (what the Function returns grads for)."""
+        """A_0, B_0, A_1, B_1, ... of the adapted members."""
         return [p for i in self.adapted for p in (self.members[i].lora.lora_A, self.members[i].lora.lora_B)]
+
+    def a_params(self) -> list[torch.Parameter]:
+        """The adapted members' A (r_i, K), in member order."""
+        return [self.members[i].lora.lora_A for i in self.adapted]
+
+    def b_params(self) -> list[torch.Parameter]:
+        """The adapted members' B (N_i, r_i), in member order."""
+        return [self.members[i].lora.lora_B for i in self.adapted]
 
     def dropouts(self) -> list[float]:
         """Each adapted member's dropout probability as it applies now (0.0 for a module in eval mode)."""
@@ -162,90 +172,107 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class GroupLinearFunction(torch.autograd.Function):
-    """y = x @ W^T + b + LoRA, for a LinearGroup; saves x and h = x @ A^T, never W (see module docstring)."""
+class LoraDownFunction(torch.autograd.Function):
+    """h = dropout_i(x) @ A_i^T for every adapted member, side by side (M, R); saves x (and a dropout seed)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: LinearGroup, *params: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N) in the compute dtype; params are group.lora_params() (for their grads)."""
-        dtype = _compute_dtype(x)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
-        with torch.autocast(x.device.type, enabled=False):
-            w = group.weight(dtype, x.device)
-            # y is allocated in its final shape and filled through a 2-D view: returning a view of the result
-            # would forbid the in-place RoPE that follows on q/k
-            y = torch.empty(*lead, w.shape[0], dtype=dtype, device=x.device)
+    def forward(ctx, x2: torch.Tensor, group: LinearGroup, *a_params: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K) in the compute dtype -> h (M, R); a_params are the members' A (for their grads)."""
+        a, _, _, ranks = group.lora_compute(x2.dtype)
+        ps = group.dropouts()
+        seed = None
+        with torch.autocast(x2.device.type, enabled=False):
+            if any(ps):
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+                masks = dropout_masks(seed, ps, x2.shape, x2.device)
+                h = torch.cat([_dropped(x2, mk, p) @ ai.T for mk, p, ai in zip(masks, ps, a.split(ranks))], dim=1)
+            else:
+                h = x2 @ a.T
+        ctx.save_for_backward(x2)
+        ctx.group, ctx.seed, ctx.ps = group, seed, ps
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        """dh (M, R) -> dx2 (M, K), None, dA_i in each A's dtype."""
+        (x2,) = ctx.saved_tensors
+        group: LinearGroup = ctx.group
+        a, _, _, ranks = group.lora_compute(x2.dtype)
+        dh = dh.to(x2.dtype)
+        with torch.autocast(x2.device.type, enabled=False):
+            if ctx.seed is None:
+                dx = dh @ a if ctx.needs_input_grad[0] else None
+                da = (dh.T @ x2).split(ranks)
+            else:
+                masks = dropout_masks(ctx.seed, ctx.ps, x2.shape, x2.device)
+                dx, da = None, []
+                for mk, p, gi, ai in zip(masks, ctx.ps, dh.split(ranks, dim=1), a.split(ranks)):
+                    if ctx.needs_input_grad[0]:
+                        part = _dropped(gi @ ai, mk, p)
+                        dx = part if dx is None else dx.add_(part)
+                    da.append(gi.T @ _dropped(x2, mk, p))
+        loras = [group.members[i].lora for i in group.adapted]
+        return (dx, None, *(g.to(m.lora_A.dtype) for g, m in zip(da, loras)))
+
+
+class BaseUpFunction(torch.autograd.Function):
+    """y = x @ W^T + b + h @ sB^T (sB: block-diagonal scaled B's). Saves nothing through save_for_backward, so a
+    checkpointed block's recompute stops before this GEMM when it is the block's last (early stop): W is rebuilt
+    from the packed weights in backward, and the small h (M, R) rides on ctx."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, h: torch.Tensor | None, lead: tuple, group: LinearGroup,
+                *b_params: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K), h (M, R) or None -> y (*lead, N) in x2's dtype (a fresh tensor, not a view, so RoPE can
+        rotate it in place)."""
+        dtype = x2.dtype
+        with torch.autocast(x2.device.type, enabled=False):
+            w = group.weight(dtype, x2.device)
+            y = torch.empty(*lead, w.shape[0], dtype=dtype, device=x2.device)
             y2 = y.view(-1, w.shape[0])  # (M, N)
-            bias = group.bias(dtype, x.device)
+            bias = group.bias(dtype, x2.device)
             if bias is None:
                 torch.mm(x2, w.T, out=y2)
             else:
                 torch.addmm(bias, x2, w.T, out=y2)
             del w
-            h = seed = ps = None
-            if group.adapted:
-                a, sb, _, ranks = group.lora_compute(dtype)
-                ps = group.dropouts()
-                if any(ps):
-                    seed = int(torch.randint(0, 2**62, (1,)).item())
-                    masks = dropout_masks(seed, ps, x2.shape, x2.device)
-                    h = torch.cat([_dropped(x2, mk, p) @ ai.T
-                                   for mk, p, ai in zip(masks, ps, a.split(ranks))], dim=1)  # (M, R)
-                else:
-                    h = x2 @ a.T  # (M, R)
-                y2.addmm_(h, sb.T)
-        ctx.save_for_backward(x2 if group.adapted else None, h)
-        ctx.group, ctx.seed, ctx.ps, ctx.lead, ctx.x_dtype = group, seed, ps, lead, x.dtype
+            if h is not None:
+                y2.addmm_(h, group.lora_compute(dtype)[1].T)
+        ctx.h = None if h is None else h.detach()
+        ctx.group, ctx.dtype = group, dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        """dy (..., N) -> dx (..., K) in x's dtype, None, then dA_i, dB_i in each parameter's dtype."""
+        """dy (*lead, N) -> dx2 (M, K), dh (M, R), None, None, dB_i in each B's dtype."""
         group: LinearGroup = ctx.group
-        x2, h = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dtype = x2.dtype if x2 is not None else dy2.dtype
-        dy2 = dy2.to(dtype).contiguous()
-        grads = [None] * (2 * len(group.adapted))
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)
+        dx = dh = None
+        grads = []
         with torch.autocast(dy.device.type, enabled=False):
-            dx = None
             if ctx.needs_input_grad[0]:
-                w = group.weight(dtype, dy.device)
+                w = group.weight(ctx.dtype, dy.device)
                 dx = dy2 @ w  # (M, K)
                 del w
-            if group.adapted:
-                a, sb, scalings, ranks = group.lora_compute(dtype)
-                g = dy2 @ sb  # (M, R): dy through each scaled B
-                if ctx.seed is None:
-                    if dx is not None:
-                        dx.addmm_(g, a)
-                    da = (g.T @ x2).split(ranks)
-                else:
-                    masks = dropout_masks(ctx.seed, ctx.ps, x2.shape, x2.device)
-                    da = []
-                    for mk, p, gi, ai in zip(masks, ctx.ps, g.split(ranks, dim=1), a.split(ranks)):
-                        if dx is not None:
-                            dx.add_(_dropped(gi @ ai, mk, p))
-                        da.append(gi.T @ _dropped(x2, mk, p))
+            if ctx.h is not None:
+                _, sb, scalings, ranks = group.lora_compute(ctx.dtype)
+                dh = dy2 @ sb  # (M, R): dy through each scaled B
                 rows = _row_starts(group.sizes)
-                hs = h.split(ranks, dim=1)
-                for j, i in enumerate(group.adapted):
-                    lo = group.members[i].lora
+                for j, (i, hj) in enumerate(zip(group.adapted, ctx.h.split(ranks, dim=1))):
                     dyi = dy2[:, rows[i]:rows[i] + group.sizes[i]]
-                    grads[2 * j] = da[j].to(lo.lora_A.dtype)
-                    grads[2 * j + 1] = ((dyi.T @ hs[j]) * scalings[j]).to(lo.lora_B.dtype)
-        if dx is not None:
-            dx = dx.to(ctx.x_dtype).reshape(*ctx.lead, dx.shape[-1])
-        return (dx, None, *grads)
+                    grads.append(((dyi.T @ hj) * scalings[j]).to(group.members[i].lora.lora_B.dtype))
+        return (dx, dh, None, None, *grads)
 
 
 def group_linear(x: torch.Tensor, group: LinearGroup) -> torch.Tensor:
     """x (..., K) -> (..., sum N_i): every member's output side by side, in the compute dtype (autocast's or x's).
 
-    Differentiable in x and in the adapters' A and B; the frozen weights get no grad.
+    Differentiable in x and in the adapters' A and B; the frozen weights get no grad. Two Functions: the LoRA
+    down-projection (saves x) first, then the base GEMM plus the LoRA up-projection (saves nothing).
     """
-    return GroupLinearFunction.apply(x, group, *group.lora_params())
+    x2 = x.reshape(-1, x.shape[-1]).to(_compute_dtype(x))  # (M, K)
+    h = LoraDownFunction.apply(x2, group, *group.a_params()) if group.adapted else None
+    return BaseUpFunction.apply(x2, h, tuple(x.shape[:-1]), group, *group.b_params())
 
 
 def project(x: torch.Tensor, modules, owner: nn.Module) -> torch.Tensor:

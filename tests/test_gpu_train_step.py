@@ -76,8 +76,8 @@ def test_policies_equal_no_checkpointing(policy):
 
 
 def test_offload_keeps_block_inputs_off_the_gpu():
-    m = _model(layers=6)
-    ids = torch.randint(0, 4096, (4, 1024), device="cuda")
+    m = _model(layers=8)
+    ids = torch.randint(0, 4096, (8, 1024), device="cuda")
     peaks = {}
     for policy in ("full", "offload"):
         _loss_grads(m, policy, ids)  # warm-up (pinned pool, kernels)
@@ -85,8 +85,10 @@ def test_offload_keeps_block_inputs_off_the_gpu():
         torch.cuda.reset_peak_memory_stats()
         _loss_grads(m, policy, ids)
         peaks[policy] = torch.cuda.max_memory_allocated()
-    saved = 6 * 4 * 1024 * 512 * 2  # six block inputs (B, T, d) bf16
-    assert peaks["full"] - peaks["offload"] >= 0.8 * saved, peaks
+    # at the peak (backward of the last blocks) "full" holds all 8 block inputs (B, T, d) bf16; "offload" at most
+    # the fetched one and the prefetched next
+    one = 8 * 1024 * 512 * 2
+    assert peaks["full"] - peaks["offload"] >= 0.75 * 6 * one, (peaks, one)
 
 
 def test_save_attn_keeps_the_cuda_attention_op(monkeypatch):
