@@ -556,8 +556,9 @@ def parse_timeouts(items: list[str]) -> dict[str, float]:
 
 
 def our_points(policies: list[str] | None, budgets: list[float], frontier: bool) -> list[tuple[str, float | None]]:
-    """Ours' (policy, budget GiB or None) points: every policy x every budget (or no budget); checked here, before
-    any subprocess starts, against OUR_POLICIES and what qlora_core.train offers."""
+    """Ours' (policy, budget GiB or None) points: each policy alone, then each budget (a budget plans its own
+    per-block policies, so it is not combined with --policy); checked here, before any subprocess starts, against
+    OUR_POLICIES and what qlora_core.train offers."""
     policies = policies or (list(OUR_POLICIES) if frontier else ["full"])
     bad = [p for p in policies if p not in OUR_POLICIES]
     if bad:
@@ -569,7 +570,7 @@ def our_points(policies: list[str] | None, budgets: list[float], frontier: bool)
     if not has_hook and (budgets or policies != ["full"]):
         raise SystemExit("bench_train.py: --policy other than 'full' and --budget need qlora_core.train.apply_policy, "
                          "which this checkout does not define")
-    points = [(p, b) for p in policies for b in (budgets or [None])]
+    points = [(p, None) for p in policies] + [("full", b) for b in budgets]
     if len(points) > 1 and not frontier:
         raise SystemExit(f"bench_train.py: {len(points)} --policy/--budget points need --frontier "
                          "(one point otherwise)")
@@ -580,7 +581,7 @@ def point_label(point: tuple[str, float | None] | None) -> str | None:
     if point is None:
         return None
     policy, budget = point
-    return policy if budget is None else f"{policy}@{budget:g}GiB"
+    return policy if budget is None else f"budget {budget:g}GiB"
 
 
 def versions() -> dict:
