@@ -481,10 +481,15 @@ def measure(step, batch: int, seq: int, vocab: int, iters: int, device: str, war
 def profile(step, batch: int, seq: int, vocab: int, top: int = 18) -> None:
     """One step under torch.profiler: the kernels with the most device time, grouped by name."""
     ids = torch.randint(0, vocab, (batch, seq), device="cuda")
+    t0 = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step(ids, ids)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device_s = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"profiled step: wall {wall:.3f} s (with profiler overhead), device time {device_s:.3f} s")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70))
 
 
 def build(stack: str, name: str, a) -> tuple:
