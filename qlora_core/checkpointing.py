@@ -11,8 +11,8 @@ Policies, fastest first:
                checkpointing. On the CPU the "host copy" is a plain clone (same code path, nothing saved).
                Like reentrant checkpointing, it backpropagates into the parameters inside its own backward, so
                their grads arrive through `.backward()` (accumulated into .grad), not through autograd.grad.
-A plan is one policy per block. `plan_for_budget` picks, greedily by time saved per byte, the fastest plan whose
-estimated peak fits the budget; the estimates are simple byte counts of what each policy keeps (see
+A plan is one policy per block. `plan_for_budget` picks, greedily by time saved per byte, the fastest plan (of offload, full
+and none) whose estimated peak fits the budget; the estimates are simple byte counts of what each policy keeps (see
 `block_bytes`), not measurements.
 """
 from __future__ import annotations
@@ -191,7 +191,9 @@ def plan_for_budget(s: BlockShape, layers: int, budget_bytes: float, fixed_bytes
     upgrades blocks greedily by FLOPs saved per byte spent; all "offload" when even that does not fit."""
     plan = ["offload"] * layers
     used = fixed_bytes
-    order = ["offload", "full", "save_attn", "none"]
+    # save_attn is left out: measured slower than full on an H200 (docs/benchmarks.md), its dispatch mode costs
+    # more host time than the attention forward it saves
+    order = ["offload", "full", "none"]
     while True:
         best = None
         for i, p in enumerate(plan):
