@@ -11,9 +11,9 @@ Policies, fastest first:
                checkpointing. On the CPU the "host copy" is a plain clone (same code path, nothing saved).
                Like reentrant checkpointing, it backpropagates into the parameters inside its own backward, so
                their grads arrive through `.backward()` (accumulated into .grad), not through autograd.grad.
-A plan is one policy per block. `plan_for_budget` picks, greedily by time saved per byte, the fastest plan (of offload, full
-and none) whose estimated peak fits the budget; the estimates are simple byte counts of what each policy keeps (see
-`block_bytes`), not measurements.
+A plan is one policy per block. `plan_for_budget` picks, greedily by time saved per byte, the fastest plan (of
+offload, full and none) whose estimated peak fits the budget; the estimates are simple byte counts of what each
+policy keeps (see `block_bytes`), not measurements.
 """
 from __future__ import annotations
 
