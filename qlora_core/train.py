@@ -77,6 +77,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # recompute decoder blocks in backward (off = policy none everywhere)
     checkpoint_policy: str = "full"  # per block: none, save_attn, full or offload (docs: checkpointing.py)
     memory_budget_gib: float = 0.0  # > 0: per-block policies planned to fit this GPU budget (overrides the policy)
+    fused: bool = True  # grouped LoRA projections (fused_lora.py); off = module by module, the reference path
     pack: bool = True  # concatenate short samples into rows of up to seq_len tokens
     pack_isolate: bool = True  # packed samples attend only to themselves, positions restart (off: plain causal row)
     chat_template: bool = True  # use the checkpoint's chat template if it has one (else the plain template)
@@ -145,6 +146,9 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
                         target_modules=cfg.targets(), dtype=torch.float32)
     print(apply_policy(model, cfg.checkpoint_policy if cfg.gradient_checkpointing else "none",
                        cfg.memory_budget_gib or None))
+    for m in model.modules():
+        if hasattr(m, "fuse_projections"):
+            m.fuse_projections = cfg.fused
     return model, counts
 
 
