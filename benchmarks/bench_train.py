@@ -142,15 +142,12 @@ def apply_our_policy(model, policy: str, budget_gib: float | None) -> str | None
     return None if plan is None else str(plan)
 
 
-def build_ours(name: str, policy: str = "full", budget_gib: float | None = None, packed_docs: int = 0,
-               device: str = "cuda"):
-    """(step(ids, labels) -> loss, notes) of our stack on SHAPES[name], built one block at a time on `device`."""
+def ours_model(name: str, device: str = "cuda"):
+    """Our Llama of SHAPES[name], random weights built one block at a time on `device`: NF4 + double quant decoder
+    linears, bf16 elsewhere (also bench_generate.py's model)."""
     use_checkout()
     from qlora_core.llama import Llama, LlamaConfig
-    from qlora_core.lora import apply_lora
-    from qlora_core.optim import PagedAdamW
     from qlora_core.qlinear import QuantLinear
-    from qlora_core.train import batch_loss
 
     cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072)
     with torch.device("meta"):
@@ -172,6 +169,17 @@ def build_ours(name: str, policy: str = "full", budget_gib: float | None = None,
                 setattr(parent, child, QuantLinear.from_linear(lin, "nf4", 64, True))
         if device == "cuda":
             torch.cuda.empty_cache()
+    return model
+
+
+def build_ours(name: str, policy: str = "full", budget_gib: float | None = None, packed_docs: int = 0,
+               device: str = "cuda"):
+    """(step(ids, labels) -> loss, notes) of our stack on SHAPES[name], built one block at a time on `device`."""
+    from qlora_core.lora import apply_lora
+    from qlora_core.optim import PagedAdamW
+    from qlora_core.train import batch_loss
+
+    model = ours_model(name, device)
     apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules=TARGETS, dtype=torch.float32)
     model.gradient_checkpointing = True
     model.train()
@@ -232,6 +240,20 @@ def quantize_hf_linears(model, device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def hf_model(name: str, device: str = "cuda"):
+    """transformers LlamaForCausalLM of SHAPES[name], random weights built on `device` in bf16; on CUDA the
+    decoder linears become bnb Linear4bit (quantize_hf_linears). Also bench_generate.py's peer model."""
+    from transformers import LlamaForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_config(name))
+    torch.set_default_dtype(torch.float32)
+    if device == "cuda":
+        quantize_hf_linears(model, device)
+    return model
+
+
 def build_hf(name: str, device: str = "cuda", liger: bool = False):
     """(step, notes) of the HF stack; liger=True patches the Llama modules with Liger's kernels first. On the CPU
     (--smoke) the linears stay dense bf16 and the optimizer is torch AdamW: bnb's 4-bit and paged paths need CUDA."""
@@ -244,14 +266,8 @@ def build_hf(name: str, device: str = "cuda", liger: bool = False):
         apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True,
                                     swiglu=True)
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
 
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = LlamaForCausalLM(hf_config(name))
-    torch.set_default_dtype(torch.float32)
-    if device == "cuda":
-        quantize_hf_linears(model, device)
+    model = hf_model(name, device)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

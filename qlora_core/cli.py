@@ -88,15 +88,47 @@ def _load(model: str, quant: str, dtype: str, device: str | None):
     return load_llama(model, quantize=None if quant == "none" else quant, dtype=dt, device=dev)
 
 
+class TokenPrinter:
+    """Prints the text of a growing token list as chunks arrive (`qlora generate`'s stream callback).
+
+    Each call decodes all tokens so far and prints what is new: byte-level tokenizers may split one character over
+    several tokens, so text that ends in an incomplete character (U+FFFD) is held back until the next chunk.
+    Special tokens (eos, the finished rows' padding) are skipped, as in a decode of the whole reply.
+    """
+
+    def __init__(self, tok, out=None):
+        self.tok, self.out = tok, out
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        """tokens (1, m): the next m generated ids of the single row."""
+        self.ids += tokens[0].tolist()
+        self._show(self.tok.decode(self.ids), final=False)
+
+    def finish(self) -> None:
+        """Print what was held back, then a newline."""
+        self._show(self.tok.decode(self.ids), final=True)
+        print(file=self.out or sys.stdout, flush=True)
+
+    def _show(self, text: str, final: bool) -> None:
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.shown):  # else an earlier piece decoded differently in context: print the rest
+            print(text[len(self.shown):], end="", file=self.out or sys.stdout, flush=True)
+        self.shown = text
+
+
 def cmd_generate(args) -> int:
-    """`qlora generate`: load the model (plus --adapter, base not checked), print the reply to --prompt; returns 0.
+    """`qlora generate`: load the model (plus --adapter, base not checked), stream the reply to --prompt; returns 0.
 
     The prompt goes through the chat template with --system, or with --raw is tokenized as is (--system ignored).
-    Greedy at --temperature 0, else top-p sampling seeded by --seed; stops at eos or --max-new-tokens. Only the new
-    tokens are printed, special tokens skipped.
+    Greedy at --temperature 0, else top-k / top-p sampling seeded by --seed; stops at eos or --max-new-tokens.
+    Only the new tokens are printed, special tokens skipped, as they come (every --sync-every tokens).
     """
     from .adapter import load_adapter
     from .data import TextTokenizer
+    from .generation import generate
     from .loading import resolve_folder
     folder = resolve_folder(args.model)
     model = _load(args.model, args.quant, args.dtype, args.device)
@@ -111,9 +143,10 @@ def cmd_generate(args) -> int:
         ids = tok.prompt_ids(msgs + [{"role": "user", "content": args.prompt}])
     x = torch.tensor([ids], device=model.lm_head.weight.device)
     g = torch.Generator(device=x.device).manual_seed(args.seed)
-    out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         eos_token_id=tok.eos_token_id, generator=g)
-    print(tok.decode(out[0, len(ids):].tolist()))
+    printer = TokenPrinter(tok)
+    generate(model, x, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+             eos_token_id=tok.eos_token_id, generator=g, stream=printer, sync_every=args.sync_every)
+    printer.finish()
     return 0
 
 
@@ -215,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens only (0 = all)")
+    p.add_argument("--sync-every", type=int, default=16, help="print (and check for eos) every N tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--quant", choices=["nf4", "fp4", "none"], default="nf4", help="base weights (as in training)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")

@@ -188,6 +188,15 @@ class KVCache:
         self.pos = 0
         self.max_len = max_len
 
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, is_causal: bool):
+        """Write one layer's new keys/values (B, KVH, T, D) at positions pos..pos+T-1 (LlamaModel advances pos after
+        the last layer). Returns the keys and values to attend over, (B, KVH, pos+T, D), and whether SDPA's
+        is_causal still holds: only without a past (with one, the bottom-right causal mask comes in `mask`)."""
+        p, T = self.pos, k.shape[2]
+        self.k[layer, :, :, p:p + T] = k
+        self.v[layer, :, :, p:p + T] = v
+        return self.k[layer, :, :, :p + T], self.v[layer, :, :, :p + T], is_causal and p == 0
+
 
 _TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -201,6 +210,28 @@ def _sdpa_gqa_ok(q: torch.Tensor, mask) -> bool:
     if q.device.type == "cuda":
         return mask is None and q.dtype in (torch.float16, torch.bfloat16)
     return True
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: bool) -> torch.Tensor:
+    """q (B, H, T, D) over k, v (B, KVH, S, D) -> (B, H, T, D); query head h reads K/V head h // (H / KVH).
+
+    Where SDPA's enable_gqa would lose the fast kernel (see _sdpa_gqa_ok): a single query (T == 1, decoding)
+    folds each K/V head's H / KVH query heads into query rows of that head, so no K/V is copied and the mask
+    (B, 1, 1, S) broadcasts over them; longer queries repeat K/V (transformers' repeat_kv). At decode the copy
+    would be 4x the whole cache per layer and token (8B, 32 rows, 1152 positions: 0.6 GB).
+    """
+    B, H, T, D = q.shape
+    KVH = k.shape[1]
+    if H == KVH:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    if _sdpa_gqa_ok(q, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+    if T == 1:
+        y = F.scaled_dot_product_attention(q.reshape(B, KVH, H // KVH, D), k, v, attn_mask=mask)
+        return y.reshape(B, H, 1, D)
+    k = k.repeat_interleave(H // KVH, dim=1)  # (B, H, S, D)
+    v = v.repeat_interleave(H // KVH, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
 class Attention(nn.Module):
@@ -233,20 +264,9 @@ class Attention(nn.Module):
         k = k.view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
         v = v.view(B, T, self.KVH, self.D).transpose(1, 2)
         is_causal = mask is None and T > 1
-        if cache is not None:
-            p = cache.pos
-            cache.k[self.layer_idx, :, :, p:p + T] = k
-            cache.v[self.layer_idx, :, :, p:p + T] = v
-            k = cache.k[self.layer_idx, :, :, :p + T]
-            v = cache.v[self.layer_idx, :, :, :p + T]
-            is_causal = is_causal and p == 0  # with a past, the (bottom-right) causal mask comes in `mask`
-        gqa = self.H != self.KVH
-        if gqa and not _sdpa_gqa_ok(q, mask):
-            k = k.repeat_interleave(self.H // self.KVH, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.H // self.KVH, dim=1)
-            gqa = False
-        kw = {"enable_gqa": True} if gqa else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **kw)  # (B, H, T, D)
+        if cache is not None:  # KVCache, or generation.StaticKVCache (written in place at device positions)
+            k, v, is_causal = cache.update(self.layer_idx, k, v, is_causal)
+        y = sdpa(q, k, v, mask, is_causal)  # (B, H, T, D)
         return project(y.transpose(1, 2).reshape(B, T, self.H * self.D), (self.o_proj,), self)
 
 
@@ -436,56 +456,20 @@ class Llama(nn.Module):
         """
         return self.lm_head(self.model(input_ids, attention_mask, cache, position_ids, document_ids))
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Prompt (B, T) -> (B, T + n) ids, n <= max_new_tokens, decoding with a KV cache.
+                 attention_mask: torch.Tensor | None = None, top_k: int = 0) -> torch.Tensor:
+        """Prompt (B, T) -> (B, T + n) ids, n <= max_new_tokens: `qlora_core.generation.generate` (static KV
+        cache; on CUDA the one-token step is a replayed CUDA graph).
 
-        temperature 0 is greedy; > 0 samples from softmax(logits / temperature) restricted to the smallest set
-        of tokens whose probability reaches top_p. Rows that emitted an eos_token_id keep emitting it; decoding
-        stops early once every row has. Prompts of different lengths go in left-padded, with attention_mask
-        (B, T) marking real tokens (1); each row then decodes exactly as it would alone.
+        temperature 0 is greedy; > 0 samples from softmax(logits / temperature) restricted to the top_k best tokens
+        (0 = all) and then to the smallest set whose probability reaches top_p. Rows that emitted an eos_token_id
+        keep emitting it; decoding stops early once every row has. Prompts of different lengths go in left-padded,
+        with attention_mask (B, T) marking real tokens (1); each row then decodes as it would alone.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        was_training = self.training
-        self.eval()  # no LoRA dropout while decoding
-        try:
-            return self._generate(input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator,
-                                  attention_mask)
-        finally:
-            self.train(was_training)
-
-    def _generate(self, input_ids, max_new_tokens, temperature, top_p, eos_token_id, generator, attention_mask):
-        B, T = input_ids.shape
-        mask = pos = None
-        if attention_mask is not None:
-            mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
-            if tuple(mask.shape) != (B, T) or not bool((mask[:, 1:] >= mask[:, :-1]).all()) or not mask[:, -1].all():
-                raise ValueError("attention_mask must be (B, T) and left-padded (0...0 1...1 per row)")
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): each row's real tokens start at position 0
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
-        cache = KVCache(self.config, B, T + max_new_tokens, input_ids.device, self.model.embed_tokens.weight.dtype)
-        out = [input_ids]
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = self(input_ids, mask, cache, pos)[:, -1]
-        for step in range(max_new_tokens):
-            nxt = sample_next(logits.float(), temperature, top_p, generator)  # (B,)
-            if eos:
-                nxt = torch.where(done, eos_t[0], nxt)
-                done |= torch.isin(nxt, eos_t)
-            out.append(nxt[:, None])
-            if step == max_new_tokens - 1 or (eos and bool(done.all())):
-                break
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-                pos = pos[:, -1:] + 1
-            logits = self(nxt[:, None], mask, cache, pos)[:, -1]
-        return torch.cat(out, dim=1)
+        from .generation import generate  # noqa: PLC0415 (generation imports this module)
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        eos_token_id=eos_token_id, generator=generator, attention_mask=attention_mask)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
