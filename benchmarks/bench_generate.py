@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py                                        # batch 1 8 32 x prompt 128 1024
     python benchmarks/bench_generate.py --stacks ours --batches 1 --prompts 128  # quick
     python benchmarks/bench_generate.py --lora                                 # unmerged LoRA r=16 on both
+    python benchmarks/bench_generate.py --batches 1 --prompts 128 --profile    # + where the device time goes
 
 Both stacks: random weights built directly on the GPU (bench_train.ours_model / hf_model: NF4 + double quant
 decoder linears, bf16 embeddings, norms and lm_head), random prompts of one length (no padding), greedy,
@@ -117,8 +118,19 @@ def measure(stack: str, model, run, batch: int, prompt: int, new: int, repeats: 
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
+def profile(run, batch: int, prompt: int, new: int, sync_every: int, top: int = 15) -> None:
+    """One call (after the measured ones, so the graph exists) under torch.profiler: the kernels with the most
+    device time, grouped by name; graph replays show their kernels too."""
+    ids = torch.randint(0, SHAPES[MODEL]["vocab_size"], (batch, prompt), device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run(ids, new, lambda: None, sync_every)
+        torch.cuda.synchronize()
+    print("# " + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top,
+                                           max_name_column_width=60).replace("\n", "\n# "))
+
+
 def worker(stack: str, batches: list[int], prompts: list[int], new: int, repeats: int, lora: bool,
-           sync_every: int) -> None:
+           sync_every: int, prof: bool = False) -> None:
     t0 = time.perf_counter()
     model, run = build(stack, lora)
     print(f"# {stack}: built in {time.perf_counter() - t0:.1f} s, "
@@ -132,6 +144,8 @@ def worker(stack: str, batches: list[int], prompts: list[int], new: int, repeats
                 torch.cuda.empty_cache()
             row.update(stack=stack, model=MODEL, lora=lora)
             print("ROW " + json.dumps(row), flush=True)
+            if prof and b == batches[0] and prompt == prompts[0]:
+                profile(run, b, prompt, new, sync_every)
 
 
 def table(rows: list[dict], batches, prompts) -> None:
@@ -162,10 +176,13 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help="unmerged LoRA r=16 on all 7 projections (both stacks)")
     ap.add_argument("--sync-every", type=int, default=16, help="ours: host check every N tokens")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per stack subprocess")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one call at the first batch and prompt (kernel table, lines starting #)")
     ap.add_argument("--worker", metavar="STACK", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.batches, args.prompts, args.new, args.repeats, args.lora, args.sync_every)
+        worker(args.worker, args.batches, args.prompts, args.new, args.repeats, args.lora, args.sync_every,
+               args.profile)
         return
     info = versions()
     print(f"# {info}")
@@ -177,7 +194,7 @@ def main() -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--new", str(args.new),
                "--repeats", str(args.repeats), "--sync-every", str(args.sync_every),
                "--batches", *map(str, args.batches), "--prompts", *map(str, args.prompts)]
-        cmd += ["--lora"] if args.lora else []
+        cmd += (["--lora"] if args.lora else []) + (["--profile"] if args.profile else [])
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

@@ -20,7 +20,7 @@ _LAZY = {
     "LoRALinear": "lora", "apply_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora",
     "save_adapter": "adapter", "load_adapter": "adapter",
     "PagedAdamW": "optim",
-    "Llama": "llama", "LlamaConfig": "llama",
+    "Llama": "llama", "LlamaConfig": "llama", "generate": "generation",
     "load_llama": "loading",
     "train": "train", "TrainConfig": "train",
 }

@@ -297,3 +297,23 @@ def test_generator_on_another_device_is_refused(gqa_folder):
     cuda_generator = types.SimpleNamespace(device=torch.device("cuda", 0))  # only .device is read before the refusal
     with pytest.raises(GenerationError, match="generator is on cuda:0"):
         generate(model, torch.ones(1, 3, dtype=torch.long), 2, temperature=1.0, generator=cuda_generator)
+
+
+# -- `qlora generate` streaming ----------------------------------------------------------------------------------------
+def test_token_printer_streams_text_that_adds_up_to_the_whole_decode(capsys):
+    """Byte-level tokens split 'é' and '✓' over several ids: a prefix ends in U+FFFD and is held back."""
+    from qlora_core.cli import TokenPrinter
+    from qlora_core.data import TextTokenizer
+    from tests._tiny import make_tokenizer
+    tok = TextTokenizer(make_tokenizer(["reverse a b c\n", "d e f"] * 20), eos_token="<|im_end|>")
+    text = "ab é c ✓ done"
+    ids = tok.encode(text) + [tok.eos_token_id] * 3  # a finished row keeps emitting eos
+    printer = TokenPrinter(tok)
+    pieces = []
+    for i in range(len(ids)):
+        printer(torch.tensor([ids[i:i + 1]]))
+        pieces.append(capsys.readouterr().out)
+    printer.finish()
+    tail = capsys.readouterr().out
+    assert "".join(pieces) + tail == text + "\n"
+    assert all("\ufffd" not in p for p in pieces) and sum(bool(p) for p in pieces) > 5
