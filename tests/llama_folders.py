@@ -91,7 +91,18 @@ def write_folder(dest: Path, config: dict, sd: dict[str, torch.Tensor], shards: 
 
 
 def make_folder(dest: Path, name: str, seed: int = 0) -> Path:
-    spec = CONFIGS[name]
+    return write_spec_folder(dest, CONFIGS[name], seed)
+
+
+def write_spec_folder(dest: Path, spec: dict, seed: int = 0) -> Path:
+    """A random fp32 checkpoint of `spec` (a CONFIGS-style dict) written to dest."""
     config = hf_config_dict(spec)
     sd = random_state_dict(LlamaConfig.from_hf_config(config), seed)
     return write_folder(dest, config, sd, spec["shards"])
+
+
+# GPU tests: the kernels' real paths (decode GEMVs with split-K, cuBLAS above M = 16); one dense linear (1024 x 2816
+# fp32 = 11.5 MB) is small next to the quantized model; builds in a second.
+GPU_SPEC = dict(arch=dict(vocab_size=1000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+                          num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False, rms_norm_eps=1e-5),
+                rope_theta=500000.0, rope=None, shards=2, form="v5")
