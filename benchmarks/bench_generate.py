@@ -30,7 +30,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_train, and this checkout's qlora_core
 from bench_train import SHAPES, TARGETS, hf_model, ours_model, versions  # noqa: E402
 
 MODEL = "llama-3.1-8b"
