@@ -1,5 +1,6 @@
 """Greedy generation speed on Llama-3.1-8B shapes: ours (qlora_core.generation) vs transformers + bitsandbytes.
 
+    source benchmarks/device_setup.sh    # on the device: bitsandbytes from the carried .whl, offline settings
     python benchmarks/bench_generate.py                                        # batch 1 8 32 x prompt 128 1024
     python benchmarks/bench_generate.py --stacks ours --batches 1 --prompts 128  # quick
     python benchmarks/bench_generate.py --lora                                 # unmerged LoRA r=16 on both
@@ -30,9 +31,8 @@ import time
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_train, and this checkout's qlora_core
-from bench_train import SHAPES, TARGETS, hf_model, ours_model, versions  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_train; ours_model adds the checkout itself
+from bench_train import SHAPES, TARGETS, hf_model, ours_model, versions, worker_env  # noqa: E402
 
 MODEL = "llama-3.1-8b"
 
@@ -41,8 +41,8 @@ def build(stack: str, lora: bool):
     """(model, run) where run(ids, new, on_first) generates `new` greedy tokens for ids (B, T) on the GPU and
     calls on_first() when the first new token reaches the host."""
     if stack == "ours":
+        model = ours_model(MODEL)  # puts this checkout's qlora_core on sys.path (bench_train.use_checkout)
         from qlora_core.generation import generate
-        model = ours_model(MODEL)
         if lora:
             from qlora_core.lora import apply_lora
             apply_lora(model, r=16, alpha=32, target_modules=TARGETS)
@@ -64,8 +64,8 @@ def build(stack: str, lora: bool):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS),
                                                  task_type="CAUSAL_LM"))
     model.eval()
+    model.config.use_cache = True  # hf_config turns it off for training (generate gets use_cache=True too)
     model.generation_config.eos_token_id = None  # random weights: never stop early
-    model.generation_config.pad_token_id = 0
 
     class FirstToken:  # transformers' streamer protocol: put(prompt), then put(tokens) per step, end()
         def __init__(self, on_first):
@@ -82,7 +82,7 @@ def build(stack: str, lora: bool):
     def run(ids, new, on_first, sync_every=None):
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                  do_sample=False, streamer=FirstToken(on_first))
+                                  do_sample=False, use_cache=True, streamer=FirstToken(on_first))
     return model, run
 
 
@@ -134,8 +134,8 @@ def worker(stack: str, batches: list[int], prompts: list[int], new: int, repeats
            sync_every: int, prof: bool = False) -> None:
     t0 = time.perf_counter()
     model, run = build(stack, lora)
-    print(f"# {stack}: built in {time.perf_counter() - t0:.1f} s, "
-          f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB", flush=True)
+    print(f"# {stack}: built in {time.perf_counter() - t0:.1f} s, {torch.cuda.memory_allocated() / 2**30:.2f} GiB "
+          f"on {torch.cuda.get_device_name()}", flush=True)
     for prompt in prompts:
         for b in batches:
             try:
@@ -198,7 +198,7 @@ def main() -> None:
         cmd += (["--lora"] if args.lora else []) + (["--profile"] if args.profile else [])
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=worker_env(stack))
             out, err = p.stdout, p.stderr
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")

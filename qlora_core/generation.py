@@ -34,6 +34,7 @@ Limits: no beam search, repetition penalty or per-row sampling settings; prompts
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from typing import Callable
@@ -130,6 +131,26 @@ class StaticKVCache:
         return self.k[layer], self.v[layer], False
 
 
+@contextlib.contextmanager
+def _unfused(model: nn.Module):
+    """Projections module by module (fused_lora.project's `fuse_projections = False`) inside the step. Why: above 16
+    rows the fused group reads LoRA through copies cached per parameter `_version`; a graph would keep reading a
+    capture-time copy after an optimizer step, or its freed memory once an eager forward rebuilt it. Module by
+    module every weight is read through its own Parameter (at <= 16 rows project does this anyway)."""
+    owners = [m for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
+    before = [m.__dict__.get("fuse_projections") for m in owners]
+    for m in owners:
+        m.fuse_projections = False
+    try:
+        yield
+    finally:
+        for m, b in zip(owners, before):
+            if b is None:
+                del m.fuse_projections
+            else:
+                m.fuse_projections = b
+
+
 def _forward_last(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                   cache: StaticKVCache) -> torch.Tensor:
     """ids (B, T), RoPE positions (B, T), additive mask (B, 1, T, S) -> logits (B, V) of the last position.
@@ -186,8 +207,9 @@ class _Decoder:
         """One token for every row: reads seq[:, slot], writes seq[:, slot + 1]. Device work only."""
         model = self._model()
         self.cache.slots = self.slot
-        logits = _forward_last(model, self.seq.index_select(1, self.slot), self.slot - self.pad,
-                               self._mask(self.slot), self.cache)
+        with _unfused(model):
+            logits = _forward_last(model, self.seq.index_select(1, self.slot), self.slot - self.pad,
+                                   self._mask(self.slot), self.cache)
         self._emit(logits)
 
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> None:

@@ -1,8 +1,8 @@
 """Device tests for generation.py (run with `python -m pytest -m gpu tests/test_gpu_generation.py`).
 
 - The captured decode loop (CUDA graph replays) gives exactly the eager loop's tokens: greedy, bf16 NF4, batch
-  1, 8 (left-padded) and 64, fp32 dense, and with unmerged LoRA; in-place weight updates reach the graph and
-  merging rebuilds it.
+  1, 8 (left-padded) and 64, fp32 dense, and with unmerged LoRA (8 and 32 rows); in-place weight updates reach
+  the graph and merging rebuilds it.
 - With the default decode kernels (split-K, whose fp32 sums depend on arrival order) every token the graph
   picks is an argmax of a full recompute's logits up to bf16 noise.
 - Sampling inside the graph: reproducible from a seeded generator (also when the cached graph is reused),
@@ -68,20 +68,22 @@ def test_captured_loop_equals_eager_loop(folder, deterministic_kernels, quant, d
     assert torch.equal(again, eager)
 
 
-def test_captured_loop_with_unmerged_lora(folder, deterministic_kernels):
+@pytest.mark.parametrize("B", [8, 32])  # 32: above 16 rows, where fused_lora would group the projections
+def test_captured_loop_with_unmerged_lora(folder, deterministic_kernels, B):
     model = load_llama(folder, quantize="nf4", dtype=torch.bfloat16, device="cuda")
     apply_lora(model, r=8, alpha=16)
     g = torch.Generator(device="cuda").manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, device="cuda", generator=g))
-    ids, mask = _prompt(8, padded=True)
+    ids, mask = _prompt(B, padded=True)
     eager, graph = _both(model, ids, mask)
     assert torch.equal(graph, eager)
     dec = G._DECODERS[model]
     with torch.no_grad():  # an optimizer step: same tensors, new values; the graph must read them
         for m in lora_modules(model).values():
             m.lora_B.mul_(-1.0)
+        model(ids)  # an eager forward in between (fused above 16 rows: rebuilds its cached adapter copies)
     flipped = generate(model, ids, 24, attention_mask=mask)
     assert G._DECODERS[model] is dec and not torch.equal(flipped, graph)
     assert torch.equal(flipped, generate(model, ids, 24, attention_mask=mask, cuda_graph=False))
