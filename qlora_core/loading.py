@@ -1,4 +1,6 @@
-"""`load_llama`: an HF Llama folder (or hub repo id) -> our `Llama`, quantizing tensor by tensor while streaming.
+"""`load_llama`: an HF Llama-family folder (or hub repo id) -> our `Llama`, quantizing tensor by tensor while
+streaming. model_type "llama" (Llama 2/3/3.x, SmolLM), "mistral" and "qwen2" (llama.py MODEL_TYPES); any other is a
+ConfigError.
 
 Design: the model is built on the meta device (no memory), then filled one tensor at a time from safetensors'
 memory-mapped `safe_open`. A decoder-block linear weight is read (one dense tensor on the host), moved to the
