@@ -163,9 +163,10 @@ def save_quantized(model: nn.Module, output: str | os.PathLike, config: dict | N
     (the default of quantize_model). Returns the folder.
 
     The dense tensors (embeddings, norms, dense linears) keep the model's dtype, which is also written as
-    bnb_4bit_compute_dtype. config and tokenizer_from as in save_merged (the quantization_config is added). ValueError when the model still carries LoRA adapters (merge_and_unload(model,
-    requantize=True) first, or save_adapter them), has no 4-bit layer, or mixes quant types / double quant
-    (one quantization_config describes them all).
+    bnb_4bit_compute_dtype. config and tokenizer_from as in save_merged (the quantization_config is added).
+    ValueError when the model still carries LoRA adapters (merge_and_unload(model, requantize=True) first, or
+    save_adapter them), has no 4-bit layer, or mixes quant types / double quant (one quantization_config
+    describes them all).
     """
     if lora_modules(model):
         raise ValueError("save_quantized: the model carries LoRA adapters; fold them in with "

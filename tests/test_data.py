@@ -94,7 +94,7 @@ def test_instruction_record_equals_messages_record(folders):
     ("[1, 2]", "expected a JSON object"),
     ('{"instruction": "x"}', "'response' must be a string"),
     ('{"instruction": 3, "response": "y"}', "'instruction' must be a string"),
-    ('{"prompt": "x", "completion": "y"}', "expected keys"),
+    ('{"question": "x", "answer": "y"}', "expected keys"),
     ('{"messages": []}', "non-empty list"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot'"),
