@@ -39,7 +39,12 @@ __all__ = ["QuantizedTensor", "quantize", "dequantize", *_LAZY]
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = _importlib.import_module(f".{_LAZY[name]}", __name__)
+        if name == _LAZY[name]:
+            # `train` is also a submodule, which `import qlora_core.train` binds here: keep that binding (the module
+            # is callable, see train.py) so both spellings keep working in either order
+            return module
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'qlora_core' has no attribute {name!r}")

@@ -32,8 +32,10 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -458,3 +460,14 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
 def _model_folder(model: str) -> Path:
     from .loading import resolve_folder
     return resolve_folder(model)
+
+
+class _CallableModule(types.ModuleType):
+    """`qlora_core.train` names both this module and its train() function (`qc.train(cfg)`): the module is made
+    callable so either import order gives a name that trains and still holds TrainConfig, train, ..."""
+
+    def __call__(self, cfg: TrainConfig | None = None, **overrides) -> TrainResult:
+        return train(cfg, **overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule

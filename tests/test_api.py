@@ -10,6 +10,7 @@ W + s * B @ A may round differently when PEFT orders the product otherwise).
 import dataclasses
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ import qlora_core as qc
 from qlora_core import defaults
 from qlora_core.lora import LoraConfigError, TargetModuleError, lora_modules
 from qlora_core.quant import SUPPORTED_DTYPES
-from tests.helpers import DTYPE_ATOL, assert_close_verbose
+from tests._tiny import write_tiny_hf_llama
+from tests.helpers import DTYPE_ATOL, assert_bnb_checkpoint_matches, assert_close_verbose
 
 transformers = pytest.importorskip("transformers", reason="test extra: transformers")
 peft = pytest.importorskip("peft", reason="test extra: peft")
@@ -30,19 +32,8 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 2, 70, 11], [4, 4, 90, 17, 8, 3, 60]])
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A tiny random LlamaForCausalLM (untied) saved as an HF folder, weights scaled so the logits are O(1)."""
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(d)
-    return d
+    """transformers' tiny random Llama (untied, GQA), weights drawn so the logits are O(1)."""
+    return Path(write_tiny_hf_llama(tmp_path_factory.mktemp("tiny_llama"), weight_std=0.1))
 
 
 def _hf(d, dtype=torch.float32):
@@ -66,6 +57,20 @@ def test_dir_lists_the_lazy_public_names_and_each_resolves():
     assert {"QuantLinear", "Linear4bit", "LoraConfig", "unload_lora", "merge_and_unload", "quantize_model",
             "save_merged", "save_quantized", "PagedAdamW8bit", "PagedAdamW32bit"} <= set(qc.__all__)
     assert qc.Linear4bit is qc.QuantLinear
+
+
+@pytest.mark.parametrize("code", [
+    "import qlora_core as qc; f = qc.train; import qlora_core.train as T; assert T.TrainConfig and T is qc.train",
+    "import qlora_core.train as T; import qlora_core as qc; assert qc.train is T and qc.train.TrainConfig"])
+def test_train_is_the_function_and_the_module_in_either_import_order(code):
+    """`qc.train(cfg)` and `import qlora_core.train as T; T.TrainConfig` both work whichever comes first."""
+    import subprocess
+    import sys
+    # calling it runs train(): without model and data that is train()'s own ValueError
+    code += ("\ntry:\n    qc.train(max_steps=1)\nexcept ValueError as e:\n    assert 'needs model and data' in str(e)\n"
+             "else:\n    raise AssertionError('qc.train did not run train()')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
 
 
 def test_defaults_are_stated_once():
@@ -335,7 +340,7 @@ def test_save_merged_of_a_transformers_model_matches_peft(hf_dir, tmp_path):
 
 @pytest.mark.parametrize("skip,quantize_output,n4", [((), False, 14), (["down_proj"], False, 12), ((), True, 15)])
 def test_save_quantized_loads_in_transformers_bitsandbytes_and_back(hf_dir, tmp_path, skip, quantize_output, n4):
-    bnb = pytest.importorskip("bitsandbytes", reason="test extra: bitsandbytes (4-bit runs on CPU)")
+    pytest.importorskip("bitsandbytes", reason="test extra: bitsandbytes (4-bit runs on CPU)")
     model = qc.quantize_model(_hf(hf_dir, torch.bfloat16), skip=skip, quantize_output=quantize_output)
     out = qc.save_quantized(model, tmp_path / "q")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -343,21 +348,8 @@ def test_save_quantized_loads_in_transformers_bitsandbytes_and_back(hf_dir, tmp_
         ("nf4", True, "bfloat16")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     # load_llama reads the bnb-4bit checkpoint as it is (its lm_head must be dense: the loss reads its weight)
-    ours = None if quantize_output else qc.load_llama(out, dtype=torch.bfloat16)
-    n = 0
-    for name, m in model.named_modules():
-        if isinstance(m, qc.QuantLinear):
-            theirs = hf.get_submodule(name)
-            assert isinstance(theirs, bnb.nn.Linear4bit), name
-            w = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
-            assert torch.equal(w, m.weight.dequantize()), name
-            if ours is not None:
-                back = ours.get_submodule(name).weight
-                assert torch.equal(back.data, m.weight.data) and torch.equal(back.absmax, m.weight.absmax), name
-            n += 1
-        elif isinstance(m, nn.Linear):  # skipped layers stay dense in both readers
-            assert type(hf.get_submodule(name)) is nn.Linear and torch.equal(hf.get_submodule(name).weight, m.weight)
-    assert n == n4
+    back = None if quantize_output else qc.load_llama(out, dtype=torch.bfloat16)
+    assert assert_bnb_checkpoint_matches(model, hf, back) == n4
 
 
 def test_save_quantized_refuses_what_it_cannot_describe(hf_dir, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from qlora_core import data as D
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
+from tests.helpers import label_runs
 
 transformers = pytest.importorskip("transformers", reason="test extra: transformers (reference renderer/tokenizer)")
 
@@ -79,19 +80,6 @@ def _folder(root, tokfile, template, post_bos=False):
     return D.TextTokenizer.from_folder(root)
 
 
-def _runs(tok, s):
-    """The labelled tokens as decoded runs (one per contiguous stretch of labels)."""
-    runs, cur = [], []
-    for t, y in zip(s.input_ids, s.labels):
-        assert y in (t, D.IGNORE_INDEX)
-        if y != D.IGNORE_INDEX:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return [tok.decode(r, skip_special_tokens=False) for r in runs + ([cur] if cur else [])]
-
-
 def _reference(tokfile, template):
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokfile), eos_token="<|im_end|>")
     ref.chat_template = template
@@ -112,7 +100,7 @@ def test_tool_conversation_renders_as_transformers_and_labels_assistant_turns(tm
     s = D.encode_record(tok, conv)
     assert s.input_ids == ref(ref.apply_chat_template(TOOL_RECORD["messages"], tools=TOOLS, tokenize=False),
                               add_special_tokens=False)["input_ids"]
-    assert _runs(tok, s) == TOOL_TURNS  # the tool call is learned, the tool results are not
+    assert label_runs(tok, s) == TOOL_TURNS  # the tool call is learned, the tool results are not
 
 
 def test_tool_conversation_with_the_plain_template(tmp_path, tokfile):
@@ -120,7 +108,7 @@ def test_tool_conversation_with_the_plain_template(tmp_path, tokfile):
     s = D.encode_record(tok, D.record_to_messages(TOOL_RECORD, "x:1"))
     text = tok.decode(s.input_ids, skip_special_tokens=False)
     assert text.startswith("### Tools:\n[{") and "### Tool:\nsunny\n\n### Tool:\nrain" in text
-    assert _runs(tok, s) == [json.dumps([TOOL_CALL]) + "<|im_end|>", "Paris is sunny, Lyon rainy.<|im_end|>"]
+    assert label_runs(tok, s) == [json.dumps([TOOL_CALL]) + "<|im_end|>", "Paris is sunny, Lyon rainy.<|im_end|>"]
 
 
 def test_instruction_input_response_record(tmp_path, tokfile):
@@ -131,7 +119,7 @@ def test_instruction_input_response_record(tmp_path, tokfile):
                           {"role": "assistant", "content": "c b a"}]
     alpaca = {"instruction": "reverse", "input": "a b c", "output": "c b a", "system": "be brief"}
     assert D.encode_record(tok, D.record_to_messages(alpaca, "x:1")) == D.encode_record(tok, conv)
-    assert _runs(tok, D.encode_record(tok, conv)) == ["c b a<|im_end|>"]
+    assert label_runs(tok, D.encode_record(tok, conv)) == ["c b a<|im_end|>"]
 
 
 @pytest.mark.parametrize("post_bos", [False, True])
@@ -154,7 +142,7 @@ def test_prompt_completion_strings_label_only_the_completion(tmp_path, tokfile):
     assert row == D.TextRow("reverse a b c\n", "c b a")
     s = D.encode_record(tok, row)
     assert s.input_ids == tok.encode("reverse a b c\nc b a") + [tok.eos_token_id]  # no chat template
-    assert _runs(tok, s) == ["c b a<|im_end|>"]
+    assert label_runs(tok, s) == ["c b a<|im_end|>"]
 
 
 def test_prompt_completion_messages_label_only_the_completion_turns(tmp_path, tokfile):
@@ -167,7 +155,7 @@ def test_prompt_completion_messages_label_only_the_completion_turns(tmp_path, to
     s = D.encode_record(tok, conv)
     full = D.encode_record(tok, D.record_to_messages({"messages": prompt + completion}, "x:1"))
     assert s.input_ids == full.input_ids  # the same text, rendered by the template
-    assert _runs(tok, full) == ["b a<|im_end|>", "d c<|im_end|>"] and _runs(tok, s) == ["d c<|im_end|>"]
+    assert label_runs(tok, full) == ["b a<|im_end|>", "d c<|im_end|>"] and label_runs(tok, s) == ["d c<|im_end|>"]
 
 
 @pytest.mark.parametrize("rec, needle", [

@@ -17,7 +17,7 @@ from qlora_core.llama import ConfigError, KVCache, LlamaConfig, SlidingWindowErr
 from qlora_core.loading import load_llama
 from qlora_core.quant import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
-from tests.helpers import DTYPE_ATOL, assert_close_verbose
+from tests.helpers import DTYPE_ATOL, assert_bnb_checkpoint_matches, assert_close_verbose
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference model (test extra)")
 peft = pytest.importorskip("peft", reason="test extra: peft")
@@ -216,23 +216,13 @@ def test_merge_loads_in_transformers(folder, trained, tmp_path):
 
 
 def test_quantize_loads_in_transformers_bitsandbytes(folder, tmp_path):
-    bnb = pytest.importorskip("bitsandbytes", reason="test extra: bitsandbytes (4-bit runs on CPU)")
+    pytest.importorskip("bitsandbytes", reason="test extra: bitsandbytes (4-bit runs on CPU)")
     from qlora_core import cli
     assert cli.main(["quantize", "--model", str(folder), "--output", str(tmp_path / "q"), "--device", "cpu"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16).eval()
     ours = load_llama(folder, quantize="nf4", dtype=torch.bfloat16)
     back = load_llama(tmp_path / "q", dtype=torch.bfloat16)
-    n = 0
-    for name, m in ours.named_modules():
-        if isinstance(m, qc.QuantLinear):
-            theirs = hf.get_submodule(name)
-            assert isinstance(theirs, bnb.nn.Linear4bit), name
-            w = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
-            assert torch.equal(w, m.weight.dequantize()), name
-            assert (m.bias is None) == (theirs.bias is None) and (m.bias is None or torch.equal(m.bias, theirs.bias))
-            assert torch.equal(back.get_submodule(name).weight.data, m.weight.data), name
-            n += 1
-    assert n == 7 * ours.config.num_hidden_layers
+    assert assert_bnb_checkpoint_matches(ours, hf, back) == 7 * ours.config.num_hidden_layers
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
