@@ -276,7 +276,7 @@ def test_apply_lora_counts_freezes_and_trains_only_adapters():
 
 def test_unload_after_merge_gives_plain_model():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
-    apply_lora(model, r=2, dropout=0.0, target_modules=["0"])
+    apply_lora(model, r=2, target_modules=["0"])
     _with_nonzero_B(lora_modules(model)["0"])
     x = torch.randn(2, 8)
     y = model(x)

@@ -62,7 +62,7 @@ def test_batch_loss_equals_full_logits_cross_entropy(setup, monkeypatch, chunk_e
     from qlora_core.lora import apply_lora
     monkeypatch.setattr(T, "LOSS_CHUNK_ELEMS", chunk_elems)
     model = load_llama(setup[1], quantize="nf4", dtype=torch.float32)
-    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    apply_lora(model, r=4, alpha=8)
     for m in model.modules():
         if hasattr(m, "lora_B"):
             torch.nn.init.normal_(m.lora_B, std=0.1)
@@ -89,7 +89,7 @@ def test_grad_accumulation_equals_one_big_batch(setup):
     from qlora_core.loading import load_llama
     from qlora_core.lora import apply_lora
     model = load_llama(setup[1], quantize="nf4", dtype=torch.float32)
-    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    apply_lora(model, r=4, alpha=8)
     tok = D.TextTokenizer.from_folder(setup[1])
     samples, _ = D.encode_all(tok, D.read_jsonl(setup[2])[:4], 64)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,7 +114,7 @@ def test_packed_isolated_loss_and_grads_equal_samples_alone(setup, isolate):
     from qlora_core.loading import load_llama
     from qlora_core.lora import apply_lora
     model = load_llama(setup[1], quantize="nf4", dtype=torch.float32)
-    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    apply_lora(model, r=4, alpha=8)
     for m in model.modules():
         if hasattr(m, "lora_B"):
             torch.nn.init.normal_(m.lora_B, std=0.1)
