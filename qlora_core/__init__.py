@@ -1,5 +1,11 @@
 """qlora-core: QLoRA fine-tuning from scratch: bitsandbytes-exact NF4/FP4, Triton kernels, LoRA, paged AdamW.
 
+    import qlora_core as qc
+    model = qc.quantize_model(model)                      # nn.Linear -> 4-bit QuantLinear, any nn.Module
+    qc.apply_lora(model, qc.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05))
+    ...train...; qc.save_adapter(model, "out")            # PEFT format
+    qc.merge_and_unload(model)                            # or qc.save_merged / qc.save_quantized (HF folders)
+
 Importing this package touches no GPU and imports neither triton nor any optional peer; the heavier parts
 (kernels, Llama, training loop) load on first use through the lazy attribute table below.
 """
@@ -17,9 +23,12 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first access)
 _LAZY = {
     "nf4_linear": "linear",
-    "LoRALinear": "lora", "apply_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora",
+    "QuantLinear": "qlinear", "Linear4bit": "qlinear", "quantize_model": "qlinear",
+    "LoraConfig": "lora", "LoRALinear": "lora", "apply_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora",
+    "unload_lora": "lora", "merge_and_unload": "lora",
     "save_adapter": "adapter", "load_adapter": "adapter",
-    "PagedAdamW": "optim",
+    "save_merged": "export", "save_quantized": "export",
+    "PagedAdamW": "optim", "PagedAdamW8bit": "optim", "PagedAdamW32bit": "optim",
     "Llama": "llama", "LlamaConfig": "llama", "generate": "generation",
     "load_llama": "loading",
     "train": "train", "TrainConfig": "train",
@@ -30,7 +39,17 @@ __all__ = ["QuantizedTensor", "quantize", "dequantize", *_LAZY]
 
 def __getattr__(name):
     if name in _LAZY:
-        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = _importlib.import_module(f".{_LAZY[name]}", __name__)
+        if name == _LAZY[name]:
+            # `train` is also a submodule, which `import qlora_core.train` binds here: keep that binding (the module
+            # is callable, see train.py) so both spellings keep working in either order
+            return module
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'qlora_core' has no attribute {name!r}")
+
+
+def __dir__():
+    # the lazy names too, so dir(qc) and tab completion show the whole public API before first use
+    return sorted(set(globals()) | set(_LAZY))

@@ -15,6 +15,7 @@ reader sees either the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from .durable import atomic_write, atomic_write_text
 from .lora import (LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules,
-                   unload_lora)
+                   unload_lora, unmatched_targets)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -145,7 +146,8 @@ def _parse_config(config: dict, path: str) -> LoraConfig:
         if config.get(key) not in (None, False, [], {}):
             raise AdapterMismatchError(f"{path}: {key}={config[key]!r} is not supported")
     try:
-        return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+        return LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"],
+                          lora_dropout=config.get("lora_dropout", 0.0),
                           target_modules=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)))
     except (LoraConfigError, TargetModuleError) as e:
         raise AdapterFileError(f"{path}: {e}") from None
@@ -206,9 +208,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
         absent = sorted(set(want) - known)
         if absent:
             raise AdapterMismatchError(f"adapter modules not in {type(model).__name__}: {absent[:5]}")
+        targets = cfg.target_modules
+        if not isinstance(targets, str):
+            # PEFT saves target_modules as the user listed them and only requires one entry to match; the
+            # tensors decide which modules this adapter has (checked below), so entries matching nothing drop
+            unmatched = set(unmatched_targets(model, targets))
+            targets = tuple(t for t in targets if t not in unmatched) or targets
         try:
-            apply_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
-                       use_rslora=cfg.use_rslora, dtype=dtype)
+            apply_lora(model, cfg, target_modules=targets, dtype=dtype)
         except TargetModuleError as e:
             raise AdapterMismatchError(f"adapter does not fit {type(model).__name__}: {e}") from None
         mods = lora_modules(model)
@@ -238,9 +245,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, check_base: boo
             m.set_dropout(cfg.dropout)
     if not fresh:
         prev = getattr(model, "lora_config", None)
-        model.lora_config = LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                                       target_modules=cfg.target_modules, use_rslora=cfg.use_rslora,
-                                       dtype=prev.dtype if isinstance(prev, LoraConfig) else torch.float32)
+        model.lora_config = dataclasses.replace(cfg, dtype=prev.dtype if isinstance(prev, LoraConfig)
+                                                else torch.float32)
     return model
 
 

@@ -14,18 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from .durable import atomic_write, atomic_write_text
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -84,7 +78,7 @@ def cmd_train(args) -> int:
 def _load(model: str, quant: str, dtype: str, device: str | None):
     from .loading import load_llama
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dt = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    dt = None if dtype == "auto" else DTYPES[dtype]  # None: load_llama's default for the device
     return load_llama(model, quantize=None if quant == "none" else quant, dtype=dt, device=dev)
 
 
@@ -150,32 +144,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _hf_config(folder: Path, dtype: torch.dtype, quantization_config: dict | None = None) -> dict:
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    name = str(dtype).removeprefix("torch.")
-    cfg["torch_dtype"] = name  # transformers 4.x reads torch_dtype, 5.x dtype
-    cfg["dtype"] = name
-    if quantization_config is not None:
-        cfg["quantization_config"] = quantization_config
-    return cfg
-
-
-def write_checkpoint(model, src: Path, out: Path, config: dict) -> None:
-    """model.safetensors (+ config.json and the tokenizer files of src) into out, each file written atomically."""
-    from safetensors.torch import save_file
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if config.get("tie_word_embeddings"):
-        sd.pop("lm_head.weight", None)  # transformers re-ties it from embed_tokens
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            atomic_write(out / name, lambda p, f=src / name: shutil.copyfile(f, p))
-
-    atomic_write(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-
-
 def cmd_merge(args) -> int:
     """`qlora merge`: fold --adapter into the dense base and write an HF checkpoint to --output; returns 0.
 
@@ -184,27 +152,13 @@ def cmd_merge(args) -> int:
     the tokenizer files are copied.
     """
     from .adapter import load_adapter
-    from .loading import resolve_folder
-    from .lora import merge_lora, unload_lora
-    folder = resolve_folder(args.model)
-    dtype = DTYPES[args.dtype]
+    from .export import save_merged
+    from .lora import lora_modules
     model = _load(args.model, "none", args.dtype, "cpu")  # dense base: the merge adds B @ A to the real weights
     load_adapter(model, args.adapter, check_base=False)
-    n = merge_lora(model)
-    unload_lora(model)
-    write_checkpoint(model, folder, Path(args.output), _hf_config(folder, dtype))
-    print(f"merged {n} LoRA layers into {args.output} ({args.dtype})")
+    save_merged(model, args.output)
+    print(f"merged {len(lora_modules(model))} LoRA layers into {args.output} ({args.dtype})")
     return 0
-
-
-def bnb_quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype) -> dict:
-    """config.json's quantization_config as transformers' BitsAndBytesConfig(load_in_4bit=True).to_dict() writes it."""
-    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-            "_load_in_4bit": True, "_load_in_8bit": False,
-            "bnb_4bit_quant_type": quant, "bnb_4bit_use_double_quant": double_quant,
-            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
-            "llm_int8_threshold": 6.0, "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False,
-            "llm_int8_has_fp16_weight": False}
 
 
 def cmd_quantize(args) -> int:
@@ -214,13 +168,11 @@ def cmd_quantize(args) -> int:
     embeddings, norms and lm_head stay dense in --dtype. model.safetensors (Linear4bit keys) and config.json (with a
     quantization_config transformers reads) are written atomically, tokenizer files copied; prints the size in MiB.
     """
-    from .loading import load_llama, resolve_folder
-    folder = resolve_folder(args.model)
-    dtype = DTYPES[args.dtype]
-    model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=dtype,
+    from .export import save_quantized
+    from .loading import load_llama
+    model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=DTYPES[args.dtype],
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = _hf_config(folder, dtype, bnb_quantization_config(args.quant, args.double_quant, dtype))
-    write_checkpoint(model, folder, Path(args.output), cfg)
+    save_quantized(model, args.output)
     size = (Path(args.output) / "model.safetensors").stat().st_size
     print(f"wrote a bnb-4bit ({args.quant}{' + double quant' if args.double_quant else ''}) checkpoint to "
           f"{args.output} ({size / 2**20:.1f} MiB)")

@@ -1,13 +1,18 @@
 """Instruction data for the training loop: JSONL -> chat-formatted token ids with response-only labels, packed rows.
 
 Pipeline (each step a function, so tests and the CLI can call any of them):
-  read_jsonl(path)            -> list of conversations ([{"role", "content"}, ...]); a line holds either
-                                 {"instruction", "response"} (optional "input", "system") or {"messages": [...]}.
+  read_jsonl(path)            -> list of records: a Conversation (messages, with tools) or a TextRow (raw text).
+                                 A line holds {"messages": [...]} (tool turns included), {"instruction",
+                                 "response"} (optional "input", "system"; "output" for "response"), {"prompt",
+                                 "completion"} (two strings, or two message lists) or {"text"} (docs/data.md).
                                  A malformed line raises DataFormatError naming the file and line number.
   TextTokenizer.from_folder   -> the checkpoint's tokenizer.json through the `tokenizers` library (never
                                  transformers), its special tokens, and its chat template.
-  encode_conversation(...)    -> Sample(input_ids, labels): labels are -100 everywhere except the tokens of the
-                                 assistant turns (their content and the end-of-turn token).
+  encode_record(tok, rec)     -> Sample(input_ids, labels). A conversation (encode_conversation): labels are
+                                 -100 everywhere except the tokens of the assistant turns (their content and the
+                                 end-of-turn token; for prompt/completion messages, the completion's turns only).
+                                 A TextRow (encode_text): no template, the completion's tokens and an eos labelled
+                                 ({"text"} rows: every token).
   pack(samples, seq_len)      -> rows of up to seq_len tokens, short samples concatenated greedily in order.
   collate(rows, pad_id)       -> (input_ids, labels) tensors padded on the right to the longest row of the batch.
   collate_positions(rows)     -> (position_ids, document_ids) of the same rows, for per-sample attention.
@@ -42,12 +47,13 @@ from typing import Sequence
 import torch
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding); PyTorch's cross_entropy default
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # message keys chat templates read for tool use, kept as given
 PLAIN_TEMPLATE = "plain"
 
 
 class DataFormatError(ValueError):
-    """A JSONL line is not valid JSON or not one of the two accepted record shapes (message names file:line)."""
+    """A JSONL line is not valid JSON or not one of the accepted record shapes (message names file:line)."""
 
 
 class TokenizerFileError(OSError):
@@ -58,25 +64,88 @@ class ChatTemplateError(ValueError):
     """The chat template cannot be rendered, or its output is not prefix-stable (turn spans cannot be found)."""
 
 
+# -- records -----------------------------------------------------------------------------------------------------
+class Conversation(list):
+    """A record's messages ([{"role", "content", ...}], a plain list to everything that iterates it) plus what the
+    record adds: `tools`, the function schemas handed to the chat template (None without), and `first_labelled`,
+    the index of the first message whose assistant turns carry loss (0; len(prompt) for prompt/completion)."""
+
+    def __init__(self, messages=(), tools: list | None = None, first_labelled: int = 0):
+        super().__init__(messages)
+        self.tools, self.first_labelled = tools, first_labelled
+
+
+@dataclasses.dataclass
+class TextRow:
+    """A plain language-model record, tokenized as written (no chat template): `prompt` carries no loss, every
+    token of `completion` does, and an eos token is appended (labelled) so the model learns where text ends.
+    {"text": ...} rows have an empty prompt, so every token is labelled."""
+    prompt: str  # context only ("" for {"text"} rows)
+    completion: str  # the text to learn
+
+
 # -- reading -----------------------------------------------------------------------------------------------------
-def record_to_messages(rec, where: str) -> list[dict]:
-    """One parsed JSONL record -> [{"role", "content"}, ...]; DataFormatError(where: ...) when malformed."""
+def _messages(msgs, where: str, field: str) -> list[dict]:
+    """A validated copy of a message list: role in ROLES, string content (None allowed beside an assistant's
+    tool_calls), the TOOL_KEYS kept for the chat template."""
+    if not isinstance(msgs, list) or not msgs:
+        raise DataFormatError(f"{where}: {field!r} must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise DataFormatError(f"{where}: {field}[{i}] must be an object with string 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataFormatError(f"{where}: {field}[{i}] has role {m['role']!r}; expected one of {ROLES}")
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)
+                                  or not all(isinstance(c, dict) for c in calls)):
+            raise DataFormatError(f"{where}: {field}[{i}]: 'tool_calls' must be a list of objects, on an assistant "
+                                  f"message")
+        if not isinstance(m.get("content"), str) and not (m.get("content") is None and calls):
+            raise DataFormatError(f"{where}: {field}[{i}] must be an object with string 'role' and 'content' "
+                                  f"(content may be null only beside tool_calls)")
+        out.append({"role": m["role"], "content": m.get("content"), **{k: m[k] for k in TOOL_KEYS if k in m}})
+    return out
+
+
+def _tools(rec: dict, where: str) -> list | None:
+    tools = rec.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise DataFormatError(f"{where}: 'tools' must be a list of objects (function schemas)")
+    return tools
+
+
+def _prompt_completion(rec: dict, where: str) -> Conversation | TextRow:
+    """{"prompt", "completion"}: two strings -> TextRow; two message lists -> Conversation labelled from the
+    completion on (TRL's prompt-completion formats)."""
+    p, c = rec.get("prompt"), rec.get("completion")
+    if isinstance(p, str) and isinstance(c, str):
+        if not c:
+            raise DataFormatError(f"{where}: 'completion' is empty, so nothing to learn")
+        return TextRow(p, c)
+    if isinstance(p, list) and isinstance(c, list):
+        prompt, completion = _messages(p, where, "prompt"), _messages(c, where, "completion")
+        if not any(m["role"] == "assistant" for m in completion):
+            raise DataFormatError(f"{where}: 'completion' has no assistant turn, so nothing to learn")
+        return Conversation(prompt + completion, tools=_tools(rec, where), first_labelled=len(prompt))
+    raise DataFormatError(f"{where}: 'prompt' and 'completion' must be two strings or two message lists, got "
+                          f"{type(p).__name__} and {type(c).__name__}")
+
+
+def record_to_messages(rec, where: str) -> Conversation | TextRow:
+    """One parsed JSONL record -> a Conversation ([{"role", "content"}, ...] with tools) or a TextRow (prompt /
+    completion strings, text rows); DataFormatError(where: ...) when malformed."""
     if not isinstance(rec, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataFormatError(f"{where}: 'messages' must be a non-empty list")
-        out = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataFormatError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-            if m["role"] not in ROLES:
-                raise DataFormatError(f"{where}: messages[{i}] has role {m['role']!r}; expected one of {ROLES}")
-            out.append({"role": m["role"], "content": m["content"]})
+        out = Conversation(_messages(rec["messages"], where, "messages"), tools=_tools(rec, where))
         if not any(m["role"] == "assistant" for m in out):
             raise DataFormatError(f"{where}: 'messages' has no assistant turn, so nothing to learn")
         return out
+    if "prompt" in rec or "completion" in rec:
+        return _prompt_completion(rec, where)
+    if "output" in rec and "response" not in rec and "instruction" in rec:  # Alpaca's spelling
+        rec = {**rec, "response": rec["output"]}
     if "instruction" in rec or "response" in rec:
         for key in ("instruction", "response"):
             if not isinstance(rec.get(key), str):
@@ -86,12 +155,19 @@ def record_to_messages(rec, where: str) -> list[dict]:
                 raise DataFormatError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
         user = rec["instruction"] + (("\n\n" + rec["input"]) if rec.get("input") else "")
         msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
-        return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": rec["response"]}]
-    raise DataFormatError(f"{where}: expected keys 'instruction' and 'response', or 'messages'; got {sorted(rec)}")
+        return Conversation(msgs + [{"role": "user", "content": user},
+                                    {"role": "assistant", "content": rec["response"]}])
+    if "text" in rec:
+        if not isinstance(rec["text"], str) or not rec["text"]:
+            raise DataFormatError(f"{where}: 'text' must be a non-empty string")
+        return TextRow("", rec["text"])
+    raise DataFormatError(f"{where}: expected keys 'messages', 'instruction' + 'response', 'prompt' + 'completion' "
+                          f"or 'text' (docs/data.md); got {sorted(rec)}")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[list[dict]]:
-    """All conversations of a JSONL file (blank lines skipped); DataFormatError names file and line number."""
+def read_jsonl(path: str | os.PathLike) -> list[Conversation | TextRow]:
+    """All records of a JSONL file (record_to_messages; blank lines skipped); DataFormatError names file and line
+    number."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} not found")
@@ -209,27 +285,33 @@ class TextTokenizer:
             self._compiled = env.from_string(self.chat_template)
         return self._compiled
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        """The conversation as text, with the chat template (or the plain one)."""
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+        """The conversation as text, with the chat template (or the plain one); tools: function schemas the template
+        renders (transformers' apply_chat_template(tools=...)), None without."""
         t = self._jinja()
         if t is not None:
             try:
-                # the variables transformers' apply_chat_template passes (tools/documents None when unused)
-                return t.render(messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None,
+                # what transformers' apply_chat_template passes: messages without None-valued keys (templates
+                # test a missing key, e.g. an assistant's content beside tool_calls), tools/documents or None
+                messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+                return t.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                 documents=None, bos_token=self.bos_token or "", eos_token=self.eos_token or "")
             except ChatTemplateError:
                 raise
             except Exception as e:  # noqa: BLE001 - jinja raises many types
                 raise ChatTemplateError(f"cannot render the chat template: {type(e).__name__}: {e}") from None
-        return _render_plain(messages, add_generation_prompt, self.eos_token or "")
+        return _render_plain(messages, add_generation_prompt, self.eos_token or "", tools)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as written (add_special_tokens=False: no BOS/EOS added)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """(ids, [(start, end) character offsets into `text`, one per id]); no special tokens added."""
-        e = self.tok.encode(text, add_special_tokens=False)
+    def encode_with_offsets(self, text: str,
+                            add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, [(start, end) character offsets into `text`, one per id]); with add_special_tokens the
+        tokenizer.json post-processor adds its tokens (a Llama 3 BOS, ...) as transformers' tokenizer(text) does,
+        at zero-width offsets."""
+        e = self.tok.encode(text, add_special_tokens=add_special_tokens)
         return e.ids, e.offsets
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -241,15 +323,18 @@ class TextTokenizer:
         return self.encode(self.render(messages, add_generation_prompt=True))
 
 
-def _render_plain(messages: Sequence[dict], add_generation_prompt: bool, eos: str) -> str:
-    parts = []
+def _render_plain(messages: Sequence[dict], add_generation_prompt: bool, eos: str, tools: list | None = None) -> str:
+    parts = [f"### Tools:\n{json.dumps(tools, ensure_ascii=False)}\n\n"] if tools else []
     for m in messages:
         if m["role"] == "system":
             parts.append(m["content"] + "\n\n")
         elif m["role"] == "user":
             parts.append(f"### Instruction:\n{m['content']}\n\n")
+        elif m["role"] == "tool":
+            parts.append(f"### Tool:\n{m['content']}\n\n")
         else:
-            parts.append(f"### Response:\n{m['content']}{eos}\n\n")
+            calls = json.dumps(m["tool_calls"], ensure_ascii=False) if m.get("tool_calls") else ""
+            parts.append(f"### Response:\n{m['content'] or ''}{calls}{eos}\n\n")
     if add_generation_prompt:
         parts.append("### Response:\n")
     return "".join(parts)
@@ -281,21 +366,24 @@ def assistant_spans(tok: TextTokenizer, messages: Sequence[dict]) -> tuple[str, 
 
     A turn's span runs from the end of the prompt that precedes it (rendered with the generation prompt) to the end
     of its own end-of-turn token (the eos string) when the template writes one, else to the end of the turn.
+    A Conversation's tools go to every render; its assistant turns before first_labelled get no span.
     """
-    full = tok.render(messages)
+    tools = getattr(messages, "tools", None)
+    first = getattr(messages, "first_labelled", 0)
+    full = tok.render(messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
-        before = tok.render(messages[:i], add_generation_prompt=True)
-        upto = tok.render(messages[: i + 1])
+        before = tok.render(messages[:i], add_generation_prompt=True, tools=tools)
+        upto = tok.render(messages[: i + 1], tools=tools)
         if not upto.startswith(before) or not full.startswith(upto):
             raise ChatTemplateError("the chat template does not render conversations prefix-stably, so the "
                                     "assistant turns cannot be located in the text")
         start, end = len(before), len(upto)
         eos = tok.eos_token
         if eos:
-            k = upto.find(eos, start + len(m["content"]))
+            k = upto.find(eos, start + len(m["content"] or ""))
             if k != -1:
                 end = k + len(eos)
         spans.append((start, end))
@@ -318,11 +406,32 @@ def encode_conversation(tok: TextTokenizer, messages: Sequence[dict]) -> Sample:
     return Sample(ids, labels)
 
 
-def encode_all(tok: TextTokenizer, convs: Sequence[Sequence[dict]], seq_len: int) -> tuple[list[Sample], dict]:
-    """Encode, truncate to seq_len and drop samples left without any label; returns (samples, counts)."""
+def encode_text(tok: TextTokenizer, row: TextRow) -> Sample:
+    """A TextRow as a Sample: prompt + completion tokenized as one text with the tokenizer's own special tokens
+    (add_special_tokens, like transformers' tokenizer(text)), then the eos id. labels: the tokens that start at or
+    after the completion's first character (a token straddling the boundary counts as prompt) and the eos; every
+    real token when the prompt is empty."""
+    ids, offsets = tok.encode_with_offsets(row.prompt + row.completion, add_special_tokens=True)
+    start = len(row.prompt)
+    labels = [t if a >= start and (b > a or start == 0) else IGNORE_INDEX for t, (a, b) in zip(ids, offsets)]
+    eos = tok.eos_token_id
+    if eos is not None and ids and ids[-1] == eos:  # the post-processor appended it (zero-width): label it
+        labels[-1] = eos
+    elif eos is not None:
+        ids, labels = ids + [eos], labels + [eos]
+    return Sample(ids, labels)
+
+
+def encode_record(tok: TextTokenizer, rec: Conversation | TextRow | Sequence[dict]) -> Sample:
+    """One record of read_jsonl as a Sample: encode_text for a TextRow, encode_conversation for messages."""
+    return encode_text(tok, rec) if isinstance(rec, TextRow) else encode_conversation(tok, rec)
+
+
+def encode_all(tok: TextTokenizer, convs: Sequence[Conversation | TextRow], seq_len: int) -> tuple[list[Sample], dict]:
+    """Encode (encode_record), truncate to seq_len and drop samples left without any label; (samples, counts)."""
     out, truncated, dropped = [], 0, 0
     for msgs in convs:
-        s = encode_conversation(tok, msgs)
+        s = encode_record(tok, msgs)
         if len(s) > seq_len:
             s, truncated = Sample(s.input_ids[:seq_len], s.labels[:seq_len]), truncated + 1
         if s.num_labels == 0:

@@ -1,5 +1,9 @@
 """Our Llama: `LlamaConfig` (reads HF config.json in both rope forms) and the `Llama` nn.Module.
 
+The same module runs the Llama family checkpoints whose blocks share Llama's math: Llama 2/3/3.1/3.2 and SmolLM
+(model_type "llama"), Mistral ("mistral": no biases; a sliding_window, which sequences must stay within) and
+Qwen2 / Qwen2.5 ("qwen2": biases on q/k/v only). Any other model_type is a ConfigError.
+
 Module names follow transformers' LlamaForCausalLM exactly (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`, ...), so HF checkpoints load key for key and PEFT
 adapter paths (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) line up.
@@ -33,6 +37,16 @@ class ConfigError(ValueError):
     """config.json lacks a required field or holds a value this Llama cannot run (the message names it)."""
 
 
+class SlidingWindowError(ValueError):
+    """A sequence longer than the checkpoint's sliding_window: sliding-window attention is not implemented, and
+    within the window it equals full causal attention, so shorter sequences are exact."""
+
+
+# model_type -> the transformers class it names. The three share the block's math; they differ in config.json
+# fields and in which projections carry a bias (see _family_fields).
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -59,6 +73,9 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    model_type: str = "llama"                # "llama", "mistral" or "qwen2" (MODEL_TYPES)
+    o_proj_bias: bool | None = None          # bias on o_proj; None -> attention_bias (Qwen2: q/k/v only)
+    sliding_window: int | None = None        # longest sequence (cache included) a forward may see; None = no limit
 
     def __post_init__(self):
         for f in REQUIRED_FIELDS:
@@ -81,6 +98,13 @@ class LlamaConfig:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta!r}")
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r} is not supported (supported: {sorted(MODEL_TYPES)})")
+        if self.o_proj_bias is None:
+            self.o_proj_bias = self.attention_bias
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise ConfigError(f"sliding_window must be a positive int or null, got {w!r}")
 
     @classmethod
     def from_hf_config(cls, d: dict) -> "LlamaConfig":
@@ -89,8 +113,9 @@ class LlamaConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type", "llama")
-        if model_type != "llama":
-            raise ConfigError(f"model_type {model_type!r} is not supported (only 'llama')")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {model_type!r} is not supported (supported: {sorted(MODEL_TYPES)}, "
+                              f"the Llama family)")
         missing = [f for f in REQUIRED_FIELDS if d.get(f) is None]
         if missing:
             raise ConfigError(f"config is missing required field(s) {missing}")
@@ -104,16 +129,49 @@ class LlamaConfig:
             theta = d.get("rope_theta", 10000.0)
             scaling = d.get("rope_scaling")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
-              if f.name in d and f.name not in ("rope_theta", "rope_scaling")}
+              if f.name in d and f.name not in ("rope_theta", "rope_scaling", "o_proj_bias", "sliding_window")}
+        kw.update(_family_fields(model_type, d))
         return cls(**kw, rope_theta=float(theta), rope_scaling=scaling)
 
     def to_hf_config(self) -> dict:
-        """A config.json dict that transformers (4.45+ and 5) reads as LlamaForCausalLM."""
+        """A config.json dict that transformers (4.45+ and 5) reads as the model_type's *ForCausalLM."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        d.pop("o_proj_bias")
+        d.update(model_type=self.model_type, architectures=[MODEL_TYPES[self.model_type]], hidden_act="silu")
         if self.rope_scaling is None:
             d.pop("rope_scaling", None)
+        if self.model_type != "llama":  # biases are fixed by the family's code, not read from config.json
+            d.pop("attention_bias", None)
+            d.pop("mlp_bias", None)
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":  # a window here applies to every layer (max_window_layers 0)
+            d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                     max_window_layers=0 if self.sliding_window is not None else self.num_hidden_layers)
         return d
+
+
+def _family_fields(model_type: str, d: dict) -> dict:
+    """The LlamaConfig fields a family's transformers code fixes or derives instead of reading them as is."""
+    if model_type == "mistral":  # MistralAttention / MistralMLP: no bias anywhere
+        return dict(attention_bias=False, mlp_bias=False, o_proj_bias=False, sliding_window=d.get("sliding_window"))
+    if model_type == "qwen2":  # Qwen2Attention: bias on q/k/v, none on o_proj; Qwen2MLP: no bias
+        return dict(attention_bias=True, mlp_bias=False, o_proj_bias=False, sliding_window=_qwen2_window(d))
+    return {}
+
+
+def _qwen2_window(d: dict) -> int | None:
+    """Qwen2's sliding window as transformers' Qwen2Config derives it: sliding_window counts only with
+    use_sliding_window, and then only if a layer is "sliding_attention" (layer_types, or by default the layers
+    from max_window_layers on). The limit is enforced model-wide (SlidingWindowError), so which layers slide
+    does not matter."""
+    window = d.get("sliding_window") if d.get("use_sliding_window") else None
+    if window is None:
+        return None
+    layer_types = d.get("layer_types")
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if d["num_hidden_layers"] > d.get("max_window_layers", 28) else None
 
 
 def _normalize_rope_scaling(s: dict) -> dict | None:
@@ -249,7 +307,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, H * D, **kw)
         self.k_proj = nn.Linear(d, KVH * D, **kw)
         self.v_proj = nn.Linear(d, KVH * D, **kw)
-        self.o_proj = nn.Linear(H * D, d, **kw)
+        self.o_proj = nn.Linear(H * D, d, **{**kw, "bias": cfg.o_proj_bias})
         self.H, self.KVH, self.D, self.layer_idx = H, KVH, D, layer_idx
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
@@ -368,6 +426,7 @@ class LlamaModel(nn.Module):
         past = cache.pos if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used + {T} new does not fit")
+        _check_window(self.config, past + T, f"{past} cached + {T} new tokens")
         x = self.embed_tokens(input_ids)  # (B, T, d)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
@@ -387,6 +446,14 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.norm(x)
+
+
+def _check_window(cfg: LlamaConfig, length: int, what: str) -> None:
+    if cfg.sliding_window is not None and length > cfg.sliding_window:
+        raise SlidingWindowError(
+            f"{what} = {length} positions exceed this {cfg.model_type} checkpoint's sliding_window "
+            f"{cfg.sliding_window}: sliding-window attention is not implemented, so keep sequences (training "
+            f"seq_len, prompt + max_new_tokens) within {cfg.sliding_window} tokens")
 
 
 def _document_mask(document_ids: torch.Tensor, mask, cache) -> torch.Tensor:
@@ -467,6 +534,7 @@ class Llama(nn.Module):
         keep emitting it; decoding stops early once every row has. Prompts of different lengths go in left-padded,
         with attention_mask (B, T) marking real tokens (1); each row then decodes as it would alone.
         """
+        _check_window(self.config, input_ids.shape[-1] + max_new_tokens, "prompt + max_new_tokens")
         from .generation import generate  # noqa: PLC0415 (generation imports this module)
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         eos_token_id=eos_token_id, generator=generator, attention_mask=attention_mask)

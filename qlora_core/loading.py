@@ -1,4 +1,6 @@
-"""`load_llama`: an HF Llama folder (or hub repo id) -> our `Llama`, quantizing tensor by tensor while streaming.
+"""`load_llama`: an HF Llama-family folder (or hub repo id) -> our `Llama`, quantizing tensor by tensor while
+streaming. model_type "llama" (Llama 2/3/3.x, SmolLM), "mistral" and "qwen2" (llama.py MODEL_TYPES); any other is a
+ConfigError.
 
 Design: the model is built on the meta device (no memory), then filled one tensor at a time from safetensors'
 memory-mapped `safe_open`. A decoder-block linear weight is read (one dense tensor on the host), moved to the
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE, default_dtype
 from .llama import LINEAR_NAMES, ConfigError, Llama, LlamaConfig
 from .qlinear import QuantLinear
 from .quant import QuantizedTensor, QuantStateError, quantize as quantize_tensor
@@ -71,23 +74,25 @@ class HubUnavailableError(LoadError, OSError):
     """A hub repo id could not be fetched (offline, no network, or no such repo)."""
 
 
-def load_llama(path_or_repo_id: str | os.PathLike, quantize: str | None = "nf4", double_quant: bool = True,
-               dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
-               blocksize: int = 64) -> Llama:
+def load_llama(path_or_repo_id: str | os.PathLike, quantize: str | None = QUANT_TYPE,
+               double_quant: bool = DOUBLE_QUANT, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None, blocksize: int = BLOCKSIZE) -> Llama:
     """Load a Llama checkpoint as our `Llama`, its decoder-block linears quantized to `quantize` ("nf4", "fp4") or
     dense (None).
 
     path_or_repo_id: a local HF folder, or a hub repo id (downloaded with huggingface_hub; config, tokenizer and
     safetensors only). dtype: the dtype of embeddings, norms, lm_head, dense linears and of the quantized weights'
-    dequantized values. device: where the model lives (default CPU). A bnb-4bit checkpoint keeps its own
+    dequantized values (default: defaults.default_dtype(device), bfloat16 on CUDA, float32 elsewhere).
+    device: where the model lives (default CPU). A bnb-4bit checkpoint keeps its own
     quantization (quantize=None dequantizes it instead). The returned model carries `name_or_path` (the folder)
     and `source` (the argument as given).
     """
     if quantize not in ("nf4", "fp4", None):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
+    device = torch.device(device if device is not None else "cpu")
+    dtype = default_dtype(device) if dtype is None else dtype
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    device = torch.device(device if device is not None else "cpu")
     folder = resolve_folder(path_or_repo_id)
     cfg = read_config(folder)
     _check_quantization_config(folder)

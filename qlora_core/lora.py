@@ -1,4 +1,5 @@
-"""LoRA over frozen dense or 4-bit linear layers: `LoRALinear`, `apply_lora`, `merge_lora`, `unmerge_lora`.
+"""LoRA over frozen dense or 4-bit linear layers: `LoraConfig`, `LoRALinear`, `apply_lora`, `merge_lora`,
+`unmerge_lora`, `unload_lora`, `merge_and_unload`.
 
 y = base(x) + scaling * dropout(x) @ A.T @ B.T with A (r, in) and B (out, r) trainable, the base frozen, and
 scaling = alpha / r (alpha / sqrt(r) with use_rslora). Everything mirrors PEFT's `lora.Linear` so adapters
@@ -20,6 +21,7 @@ exact in every case: it puts back the very same module. Cost: the dense base is 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from typing import Sequence
@@ -27,11 +29,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS
 from .quant import QuantizedTensor, dequantize, quantize
 from .qlinear import QuantLinear
 
-# All seven Llama projections: the QLoRA paper adapts every linear layer (PEFT's own default is q_proj, v_proj).
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_TARGETS = LORA_TARGETS  # the default target_modules (defaults.py): all seven Llama projections
 LORA_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -45,24 +47,34 @@ class TargetModuleError(ValueError):
 
 @dataclasses.dataclass
 class LoraConfig:
-    """What apply_lora needs; save_adapter writes these into PEFT's adapter_config.json."""
-    r: int = 16  # rank of the update B @ A (PEFT `r`)
-    alpha: float = 32  # scale numerator (PEFT `lora_alpha`): scaling = alpha / r, or alpha / sqrt(r) with rslora
-    dropout: float = 0.0  # dropout probability on the LoRA input only; the base sees x unchanged (`lora_dropout`)
+    """What apply_lora needs, in PEFT's spellings (`LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+    target_modules=[...])` from a PEFT script works as is); save_adapter writes these into adapter_config.json.
+    Defaults: qlora_core/defaults.py. `alpha` and `dropout` read lora_alpha and lora_dropout."""
+    r: int = LORA_R  # rank of the update B @ A
+    lora_alpha: float = LORA_ALPHA  # scale numerator: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rslora
+    lora_dropout: float = LORA_DROPOUT  # dropout probability on the LoRA input only; the base sees x unchanged
     target_modules: Sequence[str] | str = LLAMA_TARGETS  # names matched as PEFT does: list = exact path or
-    # ".name" suffix; str = regex fullmatch on the whole module path; "all-linear" = every linear but the output
-    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023)
+    # ".name" suffix, each entry must match a module; str = regex fullmatch on the whole module path;
+    # "all-linear" = every linear layer but the output layer
+    use_rslora: bool = False  # rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023)
     dtype: torch.dtype = torch.float32  # storage dtype of A and B: float32 or bfloat16
+    bias: str = "none"  # PEFT's field; only "none" (biases stay frozen) is supported
+    task_type: str | None = None  # PEFT's field, informational ("CAUSAL_LM" is what save_adapter writes)
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise LoraConfigError(f"r must be a positive int, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise LoraConfigError(f"alpha must be a finite number, got {self.alpha!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise LoraConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or \
+                not math.isfinite(self.lora_alpha):
+            raise LoraConfigError(f"lora_alpha (alpha) must be a finite number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise LoraConfigError(f"lora_dropout (dropout) must be in [0, 1), got {self.lora_dropout!r}")
         if self.dtype not in LORA_DTYPES:
             raise LoraConfigError(f"LoRA dtype must be float32 or bfloat16, got {self.dtype}")
+        if self.bias != "none":
+            raise LoraConfigError(f"bias={self.bias!r} is not supported (only 'none': biases stay frozen)")
+        if self.task_type not in (None, "CAUSAL_LM"):
+            raise LoraConfigError(f"task_type={self.task_type!r} is not supported (only 'CAUSAL_LM' or None)")
         if isinstance(self.target_modules, str):
             try:
                 re.compile(self.target_modules)
@@ -74,9 +86,19 @@ class LoraConfig:
                 raise TargetModuleError(f"target_modules must be non-empty names, got {self.target_modules!r}")
 
     @property
+    def alpha(self) -> float:
+        """lora_alpha (the name LoRALinear and apply_lora's keyword form use)."""
+        return self.lora_alpha
+
+    @property
+    def dropout(self) -> float:
+        """lora_dropout (the name LoRALinear and apply_lora's keyword form use)."""
+        return self.lora_dropout
+
+    @property
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with use_rslora."""
-        return lora_scaling(self.r, self.alpha, self.use_rslora)
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -105,11 +127,11 @@ class LoRALinear(nn.Module):
     only for the last two. lora_A (r, in) and lora_B (out, r) are Parameters in `dtype` on the base's device.
     """
 
-    def __init__(self, base: nn.Module | QuantizedTensor | torch.Tensor, r: int = 16, alpha: float = 32,
-                 dropout: float = 0.0, use_rslora: bool = False, dtype: torch.dtype = torch.float32,
+    def __init__(self, base: nn.Module | QuantizedTensor | torch.Tensor, r: int = LORA_R, alpha: float = LORA_ALPHA,
+                 dropout: float = LORA_DROPOUT, use_rslora: bool = False, dtype: torch.dtype = torch.float32,
                  bias: torch.Tensor | None = None):
         super().__init__()
-        LoraConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, dtype=dtype)  # validates
+        LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, dtype=dtype)  # validates
         if isinstance(base, QuantizedTensor):
             base = QuantLinear(base, bias)
         elif isinstance(base, torch.Tensor):
@@ -150,8 +172,8 @@ class LoRALinear(nn.Module):
 
         Raises LoraConfigError unless 0 <= p < 1. The base path never sees dropout.
         """
-        LoraConfig(r=self.r, dropout=p)  # validates
-        self.lora_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        LoraConfig(r=self.r, lora_dropout=p)  # validates
+        self.lora_dropout = (nn.Dropout(p) if p > 0 else nn.Identity()).train(self.training)  # keep the mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features): base(x) + scaling * B(A(dropout(x))) (base only if merged)."""
@@ -167,14 +189,21 @@ class LoRALinear(nn.Module):
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the adapter folded in, (out, in) in the base dtype: W + scaling * B @ A summed in
+        fp32 and rounded once (a 4-bit base is dequantized first); the base itself when already merged."""
+        base = self.base_layer
+        w = dequantize(base.weight) if is_quantized_linear(base) else base.weight.detach()
+        return w if self.merged else (w.float() + self.delta_weight()).to(w.dtype)
+
+    @torch.no_grad()
     def merge(self, requantize: bool = False) -> None:
         """Fold the adapter into the base (see module docstring); a no-op if already merged."""
         if self.merged:
             return
         base = self.base_layer
         quantized = is_quantized_linear(base)
-        w = dequantize(base.weight) if quantized else base.weight.detach()
-        merged_w = (w.float() + self.delta_weight()).to(w.dtype)  # one rounding to the base dtype
+        merged_w = self.merged_weight()
         bias = getattr(base, "bias", None)
         bias = None if bias is None else bias.detach().clone()
         if quantized and requantize:
@@ -248,7 +277,8 @@ class LoraParamCount:
                 f"trainable%: {100 * self.fraction:.4f}")
 
 
-def _output_layer(model: nn.Module) -> nn.Module | None:
+def output_layer(model: nn.Module) -> nn.Module | None:
+    """The model's output projection: get_output_embeddings() (transformers, our Llama) or an `lm_head`."""
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
     return out if out is not None else getattr(model, "lm_head", None)
@@ -256,7 +286,7 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
 
 def all_linear_names(model: nn.Module) -> tuple[str, ...]:
     """PEFT's "all-linear" expansion: the leaf names of every linear layer, minus the output layer's name."""
-    out = _output_layer(model)
+    out = output_layer(model)
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
              if n and (isinstance(m, nn.Linear) or is_quantized_linear(m))}
     out_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if out is not None and m is out}
@@ -277,38 +307,81 @@ def count_parameters(model: nn.Module) -> LoraParamCount:
     return LoraParamCount(trainable=trainable, total=total)
 
 
-def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
-               target_modules: Sequence[str] | str = LLAMA_TARGETS, use_rslora: bool = False,
-               dtype: torch.dtype = torch.float32) -> LoraParamCount:
+def unmatched_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
+    """The entries of a target_modules list that match no module path of `model` (PEFT's rule, target_matches);
+    [] for a regex string that matches something, [the regex] for one that matches nothing."""
+    names = [name for name, _ in model.named_modules() if name]
+    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    return [t for t in entries if not any(target_matches(t if isinstance(target_modules, str) else (t,), n)
+                                          for n in names)]
+
+
+def _resolve_config(config: LoraConfig | None, kw: dict) -> LoraConfig:
+    """A LoraConfig from `config` with the keyword arguments that are not None laid over it; both spellings
+    (alpha / lora_alpha, dropout / lora_dropout) are accepted, LoraConfigError if both are given and differ."""
+    for ours, peft_name in (("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+        a, b = kw.pop(ours), kw.get(peft_name)
+        if a is not None and b is not None and a != b:
+            raise LoraConfigError(f"{ours}={a!r} and {peft_name}={b!r} name the same setting; pass one")
+        if a is not None:
+            kw[peft_name] = a
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if config is None:
+        return LoraConfig(**kw)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"apply_lora's config must be a qlora_core LoraConfig, got {type(config).__name__} "
+                        f"(build one with the same keywords: LoraConfig(r=..., lora_alpha=..., ...))")
+    return dataclasses.replace(config, **kw)
+
+
+def apply_lora(model: nn.Module, config: LoraConfig | None = None, *, r: int | None = None,
+               alpha: float | None = None, dropout: float | None = None,
+               target_modules: Sequence[str] | str | None = None, use_rslora: bool | None = None,
+               dtype: torch.dtype | None = None, lora_alpha: float | None = None,
+               lora_dropout: float | None = None) -> LoraParamCount:
     """Wrap every nn.Linear / quantized linear whose path matches `target_modules` in a LoRALinear, in place.
 
-    target_modules="all-linear" is expanded as PEFT does (all_linear_names) before matching and saving.
-    Freezes every other parameter (bias "none", as PEFT), stores the LoraConfig as `model.lora_config` (used
-    by save_adapter) and returns LoraParamCount(trainable, total). Raises LoraConfigError for bad r / alpha /
-    dropout / dtype, TargetModuleError when nothing matches, when a match is not a linear layer, or when the
-    model already carries LoRA adapters.
+    Either `apply_lora(model, LoraConfig(r=8, lora_alpha=16, ...))` (PEFT's spellings) or the keyword form
+    `apply_lora(model, r=8, alpha=16, dropout=0.05, target_modules=[...])`; keywords given with a config override
+    its fields; unset values take qlora_core/defaults.py's. target_modules="all-linear" is expanded as PEFT does
+    (all_linear_names) before matching and saving. Freezes every other parameter (bias "none", as PEFT), stores
+    the LoraConfig as `model.lora_config` (used by save_adapter) and returns LoraParamCount(trainable, total).
+    Raises LoraConfigError for bad r / alpha / dropout / dtype, TargetModuleError when an entry of a
+    target_modules list (or the regex) matches no module (the message names it: a typo such as "vproj" is
+    not silently left out), when a match is not a linear layer, or when the model already carries adapters.
     """
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        target_modules = all_linear_names(model) or ("<no linear layer>",)
-    cfg = LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, use_rslora=use_rslora,
-                     dtype=dtype)
+    cfg = _resolve_config(config, dict(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                                       use_rslora=use_rslora, dtype=dtype, lora_alpha=lora_alpha,
+                                       lora_dropout=lora_dropout))
+    if isinstance(cfg.target_modules, str) and cfg.target_modules == "all-linear":
+        names = all_linear_names(model)
+        if not names:
+            raise TargetModuleError(f"target_modules='all-linear': {type(model).__name__} has no linear layer "
+                                    f"besides its output layer")
+        cfg = dataclasses.replace(cfg, target_modules=names)
     if lora_modules(model):
         raise TargetModuleError("model already has LoRA adapters; merge/unload them or load into them instead")
+    missing = unmatched_targets(model, cfg.target_modules)
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
+        hints = {t: difflib.get_close_matches(t, leaves, n=1) for t in missing}
+        hint = "; ".join(f"{t!r} (did you mean {h[0]!r}?)" if h else repr(t) for t, h in hints.items())
+        raise TargetModuleError(f"target_modules entry {hint} matches no module of {type(model).__name__}; "
+                                f"every entry must name a module (linear layers here: "
+                                f"{list(all_linear_names(model))})")
     matches = [(name, m) for name, m in model.named_modules() if name and target_matches(cfg.target_modules, name)]
     bad = [f"{name} ({type(m).__name__})" for name, m in matches
            if not (isinstance(m, nn.Linear) or is_quantized_linear(m))]
     if bad:
         raise TargetModuleError(f"target_modules={cfg.target_modules!r} matches modules that are not linear "
                                 f"layers: {bad[:5]}")
-    if not matches:
-        raise TargetModuleError(f"target_modules={cfg.target_modules!r} matches no module of "
-                                f"{type(model).__name__}")
     model.requires_grad_(False)
     for name, m in matches:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(m, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                                          use_rslora=cfg.use_rslora, dtype=cfg.dtype))
+        layer = LoRALinear(m, r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
+                           dtype=cfg.dtype)
+        setattr(parent, child, layer.train(m.training))  # a model in eval mode stays in eval mode (no dropout)
     model.lora_config = cfg
     return count_parameters(model)
 
@@ -354,3 +427,14 @@ def unload_lora(model: nn.Module) -> nn.Module:
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
+
+
+def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
+    """merge_lora then unload_lora, in place (PEFT's `merge_and_unload`); returns the model, now without LoRA.
+
+    Each adapted layer becomes its merged base: nn.Linear in the base dtype (W + scaling * B @ A summed in fp32,
+    rounded once; a 4-bit base dequantized first), or, with requantize=True, a 4-bit base re-quantized in its own
+    format. Layers without adapters are left as they are. TargetModuleError when the model has no adapters.
+    """
+    merge_lora(model, requantize=requantize)
+    return unload_lora(model)

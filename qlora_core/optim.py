@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import backend
+from .defaults import OPTIM_BITS, WEIGHT_DECAY
 from .formats import dynamic_map
 from .optim_ref import adamw8bit_ref, adamw32_ref, adamw_coeffs
 from .paging import PageStore, layout
@@ -47,14 +48,15 @@ class PagedAdamW(torch.optim.Optimizer):
     GPU within `gpu_budget_bytes` (None: decided at the first step from the free memory), the rest in pinned
     host memory, prefetched on a side stream; `set_gpu_budget(bytes)` changes it at run time. No CUDA managed
     memory is used. `batch_pages` neighbouring non-resident pages move and update together (None: up to a fifth
-    of the budget, at most 32 MiB). Raises ValueError naming the argument for lr < 0, optim_bits not in (8, 32),
+    of the budget, at most 32 MiB). Defaults (qlora_core/defaults.py): 8-bit states, weight decay 0; lr may be a
+    one-element tensor, as torch.optim allows (read at each step). PagedAdamW8bit / PagedAdamW32bit fix the bits.
+    Raises ValueError naming the argument for lr < 0, optim_bits not in (8, 32),
     betas outside [0, 1), eps < 0, weight_decay < 0, a negative budget, page_bytes < 4096 or batch_pages < 1.
     """
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, optim_bits: int = 32, gpu_budget_bytes: int | None = None,
-                 page_bytes: int | None = None, batch_pages: int | None = None):
-        if not isinstance(lr, (int, float)) or lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = WEIGHT_DECAY, optim_bits: int = OPTIM_BITS,
+                 gpu_budget_bytes: int | None = None, page_bytes: int | None = None, batch_pages: int | None = None):
+        _check_lr(lr)
         if optim_bits not in (8, 32):
             raise ValueError(f"Invalid optim_bits: {optim_bits} (must be 8 or 32)")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -218,7 +220,8 @@ class PagedAdamW(torch.optim.Optimizer):
         return loss
 
     def _coeffs(self, g: dict, step: int) -> dict:
-        return {bits: adamw_coeffs(step, g["lr"], *g["betas"], g["eps"], g["weight_decay"], bits)
+        lr = float(g["lr"])  # a tensor lr (torch.optim accepts one) is read once per step
+        return {bits: adamw_coeffs(step, lr, *g["betas"], g["eps"], g["weight_decay"], bits)
                 for bits in (8, 32)}
 
     def _slow_prepare(self, grads: list):
@@ -432,6 +435,39 @@ class PagedAdamW(torch.optim.Optimizer):
         self._fast_key = None
         for page, data in pages.items():
             self._store.write(page, data)
+
+
+def _check_lr(lr) -> None:
+    """ValueError unless lr is a number or a one-element float tensor (as torch.optim takes it), >= 0."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Invalid learning rate: a tensor lr must hold one float, got {lr.dtype} "
+                             f"{tuple(lr.shape)}")
+        value = float(lr)
+    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        value = float(lr)
+    else:
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be a number or a one-element tensor)")
+    if not value >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+
+
+class PagedAdamW8bit(PagedAdamW):
+    """PagedAdamW with 8-bit states (bitsandbytes' `PagedAdamW8bit` name); same arguments minus optim_bits."""
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, **kwargs):
+        if kwargs.setdefault("optim_bits", 8) != 8:
+            raise ValueError(f"PagedAdamW8bit has optim_bits=8, got {kwargs['optim_bits']}")
+        super().__init__(params, lr, **kwargs)
+
+
+class PagedAdamW32bit(PagedAdamW):
+    """PagedAdamW with 32-bit states (bitsandbytes' `PagedAdamW32bit` name); same arguments minus optim_bits."""
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, **kwargs):
+        if kwargs.setdefault("optim_bits", 32) != 32:
+            raise ValueError(f"PagedAdamW32bit has optim_bits=32, got {kwargs['optim_bits']}")
+        super().__init__(params, lr, **kwargs)
 
 
 def _state_bytes(sizes: list[tuple[int, int]]):

@@ -12,9 +12,12 @@ optimizers, `.half()` and `requires_grad_` from touching the packed bytes. Two c
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
+from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE
 from .quant import QuantizedTensor, QuantStateError, quantize
 
 
@@ -36,8 +39,8 @@ class QuantLinear(nn.Module):
         self.bias = bias
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, quant_type: str = QUANT_TYPE, blocksize: int = BLOCKSIZE,
+                    double_quant: bool = DOUBLE_QUANT) -> "QuantLinear":
         """Quantize a dense nn.Linear's weight (its dtype becomes the QuantizedTensor's dtype)."""
         q = quantize(linear.weight.detach(), quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
         return cls(q, None if linear.bias is None else linear.bias.detach())
@@ -89,3 +92,52 @@ class QuantLinear(nn.Module):
         rest = {k: v for k, v in state_dict.items() if k not in mine}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+# bitsandbytes' name, for readers coming from there: the same state-dict keys and forward, but built from a
+# QuantizedTensor (or `Linear4bit.from_linear(nn.Linear)`), not from (in, out) sizes quantized on `.cuda()`.
+Linear4bit = QuantLinear
+
+
+@torch.no_grad()
+def quantize_model(module: nn.Module, quant_type: str = QUANT_TYPE, blocksize: int = BLOCKSIZE,
+                   double_quant: bool = DOUBLE_QUANT, skip: Sequence[str] | str = (),
+                   quantize_output: bool = False) -> nn.Module:
+    """Replace every nn.Linear of `module` (any nn.Module) by a QuantLinear holding its 4-bit weight, in place;
+    returns the module.
+
+    quant_type "nf4" / "fp4", blocksize (power of two, 32..4096) and double_quant as in `quantize`; each
+    weight keeps its own dtype as the dequantized dtype, biases stay dense. skip: module paths left dense, matched
+    as target_modules are (a list entry equals the path or is its last '.'-part; a str is a regex fullmatched on
+    the path); every list entry, or the regex, must match some module (ValueError naming it otherwise). The
+    output layer (get_output_embeddings() or `lm_head`) stays dense too, as in QLoRA and transformers' bnb
+    loading, unless quantize_output=True. A linear whose weight is shared with another module (tied embeddings)
+    always stays dense: quantizing it would silently untie the pair. ValueError for a meta or non-finite weight,
+    naming the layer.
+    """
+    from .lora import output_layer, target_matches, unmatched_targets  # noqa: PLC0415 (lora imports this module)
+    if isinstance(module, nn.Linear):
+        raise TypeError("quantize_model converts the nn.Linear layers inside a module; for one layer use "
+                        "QuantLinear.from_linear(linear)")
+    skip = skip if isinstance(skip, str) else tuple(skip)
+    missing = unmatched_targets(module, skip)
+    if missing:
+        raise ValueError(f"quantize_model: skip entries {missing} match no module of {type(module).__name__}")
+    out = None if quantize_output else output_layer(module)
+    uses: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    # nn.MultiheadAttention reads its out_proj.weight directly (F.multi_head_attention_forward), never calling
+    # the submodule, so a QuantLinear there would be bypassed
+    mha = {f"{n}.out_proj" if n else "out_proj" for n, m in module.named_modules()
+           if isinstance(m, nn.MultiheadAttention)}
+    targets = [(n, m) for n, m in module.named_modules()
+               if n and isinstance(m, nn.Linear) and m is not out and n not in mha and not target_matches(skip, n)
+               and uses[id(m.weight)] == 1]
+    for name, lin in targets:
+        try:
+            q = QuantLinear.from_linear(lin, quant_type, blocksize, double_quant)
+        except ValueError as e:
+            raise ValueError(f"quantize_model: {name}.weight: {e}") from None
+        module.set_submodule(name, q)
+    return module

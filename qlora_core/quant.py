@@ -25,7 +25,7 @@ class QuantStateError(ValueError):
     """A state dict or blob that does not describe a valid bitsandbytes 4-bit tensor."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class QuantizedTensor:
     """A 4-bit blockwise-quantized tensor in bitsandbytes' layout.
 
@@ -83,11 +83,36 @@ class QuantizedTensor:
             return self.absmax
         return reference.double_dequantize_ref(self.absmax, self.nested_absmax, self.offset)
 
-    def to(self, device) -> "QuantizedTensor":
-        """A copy on `device` (the table tensors are rebuilt there; nothing is requantized)."""
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return dataclasses.replace(self, data=move(self.data), absmax=move(self.absmax),
-                                   nested_absmax=move(self.nested_absmax), offset=move(self.offset))
+    def to(self, *args, **kwargs) -> "QuantizedTensor":
+        """A copy moved and/or retyped as `Tensor.to` would be: `q.to("cuda")`, `q.to(torch.float16)`,
+        `q.to(device=..., dtype=..., non_blocking=...)`, `q.to(other_tensor)`.
+
+        A device moves every state tensor; nothing is requantized. A dtype changes only `self.dtype`, the dtype
+        that dequantize() returns: the packed codes stay uint8 and the absmax keeps its own dtype, because
+        casting those (as a blanket `.to(float16)` would) silently corrupts the weight. TypeError for a dtype
+        that is not float32 / float16 / bfloat16.
+        """
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"QuantizedTensor.to: the dequantized dtype must be float32, float16 or bfloat16, "
+                            f"got {dtype}; the packed 4-bit state itself is never cast")
+        out = self
+        if device is not None:
+            move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+            out = dataclasses.replace(out, data=move(self.data), absmax=move(self.absmax),
+                                      nested_absmax=move(self.nested_absmax), offset=move(self.offset))
+        if dtype is not None and dtype != out.dtype:
+            out = dataclasses.replace(out, dtype=dtype)
+        return out
+
+    def __repr__(self) -> str:
+        """Shape, dtype and format, and each state tensor as dtype(shape): never the tensors' values."""
+        def t(x):
+            return "None" if x is None else f"{str(x.dtype).removeprefix('torch.')}{tuple(x.shape)}"
+        return (f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, quant_type={self.quant_type!r}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, device={self.device}, "
+                f"data={t(self.data)}, absmax={t(self.absmax)}, nested_absmax={t(self.nested_absmax)}, "
+                f"offset={t(self.offset)})")
 
     def dequantize(self) -> torch.Tensor:
         """Same as `qlora_core.dequantize(self)`."""
@@ -196,6 +221,9 @@ def _check_input(w: torch.Tensor, quant_type: str, blocksize: int) -> None:
     _check_blocksize(blocksize)
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
+    if w.is_meta:
+        raise ValueError(f"cannot quantize a meta tensor (shape {tuple(w.shape)}, {w.dtype}): it holds no values. "
+                         f"Materialize it first (e.g. module.to_empty(device=...) and load the weights)")
     if w.numel() >= 2**31:
         raise ValueError(f"tensor has {w.numel()} elements; the format indexes with int32 (max 2**31-1)")
     # aminmax propagates NaN and exposes +-Inf in one read with no tensor-sized temporary (isfinite(w).all()
@@ -210,13 +238,16 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
              double_quant: bool = True) -> QuantizedTensor:
     """Quantize `w` to 4 bits, byte-compatible with bitsandbytes `quantize_4bit`.
 
-    w: any shape, float32 / float16 / bfloat16, finite, non-empty, on CPU or CUDA.
+    w: any shape, float32 / float16 / bfloat16, finite, non-empty, on CPU or CUDA (not meta); a tensor that
+    requires grad is detached (the result never carries an autograd graph).
     quant_type: "nf4" or "fp4". blocksize: power of two in [32, 4096]. double_quant: also quantize the
     absmax to 8 bits (blocks of 256, signed dynamic map, offset = mean), as compress_statistics=True does.
     Returns a QuantizedTensor on w's device. Raises TypeError/ValueError naming the problem on bad input.
     """
     _check_input(w, quant_type, blocksize)
-    w = w.contiguous()
+    # detach: the quantized state is a frozen copy; without it offset / nested_absmax would carry an autograd
+    # graph back into the source weight (and a later backward would write gradients into it)
+    w = w.detach().contiguous()
     if backend.choose(w.device) == "triton":
         from .kernels import quant4 as impl
         quantize_4bit, quantize_blockwise = impl.quantize_4bit, impl.quantize_blockwise

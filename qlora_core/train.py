@@ -32,14 +32,18 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import data as D
+from .defaults import (DOUBLE_QUANT, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, OPTIM_BITS, QUANT_TYPE,
+                       WEIGHT_DECAY, default_dtype)
 from .durable import atomic_write_text, fsync_dir, fsync_tree
 
 LOSS_CHUNK_ELEMS = 1 << 27  # logits per loss chunk (fp32: 512 MiB); bounds the lm_head/CE peak at any vocab
@@ -51,7 +55,7 @@ METRICS = "metrics.jsonl"
 class TrainConfig:
     """Everything a run needs; `qlora train` flags map 1:1 onto these fields (--max-steps -> max_steps)."""
     model: str = ""  # HF model folder or hub repo id
-    data: str = ""  # JSONL file: {"instruction", "response"} or {"messages": [...]} per line
+    data: str = ""  # JSONL file: messages, instruction/response, prompt/completion or text rows (docs/data.md)
     output: str = "qlora-out"  # directory for adapter files, metrics.jsonl and checkpoints
     eval_data: str | None = None  # held-out JSONL file; default: eval_fraction of --data
     eval_fraction: float = 0.05  # fraction of records held out for eval when no eval_data (0 = no eval)
@@ -63,17 +67,17 @@ class TrainConfig:
     lr: float = 2e-4  # peak learning rate (after warmup)
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr (end of the cosine)
     warmup_steps: int = -1  # linear warmup steps; -1 = 5% of the steps
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA matrices
+    weight_decay: float = WEIGHT_DECAY  # AdamW decoupled weight decay on the LoRA matrices
     max_grad_norm: float = 1.0  # clip the global grad norm to this (0 = no clipping)
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: float = 32.0  # LoRA scaling numerator (scaling = alpha / r)
-    lora_dropout: float = 0.05  # dropout probability on the LoRA input
-    target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma list or all-linear
-    quant: str = "nf4"  # base weights: nf4, fp4 or none (dense)
-    double_quant: bool = True  # quantize the absmax too (bnb compress_statistics), ~0.37 bits/param saved
+    lora_r: int = LORA_R  # LoRA rank
+    lora_alpha: float = LORA_ALPHA  # LoRA scaling numerator (scaling = alpha / r)
+    lora_dropout: float = LORA_DROPOUT  # dropout probability on the LoRA input
+    target_modules: str = ",".join(LORA_TARGETS)  # comma list or all-linear
+    quant: str = QUANT_TYPE  # base weights: nf4, fp4 or none (dense)
+    double_quant: bool = DOUBLE_QUANT  # quantize the absmax too (bnb compress_statistics), ~0.37 bits/param saved
     dtype: str = "auto"  # model dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
-    optim_bits: int = 8  # PagedAdamW state bits: 8 (bnb-style blockwise) or 32
+    optim_bits: int = OPTIM_BITS  # PagedAdamW state bits: 8 (bnb-style blockwise) or 32
     gradient_checkpointing: bool = True  # recompute decoder blocks in backward (off = policy none everywhere)
     checkpoint_policy: str = "full"  # per block: none, save_attn, full or offload (docs: checkpointing.py)
     memory_budget_gib: float = 0.0  # > 0: per-block policies planned to fit this GPU budget (overrides the policy)
@@ -131,7 +135,7 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     float32 elsewhere."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+        return device, default_dtype(device)
     return device, getattr(torch, cfg.dtype)
 
 
@@ -456,3 +460,14 @@ def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
 def _model_folder(model: str) -> Path:
     from .loading import resolve_folder
     return resolve_folder(model)
+
+
+class _CallableModule(types.ModuleType):
+    """`qlora_core.train` names both this module and its train() function (`qc.train(cfg)`): the module is made
+    callable so either import order gives a name that trains and still holds TrainConfig, train, ..."""
+
+    def __call__(self, cfg: TrainConfig | None = None, **overrides) -> TrainResult:
+        return train(cfg, **overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule

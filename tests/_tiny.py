@@ -76,3 +76,22 @@ def make_model_folder(folder: Path, chat_template: bool = True, hidden: int = 64
     hf["torch_dtype"] = "float32"
     (folder / "config.json").write_text(json.dumps(hf, indent=2))
     return folder
+
+
+def write_tiny_hf_llama(dest: Path, weight_std: float | None = None) -> str:
+    """transformers' own tiny random LlamaForCausalLM (vocab 96, hidden 64, 2 layers, GQA 4/2 heads, untied) saved
+    as an HF folder; weight_std re-draws every matrix from N(0, std) (0.1 gives logits of a few units). Returns the
+    folder as a string (what transformers records as name_or_path)."""
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    if weight_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, weight_std)
+    model.save_pretrained(str(dest))
+    return str(dest)

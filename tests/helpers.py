@@ -57,3 +57,40 @@ def assert_tokens_are_argmax(model, out: torch.Tensor, prompt_len: int, rel: flo
     gap = logits.max(-1).values - chosen
     scale = logits.abs().max().item()
     assert (gap <= rel * scale).all(), f"{name}: picked non-argmax tokens: gaps {gap.tolist()}, scale {scale}"
+
+
+def label_runs(tok, sample) -> list[str]:
+    """The labelled tokens of a data.Sample as decoded runs, one per contiguous stretch of labels (special tokens
+    kept); asserts every label is its own token or -100."""
+    runs, cur = [], []
+    for t, y in zip(sample.input_ids, sample.labels):
+        assert y in (t, -100)
+        if y != -100:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return [tok.decode(r, skip_special_tokens=False) for r in runs + ([cur] if cur else [])]
+
+
+def assert_bnb_checkpoint_matches(model, hf, back=None) -> int:
+    """Each QuantLinear of `model` is a bitsandbytes Linear4bit in `hf` (transformers' load of its bnb-4bit
+    checkpoint) dequantizing to the same values, with the same bias, and (when given) the same packed bytes in
+    `back` (load_llama's read of that checkpoint); its dense linears stay dense and equal in `hf`. Returns how many
+    4-bit layers were compared."""
+    import bitsandbytes as bnb
+    n = 0
+    for name, m in model.named_modules():
+        theirs = hf.get_submodule(name) if name else None
+        if type(m).__name__ == "QuantLinear":
+            assert isinstance(theirs, bnb.nn.Linear4bit), name
+            w = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
+            assert torch.equal(w, m.weight.dequantize()), name
+            assert (m.bias is None) == (theirs.bias is None) and (m.bias is None or torch.equal(m.bias, theirs.bias))
+            if back is not None:
+                b = back.get_submodule(name).weight
+                assert torch.equal(b.data, m.weight.data) and torch.equal(b.absmax, m.weight.absmax), name
+            n += 1
+        elif isinstance(m, torch.nn.Linear):
+            assert type(theirs) is torch.nn.Linear and torch.equal(theirs.weight, m.weight), name
+    return n

@@ -17,6 +17,7 @@ from qlora_core.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, Adap
 from qlora_core.linear import dequantize_as
 from qlora_core.lora import LLAMA_TARGETS, apply_lora, lora_modules, merge_lora
 from qlora_core.qlinear import QuantLinear
+from tests._tiny import write_tiny_hf_llama
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
 
 transformers = pytest.importorskip("transformers", reason="test extra: transformers")
@@ -27,14 +28,7 @@ ATOL = DTYPE_ATOL[torch.float32]
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    d = str(tmp_path_factory.mktemp("tiny_llama"))
-    model.save_pretrained(d)
-    return d
+    return write_tiny_hf_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _hf(hf_dir):

@@ -6,6 +6,7 @@ import torch
 
 from qlora_core import data as D
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
+from tests.helpers import label_runs
 
 
 @pytest.fixture(scope="module")
@@ -67,18 +68,8 @@ def test_labels_are_exactly_the_assistant_turns(folders, kind, conv):
     assert s.input_ids == tok.encode(tok.render(conv))  # the ids of the whole text, not of pieces
     assert len(s.labels) == len(s.input_ids)
     # labelled tokens form one run per assistant turn; each run decodes to the content + end-of-turn token
-    runs, cur = [], []
-    for t, y in zip(s.input_ids, s.labels):
-        assert y in (t, D.IGNORE_INDEX)
-        if y != D.IGNORE_INDEX:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
     want = [m["content"] + EOS[kind] for m in conv if m["role"] == "assistant"]
-    assert [tok.decode(r, skip_special_tokens=False) for r in runs] == want
+    assert label_runs(tok, s) == want
 
 
 def test_instruction_record_equals_messages_record(folders):
@@ -94,7 +85,7 @@ def test_instruction_record_equals_messages_record(folders):
     ("[1, 2]", "expected a JSON object"),
     ('{"instruction": "x"}', "'response' must be a string"),
     ('{"instruction": 3, "response": "y"}', "'instruction' must be a string"),
-    ('{"prompt": "x", "completion": "y"}', "expected keys"),
+    ('{"question": "x", "answer": "y"}', "expected keys"),
     ('{"messages": []}', "non-empty list"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot'"),

@@ -1,0 +1,191 @@
+"""Writing models as Hugging Face checkpoints: `save_merged` (LoRA folded in, dense) and `save_quantized`
+(bitsandbytes 4-bit, the "bnb-4bit" layout transformers + bitsandbytes load). The `qlora merge` and `qlora quantize`
+commands are these two functions after a load.
+
+A checkpoint folder is `model.safetensors` + `config.json` (+ the tokenizer files of the source folder, copied),
+each file written to a temporary name and renamed into place (durable.py), so a crash leaves no half file.
+config.json is the source folder's own config.json when the model came from one (`load_llama` records it as
+`model.name_or_path`), else the model's config (`to_hf_config()` of ours, `to_dict()` of a transformers model),
+with `torch_dtype` / `dtype` set and `quantization_config` replaced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .durable import atomic_write, atomic_write_text
+from .lora import LoRALinear, is_quantized_linear, lora_modules, output_layer
+from .quant import dequantize
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def source_folder(model: nn.Module) -> Path | None:
+    """The folder the model was loaded from (`name_or_path` of ours, `config._name_or_path` of transformers'),
+    when it is a local directory; else None."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (embeddings for a causal LM): its dense dtype."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    raise ValueError(f"{type(model).__name__} has no floating-point parameter to take a dtype from")
+
+
+def hf_config(model: nn.Module, dtype: torch.dtype, quantization_config: dict | None = None,
+              base: dict | None = None) -> dict:
+    """config.json for `model`: `base` (a copy) when given, else the source described in the module docstring;
+    dtype set, quantization_config replaced by `quantization_config` (dropped when None). ValueError when the
+    model has no config to write."""
+    folder = source_folder(model)
+    cfg_obj = getattr(model, "config", None)
+    if base is not None:
+        cfg = json.loads(json.dumps(base))
+    elif folder is not None and (folder / "config.json").is_file():
+        cfg = json.loads((folder / "config.json").read_text())
+    elif hasattr(cfg_obj, "to_hf_config"):
+        cfg = cfg_obj.to_hf_config()
+    elif hasattr(cfg_obj, "to_dict"):
+        cfg = cfg_obj.to_dict()
+    else:
+        raise ValueError(f"{type(model).__name__} carries no config to write as config.json; pass config=")
+    cfg.pop("quantization_config", None)
+    name = str(dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = name  # transformers 4.x reads torch_dtype, 5.x dtype
+    cfg["dtype"] = name
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
+    return cfg
+
+
+def write_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, config: dict,
+                     tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """model.safetensors (CPU copies of `state_dict`), config.json and the tokenizer files of `tokenizer_from`
+    into `out` (created), each written atomically. With config["tie_word_embeddings"] the lm_head.weight copy is
+    left out (transformers re-ties it from the embeddings). Returns the folder."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if config.get("tie_word_embeddings"):
+        sd.pop("lm_head.weight", None)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_from) / name
+            if src.is_file():
+                atomic_write(out / name, lambda p, f=src: shutil.copyfile(f, p))
+    atomic_write(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def bnb_quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype,
+                            skip_modules: list[str] | None = None) -> dict:
+    """config.json's quantization_config as transformers' BitsAndBytesConfig(load_in_4bit=True).to_dict() writes
+    it; skip_modules become llm_int8_skip_modules (the linears left dense; None: transformers' default, the output
+    layer; [] quantizes every linear)."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "_load_in_4bit": True, "_load_in_8bit": False,
+            "bnb_4bit_quant_type": quant, "bnb_4bit_use_double_quant": double_quant,
+            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_threshold": 6.0, "llm_int8_skip_modules": skip_modules,
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False}
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The dense state dict of `model` with every LoRA adapter folded in, under the base model's own keys
+    (`...q_proj.weight`, no `base_layer` / `lora_A` / `lora_B`); the model is not changed.
+
+    Each adapted weight is LoRALinear.merged_weight() (W + scaling * B @ A in fp32, rounded once to the base
+    dtype; a 4-bit base dequantized first), every other 4-bit weight is dequantized, and with `dtype` every
+    floating tensor is then cast to it. Non-persistent buffers are left out, as state_dict() does.
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(prefix: str, m: nn.Module) -> None:
+        if isinstance(m, LoRALinear):
+            out[prefix + "weight"] = m.merged_weight()
+            bias = getattr(m.base_layer, "bias", None)
+            if bias is not None:
+                out[prefix + "bias"] = bias.detach()
+            return
+        if is_quantized_linear(m):
+            out[prefix + "weight"] = dequantize(m.weight)
+        for name, p in m._parameters.items():
+            if p is not None:
+                out[prefix + name] = p.detach()
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out[prefix + name] = b
+        for name, child in m._modules.items():
+            if child is not None:
+                visit(f"{prefix}{name}.", child)
+
+    visit("", model)
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return out
+
+
+def save_merged(model: nn.Module, output: str | os.PathLike, dtype: torch.dtype | None = None,
+                config: dict | None = None, tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """Write `model` with its LoRA adapters folded in as a dense HF checkpoint that transformers loads
+    (`AutoModelForCausalLM.from_pretrained(output)`); the model itself is not changed. Returns the folder.
+
+    dtype: of the written weights (default: the model's dense dtype). For the exact merge of the original
+    weights load the base dense (`load_llama(..., quantize=None)`, what `qlora merge` does); over a 4-bit base the
+    merged weight is the dequantized one plus the update. config: the config.json content to start from (default:
+    see hf_config; dtype is set and quantization_config dropped either way); tokenizer_from (default: the
+    source folder) as in write_checkpoint. A model without adapters is written as it is (4-bit
+    weights dequantized).
+    """
+    dtype = dtype or model_dtype(model)
+    cfg = hf_config(model, dtype, base=config)
+    return write_checkpoint(merged_state_dict(model, dtype), output, cfg,
+                            tokenizer_from if tokenizer_from is not None else source_folder(model))
+
+
+def save_quantized(model: nn.Module, output: str | os.PathLike, config: dict | None = None,
+                   tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """Write a 4-bit model (QuantLinear layers, from load_llama(quantize=...) or quantize_model) as a bitsandbytes
+    "bnb-4bit" checkpoint: Linear4bit keys in model.safetensors and a quantization_config in config.json, so
+    transformers + bitsandbytes read it back byte for byte, and so does load_llama while the output layer is dense
+    (the default of quantize_model). Returns the folder.
+
+    The dense tensors (embeddings, norms, dense linears) keep the model's dtype, which is also written as
+    bnb_4bit_compute_dtype. config and tokenizer_from as in save_merged (the quantization_config is added).
+    ValueError when the model still carries LoRA adapters (merge_and_unload(model, requantize=True) first, or
+    save_adapter them), has no 4-bit layer, or mixes quant types / double quant (one quantization_config
+    describes them all).
+    """
+    if lora_modules(model):
+        raise ValueError("save_quantized: the model carries LoRA adapters; fold them in with "
+                         "merge_and_unload(model, requantize=True) or save them with save_adapter")
+    quantized = {n: m.weight for n, m in model.named_modules() if is_quantized_linear(m)}
+    if not quantized:
+        raise ValueError(f"save_quantized: {type(model).__name__} has no 4-bit layer; quantize_model(model) first")
+    formats = {(q.quant_type, q.double_quant) for q in quantized.values()}
+    if len(formats) != 1:
+        raise ValueError(f"save_quantized: the 4-bit layers mix formats {sorted(formats)} (quant_type, "
+                         f"double_quant); one bnb quantization_config describes a single one")
+    quant, double_quant = formats.pop()
+    dtype = model_dtype(model)
+    # transformers quantizes every linear it is not told to skip, and skips only the output layer when told
+    # nothing: name the dense ones unless that default already describes them
+    out_layer = output_layer(model)
+    dense = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    default = [n for n, m in model.named_modules() if m is out_layer and isinstance(m, nn.Linear)]
+    qcfg = bnb_quantization_config(quant, double_quant, dtype, None if default and dense == default else dense)
+    cfg = hf_config(model, dtype, qcfg, base=config)
+    return write_checkpoint(model.state_dict(), output, cfg,
+                            tokenizer_from if tokenizer_from is not None else source_folder(model))
