@@ -1,4 +1,6 @@
-"""Shared test helpers: one readable assertion for float comparisons and the dtype tolerance table."""
+"""Shared test helpers: one readable assertion for float comparisons, the dtype tolerance table, and the
+bitsandbytes import for GPU comparisons."""
+import pytest
 import torch
 
 # Tolerance rule (STYLE.md): no worse than 2x PyTorch's own same-dtype error against a float64 reference,
@@ -26,3 +28,20 @@ def matmul_error_bound(x: torch.Tensor, w: torch.Tensor, ref64: torch.Tensor) ->
     """2x the max abs error of PyTorch's own same-dtype matmul x @ w.T against the float64 reference."""
     torch_err = (torch.nn.functional.linear(x, w).double() - ref64).abs().max().item()
     return 2.0 * torch_err
+
+
+def bnb_cuda():
+    """bitsandbytes with its CUDA library loaded, for tests that compare against its CUDA kernels.
+
+    A missing package or a CPU-only load is a failure, never a skip: a GPU test that silently skipped its only
+    independent reference would pass without having compared anything.
+    """
+    try:
+        import bitsandbytes
+        from bitsandbytes.cextension import lib
+    except Exception as e:  # noqa: BLE001  (ImportError, or a broken native library raising anything)
+        pytest.fail(f"bitsandbytes must import on the GPU machine (pip install bitsandbytes==0.50.2): {e!r}")
+    if not getattr(lib, "compiled_with_cuda", False):
+        pytest.fail(f"bitsandbytes {bitsandbytes.__version__} loaded without its CUDA library "
+                    f"({type(lib).__name__}): the comparison would run bitsandbytes' CPU/default backend")
+    return bitsandbytes

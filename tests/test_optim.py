@@ -92,80 +92,13 @@ def test_32bit_decoupled_decay_only():
 # ---- one step from our own state: float64 formula, torch.optim.AdamW, bitsandbytes ---------------------------
 # Every step the references restart from PagedAdamW's state (bitsandbytes' optimizer tests re-sync the same way),
 # so each comparison sees one step's error and the tolerances are one step's (tests/_adamw64.py derives them).
-# DECAY makes weight decay the largest term of the step: lr*wd*|p| = 5% of p ~ N(0, 1), against Adam's own step
-# of about lr = 1%, and 1e4 times the parameter tolerance, so a wrong, missing or misplaced decay cannot hide.
-DECAY = dict(lr=1e-2, weight_decay=5.0)
-ONE_STEP_SHAPES = [(64, 300), (300,)]  # 8-bit state (19200 elements, a tail block) and fp32 state (< 4096)
-ONE_STEPS = 6
-_ORDER = DECAY["lr"] * DECAY["weight_decay"]  # decaying after the update instead of before adds -lr*wd*update
-
-
-def _moments(st: dict | None, numel: int):
-    """(m, v) float64 flat from one parameter's state_dict entry (zeros before its first step)."""
-    if st is None:
-        return torch.zeros(numel, dtype=torch.float64), torch.zeros(numel, dtype=torch.float64)
-    if "state1" in st:
-        return (R.dequantize(st["state1"], st["absmax1"], dynamic_map(True)),
-                R.dequantize(st["state2"], st["absmax2"], dynamic_map(False)))
-    return st["exp_avg"].reshape(-1).double(), st["exp_avg_sq"].reshape(-1).double()
-
-
-def _one_steps(bits: int):
-    """PagedAdamW(**DECAY) on ONE_STEP_SHAPES for ONE_STEPS steps; yields per step and parameter
-    (t, p0, st0, g, p, st): the parameter and its state_dict entry (None before step 1) before and after."""
-    gen = torch.Generator().manual_seed(5)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ONE_STEP_SHAPES]
-    opt = PagedAdamW(params, optim_bits=bits, **DECAY)
-    for t in range(1, ONE_STEPS + 1):
-        grads = [torch.randn(s, generator=gen) * 1e-2 for s in ONE_STEP_SHAPES]
-        if t == 1:  # tiny negative m next to a large one: nearest code +0, bitsandbytes' sign fix takes -5.5e-7
-            grads[0].view(-1)[:4] = torch.tensor([1.0, -1e-9, -3e-9, 2e-9])
-        p0 = [p.detach().clone() for p in params]
-        st0 = opt.state_dict()["state"]
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        st = opt.state_dict()["state"]
-        for i, p in enumerate(params):
-            yield t, p0[i], st0.get(i), grads[i], p.detach().clone(), st[i]
-
-
-def _check_params(p, p_ref, tol, what):
-    bad = (p.double().reshape(-1) - p_ref.reshape(-1)).abs() > tol.reshape(-1)
-    assert not bad.any(), (f"{what}: {int(bad.sum())}/{bad.numel()} parameters beyond tolerance, max excess "
-                           f"{((p.double().reshape(-1) - p_ref.reshape(-1)).abs() - tol.reshape(-1)).max():.3e}")
-
-
-def _check_8bit_state(st, m_ref, v_ref, what):
-    q1, q2 = dynamic_map(True), dynamic_map(False)
-    # absmax is max|m| (fp32 betas: 1e-7 relative) and max|v| (up to 1.3e-5, R.UPDATE_RTOL's reason) per block
-    torch.testing.assert_close(st["absmax1"].double(), R.block_absmax(m_ref), rtol=1e-6, atol=0, msg=what)
-    torch.testing.assert_close(st["absmax2"].double(), R.block_absmax(v_ref), rtol=2e-5, atol=0, msg=what)
-    assert R.nearest_code_violations(st["state1"], st["absmax1"], m_ref, q1, 1e-6, signed=True) == 0, what
-    assert R.nearest_code_violations(st["state2"], st["absmax2"], v_ref, q2, 2e-5, signed=False) == 0, what
-
-
+# R.DECAY (lr 1e-2, wd 5) makes weight decay the largest term of a step, far above every parameter tolerance.
 @pytest.mark.parametrize("bits", [8, 32])
 def test_one_step_matches_float64_adamw_with_decay(bits):
-    """Each step equals the float64 formula started from our state: parameters within 4 fp32 ulps + 2e-5 of the
-    update, 8-bit codes the nearest to m / absmax and v / absmax, fp32 moments within 4 ulps. 8-bit tensors decay
-    after the update (bitsandbytes' CUDA order), fp32-state tensors before it (torch's)."""
-    for t, p0, st0, g, p, st in _one_steps(bits):
-        what = f"step {t}, shape {tuple(p.shape)}, {bits}-bit"
-        eight = "state1" in st
-        assert eight == (bits == 8 and p.numel() >= 4096), what
-        m0, v0 = _moments(st0, p.numel())
-        ref = R.adamw_step64(p0.reshape(-1), g.reshape(-1), m0, v0, t, decay_first=not eight, **DECAY)
-        tol = R.param_tolerance(p0, ref)
-        decay = DECAY["lr"] * DECAY["weight_decay"] * p0.reshape(-1).double().abs()
-        assert decay.median() > 3 * ref.u.abs().median() and (decay > 1e3 * tol).float().mean() > 0.99, what
-        _check_params(p, ref.p, tol, what)
-        if eight:
-            _check_8bit_state(st, ref.m, ref.v, what)
-        else:
-            for k, want in (("exp_avg", ref.m), ("exp_avg_sq", ref.v)):
-                torch.testing.assert_close(st[k].reshape(-1).double(), want, rtol=4 * R.EPS32,
-                                           atol=4 * R.EPS32 * want.abs().max().item(), msg=f"{what} {k}")
+    """Each step equals the float64 formula started from our state (tests/_adamw64.py: parameters within 4 fp32
+    ulps + 2e-5 of the update, 8-bit codes the nearest to m / absmax and v / absmax, fp32 moments within 4 ulps);
+    8-bit tensors decay after the update (bitsandbytes' CUDA order), fp32-state tensors before it (torch's)."""
+    R.check_one_steps_against_float64(bits, "cpu")
 
 
 @pytest.mark.parametrize("bits", [8, 32])
@@ -174,11 +107,11 @@ def test_one_step_matches_torch_adamw_with_decay(bits):
     8-bit tensors equal torch's parameter minus the decay-order term lr*wd*update (torch decays first,
     bitsandbytes' CUDA kernel and ours after) within the parameter tolerance, codes the nearest to torch's own
     m / absmax and v / absmax."""
-    for t, p0, st0, g, p, st in _one_steps(bits):
+    for t, p0, st0, g, p, st in R.one_steps(bits):
         what = f"step {t}, shape {tuple(p.shape)}, {bits}-bit"
-        m0, v0 = _moments(st0, p.numel())
+        m0, v0 = R.moments(st0, p.numel())
         pt = torch.nn.Parameter(p0.clone())
-        ot = torch.optim.AdamW([pt], foreach=False, **DECAY)
+        ot = torch.optim.AdamW([pt], foreach=False, **R.DECAY)
         ot.state[pt] = {"step": torch.tensor(float(t - 1)), "exp_avg": m0.float().view(p.shape),
                         "exp_avg_sq": v0.float().view(p.shape)}
         pt.grad = g.clone()
@@ -188,10 +121,10 @@ def test_one_step_matches_torch_adamw_with_decay(bits):
             assert torch.equal(p, pt.detach()), what
             assert torch.equal(st["exp_avg"], mt) and torch.equal(st["exp_avg_sq"], vt), what
             continue
-        ref = R.adamw_step64(p0, g, m0.view(p.shape), v0.view(p.shape), t, **DECAY)
-        want = pt.detach().double() - _ORDER * ref.u  # (p + u)(1 - lr wd) = p(1 - lr wd) + u - lr wd u
-        _check_params(p, want, R.param_tolerance(p0, ref), what)
-        _check_8bit_state(st, mt.reshape(-1).double(), vt.reshape(-1).double(), what)
+        ref = R.adamw_step64(p0, g, m0.view(p.shape), v0.view(p.shape), t, **R.DECAY)
+        want = pt.detach().double() - R.ORDER * ref.u  # (p + u)(1 - lr wd) = p(1 - lr wd) + u - lr wd u
+        R.check_params(p, want, R.param_tolerance(p0, ref), what)
+        R.check_8bit_state(st, mt.reshape(-1).double(), vt.reshape(-1).double(), what)
 
 
 @pytest.mark.parametrize("bits", [8, 32])
@@ -209,9 +142,9 @@ def test_one_step_matches_bitsandbytes_cpu_with_decay(bits):
     po = torch.nn.Parameter(torch.randn(shape, generator=gen))
     pb = torch.nn.Parameter(po.detach().clone())
     peer = bnb.optim.AdamW8bit if bits == 8 else bnb.optim.AdamW32bit
-    ob, oo = peer([pb], **DECAY), PagedAdamW([po], optim_bits=bits, **DECAY)
+    ob, oo = peer([pb], **R.DECAY), PagedAdamW([po], optim_bits=bits, **R.DECAY)
     q1, q2 = dynamic_map(True), dynamic_map(False)
-    for t in range(1, ONE_STEPS + 1):
+    for t in range(1, R.ONE_STEPS + 1):
         g = torch.randn(shape, generator=gen) * 1e-2
         st0 = oo.state_dict()["state"].get(0)
         if st0 is not None:  # bitsandbytes restarts from our state and parameters
@@ -221,16 +154,16 @@ def test_one_step_matches_bitsandbytes_cpu_with_decay(bits):
                 sb[theirs].copy_(st0[ours].view(sb[theirs].shape))
             with torch.no_grad():
                 pb.copy_(po)
-        m0, v0 = _moments(st0, po.numel())
+        m0, v0 = R.moments(st0, po.numel())
         p0 = po.detach().clone()
         pb.grad, po.grad = g.clone(), g.clone()
         ob.step()
         oo.step()
         sb, st = ob.state[pb], oo.state_dict()["state"][0]
         assert sb["step"] == t
-        ref = R.adamw_step64(p0, g, m0.view(shape), v0.view(shape), t, **DECAY)
-        want = pb.detach().double() - (_ORDER * ref.u if bits == 8 else 0.0)  # bnb CPU decays first (torch test)
-        _check_params(po, want, R.param_tolerance(p0, ref), f"step {t}")
+        ref = R.adamw_step64(p0, g, m0.view(shape), v0.view(shape), t, **R.DECAY)
+        want = pb.detach().double() - (R.ORDER * ref.u if bits == 8 else 0.0)  # bnb CPU decays first (torch test)
+        R.check_params(po, want, R.param_tolerance(p0, ref), f"step {t}")
         if bits == 32:  # same formula in fp32, torch's op order against bnb's: a few ulps
             for k, theirs in (("exp_avg", "state1"), ("exp_avg_sq", "state2")):
                 torch.testing.assert_close(st[k], sb[theirs], rtol=4 * R.EPS32,
