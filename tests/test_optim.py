@@ -1,5 +1,6 @@
-"""PagedAdamW on the CPU: 32-bit vs torch.optim.AdamW, 8-bit vs torch AdamW within bitsandbytes' own test
-tolerances and vs bitsandbytes' CPU AdamW8bit, exact resume, simulated paging (bit-identical to unpaged, page
+"""PagedAdamW on the CPU: 32-bit bit-identical to torch.optim.AdamW; each step (8- and 32-bit, weight decay
+dominant) against a float64 AdamW formula, torch.optim.AdamW and bitsandbytes' CPU AdamW8bit / AdamW32bit started
+from our state (tests/_adamw64.py); convergence, exact resume, simulated paging (bit-identical to unpaged, page
 transfers counted), NaN/Inf handling, bad input, and the Triton kernel under TRITON_INTERPRET=1 (subprocess)."""
 import os
 import subprocess
