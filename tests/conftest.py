@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import os
 
 import pytest
@@ -37,15 +39,26 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _strict_run(config) -> str | None:
+    """Why skips fail this run, or None: under CI (CI=true), and on the device (`-m gpu`), a skip means a test
+    extra or the GPU stack is missing and an assertion silently did not run."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return "CI"
+    markexpr = config.getoption("markexpr", "") or ""
+    if "gpu" in markexpr and "not gpu" not in markexpr:
+        return "GPU run (-m gpu)"
+    return None
+
+
 def pytest_sessionfinish(session, exitstatus):
-    # Under CI (CI=true) a skip means a test extra is missing and an assertion silently did not run: fail.
-    if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+    why = _strict_run(session.config)
+    if why is None:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter else []
     if skipped:
         reasons = sorted({str(getattr(r, "longrepr", ""))[-160:] for r in skipped})
-        reporter.write_line(f"CI: {len(skipped)} test(s) skipped; every assertion must run in CI:", red=True)
+        reporter.write_line(f"{why}: {len(skipped)} test(s) skipped; every assertion must run:", red=True)
         for reason in reasons[:10]:
             reporter.write_line(f"  {reason}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,9 +1,10 @@
-"""Shared test helpers: one readable assertion for float comparisons, the dtype tolerance table, and the runner of
-interpreter groups."""
+"""Shared test helpers: one readable assertion for float comparisons, the dtype tolerance table, the runner of
+interpreter groups, and the bitsandbytes import for GPU comparisons."""
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 # Tolerance rule (STYLE.md): no worse than 2x PyTorch's own same-dtype error against a float64 reference,
@@ -94,3 +95,20 @@ def assert_bnb_checkpoint_matches(model, hf, back=None) -> int:
         elif isinstance(m, torch.nn.Linear):
             assert type(theirs) is torch.nn.Linear and torch.equal(theirs.weight, m.weight), name
     return n
+
+
+def bnb_cuda():
+    """bitsandbytes with its CUDA library loaded, for tests that compare against its CUDA kernels.
+
+    A missing package or a CPU-only load is a failure, never a skip: a GPU test that silently skipped its only
+    independent reference would pass without having compared anything.
+    """
+    try:
+        import bitsandbytes
+        from bitsandbytes.cextension import lib
+    except Exception as e:  # noqa: BLE001  (ImportError, or a broken native library raising anything)
+        pytest.fail(f"bitsandbytes must import on the GPU machine (pip install bitsandbytes==0.50.2): {e!r}")
+    if not getattr(lib, "compiled_with_cuda", False):
+        pytest.fail(f"bitsandbytes {bitsandbytes.__version__} loaded without its CUDA library "
+                    f"({type(lib).__name__}): the comparison would run bitsandbytes' CPU/default backend")
+    return bitsandbytes

@@ -24,7 +24,7 @@ from bitsandbytes.functional import QuantState  # noqa: E402
 
 import qlora_core as qc  # noqa: E402
 from qlora_core import reference  # noqa: E402
-from qlora_core.formats import code_table, dynamic_map  # noqa: E402
+from qlora_core.formats import code_table, dynamic_map, fp4_thresholds  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1,), (2,), (3, 5), (65,), (7, 129), (129, 65), (64, 64), (300, 257), (4097,)]
@@ -96,12 +96,32 @@ def cuda_rule_codes(x, blocksize, quant_type):
     return reference.encode_4bit(xn, quant_type)
 
 
+def fp4_rules_disagree(xn):
+    """True where |xn| lies where bnb-CPU's FP4 rule may legitimately differ from CUDA's: between a CUDA
+    threshold (formats.FP4_THRESHOLDS, pinned in tests/test_quant_constants.py) and the midpoint of the sorted
+    table that bnb-CPU bucketizes on, 2 ulps either side (tail blocks divide instead of multiplying)."""
+    t = fp4_thresholds()[0]
+    mag = code_table("fp4").abs().unique().sort().values  # the 8 magnitudes, ascending
+    mids = (mag[:-1] + mag[1:]) / 2
+    lo, hi = torch.minimum(t, mids), torch.maximum(t, mids)
+    for _ in range(2):
+        lo, hi = torch.nextafter(lo, torch.zeros_like(lo)), torch.nextafter(hi, torch.ones_like(hi))
+    a = xn.abs()[:, None]
+    return ((a >= lo) & (a <= hi)).any(dim=1)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_quantize_matches_bnb(dtype, quant_type, double_quant):
+    """Codes equal bnb-CPU's off D and the CUDA rule on D, where D is bounded element by element: NF4's D is exactly
+    the all-zero blocks (CUDA: NaN -> code 0, bnb-CPU: clamp -> code 7); FP4's D holds no zero-block element and
+    only (a) elements both rules put in the zero bucket (codes 0 / 8: they disagree on the sign of a zero) and (b)
+    elements between a CUDA threshold and bnb-CPU's midpoint, at most 0.1% of all (measured: 0.057% in bf16,
+    whose values land on the dyadic thresholds; 0.007% fp16; 0 fp32). A threshold moved in formats.py would
+    send elements away from both into D and fail here; tests/test_quant_constants.py pins the exact values."""
     gen = torch.Generator().manual_seed(1234)
-    total_d = total = 0
+    between_total = total = 0
     for shape in SHAPES:
         for bs in BLOCKSIZES:
             x = make_input(shape, dtype, bs, gen)
@@ -121,7 +141,19 @@ def test_quantize_matches_bnb(dtype, quant_type, double_quant):
             assert torch.equal(ours[d], cuda_rule[d]), where
             if n % 2:  # the pad nibble, which unpack drops
                 assert (q.data.view(-1)[-1] & 0xF) == (bp.view(-1)[-1] & 0xF) or bool(d[-1]), where
-            total_d += int(d.sum())
+            zero_block = (reference.blockwise_absmax(x, bs) == 0).repeat_interleave(bs)[:n]
+            if quant_type == "nf4":
+                excused = int((d ^ zero_block).sum())
+                assert torch.equal(d, zero_block), f"{excused} codes excused off zero blocks: {where}"
+            else:
+                xn = reference._normalize(x, bs)[0].reshape(-1)[:n]
+                zero_bucket = ((cuda_rule & 7) == 0) & ((cpu_rule & 7) == 0)
+                between = fp4_rules_disagree(xn)
+                unexplained = d & ~zero_bucket & ~between
+                assert not (d & zero_block).any() and not unexplained.any(), (
+                    f"{int(unexplained.sum())} codes excused away from every threshold, e.g. xn="
+                    f"{xn[unexplained][:4].tolist()}: {where}")
+                between_total += int((d & ~zero_bucket).sum())
             total += n
 
             am_ours = reference.blockwise_absmax(x, bs)
@@ -145,8 +177,7 @@ def test_quantize_matches_bnb(dtype, quant_type, double_quant):
                 err_theirs = (code[theirs8.long()] - xn).abs()
                 assert bool((err_ours[diff] <= err_theirs[diff]).all()), f"nested code farther than bnb's: {where}"
                 assert int(diff.sum()) <= max(1, ours8.numel() // 50), f"{int(diff.sum())} nested codes differ: {where}"
-    # D is a small, fully explained set: zero blocks dominate it.
-    assert total_d < 0.2 * total
+    assert between_total <= total // 1000, f"{between_total} of {total} FP4 codes excused near thresholds"
 
 
 def assert_signs_match(ours, theirs, packed, quant_type, where):

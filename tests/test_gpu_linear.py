@@ -27,6 +27,27 @@ def _bound(torch_out, ref64, dtype):
     return 2.0 * (torch_out.double() - ref64).abs().max().item() + DTYPE_ATOL[dtype]
 
 
+def _spy_split_k(monkeypatch) -> list:
+    """Record every (workspace, counters) pair that split-K launches get from now on."""
+    from qlora_core.kernels import splitk
+    used, real = [], splitk.workspace
+
+    def spy(device, n, tiles):
+        pair = real(device, n, tiles)
+        used.append(pair)
+        return pair
+
+    monkeypatch.setattr(splitk, "workspace", spy)
+    return used
+
+
+def _split_k_ran_and_left_zeroed(used: list) -> None:
+    torch.cuda.synchronize()
+    assert used, "split-K never ran (no workspace requested): the zeroed-workspace check would be vacuous"
+    for ws, cnt in used:
+        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
+
+
 @functools.lru_cache(maxsize=None)
 def _q(n, k, dtype, quant_type="nf4", double_quant=True, blocksize=64):
     w = torch.randn(n, k, dtype=dtype, generator=torch.Generator().manual_seed(n * k)) * 0.02
@@ -140,9 +161,9 @@ def test_register_table_decode_is_exact_on_gpu(quant_type):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,bs,qt,dq", GEMV1_CASES)
-def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq):
+def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
     """The one-row kernel (PTX and table decode, several tilings, split-K) is within the
-    matmul tolerance of the float64 product, leave the split-K workspace zeroed, and dispatch uses them."""
+    matmul tolerance of the float64 product, split-K runs and leaves its workspace zeroed, and dispatch uses it."""
     from qlora_core.kernels import nf4_gemv1
     q = _q(n, k, dtype, qt, dq, bs)
     w64 = _ref_w(q, torch.float32).double()
@@ -155,25 +176,24 @@ def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq):
         for use_asm in (True, False):
             assert_close_verbose(nf4_gemv1.gemv1(x, q, b, config=cfg, use_asm=use_asm), y64, atol=bound, rtol=0,
                                  name=f"gemv1 {cfg} asm={use_asm}")
+    used = _spy_split_k(monkeypatch)
     for split in (3, 3):  # repeated: each call must leave the shared workspace zeroed for the next
         assert_close_verbose(nf4_gemv1.gemv1(x, q, b, split_k=split), y64, atol=bound, rtol=0,
                              name=f"gemv1 split_k={split}")
-    torch.cuda.synchronize()
-    from qlora_core.kernels import splitk
-    for ws, cnt in splitk._WORKSPACE.values():
-        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
+    _split_k_ran_and_left_zeroed(used)
     assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name="dispatch M=1")
 
 
 @pytest.mark.parametrize("dtype,n,k,bs,qt,dq", [(torch.bfloat16, *c) for c in GEMV1_CASES[:5]]
                          + [(torch.float16, *GEMV1_CASES[3])])
-def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq):
+def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
     """The small-M tensor-core kernel (PTX and table decode, tilings, split-K, odd M) is within the matmul
     tolerance of the float64 product; dispatch uses it for 2..16 rows."""
     from qlora_core.kernels import nf4_gemv_mma
     q = _q(n, k, dtype, qt, dq, bs)
     w = _ref_w(q, dtype)
     w64 = _ref_w(q, torch.float32).double()
+    used = _spy_split_k(monkeypatch)
     for m in (2, 16, 17):
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         b = torch.randn(n, dtype=dtype, device="cuda")
@@ -185,11 +205,7 @@ def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq):
                                      y64, atol=bound, rtol=0, name=f"gemv_mma M={m} {cfg} split={split}")
         if m <= 16:
             assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name=f"dispatch M={m}")
-    torch.cuda.synchronize()
-    from qlora_core.kernels import splitk
-    assert splitk._WORKSPACE, "split-K never ran"
-    for ws, cnt in splitk._WORKSPACE.values():
-        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
+    _split_k_ran_and_left_zeroed(used)  # the default split (DEFAULT_SPLIT_K, at most one per K step) is > 1 here
 
 
 def test_split_k_inside_a_cuda_graph_captured_on_a_fresh_stream(monkeypatch):

@@ -12,16 +12,18 @@ import torch
 
 from qlora_core import backend, quant, reference
 from qlora_core.formats import code_table, dynamic_map, fp4_thresholds, nf4_thresholds
-
-try:
-    import bitsandbytes.functional as bnbf
-    HAS_BNB = True
-except Exception:  # noqa: BLE001  (no wheel, or no CUDA build of it)
-    HAS_BNB = False
+from tests.helpers import bnb_cuda
 
 pytestmark = pytest.mark.gpu
-needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes (CUDA build) is not installed")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bnbf():
+    """bitsandbytes.functional with its CUDA library: a failure, not a skip, when missing (tests/helpers.py)."""
+    bnb_cuda()
+    import bitsandbytes.functional as functional
+    return functional
 
 
 def _weights(shape, dtype, blocksize, seed=0, subnormals=False):
@@ -50,9 +52,8 @@ CASES = [((14336, 4096), torch.bfloat16, "nf4", 64), ((14336, 4096), torch.bfloa
          ((1001, 333), torch.bfloat16, "nf4", 4096), ((777, 4097), torch.float32, "nf4", 256)]
 
 
-@needs_bnb
 @pytest.mark.parametrize("shape,dtype,qt,bs", CASES)
-def test_quantize_4bit_matches_bnb_cuda(shape, dtype, qt, bs):
+def test_quantize_4bit_matches_bnb_cuda(shape, dtype, qt, bs, bnbf):
     from qlora_core.kernels import quant4
     x = _weights(shape, dtype, bs)
     packed, absmax = quant4.quantize_4bit(x, bs, qt)
@@ -62,10 +63,9 @@ def test_quantize_4bit_matches_bnb_cuda(shape, dtype, qt, bs):
         f"{_ndiff(packed, ref_packed)} packed bytes differ from bitsandbytes CUDA"
 
 
-@needs_bnb
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])
-def test_subnormal_inputs_match_bnb_cuda(dtype, qt):
+def test_subnormal_inputs_match_bnb_cuda(dtype, qt, bnbf):
     """CUDA is built with -ftz: subnormal inputs count as zero; the kernels emulate that on the GPU."""
     from qlora_core.kernels import quant4
     x = _weights((513, 1024), dtype, 64, seed=3, subnormals=True)
@@ -74,9 +74,8 @@ def test_subnormal_inputs_match_bnb_cuda(dtype, qt):
     assert _ndiff(absmax, state.absmax) == 0 and _ndiff(packed, ref_packed) == 0
 
 
-@needs_bnb
 @pytest.mark.parametrize("shape,dtype,qt,bs", CASES[:4] + CASES[6:])
-def test_double_quant_and_dequant_match_bnb_cuda(shape, dtype, qt, bs):
+def test_double_quant_and_dequant_match_bnb_cuda(shape, dtype, qt, bs, bnbf):
     x = _weights(shape, dtype, bs, seed=1)
     q = quant.quantize(x, qt, bs, double_quant=True)
     ref_packed, state = bnbf.quantize_4bit(x, blocksize=bs, quant_type=qt, compress_statistics=True)
@@ -92,8 +91,7 @@ def test_double_quant_and_dequant_match_bnb_cuda(shape, dtype, qt, bs):
     assert _ndiff(quant.dequantize(q1), y1_bnb) == 0
 
 
-@needs_bnb
-def test_nested_quantize_blockwise_matches_bnb_cuda():
+def test_nested_quantize_blockwise_matches_bnb_cuda(bnbf):
     from qlora_core.kernels import quant4
     _, absmax = quant4.quantize_4bit(_weights((14336, 4096), torch.bfloat16, 64, seed=2), 64, "nf4")
     a = absmax - absmax.mean()
@@ -118,8 +116,7 @@ def test_reference_mode_matches_reference_exactly(shape, dtype, qt, bs):
     assert _ndiff(q8, q8r) == 0 and _ndiff(am8, am8r) == 0
 
 
-@needs_bnb
-def test_nf4_fp4_thresholds_match_bnb_cuda():
+def test_nf4_fp4_thresholds_match_bnb_cuda(bnbf):
     """Blocks with absmax 1 (so xn == x exactly) holding every threshold and its +-1 ulp neighbours: the codes
     bitsandbytes CUDA assigns pin down its thresholds; mode="bnb" and the CPU reference (formats.py) must agree
     on every one, while the fp32 midpoints (4 of which nvcc's literals miss by one ulp) must not."""

@@ -7,6 +7,13 @@ Reference: y64 = x64 @ W64.T + b64 and dx64 = dy64 @ W64 with W64 the exact quan
 own same-dtype F.linear / matmul on dequantize(q) (rounded to x's dtype, as PyTorch users would run it)
 against that reference, + DTYPE_ATOL (STYLE.md). Kernels may use the unrounded fp32 W (the M=1 decode path
 does) or dequantize(q)'s rounded values (the tensor-core paths); both are held to the same bound.
+
+The register-decode kernels (gemv1, gemv_mma) serve only some layouts (nf4_regdecode.decodable: bf16/fp16 x,
+blocksize >= 64, K % blocksize == 0). DECODE_CASES names the cases they must serve; the test fails when one of
+them is refused or when any other case is accepted, and asserts that every named case ran. Every case, served or
+not, also goes through nf4_linear's dispatch, which must pick the expected kernel (gemv1 / gemv_mma, else the
+generic gemv, and dequantize + matmul for fp32) and give a result within the same bound. Split-K checks assert
+that a workspace was really requested before asserting it was left zeroed.
 """
 import sys
 
@@ -17,7 +24,13 @@ GROUPS = ("dequant", "gemv", "gemv1", "gemv_mma", "tiled_fwd", "tiled_dx", "auto
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (N, K, blocksize, quant_type, double_quant): aligned (K % blocksize == 0) and generic (odd K) layouts.
 WEIGHTS = [(37, 192, 64, "nf4", True), (19, 65, 64, "fp4", False), (24, 256, 128, "nf4", False),
-           (9, 130, 32, "fp4", True)]
+           (9, 130, 32, "fp4", True), (8, 128, 64, "fp4", True)]
+# (weight, x dtype) cases the register-decode kernels must serve: aligned layouts, 16-bit x, both quant types.
+DECODE_CASES = {
+    "37x192/64/nf4/dq=True/bfloat16", "37x192/64/nf4/dq=True/float16",
+    "24x256/128/nf4/dq=False/bfloat16", "24x256/128/nf4/dq=False/float16",
+    "8x128/64/fp4/dq=True/bfloat16", "8x128/64/fp4/dq=True/float16",
+}
 
 
 def _check(name, out, ref64, torch_out, dtype):
@@ -33,7 +46,47 @@ def _weights(dtype):
     from qlora_core.linear import dequantize_as
     for n, k, bs, qt, dq in WEIGHTS:
         q = qc.quantize(torch.randn(n, k, dtype=dtype), quant_type=qt, blocksize=bs, double_quant=dq)
-        yield f"{n}x{k}/{bs}/{qt}/dq={dq}/{dtype}", q, qc.dequantize(q), dequantize_as(q, torch.float32).double()
+        yield (f"{n}x{k}/{bs}/{qt}/dq={dq}/{str(dtype).removeprefix('torch.')}", q, qc.dequantize(q),
+               dequantize_as(q, torch.float32).double())
+
+
+def _spy(module, name: str, record: list, label) -> None:
+    """Replace module.name by a wrapper that appends label (or label(result)) to record: the kernels are called
+    through their modules' attributes, so this sees every call."""
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        record.append(label(out) if callable(label) else label)
+        return out
+
+    setattr(module, name, spy)
+
+
+def _expected_server(tag: str, m: int) -> str:
+    if tag.endswith("/float32"):
+        return "cublas"  # choose_path: fp32 always dequantizes and runs torch's matmul
+    if tag in DECODE_CASES:
+        return "gemv1" if m == 1 else "gemv_mma"
+    return "gemv"
+
+
+def _check_dispatch(x, q, w, w64, tag, served):
+    """nf4_linear's default forward dispatch: the expected kernel serves x, within the matmul bound."""
+    from qlora_core.kernels import nf4_linear
+    b = torch.randn(q.shape[0], dtype=x.dtype)
+    served.clear()
+    y = nf4_linear.linear_forward(x, q, b)
+    want = _expected_server(tag, x.shape[0])
+    assert served == [want], f"dispatch M={x.shape[0]} {tag}: served by {served}, expected {want}"
+    _check(f"dispatch M={x.shape[0]} {tag}", y, x.double() @ w64.T + b.double(),
+           torch.nn.functional.linear(x, w, b), x.dtype)
+
+
+def _split_k_ran_and_left_zeroed(used: list, name: str) -> None:
+    assert used, f"{name}: split-K never ran (no workspace requested); its zeroed-workspace check would be vacuous"
+    for ws, cnt in used:
+        assert not ws.any() and not cnt.any(), f"{name}: split-K workspace not left zeroed"
 
 
 def run_group(group: str) -> int:
@@ -43,6 +96,11 @@ def run_group(group: str) -> int:
     assert backend.interpreting()
     torch.manual_seed(0)
     checked = 0
+    served, workspaces, decoded = [], [], set()
+    for module, name in ((nf4_gemv1, "gemv1"), (nf4_gemv_mma, "gemv_mma"), (nf4_gemv, "gemv")):
+        _spy(module, name, served, name)
+    _spy(quant4, "dequantize_4bit", served, "cublas")
+    _spy(splitk, "workspace", workspaces, lambda pair: pair)
     for dtype in DTYPES:
         for tag, q, w, w64 in _weights(dtype):
             n, k = q.shape
@@ -65,36 +123,50 @@ def run_group(group: str) -> int:
             elif group == "gemv1":
                 # the one-row decode kernel (table decode path; its PTX is checked by tests/test_regdecode_ptx.py)
                 x = torch.randn(1, k, dtype=dtype)
-                if not nf4_gemv1.supports(x, q):
+                _check_dispatch(x, q, w, w64, tag, served)
+                checked += 1
+                if tag not in DECODE_CASES:
+                    assert not nf4_gemv1.supports(x, q), f"gemv1 now serves {tag}: name it in DECODE_CASES"
                     with pytest.raises(ValueError, match="gemv1 needs"):
                         nf4_gemv1.gemv1(x, q, None)
                     continue
-                for cfg, split, bias in ((None, 1, True), ((8, 4, 2, 1, 0), 1, False), ((2, 1, 1, 1, 1), 3, True)):
+                assert nf4_gemv1.supports(x, q), f"gemv1 no longer serves {tag}"
+                decoded.add(tag)
+                # the default tiling ran in the dispatch check above; two more, one with split-K
+                for cfg, split, bias in (((8, 4, 2, 1, 0), 1, False), ((2, 1, 1, 1, 1), 3, True)):
                     b = torch.randn(n, dtype=dtype) if bias else None
                     y64 = x.double() @ w64.T + (b.double() if bias else 0.0)
+                    workspaces.clear()
                     for _ in range(2):  # twice: split-K must leave its workspace zeroed for the next call
                         _check(f"gemv1 cfg={cfg} split={split} {tag}",
                                nf4_gemv1.gemv1(x, q, b, config=cfg, split_k=split),
                                y64, torch.nn.functional.linear(x, w, b), dtype)
-                    for ws, cnt in splitk._WORKSPACE.values():
-                        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
+                    if split > 1:
+                        _split_k_ran_and_left_zeroed(workspaces, f"gemv1 split={split} {tag}")
                     checked += 1
             elif group == "gemv_mma":
                 # the small-M tensor-core kernel (table decode path), with and without split-K
+                _check_dispatch(torch.randn(2, k, dtype=dtype), q, w, w64, tag, served)
+                checked += 1
+                if tag not in DECODE_CASES:
+                    x = torch.randn(2, k, dtype=dtype)
+                    assert not nf4_gemv_mma.supports(x, q), f"gemv_mma now serves {tag}: name it in DECODE_CASES"
+                    with pytest.raises(ValueError, match="gemv_mma needs"):
+                        nf4_gemv_mma.gemv_mma(x, q, None)
+                    continue
+                decoded.add(tag)
                 for m, cfg, split in ((2, None, None), (16, (32, 4, 2, 1), 2), (33, (16, 2, 1, 1), 3)):
                     x = torch.randn(m, k, dtype=dtype)
-                    if not nf4_gemv_mma.supports(x, q):
-                        with pytest.raises(ValueError, match="gemv_mma needs"):
-                            nf4_gemv_mma.gemv_mma(x, q, None)
-                        break
+                    assert nf4_gemv_mma.supports(x, q), f"gemv_mma no longer serves {tag} at M={m}"
                     b = torch.randn(n, dtype=dtype)
                     y64 = x.double() @ w64.T + b.double()
+                    workspaces.clear()
                     for _ in range(2):  # twice: split-K must leave its workspace zeroed
                         _check(f"gemv_mma M={m} cfg={cfg} split={split} {tag}",
                                nf4_gemv_mma.gemv_mma(x, q, b, config=cfg, split_k=split), y64,
                                torch.nn.functional.linear(x, w, b), dtype)
-                    for ws, cnt in splitk._WORKSPACE.values():
-                        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
+                    if split is not None:
+                        _split_k_ran_and_left_zeroed(workspaces, f"gemv_mma M={m} split={split} {tag}")
                     checked += 1
             elif group == "tiled_fwd":
                 for m, bias in ((17, True), (33, False)):
@@ -140,6 +212,8 @@ def run_group(group: str) -> int:
                     db64 = dy.double().reshape(-1, n).sum(0)
                     _check(f"nf4_linear dbias {lead} {tag}", b.grad, db64, dy.reshape(-1, n).sum(0), dtype)
                     checked += 3
+    if group in ("gemv1", "gemv_mma"):
+        assert decoded == DECODE_CASES, f"{group}: named decode cases that did not run: {DECODE_CASES - decoded}"
     print(f"{group}: {checked} checks passed")
     return checked
 
