@@ -88,21 +88,24 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     }
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Write `model`'s LoRA adapters to `directory` (created if needed) in PEFT's format.
 
-    base_model_name_or_path defaults to the model's own `name_or_path` (transformers) if it has one.
-    Raises TargetModuleError if the model has no adapters, AdapterMismatchError if they disagree on r / alpha /
-    dropout / rslora (PEFT's file has one value of each).
+    base_model_name_or_path defaults to the model's own `name_or_path` (transformers) if it has one. tensors:
+    module path -> (lora_A, lora_B) to write instead of the modules' own (FSDP training gathers its sharded
+    adapters first: distributed.gather_lora). Raises TargetModuleError if the model has no adapters,
+    AdapterMismatchError if they disagree on r / alpha / dropout / rslora (PEFT's file has one value of each).
     """
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     config = adapter_config_dict(model, base_model_name_or_path)
+    pairs = tensors if tensors is not None else {n: (m.lora_A, m.lora_B) for n, m in lora_modules(model).items()}
     tensors = {}
-    for name, m in lora_modules(model).items():
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous().clone()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous().clone()
+    for name, (a, b) in pairs.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.detach().cpu().contiguous().clone()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.detach().cpu().contiguous().clone()
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True) + "\n")

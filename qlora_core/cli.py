@@ -1,19 +1,22 @@
 """The `qlora` command (also `python -m qlora_core`).
 
     qlora train    --model PATH|ID --data FILE.jsonl --output DIR [--max-steps N] [--lora-r R] ... [--resume]
+                   [--nproc N [--parallel fsdp|ddp]]         # N processes (GPUs) through torchrun
     qlora generate --model PATH [--adapter DIR] --prompt TEXT
     qlora merge    --model PATH --adapter DIR --output DIR      # dense HF checkpoint that transformers loads
     qlora quantize --model PATH --output DIR [--quant nf4|fp4]  # bnb-4bit checkpoint (transformers + bitsandbytes)
     qlora demo     [--output DIR]                                # the main job: qlora_core/finetune_demo.py
 
-`train` flags are generated from TrainConfig's fields, 1:1 (field max_steps -> --max-steps), with the field's
-one-line comment as help text, so the dataclass is the single source of truth.
+`train` flags are generated from TrainConfig's fields, 1:1 (field max_steps -> --max-steps; the fields of its
+LoraConfig as --lora-r, --lora-alpha, --lora-dropout, --target-modules, ...), with the field's one-line comment as
+help text, so the dataclasses are the single source of truth.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,55 +26,128 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _field_help() -> dict[str, str]:
-    """field name -> its trailing `# comment` in TrainConfig's source ("" when the source is unavailable)."""
-    from .train import TrainConfig
+def _field_help(cls=None) -> dict[str, str]:
+    """field name -> its trailing `# comment` in the dataclass's source (TrainConfig by default; "" when the source
+    is unavailable). Only the dataclass's own fields count."""
+    if cls is None:
+        from .train import TrainConfig as cls
+    names = {f.name for f in dataclasses.fields(cls)}
     try:
-        src = inspect.getsource(TrainConfig)
+        src = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    return {m.group(1): m.group(2).strip().replace("%", "%%") for m in re.finditer(r"^\s+(\w+): [^#\n]+#(.*)$", src, re.M)}
+    found = re.finditer(r"^\s+(\w+): [^#\n]+#(.*)$", src, re.M)
+    return {m.group(1): m.group(2).strip().replace("%", "%%") for m in found if m.group(1) in names}
+
+
+def lora_flag(name: str) -> str:
+    """The flag of LoraConfig field `name`: --lora-r, --lora-alpha, --lora-dropout, --lora-use-rslora, ...
+    (a PEFT-style lora_ prefix is not doubled); target_modules is --target-modules."""
+    if name == "target_modules":
+        return "--target-modules"
+    return "--lora-" + name.removeprefix("lora_").replace("_", "-")
+
+
+def _add_lora_args(ap: argparse.ArgumentParser, default) -> None:
+    from .lora import LORA_DTYPES, LoraConfig
+    helps = _field_help(LoraConfig)
+    for f in dataclasses.fields(LoraConfig):
+        flag, dest, h = lora_flag(f.name), "lora." + f.name, helps.get(f.name, "")
+        value = getattr(default, f.name)
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=value, help=h)
+        elif f.name == "target_modules":
+            text = value if isinstance(value, str) else ",".join(value)
+            ap.add_argument(flag, "--lora-target-modules", dest=dest, nargs="+", default=[text], metavar="NAMES",
+                            help="LoRA target modules: names (space or comma separated) or all-linear")
+        elif f.name == "dtype":
+            names = [str(d).removeprefix("torch.") for d in LORA_DTYPES]
+            ap.add_argument(flag, dest=dest, choices=names, default=str(value).removeprefix("torch."),
+                            help=h)
+        else:
+            typ = {"int": int, "float": float}.get(str(f.type), str)
+            ap.add_argument(flag, dest=dest, type=typ, default=value, metavar=f.name.removeprefix("lora_").upper(),
+                            help=f"LoRA {h} (default {value})")
 
 
 def add_train_args(ap: argparse.ArgumentParser) -> None:
-    """Add one flag per TrainConfig field to `ap` (max_steps -> --max-steps), help from the field's comment.
+    """Add one flag per TrainConfig field to `ap` (max_steps -> --max-steps), help from the field's comment, and
+    one per field of its LoraConfig `lora` (lora_flag: --lora-r, --lora-alpha, --lora-dropout, --target-modules,
+    --lora-use-rslora, --lora-dtype).
 
-    bool fields become --x / --no-x; --target-modules takes one or more values (cmd_train joins them with commas);
-    --quant is limited to nf4/fp4/none; int and float fields are typed, the rest are strings. --model, --data and
-    --output are required.
+    bool fields become --x / --no-x; --target-modules takes one or more values (joined with commas); --quant and
+    --parallel are limited to their choices; int and float fields are typed, the rest are strings. --model,
+    --data and --output are required. Also --nproc (not a TrainConfig field): launch N processes via torchrun.
     """
+    from .distributed import PARALLEL_MODES
     from .train import TrainConfig
     helps = _field_help()
     required = {"model", "data", "output"}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         h = helps.get(f.name, "")
-        if f.type in ("bool", bool):
+        if f.name == "lora":
+            _add_lora_args(ap, TrainConfig().lora)
+        elif f.type in ("bool", bool):
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        elif f.name == "target_modules":
-            ap.add_argument(flag, dest=f.name, nargs="+", default=[f.default], help=h + " (space or comma separated)")
-        elif f.name == "quant":
-            ap.add_argument(flag, dest=f.name, choices=["nf4", "fp4", "none"], default=f.default, help=h)
+        elif f.name in ("quant", "parallel"):
+            choices = ["nf4", "fp4", "none"] if f.name == "quant" else list(PARALLEL_MODES)
+            ap.add_argument(flag, dest=f.name, choices=choices, default=f.default, help=h)
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
             ap.add_argument(flag, dest=f.name, type=typ, default=f.default, required=f.name in required,
                             help=h + (f" (default {f.default})" if f.name not in required else ""))
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="processes (one per GPU) to train with, launched through torchrun; 1 = this process")
+
+
+def config_from_args(args) -> "TrainConfig":
+    """The TrainConfig that `qlora train`'s parsed flags describe."""
+    from .lora import LoraConfig
+    from .train import TrainConfig, parse_targets
+    lora = {f.name: getattr(args, "lora." + f.name) for f in dataclasses.fields(LoraConfig)}
+    lora["target_modules"] = parse_targets(lora["target_modules"])
+    lora["dtype"] = getattr(torch, lora["dtype"])
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "lora"}
+    return TrainConfig(**kw, lora=LoraConfig(**lora))
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def cmd_train(args) -> int:
     """`qlora train`: build a TrainConfig from the parsed flags and run train(); returns the exit code.
 
     0 when the run reached its last step (adapter and metrics.jsonl in --output), 1 when it stopped early (the reason
-    goes to stderr). ValueError from TrainConfig and loading / data errors propagate.
+    goes to stderr). ValueError from TrainConfig and loading / data errors propagate. With --nproc N > 1 (outside
+    torchrun) the same command runs in N processes through torchrun and its exit code is returned.
     """
-    from .train import TrainConfig, train
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    kw["target_modules"] = ",".join(kw["target_modules"])
-    result = train(TrainConfig(**kw))
+    from . import distributed
+    from .train import train
+    if args.nproc > 1 and not distributed.launched():
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    cfg = config_from_args(args)
+    if distributed.launched():  # torchrun's summary then shows this rank's traceback if it fails
+        from torch.distributed.elastic.multiprocessing.errors import record
+        result = record(train)(cfg)
+    else:
+        result = train(cfg)
+    main = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank 0, or a lone process
     if result.stopped:
-        print(result.stopped, file=sys.stderr)
+        if main:
+            print(result.stopped, file=sys.stderr)
         return 1
-    print(f"adapter written to {args.output} (adapter_config.json, adapter_model.safetensors, metrics.jsonl)")
+    if main:
+        print(f"adapter written to {args.output} (adapter_config.json, adapter_model.safetensors, metrics.jsonl)")
     return 0
 
 
@@ -243,6 +319,7 @@ def main(argv=None) -> int:
         demo(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.fn(args)
 
 

@@ -102,6 +102,7 @@ def main(argv=None) -> dict:
 
     from .data import TextTokenizer
     from .loading import load_llama, resolve_folder
+    from .lora import LoraConfig
     from .plot import plot_metrics
     from .train import TrainConfig, resolve_device, train
 
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
 
     cfg = TrainConfig(model=str(folder), data=str(out / "train.jsonl"), eval_data=str(out / "eval.jsonl"),
                       output=str(out), max_steps=args.max_steps, batch_size=args.batch_size, seq_len=128,
-                      lr=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                      lr=args.lr, lora=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0),
                       warmup_steps=max(1, args.max_steps // 10), pack=False, device=args.device,
                       eval_every=max(1, args.max_steps // 3), save_every=0, log_every=4, seed=args.seed,
                       # also on the CPU: without it a step of 16 x 64 tokens peaks at 4.4 GB host memory (vs 2.3)

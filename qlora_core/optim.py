@@ -19,6 +19,8 @@
 * state_dict() holds the exact state (codes, absmax, fp32 moments, step) as CPU tensors keyed like
   bitsandbytes (8-bit: state1, state2, absmax1, absmax2) or torch (exp_avg, exp_avg_sq), so a resumed run is
   bit-identical and a checkpoint written on a GPU loads on the CPU and back.
+* FSDP2 (DTensor) parameters: the state, its pages and the update cover this rank's local shard; a parameter's
+  8-bit-or-fp32 choice follows its whole size. qlora_core.optim_shards moves the state between process counts.
 Limits: all parameters on one device; dense gradients; no amsgrad/maximize; add_param_group only before the
 first step.
 """
@@ -95,17 +97,21 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def _build(self) -> None:
         params = self._params()
-        devices = {p.device for p, _ in params}
+        self._plist = [p for p, _ in params]
+        # FSDP2 parameters are DTensors: the state covers this rank's shard (its local rows) only
+        self._flat = [_local(p) for p in self._plist]
+        self._sharded = any(t is not p for t, p in zip(self._flat, self._plist))
+        devices = {t.device for t in self._flat}
         if len(devices) != 1:
             raise ValueError(f"PagedAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
         device = devices.pop()
         self._device = device
-        self._flat = [p for p, _ in params]
         group_index = {id(g): k for k, g in enumerate(self.param_groups)}
         self._group_of = [group_index[id(g)] for _, g in params]
         self._steps = [0] * len(self._flat)
         self._lockstep = True  # every parameter has taken the same number of steps (the fast path's premise)
-        sizes = [(p.numel(), self._bits(p)) for p in self._flat]
+        # bits by the whole parameter's size, so a parameter keeps its state format whatever the process count
+        sizes = [(t.numel(), self._bits(p)) for t, p in zip(self._flat, self._plist)]
         total = sum(s for s in _state_bytes(sizes))
         budget = self._budget
         if budget is None and device.type == "cuda":
@@ -184,8 +190,12 @@ class PagedAdamW(torch.optim.Optimizer):
         # went through a Python loop of checks and dict lookups), so the common case -- every parameter has a
         # dense contiguous grad of its dtype and all took the same number of steps -- costs three list
         # comprehensions of C getters; addresses, tables and launch plans are reused while they stay valid.
+        if self._sharded:  # FSDP may re-view its shards (lazy init); the views are re-read each step
+            self._flat = [_local(p) for p in self._plist]
+            grads = [None if p.grad is None else _local(p.grad) for p in self._plist]
+        else:
+            grads = [p.grad for p in self._flat]
         flat = self._flat
-        grads = [p.grad for p in flat]
         try:
             key = ([(g.data_ptr(), g.dtype, g.is_contiguous()) for g in grads],
                    [(p.data_ptr(), p.is_contiguous()) for p in flat])
@@ -375,6 +385,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 if self._steps[i] == 0:
                     continue
                 segs = [s for s in self._segments if s.param == i]
+                if not segs:  # an empty shard (more ranks than rows)
+                    continue
                 parts = []
                 for s in segs:
                     if s.page not in pages:
@@ -415,6 +427,8 @@ class PagedAdamW(torch.optim.Optimizer):
             if st is None:
                 continue
             segs = [s for s in self._segments if s.param == i]
+            if not segs:
+                continue
             if segs[0].bits == 8:
                 names, block = ("state1", "state2", "absmax1", "absmax2"), (1, 1, 256, 256)
             else:
@@ -468,6 +482,15 @@ class PagedAdamW32bit(PagedAdamW):
         if kwargs.setdefault("optim_bits", 32) != 32:
             raise ValueError(f"PagedAdamW32bit has optim_bits=32, got {kwargs['optim_bits']}")
         super().__init__(params, lr, **kwargs)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (an FSDP2 parameter or gradient); any other tensor as is."""
+    to_local = getattr(t, "to_local", None)
+    if to_local is None:
+        return t
+    with torch.no_grad():  # the shard itself, not an autograd view of it
+        return to_local()
 
 
 def _state_bytes(sizes: list[tuple[int, int]]):

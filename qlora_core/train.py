@@ -7,6 +7,14 @@ One step = grad_accum micro-batches of batch_size rows (data.py: chat-formatted,
 The loss is the mean over every label token of the whole step (each micro-batch's summed loss is divided by the
 step's label count before backward, so accumulation gives the same gradient as one big batch). Then: clip the
 global grad norm, PagedAdamW (8-bit states by default), cosine schedule with linear warmup.
+train() reads as its steps: setup (data, model, wrapping, optimizer, resume), then per step next_batch,
+forward_backward, train_step (reduce, clip, update), maybe_evaluate, checkpoint.
+
+Several processes (torchrun, distributed.py): each rank takes a contiguous 1/N of every step's rows (the global
+batch stays batch_size * grad_accum rows), runs them in micro-batches of at most batch_size, and FSDP2 (default)
+or DDP averages the gradients; losses, skip decisions and eval sums are reduced over ranks; only rank 0 prints and
+writes metrics.jsonl, checkpoints and adapters. Dropout masks come from (seed, step, rank), and optimizer state is
+saved per shard (optim_shards.py), so a run resumes on any process count.
 
 Memory choices (the point of QLoRA):
 - decoder linears are frozen NF4 (QuantLinear); only LoRA A/B train; each block is recomputed in backward
@@ -37,23 +45,46 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import data as D
-from .defaults import (DOUBLE_QUANT, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, OPTIM_BITS, QUANT_TYPE,
-                       WEIGHT_DECAY, default_dtype)
+from . import distributed
+from .defaults import DOUBLE_QUANT, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype
+from .distributed import PARALLEL_MODES, World
 from .durable import atomic_write_text, fsync_dir, fsync_tree
+from .lora import LoraConfig
 
 LOSS_CHUNK_ELEMS = 1 << 27  # logits per loss chunk (fp32: 512 MiB); bounds the lm_head/CE peak at any vocab
 POINTER = "checkpoint.json"
 METRICS = "metrics.jsonl"
 
 
+def _default_lora() -> LoraConfig:
+    return LoraConfig()  # defaults.py: r, alpha, dropout and all seven projections
+
+
+# The LoRA settings' names from before TrainConfig held a LoraConfig: still taken as keywords (TrainConfig(lora_r=8))
+# and read from old checkpoints' config dicts.
+LEGACY_LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                      "target_modules": "target_modules"}
+
+
+def parse_targets(text: str | Sequence[str]) -> tuple[str, ...] | str:
+    """target_modules as flags and old configs give it: "all-linear" as is, else a tuple of the comma-separated
+    names ("q_proj, v_proj" or ["q_proj,v_proj", "gate_proj"])."""
+    parts = [text] if isinstance(text, str) else list(text)
+    names = tuple(n.strip() for part in parts for n in part.split(",") if n.strip())
+    return "all-linear" if names == ("all-linear",) else names
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a run needs; `qlora train` flags map 1:1 onto these fields (--max-steps -> max_steps)."""
+    """Everything a run needs; `qlora train` flags map 1:1 onto these fields (--max-steps -> max_steps) and onto
+    the fields of `lora` (--lora-r -> lora.r, --lora-alpha, --lora-dropout, --target-modules, ...)."""
     model: str = ""  # HF model folder or hub repo id
     data: str = ""  # JSONL file: messages, instruction/response, prompt/completion or text rows (docs/data.md)
     output: str = "qlora-out"  # directory for adapter files, metrics.jsonl and checkpoints
@@ -61,22 +92,20 @@ class TrainConfig:
     eval_fraction: float = 0.05  # fraction of records held out for eval when no eval_data (0 = no eval)
     max_steps: int = -1  # optimizer steps; -1 = derived from epochs
     epochs: float = 1.0  # passes over the training rows (used when max_steps is -1)
-    batch_size: int = 4  # rows per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 4  # rows per micro-batch (with several processes: at most, per process)
+    grad_accum: int = 1  # micro-batches per optimizer step; a step is batch_size * grad_accum rows on any process count
     seq_len: int = 512  # tokens per row (samples are truncated to it, packed up to it)
     lr: float = 2e-4  # peak learning rate (after warmup)
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr (end of the cosine)
     warmup_steps: int = -1  # linear warmup steps; -1 = 5% of the steps
     weight_decay: float = WEIGHT_DECAY  # AdamW decoupled weight decay on the LoRA matrices
     max_grad_norm: float = 1.0  # clip the global grad norm to this (0 = no clipping)
-    lora_r: int = LORA_R  # LoRA rank
-    lora_alpha: float = LORA_ALPHA  # LoRA scaling numerator (scaling = alpha / r)
-    lora_dropout: float = LORA_DROPOUT  # dropout probability on the LoRA input
-    target_modules: str = ",".join(LORA_TARGETS)  # comma list or all-linear
+    lora: LoraConfig = dataclasses.field(default_factory=_default_lora)  # the adapters (r, alpha, dropout, targets)
     quant: str = QUANT_TYPE  # base weights: nf4, fp4 or none (dense)
     double_quant: bool = DOUBLE_QUANT  # quantize the absmax too (bnb compress_statistics), ~0.37 bits/param saved
     dtype: str = "auto"  # model dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    device: str = "auto"  # auto (cuda if available; this rank's GPU under torchrun), cpu, cuda, cuda:1, ...
+    parallel: str = "fsdp"  # with several processes (torchrun): fsdp (shard weights, LoRA, grads, optimizer) or ddp
     optim_bits: int = OPTIM_BITS  # PagedAdamW state bits: 8 (bnb-style blockwise) or 32
     gradient_checkpointing: bool = True  # recompute decoder blocks in backward (off = policy none everywhere)
     checkpoint_policy: str = "full"  # per block: none, save_attn, full or offload (docs: checkpointing.py)
@@ -92,13 +121,27 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive steps with non-finite loss or grad norm
     seed: int = 0  # seeds LoRA init, data order and dropout
     resume: bool = False  # continue from output/checkpoint.json if present
+    lora_r: dataclasses.InitVar[int | None] = None
+    lora_alpha: dataclasses.InitVar[float | None] = None
+    lora_dropout: dataclasses.InitVar[float | None] = None
+    target_modules: dataclasses.InitVar[str | Sequence[str] | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, lora_r, lora_alpha, lora_dropout, target_modules):
+        legacy = {k: v for k, v in zip(LEGACY_LORA_FIELDS, (lora_r, lora_alpha, lora_dropout, target_modules))
+                  if v is not None}
+        if legacy:
+            if "target_modules" in legacy:
+                legacy["target_modules"] = parse_targets(legacy["target_modules"])
+            self.lora = dataclasses.replace(self.lora, **{LEGACY_LORA_FIELDS[k]: v for k, v in legacy.items()})
+        if not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
         if self.quant not in ("nf4", "fp4", "none"):
             raise ValueError(f"quant must be nf4, fp4 or none, got {self.quant!r}")
         if self.optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {self.optim_bits}")
-        for name in ("batch_size", "grad_accum", "seq_len", "lora_r", "max_bad_steps", "eval_batch_size"):
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+        for name in ("batch_size", "grad_accum", "seq_len", "max_bad_steps", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -106,16 +149,38 @@ class TrainConfig:
         if self.max_steps == -1 and not self.epochs > 0:
             raise ValueError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
         if self.checkpoint_policy not in ("none", "save_attn", "full", "offload"):
-            raise ValueError(f"checkpoint_policy must be none, save_attn, full or offload, got {self.checkpoint_policy!r}")
+            raise ValueError(f"checkpoint_policy must be none, save_attn, full or offload, "
+                             f"got {self.checkpoint_policy!r}")
         if self.memory_budget_gib < 0:
             raise ValueError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
 
-    def targets(self):
-        """target_modules as apply_lora takes it: "all-linear" as is, else a tuple of the comma-separated names."""
-        t = self.target_modules.strip()
-        return t if t == "all-linear" else tuple(s.strip() for s in t.split(",") if s.strip())
+    def to_dict(self) -> dict:
+        """Plain values (a checkpoint's trainer_state): every field, `lora` as a dict with its dtype by name."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        lora = dataclasses.asdict(self.lora)
+        lora["dtype"] = str(lora["dtype"]).removeprefix("torch.")
+        if not isinstance(lora["target_modules"], str):
+            lora["target_modules"] = list(lora["target_modules"])
+        d["lora"] = lora
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of to_dict; also reads the loose lora_r / lora_alpha / lora_dropout / target_modules of configs
+        saved before TrainConfig held a LoraConfig. Keys no field knows are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"lora"}
+        lora_names = {f.name for f in dataclasses.fields(LoraConfig)}
+        lora = {k: v for k, v in (d.get("lora") or {}).items() if k in lora_names}
+        if isinstance(lora.get("dtype"), str):
+            lora["dtype"] = getattr(torch, lora["dtype"])
+        if isinstance(lora.get("target_modules"), list):
+            lora["target_modules"] = tuple(lora["target_modules"])
+        for old, new in LEGACY_LORA_FIELDS.items():
+            if old in d:
+                lora[new] = parse_targets(d[old]) if old == "target_modules" else d[old]
+        return cls(**{k: v for k, v in d.items() if k in names}, lora=dataclasses.replace(_default_lora(), **lora))
 
 
 @dataclasses.dataclass
@@ -131,25 +196,28 @@ class TrainResult:
 
 # -- setup --------------------------------------------------------------------------------------------------------
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """(device, dtype) for cfg: device "auto" is cuda when available, else cpu; dtype "auto" is bfloat16 on CUDA,
-    float32 elsewhere."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    """(device, dtype) for cfg: device "auto" is cuda when available (this rank's GPU under torchrun), else cpu;
+    dtype "auto" is bfloat16 on CUDA, float32 elsewhere."""
+    device = distributed.local_device(cfg.device)
     if cfg.dtype == "auto":
         return device, default_dtype(device)
     return device, getattr(torch, cfg.dtype)
 
 
 def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
-    """Our Llama (frozen, quantized per cfg.quant) with fresh LoRA adapters on cfg.target_modules."""
+    """Our Llama (frozen, quantized per cfg.quant) with fresh LoRA adapters per cfg.lora (A and B in fp32 unless
+    cfg.lora.dtype says otherwise)."""
     from .loading import load_llama
     from .lora import apply_lora
 
     model = load_llama(cfg.model, quantize=None if cfg.quant == "none" else cfg.quant,
                        double_quant=cfg.double_quant, dtype=dtype, device=device)
-    counts = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                        target_modules=cfg.targets(), dtype=torch.float32)
-    print(apply_policy(model, cfg.checkpoint_policy if cfg.gradient_checkpointing else "none",
-                       cfg.memory_budget_gib or None))
+    lc = cfg.lora
+    counts = apply_lora(model, lc)
+    plan = apply_policy(model, cfg.checkpoint_policy if cfg.gradient_checkpointing else "none",
+                        cfg.memory_budget_gib or None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(plan)
     for m in model.modules():
         if hasattr(m, "fuse_projections"):
             m.fuse_projections = cfg.fused
@@ -219,6 +287,23 @@ def batch_loss(model, ids: torch.Tensor, labels: torch.Tensor, position_ids: tor
     return fused_linear_cross_entropy(h, model.lm_head.weight, y, D.IGNORE_INDEX, LOSS_CHUNK_ELEMS), n
 
 
+class LossModule(nn.Module):
+    """`model` and batch_loss as one module: forward(ids, labels, position_ids, document_ids) -> (loss sum, labels).
+
+    The unit that several processes wrap (distributed.wrap): DDP needs the step to go through a wrapper's forward,
+    and under FSDP2 it is the root whose forward hook gathers the final norm and the lm_head weight that
+    batch_loss reads directly.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels, position_ids=None, document_ids=None):
+        """ids, labels (B, T); position_ids, document_ids (B, T) or None -> batch_loss(model, ...)."""
+        return batch_loss(self.model, ids, labels, position_ids, document_ids)
+
+
 def _autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return torch.autocast("cuda", dtype=dtype)
@@ -226,19 +311,34 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def evaluate(model, samples: list, pad_id: int, batch_size: int, device, dtype) -> tuple[float, float]:
-    """(mean loss per label token, perplexity) over `samples` (not packed)."""
-    was = model.training
-    model.eval()
+def evaluate(model, samples: list, pad_id: int, batch_size: int, device, dtype,
+             world: World | None = None) -> tuple[float, float]:
+    """(mean loss per label token, perplexity) over `samples` (not packed).
+
+    model: a Llama, or the loss module train() runs (LossModule, DDP- or FSDP-wrapped). With several processes
+    each rank takes every world.size-th sample and the sums are added over ranks; every rank runs the same number
+    of batches (an FSDP forward gathers weights with the others), a rank out of samples runs an ignored dummy one.
+    """
+    world = world or World(device=torch.device(device))
+    from torch.nn.parallel import DistributedDataParallel
+    run_loss = model if isinstance(model, (LossModule, DistributedDataParallel)) else LossModule(model)
+    mine = samples[world.rank::world.size]
+    rounds = -(-(-(-len(samples) // world.size)) // batch_size)
+    was = run_loss.training
+    run_loss.eval()
     tot, n = 0.0, 0
     try:
-        for i in range(0, len(samples), batch_size):
-            ids, labels = D.collate(samples[i:i + batch_size], pad_id)
+        for i in range(rounds):
+            part = mine[i * batch_size:(i + 1) * batch_size]
+            ids, labels = D.collate(part or samples[:1], pad_id)
+            if not part:
+                labels.fill_(D.IGNORE_INDEX)
             with _autocast(device, dtype):
-                s, k = batch_loss(model, ids.to(device), labels.to(device))
+                s, k = run_loss(ids.to(device), labels.to(device))
             tot, n = tot + float(s), n + k
     finally:
-        model.train(was)
+        run_loss.train(was)
+    tot, n = world.sum([tot, n])
     loss = tot / max(n, 1)
     return loss, math.exp(min(loss, 700.0))
 
@@ -258,18 +358,22 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-def save_checkpoint(out: Path, step: int, model, opt, sched, position: int, bad: int, cfg: TrainConfig,
-                    device) -> Path:
-    """Write checkpoints/step-N as a whole (temp dir + rename), then point checkpoint.json at it; drop older ones."""
+def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state: dict,
+                    lora: dict | None = None) -> Path:
+    """Write checkpoints/step-N as a whole (temp dir + rename), then point checkpoint.json at it; drop older ones.
+
+    opt_state: the optimizer's state in checkpoint form (optim_shards.gather_state); trainer_state: step, scheduler,
+    rng, data_position, bad_streak, config, world_size; lora: gathered adapter tensors (module path -> (A, B)) when
+    the model's own are sharded, else None.
+    """
     from .adapter import save_adapter
 
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
-    save_adapter(model, tmp, cfg.model)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "scheduler": sched.state_dict(), "rng": _rng_state(device), "data_position": position,
-                "bad_streak": bad, "config": dataclasses.asdict(cfg)}, tmp / "trainer_state.pt")
+    save_adapter(model, tmp, trainer_state["config"]["model"], tensors=lora)
+    torch.save(opt_state, tmp / "optimizer.pt")
+    torch.save(trainer_state, tmp / "trainer_state.pt")
     fsync_tree(tmp)  # every file on disk before the directory gets its final name
     final = root / f"step-{step:08d}"
     if final.exists():  # the same step saved by an earlier, killed process: the pointer may not name it yet
@@ -286,7 +390,8 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, position: int, bad:
 def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
     """(checkpoint directory, trainer_state dict) named by out/checkpoint.json, or None without a pointer file.
 
-    trainer_state holds step, scheduler, rng, data_position, bad_streak and config; it is read with
+    trainer_state holds step, scheduler, rng, data_position, bad_streak, config (TrainConfig.to_dict(); older
+    checkpoints: the loose form TrainConfig.from_dict reads) and world_size; it is read with
     torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling).
     FileNotFoundError when the named directory is gone.
     """
@@ -330,131 +435,302 @@ def _progress(step: int, total: int, rec: dict, device) -> str:
             f"{rec['tok_s']:,.0f} tok/s {mem} {rec['mem_gib']:.2f} GiB")
 
 
-# -- the loop -----------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
-    """Run (or resume) a QLoRA fine-tune described by `cfg` (fields may also be passed as keyword arguments)."""
-    from .adapter import load_adapter, save_adapter
+# -- a run, step by step ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """What one training process holds: built by setup(), advanced by train_step(), saved by checkpoint()."""
+    cfg: TrainConfig
+    world: World
+    out: Path
+    device: torch.device
+    dtype: torch.dtype
+    tok: D.TextTokenizer
+    rows: list  # training rows (every rank holds all of them and takes its share of each step)
+    eval_samples: list
+    counts: dict  # data statistics (data.encode_all) plus rows and eval_samples
+    model: nn.Module  # the Llama with LoRA adapters (sharded in place under FSDP)
+    loss_module: nn.Module  # what a micro-batch calls: LossModule(model), wrapped for DDP / FSDP
+    params: object  # apply_lora's LoraParamCount
+    trainable: list  # the LoRA parameters (DTensors under FSDP)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    stream: D.RowStream
+    total: int  # optimizer steps of the whole run
+    warmup: int
+    step: int = 0  # optimizer steps done (skipped ones included)
+    bad: int = 0  # consecutive skipped steps
+
+    def say(self, *args, **kw) -> None:
+        """print() on rank 0 only."""
+        if self.world.main:
+            print(*args, **kw)
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """One optimizer step's data as this rank sees it."""
+    micro: list  # this rank's micro-batches: lists of at most batch_size rows
+    n_labels: int  # label tokens of the whole step, all ranks (each micro-batch's loss sum is divided by it)
+    tokens: int  # tokens of the whole step, all ranks
+
+
+def setup(cfg: TrainConfig, world: World) -> Run:
+    """Tokenizer, data, model (with the checkpoint's adapter when resuming), parallel wrapping, optimizer and
+    schedule; then the checkpoint's optimizer / scheduler / data position, or a clean output folder."""
+    from .adapter import load_adapter
     from .optim import PagedAdamW
 
-    cfg = dataclasses.replace(cfg, **overrides) if cfg is not None else TrainConfig(**overrides)
-    if not cfg.model or not cfg.data:
-        raise ValueError("TrainConfig needs model and data")
+    rows_per_step = cfg.batch_size * cfg.grad_accum
+    if rows_per_step % world.size:
+        raise ValueError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly over "
+                         f"{world.size} processes; make it a multiple of {world.size}")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-
     tok = D.TextTokenizer.from_folder(_model_folder(cfg.model), use_chat_template=cfg.chat_template)
     rows, eval_samples, counts = load_data(cfg, tok)
     model, params = load_model(cfg, device, dtype)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = PagedAdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits)
-    per_step = cfg.batch_size * cfg.grad_accum
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(rows) / per_step))
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, round(0.05 * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
-    stream = D.RowStream(rows, cfg.seed)
-    step, bad = 0, 0
-
     found = load_checkpoint(out) if cfg.resume else None
     if found is not None:
-        ck, st = found
-        load_adapter(model, ck, check_base=False)
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
-        sched.load_state_dict(st["scheduler"])
-        _set_rng_state(st["rng"], device)
-        step, bad, stream.position = st["step"], st["bad_streak"], st["data_position"]
-        _truncate_metrics(out / METRICS, step)
-        changed = {k: (v, getattr(cfg, k)) for k, v in st["config"].items()
-                   if k not in ("resume", "output") and getattr(cfg, k, v) != v}
-        if changed:
-            print(f"warning: resuming with changed settings {changed}; the run will not match an uninterrupted one")
-        print(f"resumed from {ck} at step {step}/{total}")
+        load_adapter(model, found[0], check_base=False)  # into the whole model, before it is sharded
+    model.train()
+    loss_module = distributed.wrap(LossModule(model), world)
+    trainable = [p for p in loss_module.parameters() if p.requires_grad]
+    opt = PagedAdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, optim_bits=cfg.optim_bits)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * len(rows) / rows_per_step))
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else max(1, round(0.05 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
+    run = Run(cfg=cfg, world=world, out=out, device=device, dtype=dtype, tok=tok, rows=rows,
+              eval_samples=eval_samples, counts=counts, model=model, loss_module=loss_module, params=params,
+              trainable=trainable, opt=opt, sched=sched, stream=D.RowStream(rows, cfg.seed), total=total,
+              warmup=warmup)
+    if found is not None:
+        restore(run, *found)
     else:
-        if cfg.resume:
-            print(f"no checkpoint in {out}; starting fresh")
-        (out / METRICS).unlink(missing_ok=True)
-        (out / POINTER).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        start_fresh(run)
+    world.barrier()  # no rank reads the output folder while rank 0 cleans it
+    return run
 
-    print(f"model {cfg.model} ({cfg.quant}, {dtype}, {device}); {params}")
-    print(f"data: {counts['samples']} samples -> {len(rows)} rows of <= {cfg.seq_len} tokens "
-          f"({counts['truncated']} truncated, {counts['dropped_no_labels']} without labels dropped), "
-          f"{counts['eval_samples']} held out; template: {tok.template_name}")
-    print(f"{total} steps x {per_step} rows, lr {cfg.lr:g} (warmup {warmup}, cosine to {cfg.min_lr_ratio:g}x), "
-          f"PagedAdamW {cfg.optim_bits}-bit")
 
-    losses, evals, stopped = [], [], None
-    metrics = open(out / METRICS, "a", encoding="utf-8")
+def restore(run: Run, ck: Path, st: dict) -> None:
+    """Continue from checkpoint `ck` (its adapter is already in the model): optimizer state (re-cut when the
+    process count changed), scheduler, data position, RNG (one process), and metrics.jsonl cut to its step."""
+    from .optim_shards import load_state
+
+    w = run.world
+    load_state(run.opt, torch.load(ck / "optimizer.pt", weights_only=True), w.rank, w.size)
+    run.sched.load_state_dict(st["scheduler"])
+    if w.size == 1:
+        _set_rng_state(st["rng"], run.device)  # several processes seed dropout per step and rank instead
+    run.step, run.bad, run.stream.position = st["step"], st["bad_streak"], st["data_position"]
+    if w.main:
+        _truncate_metrics(run.out / METRICS, run.step)
+    old, new = _flat_config(TrainConfig.from_dict(st["config"])), _flat_config(run.cfg)
+    changed = {k: (v, new[k]) for k, v in old.items() if k not in ("resume", "output", "parallel") and new[k] != v}
+    if changed:
+        run.say(f"warning: resuming with changed settings {changed}; the run will not match an uninterrupted one")
+    ranks = st.get("world_size", 1)
+    run.say(f"resumed from {ck} at step {run.step}/{run.total}" +
+            (f" (written by {ranks} process(es), now {w.size})" if ranks != w.size else ""))
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    d.update({f"lora.{k}": v for k, v in d.pop("lora").items()})
+    return d
+
+
+def start_fresh(run: Run) -> None:
+    """A new run in run.out: rank 0 removes an earlier run's metrics, pointer and checkpoints."""
+    if run.cfg.resume:
+        run.say(f"no checkpoint in {run.out}; starting fresh")
+    if run.world.main:
+        (run.out / METRICS).unlink(missing_ok=True)
+        (run.out / POINTER).unlink(missing_ok=True)
+        shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
+
+
+def describe(run: Run) -> None:
+    """The run's header lines (rank 0)."""
+    cfg, w, counts = run.cfg, run.world, run.counts
+    par = f"; {w.size} processes ({w.parallel})" if w.size > 1 else ""
+    run.say(f"model {cfg.model} ({cfg.quant}, {run.dtype}, {run.device}{par}); {run.params}")
+    run.say(f"data: {counts['samples']} samples -> {len(run.rows)} rows of <= {cfg.seq_len} tokens "
+            f"({counts['truncated']} truncated, {counts['dropped_no_labels']} without labels dropped), "
+            f"{counts['eval_samples']} held out; template: {run.tok.template_name}")
+    run.say(f"{run.total} steps x {cfg.batch_size * cfg.grad_accum} rows, lr {cfg.lr:g} (warmup {run.warmup}, "
+            f"cosine to {cfg.min_lr_ratio:g}x), PagedAdamW {cfg.optim_bits}-bit")
+
+
+def next_batch(run: Run) -> StepBatch:
+    """The step's batch_size * grad_accum rows from the stream (the same rows on every rank), this rank's share
+    cut into micro-batches of at most batch_size rows."""
+    cfg = run.cfg
+    rows = run.stream.take(cfg.batch_size * cfg.grad_accum)
+    n_labels = sum(sum(1 for y in r.labels[1:] if y != D.IGNORE_INDEX) for r in rows)
+    tokens = sum(len(r) for r in rows)
+    mine = distributed.split_rows(rows, run.world)
+    micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    return StepBatch(micro=micro, n_labels=n_labels, tokens=tokens)
+
+
+def forward_backward(run: Run, batch: StepBatch) -> tuple[float, bool]:
+    """Forward and backward of this rank's micro-batches: (summed loss over its labels, all finite).
+
+    Each micro-batch's loss sum is divided by the step's label count (all ranks), so the accumulated gradient is
+    the mean over every label of the step; with several processes it is also multiplied by their number, which
+    DDP's and FSDP's gradient averaging divides out. Every micro-batch runs its backward even after a non-finite
+    loss: the backward holds collectives every rank must join (train_step then skips the step everywhere).
+    """
+    cfg, w = run.cfg, run.world
+    loss_sum, finite = 0.0, True
+    for i, rs in enumerate(batch.micro):
+        ids, labels = D.collate(rs, run.tok.pad_token_id)
+        pos = doc = None
+        if cfg.pack and cfg.pack_isolate:
+            pos, doc = (t.to(run.device) for t in D.collate_positions(rs))
+        with distributed.grad_sync(run.loss_module, i == len(batch.micro) - 1):
+            with _autocast(run.device, run.dtype):
+                s, _ = run.loss_module(ids.to(run.device), labels.to(run.device), pos, doc)
+            loss = s / max(batch.n_labels, 1)
+            (loss * w.size if w.size > 1 else loss).backward()
+        value = float(s.detach())
+        finite = finite and math.isfinite(value)
+        loss_sum += value
+    return loss_sum, finite
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step on every rank; returns its metrics record (loss None when skipped).
+
+    Loss and finiteness are summed over ranks first, so a NaN on one rank skips the step on all of them.
+    """
+    cfg, w = run.cfg, run.world
+    t0 = time.perf_counter()
+    if w.size > 1:  # dropout masks from (seed, step, rank): reproducible and resumable on any process count
+        torch.manual_seed(cfg.seed * 1_000_003 + run.step * 1009 + w.rank)
+    batch = next_batch(run)
+    loss_sum, finite = forward_backward(run, batch)
+    loss_sum, bad_ranks = w.sum([loss_sum if finite else 0.0, 0.0 if finite else 1.0])
+    finite = bad_ranks == 0
+    gnorm = None
+    if finite:
+        gnorm = distributed.clip_grad_norm(run.trainable, cfg.max_grad_norm)
+        finite = math.isfinite(gnorm)
+    if finite:
+        run.opt.step()
+        run.bad = 0
+    else:
+        run.bad += 1
+    run.opt.zero_grad(set_to_none=True)
+    lr = run.opt.param_groups[0]["lr"]
+    run.sched.step()
+    run.step += 1
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    dt = time.perf_counter() - t0
+    rec = {"step": run.step, "loss": loss_sum / max(batch.n_labels, 1) if finite else None, "lr": lr,
+           "grad_norm": gnorm if finite else None, "tokens": batch.tokens, "tok_s": batch.tokens / dt,
+           "epoch": round(run.stream.epoch, 4), "time_s": round(dt, 4),
+           "mem_gib": round(w.max(_mem_gib(run.device)), 3)}
+    if not finite:
+        rec["skipped"] = True
+        run.say(f"step {run.step}: non-finite {'loss' if gnorm is None else 'grad norm'}"
+                f"{' on ' + str(int(bad_ranks)) + ' rank(s)' if w.size > 1 and gnorm is None else ''}; step "
+                f"skipped ({run.bad} in a row, stop at {cfg.max_bad_steps})")
+    return rec
+
+
+def maybe_evaluate(run: Run, rec: dict, evals: list) -> None:
+    """Every eval_every steps and at the last: eval loss and perplexity over all ranks, into rec and evals."""
+    cfg = run.cfg
+    if not run.eval_samples or not ((cfg.eval_every > 0 and run.step % cfg.eval_every == 0) or
+                                    run.step == run.total):
+        return
+    el, ppl = evaluate(run.loss_module, run.eval_samples, run.tok.pad_token_id, cfg.eval_batch_size, run.device,
+                       run.dtype, run.world)
+    rec.update(eval_loss=el, eval_ppl=ppl)
+    evals.append((run.step, el, ppl))
+    run.say(f"eval step {run.step}: loss {el:.4f} ppl {ppl:.3f}")
+
+
+def checkpoint(run: Run) -> None:
+    """Every rank gathers its adapter and optimizer shards (collectives), then rank 0 writes checkpoints/step-N
+    whole. No collective runs while rank 0 writes, so a failing rank never leaves a checkpoint half-written."""
+    from .optim_shards import gather_state
+
+    w = run.world
+    lora = distributed.gather_lora(run.model) if w.parallel == "fsdp" and w.size > 1 else None
+    opt_state = gather_state(run.opt, w.rank, w.size)
+    if w.main:
+        state = {"step": run.step, "scheduler": run.sched.state_dict(), "rng": _rng_state(run.device),
+                 "data_position": run.stream.position, "bad_streak": run.bad, "config": run.cfg.to_dict(),
+                 "world_size": w.size}
+        save_checkpoint(run.out, run.step, run.model, opt_state, state, lora)
+
+
+def save_final_adapter(run: Run) -> None:
+    """The trained adapter into run.out (rank 0 writes; under FSDP every rank gathers first)."""
+    from .adapter import save_adapter
+
+    w = run.world
+    lora = distributed.gather_lora(run.model) if w.parallel == "fsdp" and w.size > 1 else None
+    if w.main:
+        save_adapter(run.model, run.out, run.cfg.model, tensors=lora)
+
+
+# -- the loop -----------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Run (or resume) a QLoRA fine-tune described by `cfg` (fields may also be passed as keyword arguments).
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this with the same cfg: cfg.parallel picks FSDP2 or DDP,
+    rank 0 prints and writes; the returned model is then this rank's (sharded under FSDP).
+    """
+    cfg = dataclasses.replace(cfg, **overrides) if cfg is not None else TrainConfig(**overrides)
+    if not cfg.model or not cfg.data:
+        raise ValueError("TrainConfig needs model and data")
+    world = distributed.init_world(cfg.device, cfg.parallel)
     try:
-        while step < total:
-            t0 = time.perf_counter()
-            micro = [stream.take(cfg.batch_size) for _ in range(cfg.grad_accum)]
-            n_labels = sum(sum(1 for y in r.labels[1:] if y != D.IGNORE_INDEX) for rs in micro for r in rs)
-            tokens = sum(len(r) for rs in micro for r in rs)
-            loss_sum, finite = 0.0, True
-            for rs in micro:
-                ids, labels = D.collate(rs, tok.pad_token_id)
-                pos = doc = None
-                if cfg.pack and cfg.pack_isolate:
-                    pos, doc = (t.to(device) for t in D.collate_positions(rs))
-                with _autocast(device, dtype):
-                    s, _ = batch_loss(model, ids.to(device), labels.to(device), pos, doc)
-                if not torch.isfinite(s).item():
-                    finite = False
-                    break
-                (s / max(n_labels, 1)).backward()
-                loss_sum += float(s.detach())
-            gnorm = None
-            if finite:
-                clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-                finite = math.isfinite(gnorm)
-            if finite:
-                opt.step()
-                bad = 0
-            else:
-                bad += 1
-            opt.zero_grad(set_to_none=True)
-            lr = opt.param_groups[0]["lr"]
-            sched.step()
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            loss = loss_sum / max(n_labels, 1) if finite else None
-            losses.append(loss)
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm if finite else None,
-                   "tokens": tokens, "tok_s": tokens / dt, "epoch": round(stream.epoch, 4),
-                   "time_s": round(dt, 4), "mem_gib": round(_mem_gib(device), 3)}
-            if not finite:
-                rec["skipped"] = True
-                print(f"step {step}: non-finite {'loss' if gnorm is None else 'grad norm'}; step skipped "
-                      f"({bad} in a row, stop at {cfg.max_bad_steps})")
-            if eval_samples and ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == total):
-                el, ppl = evaluate(model, eval_samples, tok.pad_token_id, cfg.eval_batch_size, device, dtype)
-                rec.update(eval_loss=el, eval_ppl=ppl)
-                evals.append((step, el, ppl))
-                print(f"eval step {step}: loss {el:.4f} ppl {ppl:.3f}")
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            if step % cfg.log_every == 0 or step == total:
-                print(_progress(step, total, rec, device), flush=True)
-            if bad >= cfg.max_bad_steps:
-                stopped = (f"stopped at step {step}: {bad} consecutive steps had a non-finite loss or grad norm; "
-                           f"lower --lr, check the data, or use --dtype float32")
-                print(stopped)
-                break
-            if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == total:
-                save_checkpoint(out, step, model, opt, sched, stream.position, bad, cfg, device)
+        run = setup(cfg, world)
+        describe(run)
+        result = _loop(run)
+        world.barrier()  # every rank sees the final files once train() returns
+        return result
     finally:
-        metrics.close()
+        world.close()
+
+
+def _loop(run: Run) -> TrainResult:
+    cfg = run.cfg
+    losses, evals, stopped = [], [], None
+    metrics = open(run.out / METRICS, "a", encoding="utf-8") if run.world.main else None
+    try:
+        while run.step < run.total:
+            rec = train_step(run)
+            losses.append(rec["loss"])
+            maybe_evaluate(run, rec, evals)
+            if metrics is not None:
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+            if run.step % cfg.log_every == 0 or run.step == run.total:
+                run.say(_progress(run.step, run.total, rec, run.device), flush=True)
+            if run.bad >= cfg.max_bad_steps:
+                stopped = (f"stopped at step {run.step}: {run.bad} consecutive steps had a non-finite loss or grad "
+                           f"norm; lower --lr, check the data, or use --dtype float32")
+                run.say(stopped)
+                break
+            if (cfg.save_every > 0 and run.step % cfg.save_every == 0) or run.step == run.total:
+                checkpoint(run)
+    finally:
+        if metrics is not None:
+            metrics.close()
     if stopped is None:
-        save_adapter(model, out, cfg.model)
-    model.eval()
-    return TrainResult(model=model, tokenizer=tok, steps=step, losses=losses, evals=evals, stopped=stopped)
+        save_final_adapter(run)
+    run.model.eval()
+    return TrainResult(model=run.model, tokenizer=run.tok, steps=run.step, losses=losses, evals=evals,
+                       stopped=stopped)
 
 
 def _model_folder(model: str) -> Path:

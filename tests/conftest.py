@@ -7,13 +7,14 @@ import torch
 
 
 def pytest_collection_modifyitems(config, items):
-    # GPU tests are marked and run on the device (`pytest -m gpu`); on a CPU box they are deselected,
-    # never skipped with a silent pass.
-    if torch.cuda.is_available():
-        return
+    # GPU tests are marked and run on the device (`pytest -m gpu`, `pytest -m multigpu` with 2+ GPUs); where the
+    # GPUs are missing they are deselected, never skipped with a silent pass.
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    needs = {"gpu": 1, "multigpu": 2}
     keep, drop = [], []
     for item in items:
-        (drop if item.get_closest_marker("gpu") else keep).append(item)
+        short = any(item.get_closest_marker(m) and gpus < n for m, n in needs.items())
+        (drop if short else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -47,14 +47,24 @@ def test_train_writes_adapter_and_metrics(trained):
 def test_train_flags_map_one_to_one_to_config():
     import dataclasses
 
+    from qlora_core.lora import LoraConfig
     from qlora_core.train import TrainConfig
     p = cli.build_parser()
     args = p.parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--no-gradient-checkpointing",
                          "--quant", "fp4", "--grad-accum", "3", "--resume"])
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    assert kw["gradient_checkpointing"] is False and kw["quant"] == "fp4" and kw["grad_accum"] == 3 and kw["resume"]
+    cfg = cli.config_from_args(args)
+    assert cfg.gradient_checkpointing is False and cfg.quant == "fp4" and cfg.grad_accum == 3 and cfg.resume
+    assert cfg == TrainConfig(model="m", data="d", output="o", gradient_checkpointing=False, quant="fp4",
+                              grad_accum=3, resume=True)  # every other flag defaults to its field's default
+    args = p.parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--lora-r", "8", "--lora-alpha",
+                         "4", "--lora-dropout", "0", "--target-modules", "q_proj,v_proj", "o_proj",
+                         "--lora-use-rslora", "--lora-dtype", "bfloat16", "--parallel", "ddp"])
+    cfg = cli.config_from_args(args)
+    assert cfg.lora == LoraConfig(r=8, lora_alpha=4.0, lora_dropout=0.0, target_modules=("q_proj", "v_proj", "o_proj"),
+                                  use_rslora=True, dtype=torch.bfloat16) and cfg.parallel == "ddp"
     helps = cli._field_help()
     assert set(helps) == {f.name for f in dataclasses.fields(TrainConfig)} and all(helps.values())
+    assert set(cli._field_help(LoraConfig)) == {f.name for f in dataclasses.fields(LoraConfig)}
 
 
 def test_generate_matches_model_with_adapter(trained, capsys):

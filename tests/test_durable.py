@@ -82,14 +82,11 @@ def test_training_checkpoint_directory_synced_before_rename(tmp_path, monkeypatc
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", str(a), str(b))), real_replace(a, b)))
     monkeypatch.setattr(train, "atomic_write_text", lambda path, text: calls.append(("pointer", str(path))))
-    monkeypatch.setattr("qlora_core.adapter.save_adapter", lambda model, d, base: None)
-
-    class Stub:
-        def state_dict(self):
-            return {"w": torch.zeros(1)}
+    monkeypatch.setattr("qlora_core.adapter.save_adapter", lambda model, d, base, tensors=None: None)
 
     cfg = train.TrainConfig(model="m", data="d", output=str(tmp_path))
-    final = train.save_checkpoint(tmp_path, 3, None, Stub(), Stub(), 0, 0, cfg, torch.device("cpu"))
+    state = {"step": 3, "scheduler": {"w": torch.zeros(1)}, "config": cfg.to_dict()}
+    final = train.save_checkpoint(tmp_path, 3, None, {"w": torch.zeros(1)}, state)
     kinds = [c[0] for c in calls]
     tree_i = kinds.index("tree")
     rename_i = next(i for i, c in enumerate(calls) if c[0] == "replace" and c[2] == str(final))

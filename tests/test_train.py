@@ -9,6 +9,7 @@ import torch
 
 import qlora_core.train as T
 from qlora_core import data as D
+from qlora_core.lora import LoraConfig
 from tests._tiny import make_model_folder, swap_task, write_jsonl
 
 
@@ -26,8 +27,8 @@ def setup(tmp_path_factory):
 def _cfg(setup, out, **kw):
     root, model, data = setup
     base = dict(model=str(model), data=str(data), output=str(root / out), max_steps=8, batch_size=4, seq_len=64,
-                lr=3e-3, lora_r=4, lora_alpha=8, lora_dropout=0.1, eval_every=4, save_every=2, log_every=100,
-                eval_fraction=0.1, seed=1)
+                lr=3e-3, lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1), eval_every=4, save_every=2,
+                log_every=100, eval_fraction=0.1, seed=1)
     base.update(kw)
     return T.TrainConfig(**base)
 
@@ -42,7 +43,7 @@ def _metrics(out):
 
 
 def test_loop_learns_the_task(setup):
-    cfg = _cfg(setup, "learn", max_steps=40, eval_every=20, lora_dropout=0.0, save_every=0, lr=1e-2)
+    cfg = _cfg(setup, "learn", max_steps=40, eval_every=20, lora=LoraConfig(r=4, lora_alpha=8), save_every=0, lr=1e-2)
     r = T.train(cfg)
     first, last = sum(r.losses[:5]) / 5, sum(r.losses[-5:]) / 5
     assert r.stopped is None and r.steps == 40
@@ -234,7 +235,25 @@ def test_config_errors():
         T.TrainConfig(model="m", data="d", max_steps=0)
     with pytest.raises(ValueError, match="batch_size"):
         T.TrainConfig(model="m", data="d", batch_size=0)
-    assert dataclasses.replace(T.TrainConfig(), target_modules="q_proj, v_proj").targets() == ("q_proj", "v_proj")
+    with pytest.raises(ValueError, match="parallel"):
+        T.TrainConfig(model="m", data="d", parallel="tp")
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        T.TrainConfig(model="m", data="d", lora=LoraConfig(r=0))
+
+
+def test_config_holds_a_lora_config_and_reads_old_forms():
+    """TrainConfig.lora is a LoraConfig; the loose keywords of before still set it; to_dict/from_dict round-trip;
+    a config dict saved by a checkpoint of before (loose lora_* fields, comma-string targets) reads back."""
+    cfg = T.TrainConfig(model="m", data="d", lora_r=8, lora_alpha=16.0, target_modules="q_proj, v_proj")
+    assert cfg.lora == LoraConfig(r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules=("q_proj", "v_proj"))
+    assert dataclasses.replace(cfg, max_steps=3).lora == cfg.lora
+    assert T.TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert T.TrainConfig(target_modules="all-linear").lora.target_modules == "all-linear"
+    old = {"model": "m", "data": "d", "max_steps": 7, "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1,
+           "target_modules": "q_proj,k_proj", "gone_field": 1}
+    back = T.TrainConfig.from_dict(old)
+    assert back.max_steps == 7 and back.lora == LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.1,
+                                                           target_modules=("q_proj", "k_proj"))
 
 
 @pytest.mark.gpu
@@ -244,7 +263,8 @@ def test_loop_on_gpu_learns_and_resumes(setup, monkeypatch):
     the checkpoint, adapter). The exact runs use torch's deterministic algorithms (memory-efficient attention's
     backward otherwise splits the keys and adds with atomics); a second straight run checks that premise first,
     so a failure says whether a kernel or the resume broke it."""
-    cfg = _cfg(setup, "gpu", max_steps=40, eval_every=20, lora_dropout=0.0, save_every=0, lr=1e-2, device="cuda")
+    cfg = _cfg(setup, "gpu", max_steps=40, eval_every=20, lora=LoraConfig(r=4, lora_alpha=8), save_every=0, lr=1e-2,
+               device="cuda")
     r = T.train(cfg)
     assert sum(r.losses[-5:]) / 5 < 0.75 * sum(r.losses[:5]) / 5
     real, calls = T.batch_loss, {"n": 0}
