@@ -182,7 +182,7 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: to
     chunk_logits bounds the logits held at once (rows per chunk = chunk_logits // V). Triton where
     backend.choose(h.device) says so, else `fused_linear_cross_entropy_ref` (differentiable either way).
     """
-    if backend.choose(h.device) != "triton":
+    if backend.choose(h.device, h.dtype) != "triton":
         return fused_linear_cross_entropy_ref(h, weight, target, ignore_index, chunk_logits)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return FusedLinearCrossEntropyFunction.apply(h, weight, target, ignore_index, chunk_logits)

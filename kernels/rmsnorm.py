@@ -166,9 +166,9 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., d) fp32/fp16/bf16, weight (d,) -> (..., d) in promote(x.dtype, weight.dtype): llama.py's RMSNorm.
 
-    Triton kernels where backend.choose(x.device) says so (CUDA, or forced under TRITON_INTERPRET=1), else
+    Triton kernels where backend.choose(x.device, x.dtype) says so (CUDA, or forced under TRITON_INTERPRET=1), else
     `rms_norm_ref` (differentiable either way). A weight that does not require grad gets no gradient work.
     """
-    if backend.choose(x.device) == "triton":
+    if backend.choose(x.device, x.dtype) == "triton":
         return RMSNormFunction.apply(x, weight, eps)
     return rms_norm_ref(x, weight, eps)

@@ -193,7 +193,7 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     ops on those; slice a fused tensor with [..., a:b] instead). Backward rotates the incoming gradients in place:
     a tensor passed as `gradient=` to backward() comes back rotated.
     """
-    impl = backend.choose(q.device)
+    impl = backend.choose(q.device, q.dtype)
     D = cos.shape[-1]
     hq, hk = q.shape[-1] // D, k.shape[-1] // D
     if q._is_view() or k._is_view():
@@ -206,4 +206,4 @@ def apply_rope_qkv_(qkv: torch.Tensor, rotary_heads: int, cos: torch.Tensor, sin
     a fused q/k/v projection (rotary_heads = H + KVH: the query and key heads; the value heads stay as they are),
     in one launch. cos, sin (T, D) or (B, T, D). Returns qkv itself; differentiable on both backends.
     """
-    return RoPEFunction.apply(qkv, None, cos, sin, (rotary_heads,), backend.choose(qkv.device))
+    return RoPEFunction.apply(qkv, None, cos, sin, (rotary_heads,), backend.choose(qkv.device, qkv.dtype))

@@ -145,7 +145,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, inplace_grad: boo
     `swiglu_ref` (differentiable either way). inplace_grad=True (Triton path) lets backward overwrite the saved
     input with the gradient: only when nothing else uses it afterwards.
     """
-    if backend.choose(gate.device) == "triton":
+    if backend.choose(gate.device, gate.dtype) == "triton":
         return SwiGLUFunction.apply(gate, up, inplace_grad)
     if up is None:
         I = gate.shape[-1] // 2

@@ -32,8 +32,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def choose(device: torch.device) -> str:
-    """Return "triton" or "reference" for tensors on `device` (see the module docstring for the rule)."""
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton float kernels take
+
+
+def choose(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return "triton" or "reference" for tensors on `device` (see the module docstring for the rule). With a
+    `dtype` outside KERNEL_DTYPES (float64: the references tests build) the reference runs unless a backend is
+    forced, in which case the kernel's own dtype check answers."""
+    if dtype is not None and dtype not in KERNEL_DTYPES and not _forced and not os.environ.get("QLORA_CORE_BACKEND"):
+        return "reference"
     choice = _forced[-1] if _forced else os.environ.get("QLORA_CORE_BACKEND", "")
     if choice:
         if choice not in BACKENDS:

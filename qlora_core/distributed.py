@@ -7,8 +7,9 @@
 group is NCCL on GPUs and gloo on the CPU. `wrap` turns the loss module (train.LossModule: the Llama plus
 batch_loss) into what each micro-batch calls:
 - fsdp: `fully_shard` per decoder block, then the embedding (untied) and the root (final norm, lm_head). Every
-  parameter of a block is sharded on dim 0 across ranks: the frozen NF4 weights (made flat uint8 Parameters
-  first, flat_quant.py), norms, LoRA A and B, so their gradients and PagedAdamW's state are 1/N per rank too.
+  parameter of a block is sharded on dim 0 across ranks: the frozen NF4 weights (made flat Parameters of
+  bytes first, flat_quant.py), norms, LoRA A and B, so their gradients and PagedAdamW's state are 1/N per rank
+  too.
   Blocks are gathered for their forward and again for their backward (inside the gradient-checkpoint recompute).
   The root is the loss module, so the lm_head weight that batch_loss reads directly is gathered by the root's
   forward hook; FSDP keeps the root unsharded from forward to the end of backward.
@@ -127,7 +128,7 @@ def wrap(loss_module: nn.Module, world: World) -> nn.Module:
 
 def shard_fsdp(loss_module: nn.Module, world: World) -> nn.Module:
     """fully_shard per decoder block, the embedding (when not tied to lm_head) and the root; returns loss_module
-    (its class is now an FSDPModule). QuantLinear weights become flat uint8 Parameters first (flat_quant.py)."""
+    (its class is now an FSDPModule). QuantLinear weights become flat Parameters of bytes first (flat_quant.py)."""
     mesh = fsdp_mesh(world)
     for layer in loss_module.model.model.layers:
         shard_block(layer, mesh)

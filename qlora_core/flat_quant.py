@@ -1,13 +1,18 @@
-"""`FlatQuantLinear`: the frozen 4-bit linear with its packed state in ONE flat uint8 Parameter, so FSDP2 shards it.
+"""`FlatQuantLinear`: the frozen 4-bit linear with its packed state in ONE flat Parameter of bytes, so FSDP2 shards it.
 
 Why: FSDP2 (`fully_shard`) shards a module's Parameters on dim 0 and all-gathers them around each forward and
 backward. QuantLinear keeps its QuantizedTensor out of `parameters()` (optimizers, `.half()` and `requires_grad_`
 must never touch the packed bytes), which also keeps it out of FSDP's reach: every rank would hold the whole 4-bit
 model. Here the packed codes, the absmax (uint8 with double quant, else fp32), the nested absmax and the offset
-lie end to end as bytes, each piece 16-byte aligned, in one frozen uint8 Parameter `packed`. FSDP2 shards it like
+lie end to end as bytes, each piece 16-byte aligned, in one frozen Parameter `packed`. FSDP2 shards it like
 any parameter (1/N of the bytes per rank, no alignment needed between shards) and `weight` rebuilds the
 QuantizedTensor as views into the gathered buffer, so forward is still one `nf4_linear` call on the same bytes.
-`.half()` / `.to(dtype)` cast floating tensors only, so the uint8 buffer is safe from them.
+
+The bytes are held as STORAGE_DTYPE (bfloat16), not uint8: FSDP2 before torch 2.12 wraps each shard in
+`nn.Parameter(t)` before copying requires_grad over, which refuses integer tensors (pytorch#177844; seen on the
+H200 image's torch 2.11). Nothing computes on these "numbers": they are copied, sharded and gathered, and read
+through `.view(torch.uint8)`. bfloat16 because a bf16 MixedPrecisionPolicy or `.bfloat16()` leaves them alone;
+other dtype casts (`.half()`, `.float()`) are kept off them by `_apply` below.
 
 Rejected alternative: a tensor subclass with fsdp_pre_all_gather / fsdp_post_all_gather (torchao's NF4Tensor). It
 needs the ~20 aten ops FSDP calls on a parameter implemented on the subclass, and dim-0 shards aligned to whole
@@ -29,6 +34,7 @@ from .qlinear import QuantLinear
 from .quant import QuantizedTensor
 
 ALIGN = 16  # bytes: every piece starts 16-byte aligned (fp32 views; vector loads in the kernels)
+STORAGE_DTYPE = torch.bfloat16  # how the flat bytes are held as a Parameter (module docstring: why not uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +99,8 @@ def _is_sharded(t: torch.Tensor) -> bool:
 
 
 class FlatQuantLinear(nn.Module):
-    """y = x @ dequantize(weight).T + bias with the frozen (out, in) weight stored as one uint8 Parameter `packed`.
+    """y = x @ dequantize(weight).T + bias with the frozen (out, in) weight stored as one Parameter `packed`
+    (layout.nbytes bytes held as STORAGE_DTYPE; `packed_bytes()` is its uint8 view).
 
     Built from a QuantizedTensor or a QuantLinear (`from_quant_linear`); `weight` is the QuantizedTensor view of
     the (gathered) buffer. Outside an FSDP forward a sharded buffer has no whole weight: `weight` raises there.
@@ -104,7 +111,7 @@ class FlatQuantLinear(nn.Module):
         if not isinstance(weight, QuantizedTensor) or len(weight.shape) != 2:
             raise TypeError(f"FlatQuantLinear needs a 2-D QuantizedTensor, got {type(weight).__name__}")
         flat, self.layout = pack(weight)
-        self.packed = nn.Parameter(flat, requires_grad=False)
+        self.packed = nn.Parameter(flat.view(STORAGE_DTYPE), requires_grad=False)
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
@@ -119,7 +126,29 @@ class FlatQuantLinear(nn.Module):
         if _is_sharded(self.packed):
             raise RuntimeError("FlatQuantLinear.weight: the packed weight is sharded across ranks (FSDP) outside "
                                "forward; state_dict() on every rank gathers it")
-        return unpack(self.packed, self.layout)
+        return unpack(self.packed_bytes(), self.layout)
+
+    def packed_bytes(self) -> torch.Tensor:
+        """`packed` as uint8 (layout.nbytes,), detached (the bytes never take a gradient); this rank's shard when
+        sharded."""
+        from .distributed import local  # noqa: PLC0415 (torch.distributed only when asked)
+        p = local(self.packed) if _is_sharded(self.packed) else self.packed
+        return p.detach().view(torch.uint8)
+
+    def _apply(self, fn, recurse=True):
+        # A dtype cast (.half(), .float(), .to(dtype)) would rewrite the bytes as numbers: let `fn` see them as
+        # uint8, which casts skip (device moves still apply), and view the result back as STORAGE_DTYPE.
+        packed = self._parameters.get("packed")
+        if packed is None or _is_sharded(packed):
+            return super()._apply(fn, recurse)
+        self._parameters["packed"] = nn.Parameter(packed.detach().view(torch.uint8), requires_grad=False)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = self._parameters["packed"]
+            self._parameters["packed"] = nn.Parameter(moved.detach().view(STORAGE_DTYPE),
+                                                      requires_grad=packed.requires_grad)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) bf16/fp16/fp32 -> (..., out_features) in x's dtype, via nf4_linear."""
@@ -140,7 +169,7 @@ class FlatQuantLinear(nn.Module):
             b = self.bias.full_tensor() if _is_sharded(self.bias) else self.bias
             destination[prefix + "bias"] = b if keep_vars else b.detach()
         flat = self.packed.full_tensor() if _is_sharded(self.packed) else self.packed
-        q = unpack(flat.detach(), self.layout)
+        q = unpack(flat.detach().view(torch.uint8), self.layout)
         for k, v in q.state_dict(prefix).items():
             destination[k] = v.clone()  # standalone tensors: safetensors refuses views sharing one buffer
 
@@ -157,7 +186,7 @@ class FlatQuantLinear(nn.Module):
             error_msgs.append(f"{prefix}weight: checkpoint layout {layout} != module layout {self.layout}")
             return
         with torch.no_grad():
-            self.packed.copy_(flat)
+            self.packed.copy_(flat.view(STORAGE_DTYPE))
             if self.bias is not None:
                 self.bias.copy_(probe.bias)
 

@@ -144,7 +144,7 @@ def _row_starts(sizes: list[int]) -> list[int]:
 
 def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
     """Write dequantize(q) rounded once to out.dtype into `out` (contiguous, q.numel elements)."""
-    if backend.choose(out.device) == "triton":
+    if backend.choose(out.device, out.dtype) == "triton":
         from .kernels import quant4
         quant4.dequantize_4bit(q, out=out)
     else:

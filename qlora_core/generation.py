@@ -371,7 +371,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     device (None: the default one). stream(tokens): called with each new chunk of tokens, (B, m) int64 on the
     CPU: the first token right after the prefill, then every `sync_every` tokens (the host's only syncs, also
     made for the eos check); together the chunks are out[:, T:]. cuda_graph: None = on CUDA, False = eager everywhere.
-    Raises GenerationError naming the bad argument.
+    Raises GenerationError naming the bad argument. Reproducibility: with a seeded generator, dense models repeat
+    their tokens exactly; 4-bit models on CUDA may not when sampling, since the decode kernels add
+    split-K partials with fp32 atomics (logits vary in the last bits, which can flip a token near a boundary).
     """
     cfg = SamplingConfig(temperature, top_p, top_k)
     eos = _eos_ids(eos_token_id)

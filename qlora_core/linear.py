@@ -58,7 +58,7 @@ def _check(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) -> No
 
 def _forward(x2: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(M, K) -> (M, N) in x2's dtype."""
-    if backend.choose(x2.device) == "triton":
+    if backend.choose(x2.device, x2.dtype) == "triton":
         from .kernels import nf4_linear as k
         return k.linear_forward(x2, q, bias)
     return torch.nn.functional.linear(x2, dequantize_as(q, x2.dtype), bias)
@@ -66,7 +66,7 @@ def _forward(x2: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) ->
 
 def _input_grad(dy2: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """dx = dy @ W: (M, N) -> (M, K) in dy2's dtype."""
-    if backend.choose(dy2.device) == "triton":
+    if backend.choose(dy2.device, dy2.dtype) == "triton":
         from .kernels import nf4_linear as k
         return k.linear_input_grad(dy2, q)
     return dy2 @ dequantize_as(q, dy2.dtype)

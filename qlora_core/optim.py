@@ -224,6 +224,9 @@ class PagedAdamW(torch.optim.Optimizer):
             addr = self._addr_tables if fast and not changed else self._addresses(grads)
             self._store.run(lambda first, count, buf: self._triton_region(first, count, buf, grads, coeffs, fast,
                                                                           addr), batches)
+            # Triton writes bypass autograd's version counters: bump them, or whatever keys a cache on `_version`
+            # (fused_lora's packed adapters) keeps serving the weights of before the step.
+            torch.autograd.graph.increment_version([p for p, g in zip(flat, grads) if g is not None])
         else:
             self._store.run(lambda first, count, buf: self._reference_region(first, count, buf, grads, coeffs),
                             batches)

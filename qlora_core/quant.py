@@ -248,7 +248,7 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     # detach: the quantized state is a frozen copy; without it offset / nested_absmax would carry an autograd
     # graph back into the source weight (and a later backward would write gradients into it)
     w = w.detach().contiguous()
-    if backend.choose(w.device) == "triton":
+    if backend.choose(w.device, w.dtype) == "triton":
         from .kernels import quant4 as impl
         quantize_4bit, quantize_blockwise = impl.quantize_4bit, impl.quantize_blockwise
     else:

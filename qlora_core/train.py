@@ -183,6 +183,13 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names}, lora=dataclasses.replace(_default_lora(), **lora))
 
 
+# The legacy names read through to `lora` (TrainConfig().lora_r == 16), so old code reading them does not get the
+# InitVar's None. Set after the class is built: the dataclass __init__ has already captured its None defaults.
+for _old, _new in LEGACY_LORA_FIELDS.items():
+    setattr(TrainConfig, _old, property(lambda self, _n=_new: getattr(self.lora, _n),
+                                        doc=f"Read-only alias of lora.{_new}."))
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What train() returns: the model (eval mode) with its trained adapters, the tokenizer and the run's record."""

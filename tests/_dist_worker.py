@@ -70,7 +70,7 @@ def run_job(job: dict, rank: int) -> None:
         result = T.train(cfg)
         rec = {"losses": result.losses, "evals": result.evals, "stopped": result.stopped, "steps": result.steps}
         flats = [m for m in result.model.modules() if isinstance(m, FlatQuantLinear)]
-        rec["packed_local"] = sum(distributed.local(m.packed).numel() for m in flats)
+        rec["packed_local"] = sum(m.packed_bytes().numel() for m in flats)
         rec["packed_total"] = sum(m.layout.nbytes for m in flats)
         if job.get("quant_state"):
             sd = result.model.state_dict()  # every rank: FlatQuantLinear gathers its shards

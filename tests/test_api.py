@@ -80,7 +80,7 @@ def test_defaults_are_stated_once():
     t, lc = TrainConfig(), qc.LoraConfig()
     assert (lc.r, lc.lora_alpha, lc.lora_dropout) == (t.lora_r, t.lora_alpha, t.lora_dropout) == \
         (defaults.LORA_R, defaults.LORA_ALPHA, defaults.LORA_DROPOUT)
-    assert tuple(t.targets()) == lc.target_modules == defaults.LORA_TARGETS
+    assert t.target_modules == t.lora.target_modules == lc.target_modules == defaults.LORA_TARGETS
     lin = inspect.signature(qc.LoRALinear).parameters
     assert (lin["r"].default, lin["alpha"].default, lin["dropout"].default) == (lc.r, lc.lora_alpha, lc.lora_dropout)
     opt = qc.PagedAdamW([nn.Parameter(torch.zeros(3))])
@@ -89,9 +89,9 @@ def test_defaults_are_stated_once():
     ll = inspect.signature(load_llama).parameters
     assert (ll["quantize"].default, ll["double_quant"].default, ll["blocksize"].default) == \
         (t.quant, t.double_quant, defaults.BLOCKSIZE)
-    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o"])
-    assert (args.lora_r, args.lora_alpha, args.lora_dropout, args.optim_bits) == \
-        (t.lora_r, t.lora_alpha, t.lora_dropout, t.optim_bits)
+    from qlora_core.cli import config_from_args
+    from_flags = config_from_args(build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o"]))
+    assert from_flags.lora == t.lora and from_flags.optim_bits == t.optim_bits
     assert defaults.default_dtype("cpu") == torch.float32 and defaults.default_dtype("cuda:0") == torch.bfloat16
 
 

@@ -176,14 +176,15 @@ def test_fsdp_sharded_model_equals_unsharded(runs):
 
 
 def test_fsdp_shards_the_4bit_weights_and_keeps_their_bytes(runs):
-    """Each rank holds half of the packed NF4 bytes (FSDP pads a shard by < 1 byte per rank and weight); the
-    gathered state dict of the 4-bit weights is the single-process one, byte for byte (bitsandbytes keys)."""
+    """Each rank holds half of the packed NF4 bytes (FSDP pads a shard by < 1 element, 2 bytes, per rank and
+    weight); the gathered state dict of the 4-bit weights is the single-process one, byte for byte (bitsandbytes
+    keys)."""
     from qlora_core.loading import load_llama
     from qlora_core.lora import apply_lora
     r0, r1 = _rank(runs, "fsdp", 0), _rank(runs, "fsdp", 1)
     assert r0["packed_total"] == r1["packed_total"] > 0
     assert r0["packed_local"] + r1["packed_local"] == r0["packed_total"]
-    assert abs(r0["packed_local"] - r1["packed_local"]) <= 14  # 14 weights, at most one byte of difference each
+    assert abs(r0["packed_local"] - r1["packed_local"]) <= 28  # 14 weights, at most one bf16 element apart each
     model = load_llama(runs / "model", quantize="nf4", dtype=torch.float32)
     apply_lora(model, r=4, alpha=8)
     ref = {k: v for k, v in model.state_dict().items() if ".base_layer.weight" in k}

@@ -1,10 +1,10 @@
-"""FlatQuantLinear (the 4-bit weight as one flat uint8 Parameter, for FSDP2) is QuantLinear in every observable way:
+"""FlatQuantLinear (the 4-bit weight as one flat Parameter of bytes, for FSDP2) is QuantLinear in every observable way:
 forward and input gradient bit for bit, the bitsandbytes state dict byte for byte, dtype casts leave it alone, and a
 LoRA Llama gives the same logits after flatten_quantized."""
 import pytest
 import torch
 
-from qlora_core.flat_quant import ALIGN, FlatQuantLinear, flatten_quantized, pack, unpack
+from qlora_core.flat_quant import ALIGN, STORAGE_DTYPE, FlatQuantLinear, flatten_quantized, pack, unpack
 from qlora_core.qlinear import QuantLinear
 from qlora_core.quant import quantize
 
@@ -40,14 +40,24 @@ def test_layout_aligned_views_without_copy_and_casts_leave_it():
     _, flat = _pair("nf4", True, True)
     q = flat.weight
     base = flat.packed.data_ptr()
+    assert flat.packed_bytes().numel() == flat.layout.nbytes and flat.packed_bytes().data_ptr() == base
     for t in (q.data, q.absmax, q.nested_absmax, q.offset):
-        assert base <= t.data_ptr() < base + flat.packed.numel() and (t.data_ptr() - base) % ALIGN == 0
+        assert base <= t.data_ptr() < base + flat.layout.nbytes and (t.data_ptr() - base) % ALIGN == 0
     assert [p.requires_grad for p in flat.parameters()] == [False, False]
     before = {k: v.clone() for k, v in flat.state_dict().items()}
-    flat.half()
-    assert flat.packed.dtype == torch.uint8
-    after = flat.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("bias"))
+    for cast in (flat.half, flat.float, flat.double, flat.bfloat16):  # casts must not rewrite the bytes as numbers
+        cast()
+        assert flat.packed.dtype == STORAGE_DTYPE and flat.packed_bytes().dtype == torch.uint8
+        after = flat.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("bias")), cast
+
+
+def test_packed_bytes_never_take_a_gradient():
+    ref, flat = _pair("nf4", True, True)
+    flat.requires_grad_(True)  # a careless "train everything": the bytes stay out of autograd
+    x = torch.randn(4, flat.in_features)
+    flat(x).square().sum().backward()
+    assert flat.packed.grad is None and torch.equal(flat(x), ref(x))
 
 
 def test_pack_unpack_round_trip_and_bad_buffer():

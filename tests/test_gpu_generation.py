@@ -101,7 +101,10 @@ def test_default_kernels_pick_argmax_tokens(folder, B):
 
 
 def test_sampling_in_the_graph(folder):
-    model = load_llama(folder, quantize="nf4", dtype=torch.bfloat16, device="cuda")
+    # Dense weights: the NF4 decode kernels split K over programs that add with fp32 atomics, so their logits
+    # differ run to run in the last bits and a sampled token near a boundary can flip (seen on the H200 after
+    # 18 tokens); this test is about the random numbers, so it needs logits that repeat exactly.
+    model = load_llama(folder, quantize=None, dtype=torch.bfloat16, device="cuda")
     ids, mask = _prompt(4, padded=True, seed=5)
     g = torch.Generator(device="cuda")
     runs = []

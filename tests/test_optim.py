@@ -465,9 +465,14 @@ for bits in (8, 32):
         for i, (p, q) in enumerate(zip(P, Q)):
             g = torch.randn_like(p) * 0.01
             p.grad, q.grad = (None, None) if (t == 1 and i == 3) else (g, g.clone())
+        before = [p._version for p in P]
         with backend.forced("triton"):
             a.step()
         b.step()
+        # in-place kernel writes must bump autograd's version counters (caches key on them: fused_lora)
+        stale = [i for i, (p, v) in enumerate(zip(P, before)) if (p.grad is not None) != (p._version > v)]
+        if stale:
+            fails.append(("version", bits, t, stale))
     for i, (p, q) in enumerate(zip(P, Q)):
         exact = bits == 8 and p.numel() >= 4096
         if (exact and not torch.equal(p, q)) or not torch.allclose(p, q, atol=1e-7, rtol=1e-6):
