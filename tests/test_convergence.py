@@ -48,11 +48,33 @@ def test_fused_and_reference_paths_converge_alike_cpu(setup):
     _compare(fused, ref, loss_rtol=1e-4, adapter_rel=1e-3)
 
 
+def _rel(a, b, keys) -> float:
+    """|a - b| / |b| over the adapter tensors `keys` taken together (float64)."""
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)
+    den = sum((b[k].double() ** 2).sum() for k in keys)
+    return float((num / den).sqrt())
+
+
 @pytest.mark.gpu
 def test_fused_and_reference_paths_converge_alike_gpu(setup):
-    """bf16 on the GPU, Triton kernels against PyTorch reference ops: each step's bf16 rounding differs, so the
-    losses agree to 2% and the adapters to 5% relative after 30 steps (two bf16 trajectories of the same run)."""
+    """bf16 on the GPU, Triton kernels against PyTorch reference ops. Each step's bf16 rounding differs and Adam
+    amplifies it where gradients are small, so how far two bf16 trajectories may drift is measured in the same
+    run: the reference path in bf16 against the reference path in fp32 (rounding alone). The Triton path must stay
+    closer to the bf16 reference than that, for the whole adapter and tensor by tensor (2x that tensor's rounding
+    drift, or 2%); losses agree to 2% at every step. Stale or wrong kernels land far outside (a run whose
+    adapters never reached the kernels kept its loss at 5.5 while the reference fell to 3.6)."""
     fused = _run(setup, "gfused", "cuda", dtype="bfloat16")
     with backend.forced("reference"):
         ref = _run(setup, "gref", "cuda", dtype="bfloat16", fused=False)
-    _compare(fused, ref, loss_rtol=2e-2, adapter_rel=5e-2)
+        ref32 = _run(setup, "gref32", "cuda", dtype="float32", fused=False)
+    (l1, a1), (l2, a2), (_, a32) = fused, ref, ref32
+    assert len(l1) == len(l2) == 30 and l1[-1] < 0.8 * l1[0] and l2[-1] < 0.8 * l2[0]  # both really trained
+    for i, (x, y) in enumerate(zip(l1, l2)):
+        assert abs(x - y) <= 2e-2 * abs(y), (i, x, y)
+    keys = sorted(a2)
+    drift, rounding = _rel(a1, a2, keys), _rel(a2, a32, keys)
+    print(f"adapters: Triton vs reference (bf16) {drift:.4f}, bf16 vs fp32 reference {rounding:.4f}")
+    assert drift <= rounding, (drift, rounding)
+    for k in keys:
+        d, r = _rel(a1, a2, [k]), _rel(a2, a32, [k])
+        assert d <= max(2 * r, 2e-2), (k, d, r)
