@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .durable import atomic_write, atomic_write_text
+from .errors import FileLoadError, NonFiniteError, UsageError
 from .lora import (LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules,
                    unload_lora, unmatched_targets)
 
@@ -31,11 +32,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
 
-class AdapterFileError(OSError):
+class AdapterFileError(FileLoadError, OSError):
     """The adapter directory lacks a file, or a file is not valid JSON / safetensors / PEFT LoRA content."""
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UsageError, ValueError):
     """The adapter does not fit the model: other modules, other shapes, other rank, or another base model."""
 
 

@@ -127,8 +127,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def cmd_train(args) -> int:
     """`qlora train`: build a TrainConfig from the parsed flags and run train(); returns the exit code.
 
-    0 when the run reached its last step (adapter and metrics.jsonl in --output), 1 when it stopped early (the reason
-    goes to stderr). ValueError from TrainConfig and loading / data errors propagate. With --nproc N > 1 (outside
+    0 when the run reached its last step (adapter and metrics.jsonl in --output), 5 when it stopped early on
+    non-finite losses (the reason goes to stderr). Setting, loading and data errors propagate (main() prints them). With --nproc N > 1 (outside
     torchrun) the same command runs in N processes through torchrun and its exit code is returned.
     """
     from . import distributed
@@ -142,10 +142,11 @@ def cmd_train(args) -> int:
     else:
         result = train(cfg)
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank 0, or a lone process
-    if result.stopped:
+    if result.stopped:  # only a run of non-finite steps stops early
+        from .errors import NonFiniteError
         if main:
-            print(result.stopped, file=sys.stderr)
-        return 1
+            print(f"error: {result.stopped}", file=sys.stderr)
+        return NonFiniteError.exit_code
     if main:
         print(f"adapter written to {args.output} (adapter_config.json, adapter_model.safetensors, metrics.jsonl)")
     return 0
@@ -260,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     `demo` is a placeholder (fn=None, no --help of its own): main() forwards its arguments before parsing.
     """
-    ap = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from scratch (qlora_core)")
+    ap = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from scratch (qlora_core)",
+                                 epilog="exit codes: 0 ok, 1 bug, 2 usage, 3 data, 4 file, 5 non-finite "
+                                        "(docs/errors.md)")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of an error (also QLORA_DEBUG=1); accepted anywhere on the line")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a LoRA adapter on a quantized model")
@@ -308,19 +313,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("QLORA_DEBUG", "").lower() in ("1", "true", "yes")
+
+
 def main(argv=None) -> int:
     """Run the subcommand in argv (default sys.argv[1:]) and return its exit code.
 
-    `demo ...` goes untouched to finetune_demo.main (then 0); argparse exits with status 2 on bad flags.
+    `demo ...` goes untouched to finetune_demo.main (then 0); argparse exits with status 2 on bad flags. A
+    QloraError (or an OSError: a file that cannot be read or written) prints one `error: <message>` line to stderr
+    and returns its category's code (errors.EXIT_CODES); any other exception is a bug and keeps its traceback.
+    `--debug` anywhere in argv, or QLORA_DEBUG=1, re-raises every error with its traceback.
     """
+    from .errors import QloraError, exit_code, one_line
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        from .finetune_demo import main as demo
-        demo(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return args.fn(args)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        os.environ["QLORA_DEBUG"] = "1"  # torchrun's worker processes (train --nproc) inherit it
+    try:
+        if argv[:1] == ["demo"]:
+            from .finetune_demo import main as demo
+            demo(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return args.fn(args)
+    except (QloraError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return exit_code(e)
 
 
 if __name__ == "__main__":

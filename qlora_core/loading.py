@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE, default_dtype
+from .errors import FileLoadError, NonFiniteError
 from .llama import LINEAR_NAMES, ConfigError, Llama, LlamaConfig
 from .qlinear import QuantLinear
 from .quant import QuantizedTensor, QuantStateError, quantize as quantize_tensor
@@ -38,7 +39,7 @@ _BNB_BLOB = re.compile(r"\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-class LoadError(ValueError):
+class LoadError(FileLoadError, ValueError):
     """Base class of every named loading error."""
 
 
@@ -62,7 +63,7 @@ class ShapeMismatchError(LoadError):
     """A tensor's shape differs from what config.json implies."""
 
 
-class NonFiniteWeightError(LoadError):
+class NonFiniteWeightError(NonFiniteError, LoadError):
     """A weight holds NaN or Inf values."""
 
 

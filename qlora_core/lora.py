@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS
+from .errors import UsageError
 from .quant import QuantizedTensor, dequantize, quantize
 from .qlinear import QuantLinear
 
@@ -37,11 +38,11 @@ LLAMA_TARGETS = LORA_TARGETS  # the default target_modules (defaults.py): all se
 LORA_DTYPES = (torch.float32, torch.bfloat16)
 
 
-class LoraConfigError(ValueError):
+class LoraConfigError(UsageError, ValueError):
     """A LoRA hyper-parameter out of range (r <= 0, dropout outside [0, 1), unsupported dtype, ...)."""
 
 
-class TargetModuleError(ValueError):
+class TargetModuleError(UsageError, ValueError):
     """target_modules matches no linear layer, or matches a module that cannot take LoRA."""
 
 

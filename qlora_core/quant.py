@@ -13,6 +13,7 @@ import math
 import torch
 
 from . import backend, reference
+from .errors import FileLoadError
 from .formats import QUANT_TYPES, code_table, dynamic_map
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -21,7 +22,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 _SD_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
-class QuantStateError(ValueError):
+class QuantStateError(FileLoadError, ValueError):
     """A state dict or blob that does not describe a valid bitsandbytes 4-bit tensor."""
 
 

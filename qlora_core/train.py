@@ -56,11 +56,16 @@ from . import distributed
 from .defaults import DOUBLE_QUANT, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype
 from .distributed import PARALLEL_MODES, World
 from .durable import atomic_write_text, fsync_dir, fsync_tree
+from .errors import UsageError
 from .lora import LoraConfig
 
 LOSS_CHUNK_ELEMS = 1 << 27  # logits per loss chunk (fp32: 512 MiB); bounds the lm_head/CE peak at any vocab
 POINTER = "checkpoint.json"
 METRICS = "metrics.jsonl"
+
+
+class TrainConfigError(UsageError, ValueError):
+    """A TrainConfig setting out of range, or a run that cannot start as configured (the message names it)."""
 
 
 def _default_lora() -> LoraConfig:
@@ -121,6 +126,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive steps with non-finite loss or grad norm
     seed: int = 0  # seeds LoRA init, data order and dropout
     resume: bool = False  # continue from output/checkpoint.json if present
+    overwrite: bool = False  # start over in a non-empty output folder (its earlier run's checkpoints and metrics go)
     lora_r: dataclasses.InitVar[int | None] = None
     lora_alpha: dataclasses.InitVar[float | None] = None
     lora_dropout: dataclasses.InitVar[float | None] = None
@@ -134,27 +140,39 @@ class TrainConfig:
                 legacy["target_modules"] = parse_targets(legacy["target_modules"])
             self.lora = dataclasses.replace(self.lora, **{LEGACY_LORA_FIELDS[k]: v for k, v in legacy.items()})
         if not isinstance(self.lora, LoraConfig):
-            raise ValueError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
+            raise TrainConfigError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
         if self.quant not in ("nf4", "fp4", "none"):
-            raise ValueError(f"quant must be nf4, fp4 or none, got {self.quant!r}")
+            raise TrainConfigError(f"quant must be nf4, fp4 or none, got {self.quant!r}")
         if self.optim_bits not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32, got {self.optim_bits}")
+            raise TrainConfigError(f"optim_bits must be 8 or 32, got {self.optim_bits}")
         if self.parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+            raise TrainConfigError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         for name in ("batch_size", "grad_accum", "seq_len", "max_bad_steps", "eval_batch_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps must be positive or -1 (from epochs), got {self.max_steps}")
+            raise TrainConfigError(f"max_steps must be positive or -1 (from epochs), got {self.max_steps}")
         if self.max_steps == -1 and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
+            raise TrainConfigError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
         if self.checkpoint_policy not in ("none", "save_attn", "full", "offload"):
-            raise ValueError(f"checkpoint_policy must be none, save_attn, full or offload, "
+            raise TrainConfigError(f"checkpoint_policy must be none, save_attn, full or offload, "
                              f"got {self.checkpoint_policy!r}")
         if self.memory_budget_gib < 0:
-            raise ValueError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
+            raise TrainConfigError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise TrainConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise TrainConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise TrainConfigError("resume and overwrite contradict each other: --resume continues the run in "
+                                   "--output, --overwrite replaces it")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+            raise TrainConfigError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
 
     def to_dict(self) -> dict:
         """Plain values (a checkpoint's trainer_state): every field, `lora` as a dict with its dtype by name."""
@@ -245,6 +263,52 @@ def apply_policy(model, policy: str, budget_gib: float | None = None) -> str:
         raise ValueError(f"checkpoint_policy must be one of {POLICIES}, got {policy!r}")
     model.model.checkpoint_policy = policy
     return f"checkpointing: {policy} for all {len(model.model.layers)} blocks"
+
+
+def check_output(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output folder that would lose data or cannot be written: a file in its place, a non-empty folder
+    (an earlier run, whose checkpoints and metrics a fresh start deletes) unless `resume` or `overwrite`, or no
+    write permission on it or the folder it would be created in. Raises TrainConfigError."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise TrainConfigError(f"output folder {out} is not empty (an earlier run?); pass --resume to continue "
+                               f"it, --overwrite to replace it, or choose another --output")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    # os.access, not a probe file: under torchrun every rank runs this while rank 0 may be creating the folder
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"cannot write to {existing} (permission denied), so not to output {out}")
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Everything a run can check before the model's weights load: the output folder (check_output), the model
+    folder's config.json, target_modules against the model's module names (a weightless meta-device copy), and
+    the data: readable, parseable, and enough records for the eval split. The scalar settings were checked when
+    cfg was built. Raises TrainConfigError, DataFormatError or a loading error, each naming the problem."""
+    from .llama import Llama
+    from .loading import read_config
+    from .lora import unmatched_targets
+
+    if not cfg.model or not cfg.data:
+        raise TrainConfigError("TrainConfig needs model and data")
+    check_output(Path(cfg.output), cfg.resume, cfg.overwrite)
+    convs = D.read_jsonl(cfg.data)
+    if cfg.eval_data:
+        D.read_jsonl(cfg.eval_data)
+    else:
+        D.split_holdout(convs, cfg.eval_fraction, cfg.seed)
+    config = read_config(_model_folder(cfg.model))
+    if cfg.lora.target_modules != "all-linear":
+        with torch.device("meta"):
+            skeleton = Llama(config)
+        missing = unmatched_targets(skeleton, cfg.lora.target_modules)
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)})
+            raise TrainConfigError(f"target_modules {missing} match no module of this model; its linear layers "
+                                   f"are {linear} (or use all-linear)")
 
 
 def load_data(cfg: TrainConfig, tok: D.TextTokenizer) -> tuple[list, list, dict]:
@@ -489,7 +553,7 @@ def setup(cfg: TrainConfig, world: World) -> Run:
 
     rows_per_step = cfg.batch_size * cfg.grad_accum
     if rows_per_step % world.size:
-        raise ValueError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly over "
+        raise TrainConfigError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly over "
                          f"{world.size} processes; make it a multiple of {world.size}")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -692,12 +756,14 @@ def save_final_adapter(run: Run) -> None:
 def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     """Run (or resume) a QLoRA fine-tune described by `cfg` (fields may also be passed as keyword arguments).
 
+    preflight(cfg) runs first, so a bad setting, data file or output folder fails before the model loads; an
+    output folder holding an earlier run needs cfg.resume or cfg.overwrite.
+
     Under torchrun (WORLD_SIZE > 1) every process runs this with the same cfg: cfg.parallel picks FSDP2 or DDP,
     rank 0 prints and writes; the returned model is then this rank's (sharded under FSDP).
     """
     cfg = dataclasses.replace(cfg, **overrides) if cfg is not None else TrainConfig(**overrides)
-    if not cfg.model or not cfg.data:
-        raise ValueError("TrainConfig needs model and data")
+    preflight(cfg)
     world = distributed.init_world(cfg.device, cfg.parallel)
     try:
         run = setup(cfg, world)
