@@ -197,11 +197,13 @@ def cmd_generate(args) -> int:
     Greedy at --temperature 0, else top-k / top-p sampling seeded by --seed; stops at eos or --max-new-tokens.
     Only the new tokens are printed, special tokens skipped, as they come (every --sync-every tokens).
     """
-    from .adapter import load_adapter
+    from .adapter import load_adapter, read_adapter
     from .data import TextTokenizer
     from .generation import generate
     from .loading import resolve_folder
     folder = resolve_folder(args.model)
+    if args.adapter:
+        read_adapter(args.adapter)  # a damaged or non-finite adapter fails before the model loads
     model = _load(args.model, args.quant, args.dtype, args.device)
     if args.adapter:
         load_adapter(model, args.adapter, check_base=False)
@@ -225,12 +227,16 @@ def cmd_merge(args) -> int:
     """`qlora merge`: fold --adapter into the dense base and write an HF checkpoint to --output; returns 0.
 
     The base is loaded unquantized in --dtype on the CPU, so scaling * B @ A is added to the real weights (fp32 sum,
-    rounded once). model.safetensors and config.json (dtype set, quantization_config dropped) are written atomically;
-    the tokenizer files are copied.
+    rounded once). model.safetensors, config.json (dtype set, quantization_config dropped) and the tokenizer files
+    are written as one folder (export.write_checkpoint); an --output that is, or is inside, --model or --adapter, or
+    that holds other files, is refused before anything loads.
     """
-    from .adapter import load_adapter
-    from .export import save_merged
+    from .adapter import load_adapter, read_adapter
+    from .export import check_export_target, save_merged
+    from .loading import resolve_folder
     from .lora import lora_modules
+    check_export_target(args.output, [resolve_folder(args.model), args.adapter])  # before any loading
+    read_adapter(args.adapter)  # a damaged or non-finite adapter fails before the model loads
     model = _load(args.model, "none", args.dtype, "cpu")  # dense base: the merge adds B @ A to the real weights
     load_adapter(model, args.adapter, check_base=False)
     save_merged(model, args.output)
@@ -243,10 +249,12 @@ def cmd_quantize(args) -> int:
 
     Decoder linears are quantized to --quant (optionally double quant) on --device (default cuda if available);
     embeddings, norms and lm_head stay dense in --dtype. model.safetensors (Linear4bit keys) and config.json (with a
-    quantization_config transformers reads) are written atomically, tokenizer files copied; prints the size in MiB.
+    quantization_config transformers reads) and the tokenizer files are written as one folder; --output is checked
+    as for merge. Prints the size in MiB.
     """
-    from .export import save_quantized
-    from .loading import load_llama
+    from .export import check_export_target, save_quantized
+    from .loading import load_llama, resolve_folder
+    check_export_target(args.output, [resolve_folder(args.model)])
     model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=DTYPES[args.dtype],
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     save_quantized(model, args.output)

@@ -30,11 +30,14 @@ Robustness:
   that is renamed into place, then a small pointer file `checkpoint.json` is replaced atomically: a run killed at
   any moment finds either the old or the new checkpoint, whole, and `resume=True` continues bit-exactly (same data
   order, dropout masks, optimizer state). metrics.jsonl lines past the checkpoint are dropped on resume.
+- checkpoint.json records the sha256 of every file of the checkpoint; resume verifies them, the adapter's own
+  checksum and that no adapter or optimizer tensor is NaN/Inf before it continues (CheckpointError otherwise).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -56,7 +59,7 @@ from . import distributed
 from .defaults import DOUBLE_QUANT, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype
 from .distributed import PARALLEL_MODES, World
 from .durable import atomic_write_text, fsync_dir, fsync_tree
-from .errors import UsageError
+from .errors import FileLoadError, NonFiniteError, UsageError
 from .lora import LoraConfig
 
 LOSS_CHUNK_ELEMS = 1 << 27  # logits per loss chunk (fp32: 512 MiB); bounds the lm_head/CE peak at any vocab
@@ -66,6 +69,14 @@ METRICS = "metrics.jsonl"
 
 class TrainConfigError(UsageError, ValueError):
     """A TrainConfig setting out of range, or a run that cannot start as configured (the message names it)."""
+
+
+class CheckpointError(FileLoadError, ValueError):
+    """A training checkpoint (checkpoint.json and the files it names) that is missing, damaged or inconsistent."""
+
+
+class NonFiniteCheckpointError(NonFiniteError, ValueError):
+    """A checkpoint's optimizer state holds NaN or Inf (the message names the tensor)."""
 
 
 def _default_lora() -> LoraConfig:
@@ -295,6 +306,11 @@ def preflight(cfg: TrainConfig) -> None:
     if not cfg.model or not cfg.data:
         raise TrainConfigError("TrainConfig needs model and data")
     check_output(Path(cfg.output), cfg.resume, cfg.overwrite)
+    if cfg.resume:  # a damaged checkpoint fails now, not after the model has loaded
+        from .adapter import read_adapter
+        found = load_checkpoint(Path(cfg.output))
+        if found is not None:
+            read_adapter(found[0])
     convs = D.read_jsonl(cfg.data)
     if cfg.eval_data:
         D.read_jsonl(cfg.eval_data)
@@ -446,31 +462,95 @@ def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state:
     torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(trainer_state, tmp / "trainer_state.pt")
     fsync_tree(tmp)  # every file on disk before the directory gets its final name
+    sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     final = root / f"step-{step:08d}"
     if final.exists():  # the same step saved by an earlier, killed process: the pointer may not name it yet
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
-    atomic_write_text(out / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}"}) + "\n")
+    atomic_write_text(out / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}",
+                                                 "sha256": sums}) + "\n")
     for old in root.iterdir():
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
     """(checkpoint directory, trainer_state dict) named by out/checkpoint.json, or None without a pointer file.
 
-    trainer_state holds step, scheduler, rng, data_position, bad_streak, config (TrainConfig.to_dict(); older
-    checkpoints: the loose form TrainConfig.from_dict reads) and world_size; it is read with
-    torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling).
-    FileNotFoundError when the named directory is gone.
+    Every file the pointer lists a sha256 for must be there with that hash (pointers written before checksums
+    list none). trainer_state holds step, scheduler, rng, data_position, bad_streak, config
+    (TrainConfig.to_dict(); older checkpoints: the loose form TrainConfig.from_dict reads) and world_size; it is
+    read with torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling).
+    CheckpointError for a pointer, file or state that is missing, damaged or inconsistent.
     """
     p = out / POINTER
     if not p.exists():
         return None
-    ck = out / json.loads(p.read_text())["path"]
-    return ck, torch.load(ck / "trainer_state.pt", weights_only=True)
+    try:
+        ptr = json.loads(p.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(ptr, dict) or not isinstance(ptr.get("path"), str) or not isinstance(ptr.get("step"), int):
+        raise CheckpointError(f"{p} must be an object with a string 'path' and an integer 'step'")
+    sums = ptr.get("sha256", {})
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise CheckpointError(f"{p}: 'sha256' must map file names to hex digests")
+    root = (out / "checkpoints").resolve()
+    ck = (out / ptr["path"]).resolve()
+    if ck.parent != root:
+        raise CheckpointError(f"{p} points at {ptr['path']!r}, which is not a folder in {out / 'checkpoints'}")
+    if not ck.is_dir():
+        raise CheckpointError(f"{p} points at {ck}, which does not exist (deleted?); remove {p} to start over")
+    for name, want in sorted(sums.items()):
+        f = ck / name
+        if f.parent != ck or not f.is_file():
+            raise CheckpointError(f"checkpoint {ck} lacks {name!r}, which {p} lists")
+        if file_sha256(f) != want:
+            raise CheckpointError(f"{f} does not match the sha256 recorded in {p}: the file was damaged or "
+                                  f"changed after it was written")
+    st = _torch_load(ck / "trainer_state.pt")
+    need = {"step": int, "scheduler": dict, "rng": dict, "data_position": int, "bad_streak": int, "config": dict}
+    bad = [k for k, t in need.items() if not isinstance(st.get(k) if isinstance(st, dict) else None, t)]
+    if bad:
+        raise CheckpointError(f"{ck / 'trainer_state.pt'}: field(s) {bad} missing or of the wrong type")
+    if st["step"] != ptr["step"]:
+        raise CheckpointError(f"{p} says step {ptr['step']} but {ck / 'trainer_state.pt'} holds step {st['step']}")
+    return ck, st
+
+
+def _torch_load(path: Path):
+    """torch.load(weights_only=True) with every failure of a damaged file as a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling damage surfaces as many types
+        raise CheckpointError(f"{path} is not a readable checkpoint file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+
+
+def check_state_finite(state, where: str, path: str = "") -> None:
+    """NonFiniteCheckpointError naming the first floating tensor in a nested dict / list that holds NaN or Inf."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and state.numel() and not bool(torch.isfinite(state).all()):
+            raise NonFiniteCheckpointError(f"{where}: tensor {path or '<root>'} holds NaN/Inf values")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            check_state_finite(v, where, f"{path}.{k}" if path else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            check_state_finite(v, where, f"{path}[{i}]")
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -591,7 +671,13 @@ def restore(run: Run, ck: Path, st: dict) -> None:
     from .optim_shards import load_state
 
     w = run.world
-    load_state(run.opt, torch.load(ck / "optimizer.pt", weights_only=True), w.rank, w.size)
+    opt_state = _torch_load(ck / "optimizer.pt")
+    check_state_finite(opt_state, str(ck / "optimizer.pt"))
+    try:
+        load_state(run.opt, opt_state, w.rank, w.size)
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{ck / 'optimizer.pt'} does not fit this run's optimizer "
+                              f"({type(e).__name__}: {e})") from None
     run.sched.load_state_dict(st["scheduler"])
     if w.size == 1:
         _set_rng_state(st["rng"], run.device)  # several processes seed dropout per step and rank instead
