@@ -87,12 +87,8 @@ def _cases(world, base: Path) -> dict:
     (d / "out" / "checkpoint.json").write_text('{"step": 1, "path": "checkpoints/step-00000001"}\n')
     (d / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
     case("train-lr-nan", train + ["--output", "{d}/out", "--lr", "nan"], USAGE, "lr must be", files=[m, dj])
-    case("train-dropout", train + ["--output", "{d}/out", "--lora-dropout", "1.5"], USAGE, "lora_dropout",
-         files=[m, dj])
     case("train-target", train + ["--output", "{d}/out", "--target-modules", "q_prj"], USAGE, "q_prj",
          files=[m, dj])
-    case("train-resume-and-overwrite", train + ["--output", "{d}/out", "--resume", "--overwrite"], USAGE,
-         "contradict", files=[m, dj])
     d = case("train-not-utf8", train + ["--output", "{d}/out"], DATA, "data.jsonl:2: not UTF-8", files=[m])
     (d / "data.jsonl").write_bytes(json.dumps(swap_task(1)[0]).encode() + b'\n{"text": "caf\xe9"}\n')
     d = case("train-missing-field", train + ["--output", "{d}/out"], DATA, "'response' is missing", files=[m])
@@ -136,7 +132,6 @@ def _cases(world, base: Path) -> dict:
     _flip(d / "run" / "adapter_model.safetensors", 3)
     # --debug (anywhere on the line) or QLORA_DEBUG=1: the same usage error raises with its traceback
     case("debug-flag", train + ["--output", "{d}/out", "--lr", "-1", "--debug"], 1, "", files=[m, dj])
-    case("debug-env", train + ["--output", "{d}/out", "--lr", "-1"], 1, "", env={"QLORA_DEBUG": "1"}, files=[m, dj])
     return cases
 
 
@@ -171,8 +166,7 @@ def results(world, tmp_path_factory):
     return out
 
 
-CASE_NAMES = ["train-into-earlier-run", "train-lr-nan", "train-dropout", "train-target", "train-resume-and-overwrite",
-              "train-not-utf8", "train-missing-field", "train-one-record", "train-no-data-file",
+CASE_NAMES = ["train-into-earlier-run", "train-lr-nan", "train-target", "train-not-utf8", "train-missing-field", "train-one-record", "train-no-data-file",
               "train-no-such-model", "train-resume-damaged", "train-resume-nan-optimizer", "merge-into-model",
               "merge-inside-model", "merge-over-other-files", "quantize-into-model", "merge-nan-adapter",
               "generate-nan-adapter", "generate-damaged-adapter"]
@@ -193,7 +187,7 @@ def test_one_error_line_exit_code_and_files_untouched(results, name):
 
 
 def test_every_case_is_checked():
-    assert len(set(CASE_NAMES)) == len(CASE_NAMES) == 19
+    assert len(set(CASE_NAMES)) == len(CASE_NAMES) == 17
 
 
 def test_nan_adapter_error_names_the_tensor(results):
@@ -202,10 +196,28 @@ def test_nan_adapter_error_names_the_tensor(results):
     assert rc == NONFINITE and name in stderr
 
 
-@pytest.mark.parametrize("name", ["debug-flag", "debug-env"])
-def test_debug_shows_the_traceback(results, name):
-    _, (rc, _, stderr), _, _ = results[name]
+def test_debug_flag_shows_the_traceback(results):
+    _, (rc, _, stderr), _, _ = results["debug-flag"]
     assert rc == 1 and "Traceback" in stderr and "TrainConfigError: lr must be" in stderr, stderr[-2000:]
+
+
+# In-process (cli.main, no subprocess: each costs a torch import) for the cases whose path the ones above share.
+@pytest.mark.parametrize("flags, needle", [(["--lora-dropout", "1.5"], "lora_dropout"),
+                                           (["--resume", "--overwrite"], "contradict"),
+                                           (["--eval-fraction", "1"], "eval_fraction")])
+def test_usage_errors_in_process(world, tmp_path, capsys, flags, needle):
+    root, model, data, _ = world
+    rc = cli.main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == USAGE and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_qlora_debug_env_raises(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_DEBUG", "1")
+    with pytest.raises(T.TrainConfigError, match="lr must be"):
+        cli.main(["train", "--model", str(world[1]), "--data", str(world[2]), "--output", str(tmp_path / "o"),
+                  "--lr", "-1"])
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
