@@ -298,10 +298,12 @@ def preflight(cfg: TrainConfig) -> None:
     """Everything a run can check before the model's weights load: the output folder (check_output), the model
     folder's config.json, target_modules against the model's module names (a weightless meta-device copy), and
     the data: readable, parseable, and enough records for the eval split. The scalar settings were checked when
-    cfg was built. Raises TrainConfigError, DataFormatError or a loading error, each naming the problem."""
+    cfg was built. With cfg.resume, the checkpoint's checksums and adapter are verified too. Raises
+    TrainConfigError, TargetModuleError, DataFormatError, CheckpointError or a loading error, each naming the
+    problem."""
     from .llama import Llama
     from .loading import read_config
-    from .lora import unmatched_targets
+    from .lora import check_targets
 
     if not cfg.model or not cfg.data:
         raise TrainConfigError("TrainConfig needs model and data")
@@ -320,11 +322,7 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.lora.target_modules != "all-linear":
         with torch.device("meta"):
             skeleton = Llama(config)
-        missing = unmatched_targets(skeleton, cfg.lora.target_modules)
-        if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)})
-            raise TrainConfigError(f"target_modules {missing} match no module of this model; its linear layers "
-                                   f"are {linear} (or use all-linear)")
+        check_targets(skeleton, cfg.lora.target_modules)
 
 
 def load_data(cfg: TrainConfig, tok: D.TextTokenizer) -> tuple[list, list, dict]:
@@ -685,7 +683,8 @@ def restore(run: Run, ck: Path, st: dict) -> None:
     if w.main:
         _truncate_metrics(run.out / METRICS, run.step)
     old, new = _flat_config(TrainConfig.from_dict(st["config"])), _flat_config(run.cfg)
-    changed = {k: (v, new[k]) for k, v in old.items() if k not in ("resume", "output", "parallel") and new[k] != v}
+    changed = {k: (v, new[k]) for k, v in old.items() if k not in ("resume", "overwrite", "output", "parallel")
+               and new[k] != v}
     if changed:
         run.say(f"warning: resuming with changed settings {changed}; the run will not match an uninterrupted one")
     ranks = st.get("world_size", 1)
