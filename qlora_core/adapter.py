@@ -6,7 +6,8 @@ A directory holds two files, as `PeftModel.save_pretrained` writes them:
   neutral values (fan_in_fan_out false, use_dora false, empty rank/alpha patterns, ...). Only fields known to
   peft 0.13 are written, because older PEFT rejects unknown keys.
 - adapter_model.safetensors: `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight`
-  (out, r) in the stored LoRA dtype, with metadata {"format": "pt"}.
+  (out, r) in the stored LoRA dtype, with metadata {"format": "pt", "qlora_sha256": <tensors_sha256>}; the
+  checksum (which PEFT ignores) lets read_adapter tell a damaged file from a good one.
 Module paths are those of `model.named_modules()`, which for a transformers model equal PEFT's, so an adapter
 saved here loads with `peft.PeftModel.from_pretrained(hf_model, dir)` and vice versa.
 
@@ -16,6 +17,7 @@ reader sees either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -23,20 +25,47 @@ import torch
 from torch import nn
 
 from .durable import atomic_write, atomic_write_text
+from .errors import FileLoadError, NonFiniteError, UsageError
 from .lora import (LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules,
                    unload_lora, unmatched_targets)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+SHA_KEY = "qlora_sha256"  # safetensors metadata key: tensors_sha256 of the file's tensors
 
 
-class AdapterFileError(OSError):
+class AdapterFileError(FileLoadError, OSError):
     """The adapter directory lacks a file, or a file is not valid JSON / safetensors / PEFT LoRA content."""
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UsageError, ValueError):
     """The adapter does not fit the model: other modules, other shapes, other rank, or another base model."""
+
+
+class NonFiniteAdapterError(NonFiniteError, ValueError):
+    """An adapter tensor holds NaN or Inf (the message names the tensor)."""
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: the checksum save_adapter records in
+    the safetensors metadata (a file cannot hold the hash of its own bytes, so it covers the tensors instead)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """NonFiniteAdapterError naming the first tensor (in name order) that holds NaN or Inf."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteAdapterError(f"{where}: tensor {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}; "
+                                        f"the adapter is unusable (a diverged run?)")
 
 
 def _model_base_name(model: nn.Module) -> str | None:
@@ -107,13 +136,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.detach().cpu().contiguous().clone()
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.detach().cpu().contiguous().clone()
     os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    meta = {"format": "pt", SHA_KEY: tensors_sha256(tensors)}  # extra metadata keys: PEFT ignores them
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata=meta))
     atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, tensors) from an adapter directory; AdapterFileError for missing or unreadable files."""
-    from safetensors.torch import load_file
+    """(config dict, tensors) from an adapter directory.
+
+    AdapterFileError for missing or unreadable files, and for tensors whose checksum differs from the one
+    save_adapter recorded (adapters written elsewhere carry none and are not checked);
+    NonFiniteAdapterError when a tensor holds NaN or Inf.
+    """
+    from safetensors import safe_open
 
     directory = os.fspath(directory)
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
@@ -124,14 +159,20 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     try:
         with open(cpath, encoding="utf-8") as f:
             config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cpath} is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise AdapterFileError(f"{cpath} is not valid JSON: {type(e).__name__}: {e}") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{cpath} must hold a JSON object, got {type(config).__name__}")
     try:
-        tensors = load_file(wpath)
+        with safe_open(wpath, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises SafetensorError, OSError or ValueError depending on damage
         raise AdapterFileError(f"{wpath} is not a readable safetensors file: {type(e).__name__}: {e}") from None
+    if SHA_KEY in meta and tensors_sha256(tensors) != meta[SHA_KEY]:
+        raise AdapterFileError(f"{wpath}: the tensors do not match the checksum recorded when the file was written "
+                               f"(the file was damaged or changed since)")
+    check_finite(tensors, wpath)
     return config, tensors
 
 

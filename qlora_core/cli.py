@@ -127,8 +127,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def cmd_train(args) -> int:
     """`qlora train`: build a TrainConfig from the parsed flags and run train(); returns the exit code.
 
-    0 when the run reached its last step (adapter and metrics.jsonl in --output), 1 when it stopped early (the reason
-    goes to stderr). ValueError from TrainConfig and loading / data errors propagate. With --nproc N > 1 (outside
+    0 when the run reached its last step (adapter and metrics.jsonl in --output), 5 when it stopped early on
+    non-finite losses (the reason goes to stderr). Setting, loading and data errors propagate (main() prints them). With --nproc N > 1 (outside
     torchrun) the same command runs in N processes through torchrun and its exit code is returned.
     """
     from . import distributed
@@ -142,10 +142,11 @@ def cmd_train(args) -> int:
     else:
         result = train(cfg)
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank 0, or a lone process
-    if result.stopped:
+    if result.stopped:  # only a run of non-finite steps stops early
+        from .errors import NonFiniteError
         if main:
-            print(result.stopped, file=sys.stderr)
-        return 1
+            print(f"error: {result.stopped}", file=sys.stderr)
+        return NonFiniteError.exit_code
     if main:
         print(f"adapter written to {args.output} (adapter_config.json, adapter_model.safetensors, metrics.jsonl)")
     return 0
@@ -196,11 +197,13 @@ def cmd_generate(args) -> int:
     Greedy at --temperature 0, else top-k / top-p sampling seeded by --seed; stops at eos or --max-new-tokens.
     Only the new tokens are printed, special tokens skipped, as they come (every --sync-every tokens).
     """
-    from .adapter import load_adapter
+    from .adapter import load_adapter, read_adapter
     from .data import TextTokenizer
     from .generation import generate
     from .loading import resolve_folder
     folder = resolve_folder(args.model)
+    if args.adapter:
+        read_adapter(args.adapter)  # a damaged or non-finite adapter fails before the model loads
     model = _load(args.model, args.quant, args.dtype, args.device)
     if args.adapter:
         load_adapter(model, args.adapter, check_base=False)
@@ -224,12 +227,16 @@ def cmd_merge(args) -> int:
     """`qlora merge`: fold --adapter into the dense base and write an HF checkpoint to --output; returns 0.
 
     The base is loaded unquantized in --dtype on the CPU, so scaling * B @ A is added to the real weights (fp32 sum,
-    rounded once). model.safetensors and config.json (dtype set, quantization_config dropped) are written atomically;
-    the tokenizer files are copied.
+    rounded once). model.safetensors, config.json (dtype set, quantization_config dropped) and the tokenizer files
+    are written as one folder (export.write_checkpoint); an --output that is, or is inside, --model or --adapter, or
+    that holds other files, is refused before anything loads.
     """
-    from .adapter import load_adapter
-    from .export import save_merged
+    from .adapter import load_adapter, read_adapter
+    from .export import check_export_target, save_merged
+    from .loading import resolve_folder
     from .lora import lora_modules
+    check_export_target(args.output, [resolve_folder(args.model), args.adapter])  # before any loading
+    read_adapter(args.adapter)  # a damaged or non-finite adapter fails before the model loads
     model = _load(args.model, "none", args.dtype, "cpu")  # dense base: the merge adds B @ A to the real weights
     load_adapter(model, args.adapter, check_base=False)
     save_merged(model, args.output)
@@ -242,10 +249,12 @@ def cmd_quantize(args) -> int:
 
     Decoder linears are quantized to --quant (optionally double quant) on --device (default cuda if available);
     embeddings, norms and lm_head stay dense in --dtype. model.safetensors (Linear4bit keys) and config.json (with a
-    quantization_config transformers reads) are written atomically, tokenizer files copied; prints the size in MiB.
+    quantization_config transformers reads) and the tokenizer files are written as one folder; --output is checked
+    as for merge. Prints the size in MiB.
     """
-    from .export import save_quantized
-    from .loading import load_llama
+    from .export import check_export_target, save_quantized
+    from .loading import load_llama, resolve_folder
+    check_export_target(args.output, [resolve_folder(args.model)])
     model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=DTYPES[args.dtype],
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     save_quantized(model, args.output)
@@ -260,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     `demo` is a placeholder (fn=None, no --help of its own): main() forwards its arguments before parsing.
     """
-    ap = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from scratch (qlora_core)")
+    ap = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from scratch (qlora_core)",
+                                 epilog="exit codes: 0 ok, 1 bug, 2 usage, 3 data, 4 file, 5 non-finite "
+                                        "(docs/errors.md)")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of an error (also QLORA_DEBUG=1); accepted anywhere on the line")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune a LoRA adapter on a quantized model")
@@ -308,19 +321,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("QLORA_DEBUG", "").lower() in ("1", "true", "yes")
+
+
 def main(argv=None) -> int:
     """Run the subcommand in argv (default sys.argv[1:]) and return its exit code.
 
-    `demo ...` goes untouched to finetune_demo.main (then 0); argparse exits with status 2 on bad flags.
+    `demo ...` goes untouched to finetune_demo.main (then 0); argparse exits with status 2 on bad flags. A
+    QloraError (or an OSError: a file that cannot be read or written) prints one `error: <message>` line to stderr
+    and returns its category's code (errors.EXIT_CODES); any other exception is a bug and keeps its traceback.
+    `--debug` anywhere in argv, or QLORA_DEBUG=1, re-raises every error with its traceback.
     """
+    from .errors import QloraError, exit_code, one_line
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        from .finetune_demo import main as demo
-        demo(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return args.fn(args)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        os.environ["QLORA_DEBUG"] = "1"  # torchrun's worker processes (train --nproc) inherit it
+    try:
+        if argv[:1] == ["demo"]:
+            from .finetune_demo import main as demo
+            demo(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return args.fn(args)
+    except (QloraError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return exit_code(e)
 
 
 if __name__ == "__main__":

@@ -46,21 +46,27 @@ from typing import Sequence
 
 import torch
 
+from .errors import DataError, FileLoadError
+
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding); PyTorch's cross_entropy default
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_KEYS = ("tool_calls", "name", "tool_call_id")  # message keys chat templates read for tool use, kept as given
 PLAIN_TEMPLATE = "plain"
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError, ValueError):
     """A JSONL line is not valid JSON or not one of the accepted record shapes (message names file:line)."""
 
 
-class TokenizerFileError(OSError):
+class DataFileError(DataError, FileNotFoundError):
+    """A data path that is not a readable file."""
+
+
+class TokenizerFileError(FileLoadError, OSError):
     """The model folder has no usable tokenizer.json."""
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(DataError, ValueError):
     """The chat template cannot be rendered, or its output is not prefix-stable (turn spans cannot be found)."""
 
 
@@ -108,6 +114,13 @@ def _messages(msgs, where: str, field: str) -> list[dict]:
     return out
 
 
+def _kind(v) -> str:
+    """A JSON value's type as error messages name it: null, a string, a number, a list, an object, a boolean."""
+    names = {"NoneType": "null", "str": "a string", "list": "a list", "dict": "an object", "bool": "a boolean",
+             "int": "a number", "float": "a number"}
+    return names.get(type(v).__name__, type(v).__name__)
+
+
 def _tools(rec: dict, where: str) -> list | None:
     tools = rec.get("tools")
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
@@ -119,6 +132,9 @@ def _prompt_completion(rec: dict, where: str) -> Conversation | TextRow:
     """{"prompt", "completion"}: two strings -> TextRow; two message lists -> Conversation labelled from the
     completion on (TRL's prompt-completion formats)."""
     p, c = rec.get("prompt"), rec.get("completion")
+    for key in ("prompt", "completion"):
+        if key not in rec:
+            raise DataFormatError(f"{where}: {key!r} is missing (a 'prompt' needs a 'completion' and vice versa)")
     if isinstance(p, str) and isinstance(c, str):
         if not c:
             raise DataFormatError(f"{where}: 'completion' is empty, so nothing to learn")
@@ -129,14 +145,14 @@ def _prompt_completion(rec: dict, where: str) -> Conversation | TextRow:
             raise DataFormatError(f"{where}: 'completion' has no assistant turn, so nothing to learn")
         return Conversation(prompt + completion, tools=_tools(rec, where), first_labelled=len(prompt))
     raise DataFormatError(f"{where}: 'prompt' and 'completion' must be two strings or two message lists, got "
-                          f"{type(p).__name__} and {type(c).__name__}")
+                          f"{_kind(p)} and {_kind(c)}")
 
 
 def record_to_messages(rec, where: str) -> Conversation | TextRow:
     """One parsed JSONL record -> a Conversation ([{"role", "content"}, ...] with tools) or a TextRow (prompt /
     completion strings, text rows); DataFormatError(where: ...) when malformed."""
     if not isinstance(rec, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise DataFormatError(f"{where}: expected a JSON object, got {_kind(rec)}")
     if "messages" in rec:
         out = Conversation(_messages(rec["messages"], where, "messages"), tools=_tools(rec, where))
         if not any(m["role"] == "assistant" for m in out):
@@ -148,18 +164,21 @@ def record_to_messages(rec, where: str) -> Conversation | TextRow:
         rec = {**rec, "response": rec["output"]}
     if "instruction" in rec or "response" in rec:
         for key in ("instruction", "response"):
+            if key not in rec:
+                raise DataFormatError(f"{where}: {key!r} is missing (an 'instruction' needs a 'response' and "
+                                      f"vice versa)")
             if not isinstance(rec.get(key), str):
-                raise DataFormatError(f"{where}: {key!r} must be a string, got {type(rec.get(key)).__name__}")
+                raise DataFormatError(f"{where}: {key!r} must be a string, got {_kind(rec[key])}")
         for key in ("input", "system"):
             if key in rec and not isinstance(rec[key], str):
-                raise DataFormatError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
+                raise DataFormatError(f"{where}: {key!r} must be a string, got {_kind(rec[key])}")
         user = rec["instruction"] + (("\n\n" + rec["input"]) if rec.get("input") else "")
         msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
         return Conversation(msgs + [{"role": "user", "content": user},
                                     {"role": "assistant", "content": rec["response"]}])
     if "text" in rec:
         if not isinstance(rec["text"], str) or not rec["text"]:
-            raise DataFormatError(f"{where}: 'text' must be a non-empty string")
+            raise DataFormatError(f"{where}: 'text' must be a non-empty string, got {_kind(rec['text'])}")
         return TextRow("", rec["text"])
     raise DataFormatError(f"{where}: expected keys 'messages', 'instruction' + 'response', 'prompt' + 'completion' "
                           f"or 'text' (docs/data.md); got {sorted(rec)}")
@@ -167,20 +186,32 @@ def record_to_messages(rec, where: str) -> Conversation | TextRow:
 
 def read_jsonl(path: str | os.PathLike) -> list[Conversation | TextRow]:
     """All records of a JSONL file (record_to_messages; blank lines skipped); DataFormatError names file and line
-    number."""
+    number (also for bytes that are not UTF-8; a UTF-8 byte order mark is skipped). DataFileError when the path
+    is not a readable file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} not found")
+        raise DataFileError(f"data file {path!r} not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataFileError(f"data file {path!r} cannot be read: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{where}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at column "
+                                      f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # an int of > 4300 digits; nesting deeper than the stack
+                raise DataFormatError(f"{where}: invalid JSON ({type(e).__name__}: {e})") from None
             convs.append(record_to_messages(rec, where))
     if not convs:
         raise DataFormatError(f"{path}: no records")
@@ -492,7 +523,8 @@ def split_holdout(convs: list, fraction: float, seed: int) -> tuple[list, list]:
         raise ValueError(f"eval fraction must be in [0, 1), got {fraction}")
     n_eval = 0 if fraction == 0 else max(1, round(fraction * len(convs)))
     if n_eval >= len(convs):
-        raise ValueError(f"{len(convs)} records are too few to hold out {n_eval} for evaluation")
+        raise DataFormatError(f"{len(convs)} record(s) are too few to hold out {n_eval} for evaluation and still "
+                              f"train; pass --eval-fraction 0 (no eval) or --eval-data FILE")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(convs), generator=g).tolist()
     held = set(perm[:n_eval])

@@ -4,11 +4,15 @@ Why each step: writing to a temporary name beside the target and `os.replace`-in
 for readers, but without `fsync` the rename can reach the disk before the data (a power loss then leaves an
 empty or partial file under the final name), and without an fsync of the directory the rename itself may be
 lost. So: write the temporary file, fsync it, rename, fsync the directory. Whole directories (training
-checkpoints) are fsync'd file by file and directory by directory before their own rename.
+checkpoints, exported model folders: replace_dir) are fsync'd file by file and directory by directory before
+their own rename.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -62,3 +66,45 @@ def fsync_tree(root: str | os.PathLike) -> None:
         for name in files:
             fsync_file(os.path.join(d, name))
         fsync_dir(d)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Create or replace the folder `path` as a whole: fill(tmp) writes the new content into a temporary folder
+    beside it, which is fsync'd and then put in place, so a crash or an exception leaves the complete old folder
+    or the complete new one. An existing folder is swapped out atomically where the OS can (Linux renameat2),
+    else renamed aside just before the new one is renamed in (a crash between the two renames leaves the old
+    folder whole under `.<name>.*.old`), then deleted. If fill raises, `path` is untouched. Returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; model folders are meant to be shared
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):  # tmp now holds the old folder
+        shutil.rmtree(tmp)
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old)  # onto the empty folder mkdtemp made: POSIX rename replaces an empty directory
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    fsync_dir(path.parent)
+    return path

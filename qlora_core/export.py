@@ -3,7 +3,8 @@
 commands are these two functions after a load.
 
 A checkpoint folder is `model.safetensors` + `config.json` (+ the tokenizer files of the source folder, copied),
-each file written to a temporary name and renamed into place (durable.py), so a crash leaves no half file.
+built in a temporary folder and put in place as a whole (durable.replace_dir), so a crash leaves the old folder or
+the new one. The output may not be the model's own folder, nor one holding other files (check_export_target).
 config.json is the source folder's own config.json when the model came from one (`load_llama` records it as
 `model.name_or_path`), else the model's config (`to_hf_config()` of ours, `to_dict()` of a transformers model),
 with `torch_dtype` / `dtype` set and `quantization_config` replaced.
@@ -18,12 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .durable import atomic_write, atomic_write_text
+from .durable import replace_dir
+from .errors import UsageError
 from .lora import LoRALinear, is_quantized_linear, lora_modules, output_layer
 from .quant import dequantize
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
+CHECKPOINT_FILES = frozenset(("model.safetensors", "config.json", *TOKENIZER_FILES))  # what write_checkpoint writes
 
 
 def source_folder(model: nn.Module) -> Path | None:
@@ -67,25 +70,59 @@ def hf_config(model: nn.Module, dtype: torch.dtype, quantization_config: dict | 
     return cfg
 
 
+class ExportTargetError(UsageError, ValueError):
+    """An output folder that writing a checkpoint would damage: the model's own folder (or one inside it), or a
+    folder holding files the checkpoint does not consist of."""
+
+
+def check_export_target(out: str | os.PathLike, protect=()) -> None:
+    """Refuse `out` as a checkpoint folder when it is, or lies inside, one of the `protect` folders (the base
+    model, the adapter: writing there would replace their files), when it is a file, or when it already holds
+    anything but the files write_checkpoint writes (replacing the folder would delete them). ExportTargetError."""
+    out = Path(out)
+    target = out.resolve()
+    for folder in protect:
+        if folder is None:
+            continue
+        f = Path(folder).resolve()
+        if target == f or f in target.parents or target in f.parents:
+            raise ExportTargetError(f"output {out} is, contains or lies inside {folder}, whose files writing it "
+                                    f"would replace or delete; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise ExportTargetError(f"output {out} exists and is not a folder")
+    if out.is_dir():
+        foreign = sorted(n for n in os.listdir(out) if n not in CHECKPOINT_FILES)
+        if foreign:
+            raise ExportTargetError(f"output folder {out} holds files a model checkpoint does not consist of "
+                                    f"({foreign[:3]}); choose a new or empty folder")
+
+
 def write_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, config: dict,
                      tokenizer_from: str | os.PathLike | None = None) -> Path:
     """model.safetensors (CPU copies of `state_dict`), config.json and the tokenizer files of `tokenizer_from`
-    into `out` (created), each written atomically. With config["tie_word_embeddings"] the lm_head.weight copy is
-    left out (transformers re-ties it from the embeddings). Returns the folder."""
+    into the folder `out`, written as a whole (durable.replace_dir: a failure leaves the old folder or the new one,
+    never a mix). With config["tie_word_embeddings"] the lm_head.weight copy is left out (transformers re-ties it
+    from the embeddings). Refuses (ExportTargetError) an `out` that is or holds tokenizer_from, or holds other
+    files (check_export_target). Returns the folder."""
     from safetensors.torch import save_file
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_export_target(out, [tokenizer_from])
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if config.get("tie_word_embeddings"):
         sd.pop("lm_head.weight", None)
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_from) / name
-            if src.is_file():
-                atomic_write(out / name, lambda p, f=src: shutil.copyfile(f, p))
-    atomic_write(out / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    return out
+
+    def fill(tmp: Path) -> None:
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_from) / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / name)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+
+    return replace_dir(out, fill)
 
 
 def bnb_quantization_config(quant: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -149,6 +186,7 @@ def save_merged(model: nn.Module, output: str | os.PathLike, dtype: torch.dtype 
     source folder) as in write_checkpoint. A model without adapters is written as it is (4-bit
     weights dequantized).
     """
+    check_export_target(output, [source_folder(model), tokenizer_from])  # before the merge's work
     dtype = dtype or model_dtype(model)
     cfg = hf_config(model, dtype, base=config)
     return write_checkpoint(merged_state_dict(model, dtype), output, cfg,
@@ -168,6 +206,7 @@ def save_quantized(model: nn.Module, output: str | os.PathLike, config: dict | N
     save_adapter them), has no 4-bit layer, or mixes quant types / double quant (one quantization_config
     describes them all).
     """
+    check_export_target(output, [source_folder(model), tokenizer_from])
     if lora_modules(model):
         raise ValueError("save_quantized: the model carries LoRA adapters; fold them in with "
                          "merge_and_unload(model, requantize=True) or save them with save_adapter")

@@ -117,7 +117,8 @@ def main(argv=None) -> dict:
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in records(pairs)))
 
     cfg = TrainConfig(model=str(folder), data=str(out / "train.jsonl"), eval_data=str(out / "eval.jsonl"),
-                      output=str(out), max_steps=args.max_steps, batch_size=args.batch_size, seq_len=128,
+                      output=str(out), overwrite=True,  # out holds this demo's own train/eval files
+                      max_steps=args.max_steps, batch_size=args.batch_size, seq_len=128,
                       lr=args.lr, lora=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0),
                       warmup_steps=max(1, args.max_steps // 10), pack=False, device=args.device,
                       eval_every=max(1, args.max_steps // 3), save_every=0, log_every=4, seed=args.seed,

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import UsageError
 from . import backend
 from .llama import KVCache, LlamaConfig, sample_next
 from .quant import QuantizedTensor
@@ -50,7 +51,7 @@ CACHE_ROUND = 128  # cache length granularity: calls with nearby prompt lengths 
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (Triton compiles, cuBLAS handles, workspaces)
 
 
-class GenerationError(ValueError):
+class GenerationError(UsageError, ValueError):
     """A generate() argument out of range (the message names the argument and its value)."""
 
 

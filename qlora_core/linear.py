@@ -17,12 +17,13 @@ from __future__ import annotations
 import torch
 
 from . import backend, reference
+from .errors import UsageError
 from .quant import QuantizedTensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class NF4LinearInputError(ValueError):
+class NF4LinearInputError(UsageError, ValueError):
     """Shapes or dtypes that nf4_linear cannot combine (the message names the argument and the mismatch)."""
 
 

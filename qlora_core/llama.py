@@ -28,16 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import FileLoadError, UsageError
 from .checkpointing import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
 from .fused_lora import project
 from .qlinear import QuantLinear
 
 
-class ConfigError(ValueError):
+class ConfigError(FileLoadError, ValueError):
     """config.json lacks a required field or holds a value this Llama cannot run (the message names it)."""
 
 
-class SlidingWindowError(ValueError):
+class SlidingWindowError(UsageError, ValueError):
     """A sequence longer than the checkpoint's sliding_window: sliding-window attention is not implemented, and
     within the window it equals full causal attention, so shorter sequences are exact."""
 

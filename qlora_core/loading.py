@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE, default_dtype
+from .errors import FileLoadError, NonFiniteError
 from .llama import LINEAR_NAMES, ConfigError, Llama, LlamaConfig
 from .qlinear import QuantLinear
 from .quant import QuantizedTensor, QuantStateError, quantize as quantize_tensor
@@ -38,7 +39,7 @@ _BNB_BLOB = re.compile(r"\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-class LoadError(ValueError):
+class LoadError(FileLoadError, ValueError):
     """Base class of every named loading error."""
 
 
@@ -62,12 +63,16 @@ class ShapeMismatchError(LoadError):
     """A tensor's shape differs from what config.json implies."""
 
 
-class NonFiniteWeightError(LoadError):
+class NonFiniteWeightError(NonFiniteError, LoadError):
     """A weight holds NaN or Inf values."""
 
 
 class UnsupportedCheckpointError(LoadError):
     """A checkpoint quantized in a format other than bitsandbytes 4-bit (8-bit, GPTQ, AWQ, ...)."""
+
+
+class ModelFolderError(LoadError, FileNotFoundError):
+    """The model path is not a folder and cannot be a hub repo id (an absolute or ./ path, a file, ...)."""
 
 
 class HubUnavailableError(LoadError, OSError):
@@ -114,17 +119,19 @@ def resolve_folder(path_or_repo_id: str | os.PathLike) -> Path:
         return p
     s = str(path_or_repo_id)
     if p.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", s) or s.startswith((".", "/")):
-        raise FileNotFoundError(f"{s!r} is not a model folder (expected a directory with config.json and "
+        raise ModelFolderError(f"{s!r} is not a model folder (expected a directory with config.json and "
                                 f"safetensors) and does not look like a hub repo id")
     return _download(s)
 
 
 def _download(repo_id: str) -> Path:
+    # the string may be a mistyped relative path as well as a hub id: every message says both readings failed
+    nowhere = f"{repo_id!r}: no such folder, and not a hub id we could fetch"
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub import constants
     except ImportError:
-        raise HubUnavailableError(f"{repo_id!r} is not a local folder and huggingface_hub is not installed") from None
+        raise HubUnavailableError(f"{nowhere} (huggingface_hub is not installed)") from None
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
@@ -132,13 +139,13 @@ def _download(repo_id: str) -> Path:
         kind = type(e).__name__
         if offline:
             raise HubUnavailableError(
-                f"cannot load {repo_id!r}: HF_HUB_OFFLINE=1 is set and the repo is not in the local Hugging Face "
-                f"cache ({kind}). Unset HF_HUB_OFFLINE to download it, or pass a local folder.") from e
+                f"{nowhere}: HF_HUB_OFFLINE=1 is set and the repo is not in the local Hugging Face cache ({kind}). "
+                f"Unset HF_HUB_OFFLINE to download it, or pass a local folder.") from e
         if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
-            raise HubUnavailableError(f"hub repo {repo_id!r} was not found or is gated ({kind}): {e}") from e
+            raise HubUnavailableError(f"{nowhere}: the hub has no such repo or it is gated ({kind})") from e
         raise HubUnavailableError(
-            f"{repo_id!r} is not a local folder and cannot be downloaded from the Hugging Face Hub ({kind}: {e}). "
-            f"Without network, set HF_HUB_OFFLINE=1 to use a cached copy, or pass a local folder.") from e
+            f"{nowhere}: the Hugging Face Hub cannot be reached ({kind}). Without network, set HF_HUB_OFFLINE=1 "
+            f"to use a cached copy, or pass a local folder.") from e
 
 
 def read_config(folder: Path) -> LlamaConfig:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS
+from .errors import UsageError
 from .quant import QuantizedTensor, dequantize, quantize
 from .qlinear import QuantLinear
 
@@ -37,11 +38,11 @@ LLAMA_TARGETS = LORA_TARGETS  # the default target_modules (defaults.py): all se
 LORA_DTYPES = (torch.float32, torch.bfloat16)
 
 
-class LoraConfigError(ValueError):
+class LoraConfigError(UsageError, ValueError):
     """A LoRA hyper-parameter out of range (r <= 0, dropout outside [0, 1), unsupported dtype, ...)."""
 
 
-class TargetModuleError(ValueError):
+class TargetModuleError(UsageError, ValueError):
     """target_modules matches no linear layer, or matches a module that cannot take LoRA."""
 
 
@@ -316,6 +317,27 @@ def unmatched_targets(model: nn.Module, target_modules: Sequence[str] | str) -> 
                                           for n in names)]
 
 
+def check_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[tuple[str, nn.Module]]:
+    """The (path, module) pairs `target_modules` (a list or a regex, not "all-linear") selects in `model`, all of
+    them linear; TargetModuleError naming an entry that matches nothing (with the closest module name) or a
+    matched module that is not linear. Reads only names and types, so a meta-device model serves."""
+    missing = unmatched_targets(model, target_modules)
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
+        hints = {t: difflib.get_close_matches(t, leaves, n=1) for t in missing}
+        hint = "; ".join(f"{t!r} (did you mean {h[0]!r}?)" if h else repr(t) for t, h in hints.items())
+        raise TargetModuleError(f"target_modules entry {hint} matches no module of {type(model).__name__}; "
+                                f"every entry must name a module (linear layers here: "
+                                f"{list(all_linear_names(model))})")
+    matches = [(name, m) for name, m in model.named_modules() if name and target_matches(target_modules, name)]
+    bad = [f"{name} ({type(m).__name__})" for name, m in matches
+           if not (isinstance(m, nn.Linear) or is_quantized_linear(m))]
+    if bad:
+        raise TargetModuleError(f"target_modules={target_modules!r} matches modules that are not linear "
+                                f"layers: {bad[:5]}")
+    return matches
+
+
 def _resolve_config(config: LoraConfig | None, kw: dict) -> LoraConfig:
     """A LoraConfig from `config` with the keyword arguments that are not None laid over it; both spellings
     (alpha / lora_alpha, dropout / lora_dropout) are accepted, LoraConfigError if both are given and differ."""
@@ -361,20 +383,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *, r: int | N
         cfg = dataclasses.replace(cfg, target_modules=names)
     if lora_modules(model):
         raise TargetModuleError("model already has LoRA adapters; merge/unload them or load into them instead")
-    missing = unmatched_targets(model, cfg.target_modules)
-    if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
-        hints = {t: difflib.get_close_matches(t, leaves, n=1) for t in missing}
-        hint = "; ".join(f"{t!r} (did you mean {h[0]!r}?)" if h else repr(t) for t, h in hints.items())
-        raise TargetModuleError(f"target_modules entry {hint} matches no module of {type(model).__name__}; "
-                                f"every entry must name a module (linear layers here: "
-                                f"{list(all_linear_names(model))})")
-    matches = [(name, m) for name, m in model.named_modules() if name and target_matches(cfg.target_modules, name)]
-    bad = [f"{name} ({type(m).__name__})" for name, m in matches
-           if not (isinstance(m, nn.Linear) or is_quantized_linear(m))]
-    if bad:
-        raise TargetModuleError(f"target_modules={cfg.target_modules!r} matches modules that are not linear "
-                                f"layers: {bad[:5]}")
+    matches = check_targets(model, cfg.target_modules)
     model.requires_grad_(False)
     for name, m in matches:
         parent_name, _, child = name.rpartition(".")

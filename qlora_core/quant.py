@@ -13,6 +13,7 @@ import math
 import torch
 
 from . import backend, reference
+from .errors import FileLoadError
 from .formats import QUANT_TYPES, code_table, dynamic_map
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -21,7 +22,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 _SD_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
-class QuantStateError(ValueError):
+class QuantStateError(FileLoadError, ValueError):
     """A state dict or blob that does not describe a valid bitsandbytes 4-bit tensor."""
 
 
@@ -145,7 +146,11 @@ class QuantizedTensor:
 
     @classmethod
     def from_state_dict(cls, sd: dict, prefix: str = "") -> "QuantizedTensor":
-        """Rebuild from a `Linear4bit` state dict (ours or bitsandbytes'); validates every key against the blob."""
+        """Rebuild from a `Linear4bit` state dict (ours or bitsandbytes'); validates every key against the blob.
+
+        Any malformed field (blob JSON, shape, blocksize, dtype, nested_offset, a tensor's dtype / shape / table)
+        raises QuantStateError naming the key; the tensors' values (absmax finiteness) are load_llama's to check.
+        """
         w = prefix + "weight"
         blobs = [k for k in sd if k.startswith(w + ".quant_state.bitsandbytes__")]
         if len(blobs) != 1:
@@ -153,31 +158,55 @@ class QuantizedTensor:
         if w not in sd:
             raise QuantStateError(f"missing key '{w}' (the packed 4-bit codes)")
         raw = sd[blobs[0]]
+        if not isinstance(raw, torch.Tensor) or raw.dim() != 1:
+            raise QuantStateError(f"'{blobs[0]}' must be a 1-D uint8 tensor holding a JSON blob")
         try:
             meta = json.loads(bytes(raw.cpu().to(torch.uint8).tolist()).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise QuantStateError(f"'{blobs[0]}' is not a UTF-8 JSON blob: {e}") from None
+        if not isinstance(meta, dict):
+            raise QuantStateError(f"'{blobs[0]}' must hold a JSON object, got {type(meta).__name__}")
         quant_type = blobs[0].rsplit("__", 1)[1]
+        if quant_type not in QUANT_TYPES:
+            raise QuantStateError(f"'{blobs[0]}': unknown quant type {quant_type!r}; expected one of {QUANT_TYPES}")
         for field in ("quant_type", "blocksize", "dtype", "shape"):
             if field not in meta:
                 raise QuantStateError(f"'{blobs[0]}' lacks the field {field!r}")
         if meta["quant_type"] != quant_type:
             raise QuantStateError(f"blob key says {quant_type!r} but its JSON says {meta['quant_type']!r}")
-        if meta["dtype"] not in _DTYPE_NAMES.values():
+        if not isinstance(meta["dtype"], str) or meta["dtype"] not in _DTYPE_NAMES.values():
             raise QuantStateError(f"unsupported dtype {meta['dtype']!r} in '{blobs[0]}'")
+        dims = meta["shape"]
+        if (not isinstance(dims, list) or not dims
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in dims)):
+            raise QuantStateError(f"'{blobs[0]}': shape must be a non-empty list of positive ints, got {dims!r}")
         double_quant = "nested_offset" in meta
-        shape = torch.Size(meta["shape"])
+        if double_quant:
+            off = meta["nested_offset"]
+            if isinstance(off, int) and not isinstance(off, bool):
+                off = float(off) if abs(off) < 2**1000 else math.inf  # float() of a larger int overflows
+            if not isinstance(off, float) or not math.isfinite(off):
+                raise QuantStateError(f"'{blobs[0]}': nested_offset must be a finite number, got {off!r}")
+            if meta.get("nested_dtype", "float32") != "float32":
+                raise QuantStateError(f"'{blobs[0]}': nested_dtype {meta['nested_dtype']!r} unsupported (only "
+                                      f"float32)")
+        shape = torch.Size(dims)
         blocksize = meta["blocksize"]
         try:
             _check_blocksize(blocksize)
         except ValueError as e:
             raise QuantStateError(f"'{blobs[0]}': {e}") from None
+        if math.prod(shape) >= 2**31:
+            raise QuantStateError(f"'{blobs[0]}': shape {dims} has >= 2**31 elements (the format indexes with int32)")
         n = math.prod(shape)
         nblocks = -(-n // blocksize)
         need = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if double_quant else [])
         for s in need:
             if f"{w}.{s}" not in sd:
                 raise QuantStateError(f"missing key '{w}.{s}' (double_quant={double_quant})")
+        bad = [k for k in [w] + [f"{w}.{x}" for x in need] if not isinstance(sd[k], torch.Tensor)]
+        if bad:
+            raise QuantStateError(f"{bad} must be tensors")
         data = sd[w]
         if data.dtype != torch.uint8:
             data = data.contiguous().view(torch.uint8).reshape(-1, 1)  # quant_storage other than uint8
@@ -191,7 +220,8 @@ class QuantizedTensor:
             expect += [(f"{w}.nested_absmax", nested_absmax, (-(-nblocks // NESTED_BLOCKSIZE),), torch.float32),
                        (f"{w}.nested_quant_map", sd[f"{w}.nested_quant_map"], (NESTED_BLOCKSIZE,), torch.float32)]
             if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
-                raise QuantStateError(f"nested_blocksize {meta['nested_blocksize']} unsupported (only 256)")
+                raise QuantStateError(f"'{blobs[0]}': nested_blocksize {meta['nested_blocksize']!r} unsupported "
+                                      f"(only 256)")
             offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
         for key, t, shp, dt in expect:
             if tuple(t.shape) != tuple(shp) or t.dtype != dt:

@@ -30,11 +30,14 @@ Robustness:
   that is renamed into place, then a small pointer file `checkpoint.json` is replaced atomically: a run killed at
   any moment finds either the old or the new checkpoint, whole, and `resume=True` continues bit-exactly (same data
   order, dropout masks, optimizer state). metrics.jsonl lines past the checkpoint are dropped on resume.
+- checkpoint.json records the sha256 of every file of the checkpoint; resume verifies them, the adapter's own
+  checksum and that no adapter or optimizer tensor is NaN/Inf before it continues (CheckpointError otherwise).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -56,11 +59,24 @@ from . import distributed
 from .defaults import DOUBLE_QUANT, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype
 from .distributed import PARALLEL_MODES, World
 from .durable import atomic_write_text, fsync_dir, fsync_tree
+from .errors import FileLoadError, NonFiniteError, UsageError
 from .lora import LoraConfig
 
 LOSS_CHUNK_ELEMS = 1 << 27  # logits per loss chunk (fp32: 512 MiB); bounds the lm_head/CE peak at any vocab
 POINTER = "checkpoint.json"
 METRICS = "metrics.jsonl"
+
+
+class TrainConfigError(UsageError, ValueError):
+    """A TrainConfig setting out of range, or a run that cannot start as configured (the message names it)."""
+
+
+class CheckpointError(FileLoadError, ValueError):
+    """A training checkpoint (checkpoint.json and the files it names) that is missing, damaged or inconsistent."""
+
+
+class NonFiniteCheckpointError(NonFiniteError, ValueError):
+    """A checkpoint's optimizer state holds NaN or Inf (the message names the tensor)."""
 
 
 def _default_lora() -> LoraConfig:
@@ -121,6 +137,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many consecutive steps with non-finite loss or grad norm
     seed: int = 0  # seeds LoRA init, data order and dropout
     resume: bool = False  # continue from output/checkpoint.json if present
+    overwrite: bool = False  # start over in a non-empty output folder (its earlier run's checkpoints and metrics go)
     lora_r: dataclasses.InitVar[int | None] = None
     lora_alpha: dataclasses.InitVar[float | None] = None
     lora_dropout: dataclasses.InitVar[float | None] = None
@@ -134,27 +151,39 @@ class TrainConfig:
                 legacy["target_modules"] = parse_targets(legacy["target_modules"])
             self.lora = dataclasses.replace(self.lora, **{LEGACY_LORA_FIELDS[k]: v for k, v in legacy.items()})
         if not isinstance(self.lora, LoraConfig):
-            raise ValueError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
+            raise TrainConfigError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
         if self.quant not in ("nf4", "fp4", "none"):
-            raise ValueError(f"quant must be nf4, fp4 or none, got {self.quant!r}")
+            raise TrainConfigError(f"quant must be nf4, fp4 or none, got {self.quant!r}")
         if self.optim_bits not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32, got {self.optim_bits}")
+            raise TrainConfigError(f"optim_bits must be 8 or 32, got {self.optim_bits}")
         if self.parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+            raise TrainConfigError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         for name in ("batch_size", "grad_accum", "seq_len", "max_bad_steps", "eval_batch_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps must be positive or -1 (from epochs), got {self.max_steps}")
+            raise TrainConfigError(f"max_steps must be positive or -1 (from epochs), got {self.max_steps}")
         if self.max_steps == -1 and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
+            raise TrainConfigError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
         if self.checkpoint_policy not in ("none", "save_attn", "full", "offload"):
-            raise ValueError(f"checkpoint_policy must be none, save_attn, full or offload, "
+            raise TrainConfigError(f"checkpoint_policy must be none, save_attn, full or offload, "
                              f"got {self.checkpoint_policy!r}")
         if self.memory_budget_gib < 0:
-            raise ValueError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
+            raise TrainConfigError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.eval_fraction < 1:
+            raise TrainConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise TrainConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise TrainConfigError("resume and overwrite contradict each other: --resume continues the run in "
+                                   "--output, --overwrite replaces it")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+            raise TrainConfigError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
 
     def to_dict(self) -> dict:
         """Plain values (a checkpoint's trainer_state): every field, `lora` as a dict with its dtype by name."""
@@ -245,6 +274,55 @@ def apply_policy(model, policy: str, budget_gib: float | None = None) -> str:
         raise ValueError(f"checkpoint_policy must be one of {POLICIES}, got {policy!r}")
     model.model.checkpoint_policy = policy
     return f"checkpointing: {policy} for all {len(model.model.layers)} blocks"
+
+
+def check_output(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output folder that would lose data or cannot be written: a file in its place, a non-empty folder
+    (an earlier run, whose checkpoints and metrics a fresh start deletes) unless `resume` or `overwrite`, or no
+    write permission on it or the folder it would be created in. Raises TrainConfigError."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise TrainConfigError(f"output folder {out} is not empty (an earlier run?); pass --resume to continue "
+                               f"it, --overwrite to replace it, or choose another --output")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    # os.access, not a probe file: under torchrun every rank runs this while rank 0 may be creating the folder
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"cannot write to {existing} (permission denied), so not to output {out}")
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Everything a run can check before the model's weights load: the output folder (check_output), the model
+    folder's config.json, target_modules against the model's module names (a weightless meta-device copy), and
+    the data: readable, parseable, and enough records for the eval split. The scalar settings were checked when
+    cfg was built. With cfg.resume, the checkpoint's checksums and adapter are verified too. Raises
+    TrainConfigError, TargetModuleError, DataFormatError, CheckpointError or a loading error, each naming the
+    problem."""
+    from .llama import Llama
+    from .loading import read_config
+    from .lora import check_targets
+
+    if not cfg.model or not cfg.data:
+        raise TrainConfigError("TrainConfig needs model and data")
+    check_output(Path(cfg.output), cfg.resume, cfg.overwrite)
+    if cfg.resume:  # a damaged checkpoint fails now, not after the model has loaded
+        from .adapter import read_adapter
+        found = load_checkpoint(Path(cfg.output))
+        if found is not None:
+            read_adapter(found[0])
+    convs = D.read_jsonl(cfg.data)
+    if cfg.eval_data:
+        D.read_jsonl(cfg.eval_data)
+    else:
+        D.split_holdout(convs, cfg.eval_fraction, cfg.seed)
+    config = read_config(_model_folder(cfg.model))
+    if cfg.lora.target_modules != "all-linear":
+        with torch.device("meta"):
+            skeleton = Llama(config)
+        check_targets(skeleton, cfg.lora.target_modules)
 
 
 def load_data(cfg: TrainConfig, tok: D.TextTokenizer) -> tuple[list, list, dict]:
@@ -382,31 +460,95 @@ def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state:
     torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(trainer_state, tmp / "trainer_state.pt")
     fsync_tree(tmp)  # every file on disk before the directory gets its final name
+    sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
     final = root / f"step-{step:08d}"
     if final.exists():  # the same step saved by an earlier, killed process: the pointer may not name it yet
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
-    atomic_write_text(out / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}"}) + "\n")
+    atomic_write_text(out / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}",
+                                                 "sha256": sums}) + "\n")
     for old in root.iterdir():
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
     """(checkpoint directory, trainer_state dict) named by out/checkpoint.json, or None without a pointer file.
 
-    trainer_state holds step, scheduler, rng, data_position, bad_streak, config (TrainConfig.to_dict(); older
-    checkpoints: the loose form TrainConfig.from_dict reads) and world_size; it is read with
-    torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling).
-    FileNotFoundError when the named directory is gone.
+    Every file the pointer lists a sha256 for must be there with that hash (pointers written before checksums
+    list none). trainer_state holds step, scheduler, rng, data_position, bad_streak, config
+    (TrainConfig.to_dict(); older checkpoints: the loose form TrainConfig.from_dict reads) and world_size; it is
+    read with torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling).
+    CheckpointError for a pointer, file or state that is missing, damaged or inconsistent.
     """
     p = out / POINTER
     if not p.exists():
         return None
-    ck = out / json.loads(p.read_text())["path"]
-    return ck, torch.load(ck / "trainer_state.pt", weights_only=True)
+    try:
+        ptr = json.loads(p.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(ptr, dict) or not isinstance(ptr.get("path"), str) or not isinstance(ptr.get("step"), int):
+        raise CheckpointError(f"{p} must be an object with a string 'path' and an integer 'step'")
+    sums = ptr.get("sha256", {})
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise CheckpointError(f"{p}: 'sha256' must map file names to hex digests")
+    root = (out / "checkpoints").resolve()
+    ck = (out / ptr["path"]).resolve()
+    if ck.parent != root:
+        raise CheckpointError(f"{p} points at {ptr['path']!r}, which is not a folder in {out / 'checkpoints'}")
+    if not ck.is_dir():
+        raise CheckpointError(f"{p} points at {ck}, which does not exist (deleted?); remove {p} to start over")
+    for name, want in sorted(sums.items()):
+        f = ck / name
+        if f.parent != ck or not f.is_file():
+            raise CheckpointError(f"checkpoint {ck} lacks {name!r}, which {p} lists")
+        if file_sha256(f) != want:
+            raise CheckpointError(f"{f} does not match the sha256 recorded in {p}: the file was damaged or "
+                                  f"changed after it was written")
+    st = _torch_load(ck / "trainer_state.pt")
+    need = {"step": int, "scheduler": dict, "rng": dict, "data_position": int, "bad_streak": int, "config": dict}
+    bad = [k for k, t in need.items() if not isinstance(st.get(k) if isinstance(st, dict) else None, t)]
+    if bad:
+        raise CheckpointError(f"{ck / 'trainer_state.pt'}: field(s) {bad} missing or of the wrong type")
+    if st["step"] != ptr["step"]:
+        raise CheckpointError(f"{p} says step {ptr['step']} but {ck / 'trainer_state.pt'} holds step {st['step']}")
+    return ck, st
+
+
+def _torch_load(path: Path):
+    """torch.load(weights_only=True) with every failure of a damaged file as a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling damage surfaces as many types
+        raise CheckpointError(f"{path} is not a readable checkpoint file ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+
+
+def check_state_finite(state, where: str, path: str = "") -> None:
+    """NonFiniteCheckpointError naming the first floating tensor in a nested dict / list that holds NaN or Inf."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and state.numel() and not bool(torch.isfinite(state).all()):
+            raise NonFiniteCheckpointError(f"{where}: tensor {path or '<root>'} holds NaN/Inf values")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            check_state_finite(v, where, f"{path}.{k}" if path else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            check_state_finite(v, where, f"{path}[{i}]")
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -489,7 +631,7 @@ def setup(cfg: TrainConfig, world: World) -> Run:
 
     rows_per_step = cfg.batch_size * cfg.grad_accum
     if rows_per_step % world.size:
-        raise ValueError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly over "
+        raise TrainConfigError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly over "
                          f"{world.size} processes; make it a multiple of {world.size}")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -527,7 +669,13 @@ def restore(run: Run, ck: Path, st: dict) -> None:
     from .optim_shards import load_state
 
     w = run.world
-    load_state(run.opt, torch.load(ck / "optimizer.pt", weights_only=True), w.rank, w.size)
+    opt_state = _torch_load(ck / "optimizer.pt")
+    check_state_finite(opt_state, str(ck / "optimizer.pt"))
+    try:
+        load_state(run.opt, opt_state, w.rank, w.size)
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{ck / 'optimizer.pt'} does not fit this run's optimizer "
+                              f"({type(e).__name__}: {e})") from None
     run.sched.load_state_dict(st["scheduler"])
     if w.size == 1:
         _set_rng_state(st["rng"], run.device)  # several processes seed dropout per step and rank instead
@@ -535,7 +683,8 @@ def restore(run: Run, ck: Path, st: dict) -> None:
     if w.main:
         _truncate_metrics(run.out / METRICS, run.step)
     old, new = _flat_config(TrainConfig.from_dict(st["config"])), _flat_config(run.cfg)
-    changed = {k: (v, new[k]) for k, v in old.items() if k not in ("resume", "output", "parallel") and new[k] != v}
+    changed = {k: (v, new[k]) for k, v in old.items() if k not in ("resume", "overwrite", "output", "parallel")
+               and new[k] != v}
     if changed:
         run.say(f"warning: resuming with changed settings {changed}; the run will not match an uninterrupted one")
     ranks = st.get("world_size", 1)
@@ -692,12 +841,14 @@ def save_final_adapter(run: Run) -> None:
 def train(cfg: TrainConfig | None = None, **overrides) -> TrainResult:
     """Run (or resume) a QLoRA fine-tune described by `cfg` (fields may also be passed as keyword arguments).
 
+    preflight(cfg) runs first, so a bad setting, data file or output folder fails before the model loads; an
+    output folder holding an earlier run needs cfg.resume or cfg.overwrite.
+
     Under torchrun (WORLD_SIZE > 1) every process runs this with the same cfg: cfg.parallel picks FSDP2 or DDP,
     rank 0 prints and writes; the returned model is then this rank's (sharded under FSDP).
     """
     cfg = dataclasses.replace(cfg, **overrides) if cfg is not None else TrainConfig(**overrides)
-    if not cfg.model or not cfg.data:
-        raise ValueError("TrainConfig needs model and data")
+    preflight(cfg)
     world = distributed.init_world(cfg.device, cfg.parallel)
     try:
         run = setup(cfg, world)

@@ -241,15 +241,16 @@ def test_a_target_name_that_matches_nothing_is_an_error_naming_it(hf_dir):
         qc.apply_lora(model, target_modules=r"model\.layers\.9\..*")
 
 
-def test_cli_train_rejects_a_misspelled_target_module(tmp_path):
+def test_cli_train_rejects_a_misspelled_target_module(tmp_path, capsys):
     from qlora_core import cli
     from tests._tiny import make_model_folder, swap_task, write_jsonl
     folder = make_model_folder(tmp_path / "m")
     data = write_jsonl(tmp_path / "d.jsonl", swap_task(20))
-    with pytest.raises(TargetModuleError, match="'vproj'"):
-        cli.main(["train", "--model", str(folder), "--data", str(data), "--output", str(tmp_path / "o"),
-                  "--max-steps", "1", "--target-modules", "q_proj,vproj"])
-    assert not (tmp_path / "o" / "adapter_config.json").exists()
+    rc = cli.main(["train", "--model", str(folder), "--data", str(data), "--output", str(tmp_path / "o"),
+                   "--max-steps", "1", "--target-modules", "q_proj,vproj"])
+    err = capsys.readouterr().err
+    assert rc == TargetModuleError.exit_code == 2 and "'vproj' (did you mean 'v_proj'?)" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_adapter_listing_extra_peft_targets_still_loads(hf_dir, tmp_path):

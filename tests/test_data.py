@@ -83,7 +83,7 @@ def test_instruction_record_equals_messages_record(folders):
 @pytest.mark.parametrize("line, needle", [
     ("{not json", "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"instruction": "x"}', "'response' must be a string"),
+    ('{"instruction": "x"}', "'response' is missing"),
     ('{"instruction": 3, "response": "y"}', "'instruction' must be a string"),
     ('{"question": "x", "answer": "y"}', "expected keys"),
     ('{"messages": []}', "non-empty list"),
