@@ -31,7 +31,7 @@ from torch import nn
 
 from . import backend
 from .lora import LoRALinear, is_quantized_linear
-from .quant import QuantizedTensor
+from .quant import QuantizedTensor, dequantize_into  # noqa: F401 (dequantize_into: re-exported)
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,22 +116,28 @@ class LinearGroup:
     # -- the adapters, in the compute dtype --------------------------------------------------------
     def lora_compute(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[float], list[int]]:
         """(A (R, K), sB (N, R), scalings, ranks) in `dtype`: A stacked over members, sB block-diagonal with each
-        member's B times its scaling. Rebuilt only when an A or B changed (their `_version`) or dtype differs."""
+        member's B times its scaling. Rebuilt only when an A or B changed (their `_version`) or dtype differs;
+        under torch.compile always rebuilt (the graph cannot hold a Python-side cache; the copies are small)."""
+        if backend.compiling():
+            return self._lora_build(dtype)
         params = self.lora_params()
         key = (dtype, *((id(p), p._version) for p in params))
         if self._lora_cache is None or self._lora_cache[0] != key:
-            loras = [self.members[i].lora for i in self.adapted]
-            ranks = [m.r for m in loras]
-            scalings = [m.scaling for m in loras]
-            with torch.no_grad():
-                a = torch.cat([m.lora_A.to(dtype) for m in loras])  # (R, K)
-                sb = torch.zeros(sum(self.sizes), sum(ranks), dtype=dtype, device=a.device)  # (N, R)
-                rows, col = _row_starts(self.sizes), 0
-                for i, m in zip(self.adapted, loras):
-                    sb[rows[i]:rows[i] + self.sizes[i], col:col + m.r] = m.lora_B * m.scaling
-                    col += m.r
-            self._lora_cache = (key, a, sb, scalings, ranks)
+            self._lora_cache = (key, *self._lora_build(dtype))
         return self._lora_cache[1:]
+
+    def _lora_build(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[float], list[int]]:
+        loras = [self.members[i].lora for i in self.adapted]
+        ranks = [m.r for m in loras]
+        scalings = [m.scaling for m in loras]
+        with torch.no_grad():
+            a = torch.cat([m.lora_A.to(dtype) for m in loras])  # (R, K)
+            sb = torch.zeros(sum(self.sizes), sum(ranks), dtype=dtype, device=a.device)  # (N, R)
+            rows, col = _row_starts(self.sizes), 0
+            for i, m in zip(self.adapted, loras):
+                sb[rows[i]:rows[i] + self.sizes[i], col:col + m.r] = m.lora_B * m.scaling
+                col += m.r
+        return a, sb, scalings, ranks
 
 
 def _row_starts(sizes: list[int]) -> list[int]:
@@ -140,16 +146,6 @@ def _row_starts(sizes: list[int]) -> list[int]:
         starts.append(row)
         row += n
     return starts
-
-
-def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
-    """Write dequantize(q) rounded once to out.dtype into `out` (contiguous, q.numel elements)."""
-    if backend.choose(out.device, out.dtype) == "triton":
-        from .kernels import quant4
-        quant4.dequantize_4bit(q, out=out)
-    else:
-        from .linear import dequantize_as
-        out.copy_(dequantize_as(q, out.dtype).reshape(out.shape))
 
 
 def dropout_masks(seed: int, ps: list[float], shape, device) -> list[torch.Tensor | None]:
