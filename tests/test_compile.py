@@ -292,6 +292,36 @@ def test_compiled_nf4_lora_llama_is_one_graph_with_eager_loss_and_grads(fused):
     assert loss2 != loss1 and cnt.frame_count == 1
 
 
+def test_compiled_lora_dropout_with_checkpointing_is_one_graph(monkeypatch):
+    """LoRA dropout under compile draws its masks in the graph (no host seed) and saves them for backward; with
+    gradient checkpointing the recompute draws them again from the restored RNG state. The compiled model (its
+    first call compiled, so no cached LinearGroup exists: building one inside the checkpoint was a side effect
+    Dynamo refused) equals the same code run eagerly (backend.compiling patched to True: the same global-RNG
+    draws in the same order), and the masks matter (the loss differs from dropout off)."""
+    from qlora_core import backend
+    from qlora_core.lora import lora_modules
+    model = _tiny_lora_llama(1)
+    for m in lora_modules(model).values():
+        m.set_dropout(0.25)
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, 97, (2, 12))
+    params = [p for p in model.parameters() if p.requires_grad]
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=cnt, fullgraph=True)
+    torch.manual_seed(7)
+    loss1, grads1 = _loss_and_grads(compiled, ids, params)
+    assert cnt.frame_count == 1
+    with monkeypatch.context() as mp:
+        mp.setattr(backend, "compiling", lambda: True)
+        torch.manual_seed(7)
+        loss0, grads0 = _loss_and_grads(model, ids, params)
+    _exact(loss1, loss0, "loss")
+    for i, (a, b) in enumerate(zip(grads1, grads0)):
+        _exact(a, b, f"grad {i}")
+    model.eval()
+    assert not torch.equal(loss0, _loss_and_grads(model, ids, params)[0])
+
+
 @pytest.mark.gpu
 def test_compiled_nf4_lora_llama_on_gpu():
     """The CPU model test's twin on the device (bf16 autocast-free fp32 weights, Triton kernels inside the ops):
