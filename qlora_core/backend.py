@@ -4,6 +4,10 @@ Rule: Triton for CUDA tensors (when triton imports), the reference everywhere el
 force a choice with `QLORA_CORE_BACKEND=reference|triton` or the `forced()` context manager; forcing
 "triton" on CPU tensors is how CI runs the kernels under `TRITON_INTERPRET=1`.
 Nothing here touches the GPU or imports triton at import time, so `import qlora_core` is safe on any box.
+
+Under `torch.compile` the ops go through `torch.library` custom ops (namespace `qlora_core`, registered in
+quant.py, linear.py and optim.py) so Dynamo keeps one graph; in eager mode the same Python bodies are called
+directly, because a custom op call costs ~130 us of dispatcher overhead (`op_or_body`, docs/backends.md).
 """
 from __future__ import annotations
 
@@ -66,3 +70,20 @@ def forced(name: str):
         yield
     finally:
         _forced.pop()
+
+
+def compiling() -> bool:
+    """True while torch.compile (Dynamo) traces the caller: route through the custom ops then."""
+    return torch.compiler.is_compiling()
+
+
+def op_or_body(op, body):
+    """A function that calls `op` (a torch.library custom op) under torch.compile and the plain Python `body`
+    otherwise. Both take the same arguments. Why: Dynamo needs the op (with its fake implementation) to keep
+    one graph, while eager mode would pay the dispatcher's ~130 us per call for nothing."""
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return body(*args)
+    call.__name__, call.__doc__ = body.__name__, body.__doc__
+    return call

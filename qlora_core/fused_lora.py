@@ -31,7 +31,7 @@ from torch import nn
 
 from . import backend
 from .lora import LoRALinear, is_quantized_linear
-from .quant import QuantizedTensor
+from .quant import QuantizedTensor, dequantize_into  # noqa: F401 (dequantize_into: re-exported)
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,22 +116,28 @@ class LinearGroup:
     # -- the adapters, in the compute dtype --------------------------------------------------------
     def lora_compute(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[float], list[int]]:
         """(A (R, K), sB (N, R), scalings, ranks) in `dtype`: A stacked over members, sB block-diagonal with each
-        member's B times its scaling. Rebuilt only when an A or B changed (their `_version`) or dtype differs."""
+        member's B times its scaling. Rebuilt only when an A or B changed (their `_version`) or dtype differs;
+        under torch.compile always rebuilt (the graph cannot hold a Python-side cache; the copies are small)."""
+        if backend.compiling():
+            return self._lora_build(dtype)
         params = self.lora_params()
         key = (dtype, *((id(p), p._version) for p in params))
         if self._lora_cache is None or self._lora_cache[0] != key:
-            loras = [self.members[i].lora for i in self.adapted]
-            ranks = [m.r for m in loras]
-            scalings = [m.scaling for m in loras]
-            with torch.no_grad():
-                a = torch.cat([m.lora_A.to(dtype) for m in loras])  # (R, K)
-                sb = torch.zeros(sum(self.sizes), sum(ranks), dtype=dtype, device=a.device)  # (N, R)
-                rows, col = _row_starts(self.sizes), 0
-                for i, m in zip(self.adapted, loras):
-                    sb[rows[i]:rows[i] + self.sizes[i], col:col + m.r] = m.lora_B * m.scaling
-                    col += m.r
-            self._lora_cache = (key, a, sb, scalings, ranks)
+            self._lora_cache = (key, *self._lora_build(dtype))
         return self._lora_cache[1:]
+
+    def _lora_build(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[float], list[int]]:
+        loras = [self.members[i].lora for i in self.adapted]
+        ranks = [m.r for m in loras]
+        scalings = [m.scaling for m in loras]
+        with torch.no_grad():
+            a = torch.cat([m.lora_A.to(dtype) for m in loras])  # (R, K)
+            sb = torch.zeros(sum(self.sizes), sum(ranks), dtype=dtype, device=a.device)  # (N, R)
+            rows, col = _row_starts(self.sizes), 0
+            for i, m in zip(self.adapted, loras):
+                sb[rows[i]:rows[i] + self.sizes[i], col:col + m.r] = m.lora_B * m.scaling
+                col += m.r
+        return a, sb, scalings, ranks
 
 
 def _row_starts(sizes: list[int]) -> list[int]:
@@ -140,16 +146,6 @@ def _row_starts(sizes: list[int]) -> list[int]:
         starts.append(row)
         row += n
     return starts
-
-
-def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
-    """Write dequantize(q) rounded once to out.dtype into `out` (contiguous, q.numel elements)."""
-    if backend.choose(out.device, out.dtype) == "triton":
-        from .kernels import quant4
-        quant4.dequantize_4bit(q, out=out)
-    else:
-        from .linear import dequantize_as
-        out.copy_(dequantize_as(q, out.dtype).reshape(out.shape))
 
 
 def dropout_masks(seed: int, ps: list[float], shape, device) -> list[torch.Tensor | None]:
@@ -180,31 +176,41 @@ class LoraDownFunction(torch.autograd.Function):
         """x2 (M, K) in the compute dtype -> h (M, R); a_params are the members' A (for their grads)."""
         a, _, _, ranks = group.lora_compute(x2.dtype)
         ps = group.dropouts()
-        seed = None
+        seed, kept = None, []
         with torch.autocast(x2.device.type, enabled=False):
             if any(ps):
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-                masks = dropout_masks(seed, ps, x2.shape, x2.device)
+                if backend.compiling():
+                    # A host seed (.item()) would break the graph: draw the masks in it from the global RNG and
+                    # save them for backward instead (bool (M, K) per member, only under torch.compile).
+                    masks = [torch.rand(x2.shape, device=x2.device) >= p if p > 0 else None for p in ps]
+                    kept = [mk for mk in masks if mk is not None]
+                else:
+                    seed = int(torch.randint(0, 2**62, (1,)).item())
+                    masks = dropout_masks(seed, ps, x2.shape, x2.device)
                 h = torch.cat([_dropped(x2, mk, p) @ ai.T for mk, p, ai in zip(masks, ps, a.split(ranks))], dim=1)
             else:
                 h = x2 @ a.T
-        ctx.save_for_backward(x2)
+        ctx.save_for_backward(x2, *kept)
         ctx.group, ctx.seed, ctx.ps = group, seed, ps
         return h
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         """dh (M, R) -> dx2 (M, K), None, dA_i in each A's dtype."""
-        (x2,) = ctx.saved_tensors
+        x2, *kept = ctx.saved_tensors
         group: LinearGroup = ctx.group
         a, _, _, ranks = group.lora_compute(x2.dtype)
         dh = dh.to(x2.dtype)
         with torch.autocast(x2.device.type, enabled=False):
-            if ctx.seed is None:
+            if not any(ctx.ps):
                 dx = dh @ a if ctx.needs_input_grad[0] else None
                 da = (dh.T @ x2).split(ranks)
             else:
-                masks = dropout_masks(ctx.seed, ctx.ps, x2.shape, x2.device)
+                if ctx.seed is not None:
+                    masks = dropout_masks(ctx.seed, ctx.ps, x2.shape, x2.device)
+                else:  # saved under torch.compile
+                    it = iter(kept)
+                    masks = [next(it) if p > 0 else None for p in ctx.ps]
                 dx, da = None, []
                 for mk, p, gi, ai in zip(masks, ctx.ps, dh.split(ranks, dim=1), a.split(ranks)):
                     if ctx.needs_input_grad[0]:
@@ -280,11 +286,16 @@ def project(x: torch.Tensor, modules, owner: nn.Module) -> torch.Tensor:
     grouped and x has more than a few rows (the decode kernels serve M <= 16 per module), else module by module.
 
     The LinearGroup is cached on `owner` and rebuilt when a module was swapped or merged; `owner.fuse_projections =
-    False` turns grouping off (the module-by-module reference path).
+    False` turns grouping off (the module-by-module reference path). Under torch.compile it is built afresh in
+    the trace instead (no cache: writing one from inside a checkpointed block is a side effect Dynamo refuses).
     """
     rows = x.numel() // max(1, x.shape[-1])
     group = None
-    if getattr(owner, "fuse_projections", True) and (rows > 16 or torch.is_grad_enabled()):
+    if not getattr(owner, "fuse_projections", True) or not (rows > 16 or torch.is_grad_enabled()):
+        pass
+    elif backend.compiling():
+        group = LinearGroup.from_modules(modules)
+    else:
         key = tuple((id(m), getattr(m, "merged", None)) for m in modules)
         cache = owner.__dict__.setdefault("_linear_groups", {})
         if key not in cache:

@@ -18,7 +18,7 @@ import torch
 
 from . import backend, reference
 from .errors import UsageError
-from .quant import QuantizedTensor
+from .quant import QuantizedTensor, q_args, q_from_args
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -128,4 +128,60 @@ def nf4_linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = 
     bias; the weight is frozen (no grad). Raises NF4LinearInputError / TypeError naming the bad argument.
     """
     _check(x, q, bias)
+    if backend.compiling():
+        return torch.ops.qlora_core.nf4_linear(x, *q_args(q), bias)
     return NF4LinearFunction.apply(x, q, bias)
+
+
+# -- torch.library custom ops: what torch.compile sees (docs/backends.md, "torch.compile: the custom ops") -----
+# nf4_linear's forward and its input grad, taking the QuantizedTensor as q_args(q). The op's backward
+# (register_autograd) calls nf4_linear_input_grad, itself an op, so AOTAutograd traces backward into a graph too.
+_T = torch.Tensor
+_OptT = torch.Tensor | None
+
+
+@torch.library.custom_op("qlora_core::nf4_linear", mutates_args=())
+def _nf4_linear_op(x: _T, data: _T, absmax: _T, nested_absmax: _OptT, offset: _OptT, shape: list[int],
+                   dtype: torch.dtype, blocksize: int, quant_type: str, double_quant: bool, bias: _OptT) -> _T:
+    q = q_from_args(data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type, double_quant)
+    y = _forward(x.reshape(-1, x.shape[-1]).contiguous(), q, bias)  # (M, N)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@_nf4_linear_op.register_fake
+def _(x, data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type, double_quant, bias):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.custom_op("qlora_core::nf4_linear_input_grad", mutates_args=())
+def _input_grad_op(dy: _T, data: _T, absmax: _T, nested_absmax: _OptT, offset: _OptT, shape: list[int],
+                   dtype: torch.dtype, blocksize: int, quant_type: str, double_quant: bool) -> _T:
+    q = q_from_args(data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type, double_quant)
+    dx = _input_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), q)  # (M, K)
+    return dx.reshape(*dy.shape[:-1], shape[1])
+
+
+@_input_grad_op.register_fake
+def _(dy, data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type, double_quant):
+    return dy.new_empty((*dy.shape[:-1], shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, *qa, bias = inputs
+    data, absmax, nested_absmax, offset = qa[:4]
+    ctx.save_for_backward(data, absmax, nested_absmax, offset)  # the packed state only, never W
+    ctx.q_meta = qa[4:]
+    ctx.has_bias = bias is not None
+
+
+def _nf4_linear_backward(ctx, dy):
+    data, absmax, nested_absmax, offset = ctx.saved_tensors
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.qlora_core.nf4_linear_input_grad(dy, data, absmax, nested_absmax, offset, *ctx.q_meta)
+    if ctx.has_bias and ctx.needs_input_grad[-1]:
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(dim=0, dtype=torch.float32).to(dy.dtype)
+    return (dx, *([None] * 9), dbias)
+
+
+_nf4_linear_op.register_autograd(_nf4_linear_backward, setup_context=_setup_context)

@@ -26,12 +26,14 @@ first step.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import backend
 from .defaults import OPTIM_BITS, WEIGHT_DECAY
 from .formats import dynamic_map
-from .optim_ref import adamw8bit_ref, adamw32_ref, adamw_coeffs
+from .optim_ref import AdamWCoeffs, adamw8bit_ref, adamw32_ref, adamw_coeffs
 from .paging import PageStore, layout
 
 SOLO_SEGMENT = 1 << 20  # elements: a segment this large gets its own launch (the one-tensor kernel is faster)
@@ -170,6 +172,10 @@ class PagedAdamW(torch.optim.Optimizer):
         return dict(self._store.stats) if self._store is not None else {}
 
     # ---- the step ----------------------------------------------------------------------------------------------
+    # Never traced: the step keeps its bookkeeping (step counts, address tables, page plans) in Python state
+    # that a compiled graph would freeze at its first values. torch.compile(opt.step) silently gave wrong
+    # parameters (off by ~1e-2 after 3 steps) before this; the update itself is the adamw*_step custom ops.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW update of every parameter that has a grad; returns closure()'s loss (run with grad on) or None.
@@ -512,3 +518,72 @@ def auto_budget(device: torch.device) -> int:
     room = min(free, int(fraction * total) - reserved) + (reserved - allocated)
     peak_extra = torch.cuda.max_memory_allocated(device) - allocated
     return max(0, room - peak_extra - SAFETY_MARGIN)
+
+
+# -- the update as torch.library custom ops (docs/backends.md, "torch.compile: the custom ops") ----------------
+# For code that compiles its own AdamW update over flat tensors: adamw8bit_step / adamw32_step take
+# optim_ref's arguments, run the Triton kernel on CUDA and the reference elsewhere, and appear to torch.compile
+# as one op each (coefficients as a list of floats: AdamWCoeffs' fields in order). PagedAdamW.step itself
+# stays eager (see step).
+def _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k: AdamWCoeffs) -> None:
+    if backend.choose(p.device, p.dtype) == "triton":
+        from .kernels.adamw8bit import adamw8bit
+        adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k)
+        torch.autograd.graph.increment_version([p])  # Triton writes bypass the version counter
+    else:
+        adamw8bit_ref(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k)
+
+
+def _adamw32(p, g, exp_avg, exp_avg_sq, k: AdamWCoeffs) -> None:
+    if backend.choose(p.device, p.dtype) == "triton":
+        from .kernels.adamw8bit import adamw32
+        adamw32(p, g, exp_avg, exp_avg_sq, k)
+        torch.autograd.graph.increment_version([p])
+    else:
+        adamw32_ref(p, g, exp_avg, exp_avg_sq, k)
+
+
+def adamw8bit_step(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                   absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
+                   k: AdamWCoeffs) -> None:
+    """One 8-bit blockwise AdamW step in place (optim_ref.adamw8bit_ref's arguments and rule); flat contiguous
+    tensors. The custom op `qlora_core::adamw8bit_step` under torch.compile, the plain call otherwise."""
+    if backend.compiling():
+        torch.ops.qlora_core.adamw8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2,
+                                            list(dataclasses.astuple(k)))
+    else:
+        _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k)
+
+
+def adamw32_step(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 k: AdamWCoeffs) -> None:
+    """One AdamW step with fp32 states in place (optim_ref.adamw32_ref's arguments and rule); flat tensors. The
+    custom op `qlora_core::adamw32_step` under torch.compile, the plain call otherwise."""
+    if backend.compiling():
+        torch.ops.qlora_core.adamw32_step(p, g, exp_avg, exp_avg_sq, list(dataclasses.astuple(k)))
+    else:
+        _adamw32(p, g, exp_avg, exp_avg_sq, k)
+
+
+@torch.library.custom_op("qlora_core::adamw8bit_step",
+                         mutates_args=("p", "state1", "state2", "absmax1", "absmax2"))
+def _adamw8bit_op(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                  absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
+                  coeffs: list[float]) -> None:
+    _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, AdamWCoeffs(*coeffs))
+
+
+@_adamw8bit_op.register_fake
+def _(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, coeffs):
+    return None
+
+
+@torch.library.custom_op("qlora_core::adamw32_step", mutates_args=("p", "exp_avg", "exp_avg_sq"))
+def _adamw32_op(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                coeffs: list[float]) -> None:
+    _adamw32(p, g, exp_avg, exp_avg_sq, AdamWCoeffs(*coeffs))
+
+
+@_adamw32_op.register_fake
+def _(p, g, exp_avg, exp_avg_sq, coeffs):
+    return None

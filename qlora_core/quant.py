@@ -256,12 +256,34 @@ def _check_input(w: torch.Tensor, quant_type: str, blocksize: int) -> None:
                          f"Materialize it first (e.g. module.to_empty(device=...) and load the weights)")
     if w.numel() >= 2**31:
         raise ValueError(f"tensor has {w.numel()} elements; the format indexes with int32 (max 2**31-1)")
+
+
+def _check_finite(w: torch.Tensor) -> None:
+    # Inside the op body (not in _check_input): it reads a value on the host, which Dynamo cannot trace.
     # aminmax propagates NaN and exposes +-Inf in one read with no tensor-sized temporary (isfinite(w).all()
     # allocates a bool tensor and read/wrote 3 bytes per element; on an H100 it cost more than the kernel).
     lo, hi = torch.aminmax(w)
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"cannot quantize: the tensor holds {bad} NaN/Inf value(s); fix the weights first")
+
+
+def _quantize(w: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool):
+    """The quantize body: contiguous w -> (data, absmax, nested_absmax or None, offset or None)."""
+    _check_finite(w)
+    if backend.choose(w.device, w.dtype) == "triton":
+        from .kernels import quant4 as impl
+        quantize_4bit, quantize_blockwise = impl.quantize_4bit, impl.quantize_blockwise
+    else:
+        quantize_4bit, quantize_blockwise = reference.quantize_4bit_ref, reference.quantize_blockwise_ref
+    data, absmax = quantize_4bit(w, blocksize, quant_type)
+    nested_absmax = offset = None
+    if double_quant:
+        # offset = absmax.mean() as a torch reduction on w's device, the same call bitsandbytes makes, so
+        # the stored offset (and therefore every nested code) is reproduced bit for bit.
+        offset = absmax.mean()
+        absmax, nested_absmax = quantize_blockwise(absmax - offset, dynamic_map(True, w.device), NESTED_BLOCKSIZE)
+    return data, absmax, nested_absmax, offset
 
 
 def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
@@ -278,21 +300,24 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     # detach: the quantized state is a frozen copy; without it offset / nested_absmax would carry an autograd
     # graph back into the source weight (and a later backward would write gradients into it)
     w = w.detach().contiguous()
-    if backend.choose(w.device, w.dtype) == "triton":
-        from .kernels import quant4 as impl
-        quantize_4bit, quantize_blockwise = impl.quantize_4bit, impl.quantize_blockwise
+    if backend.compiling():
+        data, absmax, nested_absmax, offset = torch.ops.qlora_core.quantize_4bit(w, blocksize, quant_type,
+                                                                                 double_quant)
+        if not double_quant:
+            nested_absmax = offset = None
     else:
-        quantize_4bit, quantize_blockwise = reference.quantize_4bit_ref, reference.quantize_blockwise_ref
-    data, absmax = quantize_4bit(w, blocksize, quant_type)
-    nested_absmax = offset = None
-    if double_quant:
-        # offset = absmax.mean() as a torch reduction on w's device, the same call bitsandbytes makes, so
-        # the stored offset (and therefore every nested code) is reproduced bit for bit.
-        offset = absmax.mean()
-        absmax, nested_absmax = quantize_blockwise(absmax - offset, dynamic_map(True, w.device), NESTED_BLOCKSIZE)
+        data, absmax, nested_absmax, offset = _quantize(w, blocksize, quant_type, double_quant)
     return QuantizedTensor(data=data, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
                            quant_type=quant_type, double_quant=double_quant,
                            nested_absmax=nested_absmax, offset=offset)
+
+
+def _dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantize body: q -> Tensor(q.shape) in `dtype` (the fp32 product rounded once to dtype)."""
+    if backend.choose(q.device, dtype) == "triton":
+        from .kernels import quant4
+        return quant4.dequantize_4bit(q, dtype=dtype)
+    return reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, dtype, q.blocksize, q.quant_type)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
@@ -303,7 +328,89 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"dequantize expects a QuantizedTensor, got {type(q).__name__}")
-    if backend.choose(q.device) == "triton":
+    if backend.compiling():
+        return torch.ops.qlora_core.dequantize_4bit(*q_args(q), q.dtype)
+    return _dequantize(q, q.dtype)
+
+
+def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
+    """Write dequantize(q) rounded once to out.dtype into `out` (contiguous, q.numel elements)."""
+    if backend.compiling():
+        torch.ops.qlora_core.dequantize_4bit_into(out, *q_args(q))
+    else:
+        _dequantize_into(out, q)
+
+
+def _dequantize_into(out: torch.Tensor, q: QuantizedTensor) -> None:
+    if backend.choose(out.device, out.dtype) == "triton":
         from .kernels import quant4
-        return quant4.dequantize_4bit(q)
-    return reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, q.dtype, q.blocksize, q.quant_type)
+        quant4.dequantize_4bit(q, out=out)
+    else:
+        out.copy_(reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, out.dtype, q.blocksize,
+                                                q.quant_type).reshape(out.shape))
+
+
+# -- torch.library custom ops: what torch.compile sees (docs/backends.md, "torch.compile: the custom ops") -----
+# A QuantizedTensor is not a tensor, so the ops take its fields: q_args(q) gives them in the order below and
+# q_from_args rebuilds it. Optional tensors are None without double quant; an op cannot return None, so
+# quantize_4bit returns empty (0,) tensors there instead.
+def q_args(q: QuantizedTensor) -> tuple:
+    """(data, absmax, nested_absmax, offset, shape list, dtype, blocksize, quant_type, double_quant)."""
+    return (q.data, q.absmax, q.nested_absmax, q.offset, list(q.shape), q.dtype, q.blocksize, q.quant_type,
+            q.double_quant)
+
+
+def q_from_args(data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type, double_quant):
+    """The QuantizedTensor that q_args took apart."""
+    return QuantizedTensor(data=data, absmax=absmax, shape=torch.Size(shape), dtype=dtype, blocksize=blocksize,
+                           quant_type=quant_type, double_quant=double_quant, nested_absmax=nested_absmax,
+                           offset=offset)
+
+
+_T = torch.Tensor
+_OptT = torch.Tensor | None
+
+
+@torch.library.custom_op("qlora_core::quantize_4bit", mutates_args=())
+def _quantize_op(w: _T, blocksize: int, quant_type: str, double_quant: bool) -> tuple[_T, _T, _T, _T]:
+    data, absmax, nested_absmax, offset = _quantize(w.contiguous(), blocksize, quant_type, double_quant)
+    if not double_quant:
+        nested_absmax, offset = absmax.new_empty(0), absmax.new_empty(0)
+    return data, absmax, nested_absmax, offset
+
+
+@_quantize_op.register_fake
+def _(w, blocksize, quant_type, double_quant):
+    n = w.numel()
+    nblocks = -(-n // blocksize)
+    data = w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    if not double_quant:
+        empty = w.new_empty(0, dtype=torch.float32)
+        return data, w.new_empty(nblocks, dtype=torch.float32), empty, empty.clone()
+    return (data, w.new_empty(nblocks, dtype=torch.uint8),
+            w.new_empty(-(-nblocks // NESTED_BLOCKSIZE), dtype=torch.float32), w.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("qlora_core::dequantize_4bit", mutates_args=())
+def _dequantize_op(data: _T, absmax: _T, nested_absmax: _OptT, offset: _OptT, shape: list[int],
+                   dtype: torch.dtype, blocksize: int, quant_type: str, double_quant: bool,
+                   out_dtype: torch.dtype) -> _T:
+    q = q_from_args(data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type, double_quant)
+    return _dequantize(q, out_dtype)
+
+
+@_dequantize_op.register_fake
+def _(data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type, double_quant, out_dtype):
+    return data.new_empty(shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("qlora_core::dequantize_4bit_into", mutates_args=("out",))
+def _dequantize_into_op(out: _T, data: _T, absmax: _T, nested_absmax: _OptT, offset: _OptT, shape: list[int],
+                        dtype: torch.dtype, blocksize: int, quant_type: str, double_quant: bool) -> None:
+    _dequantize_into(out, q_from_args(data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type,
+                                      double_quant))
+
+
+@_dequantize_into_op.register_fake
+def _(out, data, absmax, nested_absmax, offset, shape, dtype, blocksize, quant_type, double_quant):
+    return None
