@@ -18,7 +18,7 @@ PROBE = (
     "import importlib.util, json, qlora_core, qlora_core.kernels as k; "
     "spec = importlib.util.find_spec('kernels'); "
     "print(json.dumps({'pkg': qlora_core.__file__, 'kernels': list(k.__path__), "
-    "'toplevel_is_regular_package': bool(spec and spec.origin)}))"
+    "'toplevel_origin': spec.origin if spec else None}))"
 )
 
 
@@ -45,8 +45,10 @@ def test_from_repository_root():
     r = probe(sys.executable, ROOT, clean_env())
     assert Path(r["pkg"]).parent == ROOT / "qlora_core"
     assert [Path(p) for p in r["kernels"]] == [ROOT / "kernels"]
-    # from the root, `kernels/` must not become a regular top-level package (no __init__.py on purpose)
-    assert not r["toplevel_is_regular_package"]
+    # from the root, our `kernels/` must not become a regular top-level package (no __init__.py on purpose): a
+    # top-level `kernels` with a file is PyPI's (transformers installs it), never this folder
+    origin = r["toplevel_origin"]
+    assert origin is None or ROOT / "kernels" not in Path(origin).resolve().parents, origin
     assert not (ROOT / "kernels" / "__init__.py").exists()
 
 
