@@ -166,10 +166,10 @@ def results(world, tmp_path_factory):
     return out
 
 
-CASE_NAMES = ["train-into-earlier-run", "train-lr-nan", "train-target", "train-not-utf8", "train-missing-field", "train-one-record", "train-no-data-file",
-              "train-no-such-model", "train-resume-damaged", "train-resume-nan-optimizer", "merge-into-model",
-              "merge-inside-model", "merge-over-other-files", "quantize-into-model", "merge-nan-adapter",
-              "generate-nan-adapter", "generate-damaged-adapter"]
+CASE_NAMES = ["train-into-earlier-run", "train-lr-nan", "train-target", "train-not-utf8", "train-missing-field",
+              "train-one-record", "train-no-data-file", "train-no-such-model", "train-resume-damaged",
+              "train-resume-nan-optimizer", "merge-into-model", "merge-inside-model", "merge-over-other-files",
+              "quantize-into-model", "merge-nan-adapter", "generate-nan-adapter", "generate-damaged-adapter"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -227,3 +227,11 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     p._subparsers._group_actions[0].choices["quantize"].set_defaults(fn=lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["quantize", "--model", "m", "--output", "o"])
+
+
+def test_a_bad_flag_is_one_error_line_too(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", "m", "--lr", "fast"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == USAGE and len(err) == 1, err
+    assert err[0].startswith("error: qlora train: argument --lr: invalid float value: 'fast'")
