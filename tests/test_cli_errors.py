@@ -235,3 +235,20 @@ def test_a_bad_flag_is_one_error_line_too(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == USAGE and len(err) == 1, err
     assert err[0].startswith("error: qlora train: argument --lr: invalid float value: 'fast'")
+
+
+def test_overwrite_replaces_an_earlier_run(world, tmp_path):
+    """--overwrite (overwrite=True) is the way to start over in a folder holding a run: its checkpoints and metrics
+    give way to the new run's."""
+    root, model, data, run = world
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2
+    cfg = dict(model=str(model), data=str(data), output=str(out), max_steps=1, batch_size=2, seq_len=64,
+               eval_fraction=0.0, log_every=100, lora=LoraConfig(r=2, lora_alpha=4))
+    with pytest.raises(T.TrainConfigError, match="not empty"):
+        T.train(T.TrainConfig(**cfg))
+    T.train(T.TrainConfig(**cfg, overwrite=True))
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 1
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
