@@ -78,7 +78,8 @@ class ExportTargetError(UsageError, ValueError):
 def check_export_target(out: str | os.PathLike, protect=()) -> None:
     """Refuse `out` as a checkpoint folder when it is, or lies inside, one of the `protect` folders (the base
     model, the adapter: writing there would replace their files), when it is a file, or when it already holds
-    anything but the files write_checkpoint writes (replacing the folder would delete them). ExportTargetError."""
+    anything but the files write_checkpoint writes (replacing the folder would delete them), or when the folder it
+    lies in cannot be written. ExportTargetError."""
     out = Path(out)
     target = out.resolve()
     for folder in protect:
@@ -95,6 +96,11 @@ def check_export_target(out: str | os.PathLike, protect=()) -> None:
         if foreign:
             raise ExportTargetError(f"output folder {out} holds files a model checkpoint does not consist of "
                                     f"({foreign[:3]}); choose a new or empty folder")
+    parent = target.parent  # the new folder is built beside `out` and renamed onto it
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportTargetError(f"cannot write to {parent} (permission denied), so not to output {out}")
 
 
 def write_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, config: dict,
