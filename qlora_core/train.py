@@ -167,7 +167,7 @@ class TrainConfig:
             raise TrainConfigError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
         if self.checkpoint_policy not in ("none", "save_attn", "full", "offload"):
             raise TrainConfigError(f"checkpoint_policy must be none, save_attn, full or offload, "
-                             f"got {self.checkpoint_policy!r}")
+                                   f"got {self.checkpoint_policy!r}")
         if self.memory_budget_gib < 0:
             raise TrainConfigError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -670,8 +670,8 @@ def setup(cfg: TrainConfig, world: World) -> Run:
 
     rows_per_step = cfg.batch_size * cfg.grad_accum
     if rows_per_step % world.size:
-        raise TrainConfigError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly over "
-                         f"{world.size} processes; make it a multiple of {world.size}")
+        raise TrainConfigError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly "
+                               f"over {world.size} processes; make it a multiple of {world.size}")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_device(cfg)
