@@ -131,3 +131,13 @@ def test_replace_dir_is_all_or_nothing(tmp_path, monkeypatch, exchange):
     assert swaps == [exchange]  # the path under test was the one taken (renameat2 works on this Linux box)
     durable.replace_dir(tmp_path / "fresh", full)
     assert _tree(tmp_path / "fresh") == {"model.safetensors": b"new weights"}
+
+
+def test_write_checkpoint_refuses_non_finite_tensors_and_writes_nothing(tmp_path):
+    import torch
+
+    from qlora_core.export import NonFiniteExportError, write_checkpoint
+    sd = {"a.weight": torch.ones(2, 2), "b.weight": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(NonFiniteExportError, match="b.weight"):
+        write_checkpoint(sd, tmp_path / "out", {"model_type": "llama"})
+    assert list(tmp_path.iterdir()) == []
