@@ -346,6 +346,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
+    before = os.environ.get("QLORA_DEBUG")
     if debug:
         os.environ["QLORA_DEBUG"] = "1"  # torchrun's worker processes (train --nproc) inherit it
     try:
@@ -361,6 +362,11 @@ def main(argv=None) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return exit_code(e)
+    finally:  # an in-process caller's environment is left as it was
+        if before is None:
+            os.environ.pop("QLORA_DEBUG", None)
+        else:
+            os.environ["QLORA_DEBUG"] = before
 
 
 if __name__ == "__main__":
