@@ -128,8 +128,9 @@ def cmd_train(args) -> int:
     """`qlora train`: build a TrainConfig from the parsed flags and run train(); returns the exit code.
 
     0 when the run reached its last step (adapter and metrics.jsonl in --output), 5 when it stopped early on
-    non-finite losses (the reason goes to stderr). Setting, loading and data errors propagate (main() prints them). With --nproc N > 1 (outside
-    torchrun) the same command runs in N processes through torchrun and its exit code is returned.
+    non-finite losses (the reason goes to stderr). Setting, loading and data errors propagate (main() prints
+    them). With --nproc N > 1 (outside torchrun) the same command runs in N processes through torchrun and its
+    exit code is returned.
     """
     from . import distributed
     from .train import train
@@ -264,14 +265,22 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the command's one-line form: `error: qlora train: <message> (see ... --help)`,
+    exit 2 (argparse's own code, also UsageError's); subcommand parsers inherit the class."""
+
+    def error(self, message):
+        """Print the one error line and exit 2."""
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `qlora` parser: subcommands train, generate, merge, quantize and demo, each setting `fn` to its handler.
 
     `demo` is a placeholder (fn=None, no --help of its own): main() forwards its arguments before parsing.
     """
-    ap = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from scratch (qlora_core)",
-                                 epilog="exit codes: 0 ok, 1 bug, 2 usage, 3 data, 4 file, 5 non-finite "
-                                        "(docs/errors.md)")
+    ap = _Parser(prog="qlora", description="QLoRA fine-tuning from scratch (qlora_core)",
+                 epilog="exit codes: 0 ok, 1 bug, 2 usage, 3 data, 4 file, 5 non-finite (docs/errors.md)")
     ap.add_argument("--debug", action="store_true",
                     help="show the traceback of an error (also QLORA_DEBUG=1); accepted anywhere on the line")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -328,7 +337,7 @@ def _debug_requested(argv: list[str]) -> bool:
 def main(argv=None) -> int:
     """Run the subcommand in argv (default sys.argv[1:]) and return its exit code.
 
-    `demo ...` goes untouched to finetune_demo.main (then 0); argparse exits with status 2 on bad flags. A
+    `demo ...` goes untouched to finetune_demo.main (then 0); a bad flag exits with status 2 (one error line). A
     QloraError (or an OSError: a file that cannot be read or written) prints one `error: <message>` line to stderr
     and returns its category's code (errors.EXIT_CODES); any other exception is a bug and keeps its traceback.
     `--debug` anywhere in argv, or QLORA_DEBUG=1, re-raises every error with its traceback.
@@ -337,6 +346,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
+    before = os.environ.get("QLORA_DEBUG")
     if debug:
         os.environ["QLORA_DEBUG"] = "1"  # torchrun's worker processes (train --nproc) inherit it
     try:
@@ -352,6 +362,11 @@ def main(argv=None) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return exit_code(e)
+    finally:  # an in-process caller's environment is left as it was
+        if before is None:
+            os.environ.pop("QLORA_DEBUG", None)
+        else:
+            os.environ["QLORA_DEBUG"] = before
 
 
 if __name__ == "__main__":

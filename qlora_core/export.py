@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .durable import replace_dir
-from .errors import UsageError
+from .errors import NonFiniteError, UsageError
 from .lora import LoRALinear, is_quantized_linear, lora_modules, output_layer
 from .quant import dequantize
 
@@ -75,10 +75,15 @@ class ExportTargetError(UsageError, ValueError):
     folder holding files the checkpoint does not consist of."""
 
 
+class NonFiniteExportError(NonFiniteError, ValueError):
+    """A tensor to be written holds NaN or Inf (a diverged adapter folded in, ...)."""
+
+
 def check_export_target(out: str | os.PathLike, protect=()) -> None:
     """Refuse `out` as a checkpoint folder when it is, or lies inside, one of the `protect` folders (the base
     model, the adapter: writing there would replace their files), when it is a file, or when it already holds
-    anything but the files write_checkpoint writes (replacing the folder would delete them). ExportTargetError."""
+    anything but the files write_checkpoint writes (replacing the folder would delete them), or when the folder it
+    lies in cannot be written. ExportTargetError."""
     out = Path(out)
     target = out.resolve()
     for folder in protect:
@@ -95,6 +100,11 @@ def check_export_target(out: str | os.PathLike, protect=()) -> None:
         if foreign:
             raise ExportTargetError(f"output folder {out} holds files a model checkpoint does not consist of "
                                     f"({foreign[:3]}); choose a new or empty folder")
+    parent = target.parent  # the new folder is built beside `out` and renamed onto it
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportTargetError(f"cannot write to {parent} (permission denied), so not to output {out}")
 
 
 def write_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike, config: dict,
@@ -103,13 +113,16 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike
     into the folder `out`, written as a whole (durable.replace_dir: a failure leaves the old folder or the new one,
     never a mix). With config["tie_word_embeddings"] the lm_head.weight copy is left out (transformers re-ties it
     from the embeddings). Refuses (ExportTargetError) an `out` that is or holds tokenizer_from, or holds other
-    files (check_export_target). Returns the folder."""
+    files (check_export_target), and a NaN/Inf tensor (NonFiniteExportError). Returns the folder."""
     from safetensors.torch import save_file
     out = Path(out)
     check_export_target(out, [tokenizer_from])
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if config.get("tie_word_embeddings"):
         sd.pop("lm_head.weight", None)
+    for k, v in sd.items():  # load_llama refuses such a checkpoint; better not to write it
+        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteExportError(f"{k} holds NaN/Inf values; nothing was written to {out}")
 
     def fill(tmp: Path) -> None:
         if tokenizer_from is not None:

@@ -119,8 +119,9 @@ def resolve_folder(path_or_repo_id: str | os.PathLike) -> Path:
         return p
     s = str(path_or_repo_id)
     if p.exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", s) or s.startswith((".", "/")):
-        raise ModelFolderError(f"{s!r} is not a model folder (expected a directory with config.json and "
-                                f"safetensors) and does not look like a hub repo id")
+        what = "is a file, not a model folder" if p.exists() else "no such folder, and not a hub id (org/name)"
+        raise ModelFolderError(f"{s!r}: {what}; a model is a directory with config.json and safetensors, or a "
+                               f"hub repo id")
     return _download(s)
 
 

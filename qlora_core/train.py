@@ -58,7 +58,7 @@ from . import data as D
 from . import distributed
 from .defaults import DOUBLE_QUANT, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype
 from .distributed import PARALLEL_MODES, World
-from .durable import atomic_write_text, fsync_dir, fsync_tree
+from .durable import atomic_write, atomic_write_text, fsync_dir, fsync_tree
 from .errors import FileLoadError, NonFiniteError, UsageError
 from .lora import LoraConfig
 
@@ -167,7 +167,7 @@ class TrainConfig:
             raise TrainConfigError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
         if self.checkpoint_policy not in ("none", "save_attn", "full", "offload"):
             raise TrainConfigError(f"checkpoint_policy must be none, save_attn, full or offload, "
-                             f"got {self.checkpoint_policy!r}")
+                                   f"got {self.checkpoint_policy!r}")
         if self.memory_budget_gib < 0:
             raise TrainConfigError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -313,6 +313,7 @@ def preflight(cfg: TrainConfig) -> None:
         found = load_checkpoint(Path(cfg.output))
         if found is not None:
             read_adapter(found[0])
+            check_metrics(Path(cfg.output) / METRICS, found[1]["step"], found[1].get("metrics_record"))
     convs = D.read_jsonl(cfg.data)
     if cfg.eval_data:
         D.read_jsonl(cfg.eval_data)
@@ -466,8 +467,10 @@ def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state:
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(root)
-    atomic_write_text(out / POINTER, json.dumps({"step": step, "path": f"checkpoints/{final.name}",
-                                                 "sha256": sums}) + "\n")
+    pointer = {"step": step, "path": f"checkpoints/{final.name}", "sha256": sums}
+    if (out / METRICS).is_file():  # metrics.jsonl up to this step: resume verifies it and cuts the file there
+        pointer["metrics"] = {"bytes": (out / METRICS).stat().st_size, "sha256": file_sha256(out / METRICS)}
+    atomic_write_text(out / POINTER, json.dumps(pointer) + "\n")
     for old in root.iterdir():
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -489,8 +492,9 @@ def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
     Every file the pointer lists a sha256 for must be there with that hash (pointers written before checksums
     list none). trainer_state holds step, scheduler, rng, data_position, bad_streak, config
     (TrainConfig.to_dict(); older checkpoints: the loose form TrainConfig.from_dict reads) and world_size; it is
-    read with torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling).
-    CheckpointError for a pointer, file or state that is missing, damaged or inconsistent.
+    read with torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling). The
+    pointer's record of metrics.jsonl (bytes and sha256 of the file at the checkpoint) is added to it as
+    "metrics_record". CheckpointError for a pointer, file or state that is missing, damaged or inconsistent.
     """
     p = out / POINTER
     if not p.exists():
@@ -524,6 +528,12 @@ def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
         raise CheckpointError(f"{ck / 'trainer_state.pt'}: field(s) {bad} missing or of the wrong type")
     if st["step"] != ptr["step"]:
         raise CheckpointError(f"{p} says step {ptr['step']} but {ck / 'trainer_state.pt'} holds step {st['step']}")
+    rec = ptr.get("metrics")
+    if rec is not None:
+        if (not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or rec["bytes"] < 0
+                or not isinstance(rec.get("sha256"), str)):
+            raise CheckpointError(f"{p}: 'metrics' must hold an integer 'bytes' and a 'sha256'")
+        st["metrics_record"] = rec
     return ck, st
 
 
@@ -549,6 +559,35 @@ def check_state_finite(state, where: str, path: str = "") -> None:
     elif isinstance(state, (list, tuple)):
         for i, v in enumerate(state):
             check_state_finite(v, where, f"{path}[{i}]")
+
+
+def check_metrics(path: Path, last_step: int, record: dict | None) -> None:
+    """CheckpointError unless metrics.jsonl starts with the bytes the checkpoint at last_step recorded (record:
+    load_checkpoint's "metrics_record"; None, from checkpoints that predate it, checks nothing)."""
+    if record is None:
+        return
+    n = record["bytes"]
+    size = path.stat().st_size if path.is_file() else 0
+    if size < n:
+        raise CheckpointError(f"{path} holds {size} bytes but the checkpoint at step {last_step} recorded {n}: "
+                              f"metrics were lost since; remove checkpoint.json to start over")
+    with open(path, "rb") as f:
+        if hashlib.sha256(f.read(n)).hexdigest() != record["sha256"]:
+            raise CheckpointError(f"{path}: the lines up to step {last_step} differ from what the checkpoint "
+                                  f"recorded (the file was damaged or edited)")
+
+
+def _restore_metrics(path: Path, last_step: int, record: dict | None) -> None:
+    """Cut metrics.jsonl back to the checkpoint: to the recorded length after check_metrics, or, for checkpoints
+    without a record, to the lines of steps <= last_step."""
+    if record is None:
+        _truncate_metrics(path, last_step)
+        return
+    check_metrics(path, last_step, record)
+    if path.stat().st_size > record["bytes"]:
+        with open(path, "rb") as f:
+            keep = f.read(record["bytes"])
+        atomic_write(path, lambda p: Path(p).write_bytes(keep))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -631,8 +670,8 @@ def setup(cfg: TrainConfig, world: World) -> Run:
 
     rows_per_step = cfg.batch_size * cfg.grad_accum
     if rows_per_step % world.size:
-        raise TrainConfigError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly over "
-                         f"{world.size} processes; make it a multiple of {world.size}")
+        raise TrainConfigError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly "
+                               f"over {world.size} processes; make it a multiple of {world.size}")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = resolve_device(cfg)
@@ -681,7 +720,7 @@ def restore(run: Run, ck: Path, st: dict) -> None:
         _set_rng_state(st["rng"], run.device)  # several processes seed dropout per step and rank instead
     run.step, run.bad, run.stream.position = st["step"], st["bad_streak"], st["data_position"]
     if w.main:
-        _truncate_metrics(run.out / METRICS, run.step)
+        _restore_metrics(run.out / METRICS, run.step, st.get("metrics_record"))
     old, new = _flat_config(TrainConfig.from_dict(st["config"])), _flat_config(run.cfg)
     changed = {k: (v, new[k]) for k, v in old.items() if k not in ("resume", "overwrite", "output", "parallel")
                and new[k] != v}

@@ -166,10 +166,10 @@ def results(world, tmp_path_factory):
     return out
 
 
-CASE_NAMES = ["train-into-earlier-run", "train-lr-nan", "train-target", "train-not-utf8", "train-missing-field", "train-one-record", "train-no-data-file",
-              "train-no-such-model", "train-resume-damaged", "train-resume-nan-optimizer", "merge-into-model",
-              "merge-inside-model", "merge-over-other-files", "quantize-into-model", "merge-nan-adapter",
-              "generate-nan-adapter", "generate-damaged-adapter"]
+CASE_NAMES = ["train-into-earlier-run", "train-lr-nan", "train-target", "train-not-utf8", "train-missing-field",
+              "train-one-record", "train-no-data-file", "train-no-such-model", "train-resume-damaged",
+              "train-resume-nan-optimizer", "merge-into-model", "merge-inside-model", "merge-over-other-files",
+              "quantize-into-model", "merge-nan-adapter", "generate-nan-adapter", "generate-damaged-adapter"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -227,3 +227,28 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     p._subparsers._group_actions[0].choices["quantize"].set_defaults(fn=lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["quantize", "--model", "m", "--output", "o"])
+
+
+def test_a_bad_flag_is_one_error_line_too(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model", "m", "--lr", "fast"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == USAGE and len(err) == 1, err
+    assert err[0].startswith("error: qlora train: argument --lr: invalid float value: 'fast'")
+
+
+def test_overwrite_replaces_an_earlier_run(world, tmp_path):
+    """--overwrite (overwrite=True) is the way to start over in a folder holding a run: its checkpoints and metrics
+    give way to the new run's."""
+    root, model, data, run = world
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2
+    cfg = dict(model=str(model), data=str(data), output=str(out), max_steps=1, batch_size=2, seq_len=64,
+               eval_fraction=0.0, log_every=100, lora=LoraConfig(r=2, lora_alpha=4))
+    with pytest.raises(T.TrainConfigError, match="not empty"):
+        T.train(T.TrainConfig(**cfg))
+    T.train(T.TrainConfig(**cfg, overwrite=True))
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 1
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]

@@ -92,3 +92,52 @@ def test_training_checkpoint_directory_synced_before_rename(tmp_path, monkeypatc
     rename_i = next(i for i, c in enumerate(calls) if c[0] == "replace" and c[2] == str(final))
     assert calls[tree_i][1] == calls[rename_i][1], "synced tree is not the one renamed"
     assert tree_i < rename_i < kinds.index("dir") < kinds.index("pointer")
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("exchange", [True, False])  # Linux renameat2, and the rename-aside fallback
+def test_replace_dir_is_all_or_nothing(tmp_path, monkeypatch, exchange):
+    swaps, real = [], durable._exchange
+
+    def recorded(a, b):
+        swaps.append(real(a, b) if exchange else False)
+        return swaps[-1]
+
+    monkeypatch.setattr(durable, "_exchange", recorded)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old weights")
+    (out / "config.json").write_text("old")
+
+    def half_then_fail(tmp):
+        (tmp / "model.safetensors").write_bytes(b"new weights")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        durable.replace_dir(out, half_then_fail)
+    assert _tree(out) == {"model.safetensors": b"old weights", "config.json": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
+
+    def full(tmp):
+        (tmp / "model.safetensors").write_bytes(b"new weights")
+
+    durable.replace_dir(out, full)
+    assert _tree(out) == {"model.safetensors": b"new weights"}  # the new folder whole, nothing of the old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert swaps == [exchange]  # the path under test was the one taken (renameat2 works on this Linux box)
+    durable.replace_dir(tmp_path / "fresh", full)
+    assert _tree(tmp_path / "fresh") == {"model.safetensors": b"new weights"}
+
+
+def test_write_checkpoint_refuses_non_finite_tensors_and_writes_nothing(tmp_path):
+    import torch
+
+    from qlora_core.export import NonFiniteExportError, write_checkpoint
+    sd = {"a.weight": torch.ones(2, 2), "b.weight": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(NonFiniteExportError, match="b.weight"):
+        write_checkpoint(sd, tmp_path / "out", {"model_type": "llama"})
+    assert list(tmp_path.iterdir()) == []

@@ -188,7 +188,7 @@ def test_adapter_weights_damage_is_always_detected(world, data):
 
 
 @FUZZ
-@given(m=json_mutation(["step", "path", "sha256"]), data=st.data())
+@given(m=json_mutation(["step", "path", "sha256", "metrics"]), data=st.data())
 def test_checkpoint_pointer_mutations(world, m, data):
     run = world[2]
     want_step = json.loads((run / "checkpoint.json").read_text())["step"]
@@ -214,6 +214,24 @@ def test_checkpoint_file_damage_is_always_detected(world, which, data):
     try:
         with pytest.raises(T.CheckpointError):
             T.load_checkpoint(d)
+    finally:
+        shutil.rmtree(d)
+
+
+@FUZZ
+@given(data=st.data())
+def test_metrics_damage_is_always_detected(world, data):
+    """The run's last checkpoint recorded metrics.jsonl whole: any cut or flipped byte fails the resume check."""
+    run = world[2]
+    _, st_ = T.load_checkpoint(run)
+    d = _scratch(run, {"metrics.jsonl"})
+    f = d / "metrics.jsonl"
+    assert st_["metrics_record"]["bytes"] == f.stat().st_size > 0
+    T.check_metrics(f, st_["step"], st_["metrics_record"])  # intact: passes
+    _apply(f, data.draw(damage(f.stat().st_size)))
+    try:
+        with pytest.raises(T.CheckpointError, match="metrics.jsonl"):
+            T.check_metrics(f, st_["step"], st_["metrics_record"])
     finally:
         shutil.rmtree(d)
 

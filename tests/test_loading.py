@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import qlora_core.loading as loading
 from qlora_core.llama import ConfigError, LlamaConfig
-from qlora_core.loading import (CorruptCheckpointError, HubUnavailableError, MissingShardError, MissingWeightError,
-                                NonFiniteWeightError, ShapeMismatchError, UnexpectedWeightError,
+from qlora_core.loading import (CorruptCheckpointError, HubUnavailableError, LoadError, MissingShardError,
+                                MissingWeightError, NonFiniteWeightError, ShapeMismatchError, UnexpectedWeightError,
                                 UnsupportedCheckpointError, load_llama)
 from qlora_core.qlinear import QuantLinear
 from qlora_core.quant import dequantize
@@ -185,8 +185,11 @@ def test_bad_arguments(tmp_path):
         load_llama(folder, quantize="int8")
     with pytest.raises(ValueError, match="dtype"):
         load_llama(folder, dtype=torch.int8)
-    with pytest.raises(FileNotFoundError, match="not a model folder"):
+    with pytest.raises(FileNotFoundError, match="no such folder"):  # a ModelFolderError, a LoadError too
         load_llama(str(tmp_path / "no_such_dir"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LoadError, match="is a file, not a model folder"):
+        load_llama(str(tmp_path / "f"))
 
 
 # -- streaming -------------------------------------------------------------------------------------------

@@ -103,3 +103,39 @@ def test_forced_triton_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("QLORA_CORE_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="QLORA_CORE_BACKEND='cuda-magic'"):
         backend.choose(torch.device("cpu"))
+
+
+_GOOD = {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [40, 64], "nested_blocksize": 256,
+         "nested_dtype": "float32", "nested_offset": 0.1}
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("nested_offset", "abc", "nested_offset must be a finite number"),  # was a raw ValueError from float()
+    ("nested_offset", float("nan"), "nested_offset must be a finite number"),  # was accepted
+    ("nested_offset", 10 ** 400, "nested_offset must be a finite number"),  # float() would overflow
+    ("nested_offset", None, "nested_offset must be a finite number"),
+    ("shape", [-40, -64], "shape must be a non-empty list of positive ints"),  # was a raw RuntimeError
+    ("shape", "40x64", "shape must be a non-empty list of positive ints"),
+    ("shape", [], "shape must be a non-empty list of positive ints"),
+    ("shape", [40.0, 64], "shape must be a non-empty list of positive ints"),
+    ("dtype", ["float32"], "unsupported dtype"),
+    ("blocksize", True, "power of two"),
+    ("nested_blocksize", "256", "nested_blocksize '256' unsupported"),
+    ("nested_dtype", "float16", "nested_dtype 'float16' unsupported"),
+])
+def test_every_malformed_blob_field_is_a_quant_state_error_naming_the_key(field, value, match):
+    import json
+    text = json.dumps({**_GOOD, field: value})
+    with pytest.raises(QuantStateError, match=match) as e:
+        qc.QuantizedTensor.from_state_dict(_with_blob(sd_of(), text), "m.")
+    assert "m.weight.quant_state.bitsandbytes__nf4" in str(e.value)
+    assert qc.QuantizedTensor.from_state_dict(_with_blob(sd_of(), json.dumps(_GOOD)), "m.").double_quant
+
+
+def test_blob_that_is_not_an_object_or_names_an_unknown_type():
+    with pytest.raises(QuantStateError, match="must hold a JSON object, got list"):
+        qc.QuantizedTensor.from_state_dict(_with_blob(sd_of(), "[1, 2]"), "m.")
+    sd = sd_of()
+    sd["m.weight.quant_state.bitsandbytes__int4"] = sd.pop("m.weight.quant_state.bitsandbytes__nf4")
+    with pytest.raises(QuantStateError, match="unknown quant type 'int4'"):
+        qc.QuantizedTensor.from_state_dict(sd, "m.")
