@@ -11,6 +11,8 @@ M and shape live in `kernels/nf4_linear.py` (imported lazily, so this module imp
 The dequantized weight is materialized in x's dtype: dtype(lut[code] * absmax) with the fp32 product, exactly
 `dequantize(q)` when x.dtype == q.dtype (the usual case); otherwise the same fp32 product rounded once to
 x.dtype (never rounded twice through q.dtype).
+Under torch.compile `nf4_linear` calls the custom op `qlora_core::nf4_linear` (registered at the end of this file,
+with a fake implementation and its backward) instead of the Function; docs/backends.md has the details.
 """
 from __future__ import annotations
 

@@ -322,7 +322,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
         k = k.view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
         v = v.view(B, T, self.KVH, self.D).transpose(1, 2)
-        is_causal = mask is None and T > 1
+        is_causal = True if mask is None and T > 1 else False  # a plain bool for SDPA even when T is symbolic
         if cache is not None:  # KVCache, or generation.StaticKVCache (written in place at device positions)
             k, v, is_causal = cache.update(self.layer_idx, k, v, is_causal)
         y = sdpa(q, k, v, mask, is_causal)  # (B, H, T, D)
@@ -427,7 +427,8 @@ class LlamaModel(nn.Module):
         past = cache.pos if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used + {T} new does not fit")
-        _check_window(self.config, past + T, f"{past} cached + {T} new tokens")
+        # the message is built only on failure: formatting T would pin it to one length under torch.compile
+        _check_window(self.config, past + T, lambda: f"{past} cached + {T} new tokens")
         x = self.embed_tokens(input_ids)  # (B, T, d)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
@@ -449,8 +450,10 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-def _check_window(cfg: LlamaConfig, length: int, what: str) -> None:
+def _check_window(cfg: LlamaConfig, length: int, what) -> None:
+    """SlidingWindowError when `length` exceeds the window; `what` (a str, or a callable giving one) names it."""
     if cfg.sliding_window is not None and length > cfg.sliding_window:
+        what = what() if callable(what) else what
         raise SlidingWindowError(
             f"{what} = {length} positions exceed this {cfg.model_type} checkpoint's sliding_window "
             f"{cfg.sliding_window}: sliding-window attention is not implemented, so keep sequences (training "

@@ -3,6 +3,8 @@
 A QuantizedTensor is the packed codes plus the absmax state, laid out exactly as bitsandbytes' `QuantState`
 and `Linear4bit` state dict (docs/format.md), so a checkpoint written by either loads in the other. The math
 lives in `reference.py` (CPU, the spec) and `kernels/quant4.py` (Triton); `backend.choose` picks one.
+Under torch.compile quantize / dequantize / dequantize_into call the custom ops registered at the end of this file
+(`qlora_core::quantize_4bit`, `dequantize_4bit`, `dequantize_4bit_into`), which take a QuantizedTensor's fields.
 """
 from __future__ import annotations
 
