@@ -170,8 +170,9 @@ class TrainConfig:
                                    f"got {self.checkpoint_policy!r}")
         if self.memory_budget_gib < 0:
             raise TrainConfigError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise TrainConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+        # 0 is allowed as torch.optim allows it (a run that only evaluates, or reads the initial adapter)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
+            raise TrainConfigError(f"lr must be a finite number >= 0, got {self.lr!r}")
         if not 0 <= self.eval_fraction < 1:
             raise TrainConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
