@@ -129,14 +129,15 @@ def cmd_train(args) -> int:
 
     0 when the run reached its last step (adapter and metrics.jsonl in --output), 5 when it stopped early on
     non-finite losses (the reason goes to stderr). Setting, loading and data errors propagate (main() prints
-    them). With --nproc N > 1 (outside torchrun) the same command runs in N processes through torchrun and its
-    exit code is returned.
+    them). With --nproc N > 1 (outside torchrun) the settings are checked (train.preflight) here, then the same
+    command runs in N processes through torchrun and its exit code is returned.
     """
     from . import distributed
-    from .train import train
-    if args.nproc > 1 and not distributed.launched():
-        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    from .train import preflight, train
     cfg = config_from_args(args)
+    if args.nproc > 1 and not distributed.launched():
+        preflight(cfg)  # a user error is one line and its exit code here, not N ranks' errors under torchrun
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
     if distributed.launched():  # torchrun's summary then shows this rank's traceback if it fails
         from torch.distributed.elastic.multiprocessing.errors import record
         result = record(train)(cfg)

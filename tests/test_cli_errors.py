@@ -252,3 +252,17 @@ def test_overwrite_replaces_an_earlier_run(world, tmp_path):
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 1
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+@pytest.mark.parametrize("flags, code, needle", [(["--lr", "nan"], USAGE, "lr must be"),
+                                                 (["--data", "missing.jsonl"], DATA, "not found")])
+def test_nproc_checks_before_launching_torchrun(world, tmp_path, capsys, monkeypatch, flags, code, needle):
+    """train --nproc N fails in the launching process, with its one line and code, before any worker starts:
+    otherwise each of the N ranks prints the error and torchrun exits 1 with its own traceback summary."""
+    from qlora_core import distributed
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("torchrun launched for a bad command"))
+    root, model, data, _ = world
+    rc = cli.main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"),
+                   "--nproc", "2", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code and len(err) == 1 and needle in err[0], err
