@@ -58,7 +58,7 @@ from . import data as D
 from . import distributed
 from .defaults import DOUBLE_QUANT, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype
 from .distributed import PARALLEL_MODES, World
-from .durable import atomic_write, atomic_write_text, fsync_dir, fsync_tree
+from .durable import atomic_write, atomic_write_text, fsync_dir, fsync_file, fsync_tree
 from .errors import FileLoadError, NonFiniteError, UsageError
 from .lora import LoraConfig
 
@@ -469,6 +469,7 @@ def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state:
     fsync_dir(root)
     pointer = {"step": step, "path": f"checkpoints/{final.name}", "sha256": sums}
     if (out / METRICS).is_file():  # metrics.jsonl up to this step: resume verifies it and cuts the file there
+        fsync_file(out / METRICS)  # on disk before the pointer records it, or a power loss strands the checkpoint
         pointer["metrics"] = {"bytes": (out / METRICS).stat().st_size, "sha256": file_sha256(out / METRICS)}
     atomic_write_text(out / POINTER, json.dumps(pointer) + "\n")
     for old in root.iterdir():

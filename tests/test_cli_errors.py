@@ -266,3 +266,18 @@ def test_nproc_checks_before_launching_torchrun(world, tmp_path, capsys, monkeyp
                    "--nproc", "2", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == code and len(err) == 1 and needle in err[0], err
+
+
+def test_metrics_are_on_disk_before_the_checkpoint_records_them(world, tmp_path, monkeypatch):
+    """checkpoint.json records metrics.jsonl's length and resume refuses a shorter file, so the file must be
+    fsync'd before the pointer is written: else a power loss makes a durable checkpoint unresumable."""
+    root, model, data, _ = world
+    events = []
+    real_fsync, real_write = T.fsync_file, T.atomic_write_text
+    monkeypatch.setattr(T, "fsync_file", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(T, "atomic_write_text", lambda p, t: (events.append(("write", Path(p).name)),
+                                                              real_write(p, t)))
+    T.train(T.TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "o"), max_steps=1, batch_size=2,
+                          seq_len=64, eval_fraction=0.0, log_every=100, lora=LoraConfig(r=2, lora_alpha=4)))
+    assert ("fsync", "metrics.jsonl") in events
+    assert events.index(("fsync", "metrics.jsonl")) < events.index(("write", "checkpoint.json")), events
