@@ -307,7 +307,10 @@ def preflight(cfg: TrainConfig) -> None:
 
     if not cfg.model or not cfg.data:
         raise TrainConfigError("TrainConfig needs model and data")
-    check_output(Path(cfg.output), cfg.resume, cfg.overwrite)
+    # a later rank may run this after rank 0 has begun writing the new run (metrics.jsonl): only rank 0 judges
+    # whether the folder holds an earlier run; torchrun stops the other ranks when rank 0 fails
+    later_rank = int(os.environ.get("RANK", "0")) != 0
+    check_output(Path(cfg.output), cfg.resume or later_rank, cfg.overwrite)
     if cfg.resume:  # a damaged checkpoint fails now, not after the model has loaded
         from .adapter import read_adapter
         found = load_checkpoint(Path(cfg.output))

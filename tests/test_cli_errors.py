@@ -281,3 +281,18 @@ def test_metrics_are_on_disk_before_the_checkpoint_records_them(world, tmp_path,
                           seq_len=64, eval_fraction=0.0, log_every=100, lora=LoraConfig(r=2, lora_alpha=4)))
     assert ("fsync", "metrics.jsonl") in events
     assert events.index(("fsync", "metrics.jsonl")) < events.index(("write", "checkpoint.json")), events
+
+
+def test_only_rank_0_refuses_a_non_empty_output(world, tmp_path, monkeypatch):
+    """Under torchrun rank 0 may already have opened metrics.jsonl (FSDP runs no collective before the first
+    step) when a slower rank runs its preflight: that rank must not take the folder for an earlier run's."""
+    root, model, data, _ = world
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    cfg = T.TrainConfig(model=str(model), data=str(data), output=str(out), eval_fraction=0.0)
+    monkeypatch.setenv("RANK", "1")
+    T.preflight(cfg)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(T.TrainConfigError, match="not empty"):
+        T.preflight(cfg)
