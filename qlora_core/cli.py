@@ -155,7 +155,9 @@ def cmd_train(args) -> int:
 
 
 def _load(model: str, quant: str, dtype: str, device: str | None):
+    from .distributed import check_device
     from .loading import load_llama
+    check_device(device)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = None if dtype == "auto" else DTYPES[dtype]  # None: load_llama's default for the device
     return load_llama(model, quantize=None if quant == "none" else quant, dtype=dt, device=dev)
@@ -256,6 +258,8 @@ def cmd_quantize(args) -> int:
     """
     from .export import check_export_target, save_quantized
     from .loading import load_llama, resolve_folder
+    from .distributed import check_device
+    check_device(args.device)
     check_export_target(args.output, [resolve_folder(args.model)])
     model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=DTYPES[args.dtype],
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -307,6 +307,7 @@ def preflight(cfg: TrainConfig) -> None:
 
     if not cfg.model or not cfg.data:
         raise TrainConfigError("TrainConfig needs model and data")
+    distributed.check_device(cfg.device)
     # a later rank may run this after rank 0 has begun writing the new run (metrics.jsonl): only rank 0 judges
     # whether the folder holds an earlier run; torchrun stops the other ranks when rank 0 fails
     later_rank = int(os.environ.get("RANK", "0")) != 0

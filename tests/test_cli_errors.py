@@ -296,3 +296,17 @@ def test_only_rank_0_refuses_a_non_empty_output(world, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(T.TrainConfigError, match="not empty"):
         T.preflight(cfg)
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "{data}", "--output", "{out}"],
+                                     ["quantize", "--output", "{out}"], ["generate", "--prompt", "hi"]])
+def test_a_device_this_machine_lacks_is_a_usage_error(world, tmp_path, capsys, monkeypatch, command):
+    """--device cuda without a GPU (or cuda:N past the last one) is a one-line usage error, not torch's
+    AssertionError traceback from deep inside the model load."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    root, model, data, _ = world
+    argv = [a.format(data=data, out=tmp_path / "o") for a in command] + ["--model", str(model), "--device", "cuda"]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == USAGE and len(err) == 1 and "'cuda'" in err[0] and "no CUDA GPU" in err[0], err
+    assert not (tmp_path / "o").exists()
