@@ -743,12 +743,17 @@ def _flat_config(cfg: TrainConfig) -> dict:
 
 
 def start_fresh(run: Run) -> None:
-    """A new run in run.out: rank 0 removes an earlier run's metrics, pointer and checkpoints."""
+    """A new run in run.out: rank 0 removes an earlier run's metrics, pointer and checkpoints, and with
+    cfg.overwrite its adapter too (a new run stopping early would otherwise leave it beside its own metrics, as if
+    it were the new result; without a checkpoint, --resume keeps an adapter it did not write)."""
+    from .adapter import CONFIG_NAME, WEIGHTS_NAME
+
     if run.cfg.resume:
         run.say(f"no checkpoint in {run.out}; starting fresh")
     if run.world.main:
-        (run.out / METRICS).unlink(missing_ok=True)
-        (run.out / POINTER).unlink(missing_ok=True)
+        names = (METRICS, POINTER) + ((WEIGHTS_NAME, CONFIG_NAME) if run.cfg.overwrite else ())
+        for name in names:
+            (run.out / name).unlink(missing_ok=True)
         shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
 
 

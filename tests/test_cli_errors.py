@@ -310,3 +310,17 @@ def test_a_device_this_machine_lacks_is_a_usage_error(world, tmp_path, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == USAGE and len(err) == 1 and "'cuda'" in err[0] and "no CUDA GPU" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_fresh_start_removes_the_earlier_runs_adapter(world, tmp_path):
+    """--overwrite starts over: the earlier run's adapter goes with its metrics, or a new run that stops early
+    (non-finite losses) leaves the old adapter beside the new metrics.jsonl."""
+    import types
+    root, model, data, run = world
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    assert (out / "adapter_model.safetensors").is_file()
+    fake = types.SimpleNamespace(cfg=types.SimpleNamespace(resume=False, overwrite=True), world=types.SimpleNamespace(main=True),
+                                 out=out, say=print)
+    T.start_fresh(fake)
+    assert sorted(p.name for p in out.iterdir()) == [], sorted(p.name for p in out.iterdir())
