@@ -129,14 +129,15 @@ def cmd_train(args) -> int:
 
     0 when the run reached its last step (adapter and metrics.jsonl in --output), 5 when it stopped early on
     non-finite losses (the reason goes to stderr). Setting, loading and data errors propagate (main() prints
-    them). With --nproc N > 1 (outside torchrun) the same command runs in N processes through torchrun and its
-    exit code is returned.
+    them). With --nproc N > 1 (outside torchrun) the settings are checked (train.preflight) here, then the same
+    command runs in N processes through torchrun and its exit code is returned.
     """
     from . import distributed
-    from .train import train
-    if args.nproc > 1 and not distributed.launched():
-        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    from .train import preflight, train
     cfg = config_from_args(args)
+    if args.nproc > 1 and not distributed.launched():
+        preflight(cfg)  # a user error is one line and its exit code here, not N ranks' errors under torchrun
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
     if distributed.launched():  # torchrun's summary then shows this rank's traceback if it fails
         from torch.distributed.elastic.multiprocessing.errors import record
         result = record(train)(cfg)
@@ -154,7 +155,9 @@ def cmd_train(args) -> int:
 
 
 def _load(model: str, quant: str, dtype: str, device: str | None):
+    from .distributed import check_device
     from .loading import load_llama
+    check_device(device)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dt = None if dtype == "auto" else DTYPES[dtype]  # None: load_llama's default for the device
     return load_llama(model, quantize=None if quant == "none" else quant, dtype=dt, device=dev)
@@ -255,6 +258,8 @@ def cmd_quantize(args) -> int:
     """
     from .export import check_export_target, save_quantized
     from .loading import load_llama, resolve_folder
+    from .distributed import check_device
+    check_device(args.device)
     check_export_target(args.output, [resolve_folder(args.model)])
     model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=DTYPES[args.dtype],
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

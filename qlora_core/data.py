@@ -178,7 +178,8 @@ def record_to_messages(rec, where: str) -> Conversation | TextRow:
                                     {"role": "assistant", "content": rec["response"]}])
     if "text" in rec:
         if not isinstance(rec["text"], str) or not rec["text"]:
-            raise DataFormatError(f"{where}: 'text' must be a non-empty string, got {_kind(rec['text'])}")
+            got = "an empty string" if rec["text"] == "" else _kind(rec["text"])
+            raise DataFormatError(f"{where}: 'text' must be a non-empty string, got {got}")
         return TextRow("", rec["text"])
     raise DataFormatError(f"{where}: expected keys 'messages', 'instruction' + 'response', 'prompt' + 'completion' "
                           f"or 'text' (docs/data.md); got {sorted(rec)}")

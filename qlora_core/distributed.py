@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import UsageError
+
 PARALLEL_MODES = ("fsdp", "ddp")
 
 
@@ -90,6 +92,28 @@ def local_device(device: str) -> torch.device:
     if device == "cuda":
         return torch.device("cuda", local)
     return torch.device(device)
+
+
+class DeviceError(UsageError, ValueError):
+    """A device this machine does not have (cuda without a GPU, cuda:3 on a two-GPU host) or a misspelt one."""
+
+
+def check_device(device: str | None) -> None:
+    """DeviceError unless `device` (None or "auto": the default) names a device this process can use; called
+    before any model loads, where torch would fail with an AssertionError deep inside the load."""
+    if device in (None, "auto"):
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"device {device!r} is not a device name ({e})") from None
+    if dev.type != "cuda":
+        return
+    n = torch.cuda.device_count()  # 0 when torch has no CUDA or sees no GPU
+    if n == 0:
+        raise DeviceError(f"device {device!r}: no CUDA GPU is available here; use --device cpu")
+    if dev.index is not None and dev.index >= n:
+        raise DeviceError(f"device {device!r}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
 
 
 def init_world(device: str, parallel: str) -> World:

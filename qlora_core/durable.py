@@ -86,8 +86,11 @@ def replace_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
     beside it, which is fsync'd and then put in place, so a crash or an exception leaves the complete old folder
     or the complete new one. An existing folder is swapped out atomically where the OS can (Linux renameat2),
     else renamed aside just before the new one is renamed in (a crash between the two renames leaves the old
-    folder whole under `.<name>.*.old`), then deleted. If fill raises, `path` is untouched. Returns `path`."""
-    path = Path(path)
+    folder whole under `.<name>.*.old`), then deleted. If fill raises, `path` is untouched. A symlink `path` is
+    followed: the folder it names is replaced. Returns `path`."""
+    given = path = Path(path)
+    if path.is_symlink():  # replace the folder the link names; renaming onto the link would replace the link
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -107,4 +110,4 @@ def replace_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
         shutil.rmtree(old)
     fsync_dir(path.parent)
-    return path
+    return given

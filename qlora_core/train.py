@@ -58,7 +58,7 @@ from . import data as D
 from . import distributed
 from .defaults import DOUBLE_QUANT, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype
 from .distributed import PARALLEL_MODES, World
-from .durable import atomic_write, atomic_write_text, fsync_dir, fsync_tree
+from .durable import atomic_write, atomic_write_text, fsync_dir, fsync_file, fsync_tree
 from .errors import FileLoadError, NonFiniteError, UsageError
 from .lora import LoraConfig
 
@@ -308,7 +308,11 @@ def preflight(cfg: TrainConfig) -> None:
 
     if not cfg.model or not cfg.data:
         raise TrainConfigError("TrainConfig needs model and data")
-    check_output(Path(cfg.output), cfg.resume, cfg.overwrite)
+    distributed.check_device(cfg.device)
+    # a later rank may run this after rank 0 has begun writing the new run (metrics.jsonl): only rank 0 judges
+    # whether the folder holds an earlier run; torchrun stops the other ranks when rank 0 fails
+    later_rank = int(os.environ.get("RANK", "0")) != 0
+    check_output(Path(cfg.output), cfg.resume or later_rank, cfg.overwrite)
     if cfg.resume:  # a damaged checkpoint fails now, not after the model has loaded
         from .adapter import read_adapter
         found = load_checkpoint(Path(cfg.output))
@@ -470,6 +474,7 @@ def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state:
     fsync_dir(root)
     pointer = {"step": step, "path": f"checkpoints/{final.name}", "sha256": sums}
     if (out / METRICS).is_file():  # metrics.jsonl up to this step: resume verifies it and cuts the file there
+        fsync_file(out / METRICS)  # on disk before the pointer records it, or a power loss strands the checkpoint
         pointer["metrics"] = {"bytes": (out / METRICS).stat().st_size, "sha256": file_sha256(out / METRICS)}
     atomic_write_text(out / POINTER, json.dumps(pointer) + "\n")
     for old in root.iterdir():
@@ -739,12 +744,17 @@ def _flat_config(cfg: TrainConfig) -> dict:
 
 
 def start_fresh(run: Run) -> None:
-    """A new run in run.out: rank 0 removes an earlier run's metrics, pointer and checkpoints."""
+    """A new run in run.out: rank 0 removes an earlier run's metrics, pointer and checkpoints, and with
+    cfg.overwrite its adapter too (a new run stopping early would otherwise leave it beside its own metrics, as if
+    it were the new result; without a checkpoint, --resume keeps an adapter it did not write)."""
+    from .adapter import CONFIG_NAME, WEIGHTS_NAME
+
     if run.cfg.resume:
         run.say(f"no checkpoint in {run.out}; starting fresh")
     if run.world.main:
-        (run.out / METRICS).unlink(missing_ok=True)
-        (run.out / POINTER).unlink(missing_ok=True)
+        names = (METRICS, POINTER) + ((WEIGHTS_NAME, CONFIG_NAME) if run.cfg.overwrite else ())
+        for name in names:
+            (run.out / name).unlink(missing_ok=True)
         shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
 
 

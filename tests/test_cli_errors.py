@@ -252,3 +252,75 @@ def test_overwrite_replaces_an_earlier_run(world, tmp_path):
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 1
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+@pytest.mark.parametrize("flags, code, needle", [(["--lr", "nan"], USAGE, "lr must be"),
+                                                 (["--data", "missing.jsonl"], DATA, "not found")])
+def test_nproc_checks_before_launching_torchrun(world, tmp_path, capsys, monkeypatch, flags, code, needle):
+    """train --nproc N fails in the launching process, with its one line and code, before any worker starts:
+    otherwise each of the N ranks prints the error and torchrun exits 1 with its own traceback summary."""
+    from qlora_core import distributed
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("torchrun launched for a bad command"))
+    root, model, data, _ = world
+    rc = cli.main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"),
+                   "--nproc", "2", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code and len(err) == 1 and needle in err[0], err
+
+
+def test_metrics_are_on_disk_before_the_checkpoint_records_them(world, tmp_path, monkeypatch):
+    """checkpoint.json records metrics.jsonl's length and resume refuses a shorter file, so the file must be
+    fsync'd before the pointer is written: else a power loss makes a durable checkpoint unresumable."""
+    root, model, data, _ = world
+    events = []
+    real_fsync, real_write = T.fsync_file, T.atomic_write_text
+    monkeypatch.setattr(T, "fsync_file", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(T, "atomic_write_text", lambda p, t: (events.append(("write", Path(p).name)),
+                                                              real_write(p, t)))
+    T.train(T.TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "o"), max_steps=1, batch_size=2,
+                          seq_len=64, eval_fraction=0.0, log_every=100, lora=LoraConfig(r=2, lora_alpha=4)))
+    assert ("fsync", "metrics.jsonl") in events
+    assert events.index(("fsync", "metrics.jsonl")) < events.index(("write", "checkpoint.json")), events
+
+
+def test_only_rank_0_refuses_a_non_empty_output(world, tmp_path, monkeypatch):
+    """Under torchrun rank 0 may already have opened metrics.jsonl (FSDP runs no collective before the first
+    step) when a slower rank runs its preflight: that rank must not take the folder for an earlier run's."""
+    root, model, data, _ = world
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    cfg = T.TrainConfig(model=str(model), data=str(data), output=str(out), eval_fraction=0.0)
+    monkeypatch.setenv("RANK", "1")
+    T.preflight(cfg)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(T.TrainConfigError, match="not empty"):
+        T.preflight(cfg)
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "{data}", "--output", "{out}"],
+                                     ["quantize", "--output", "{out}"], ["generate", "--prompt", "hi"]])
+def test_a_device_this_machine_lacks_is_a_usage_error(world, tmp_path, capsys, monkeypatch, command):
+    """--device cuda without a GPU (or cuda:N past the last one) is a one-line usage error, not torch's
+    AssertionError traceback from deep inside the model load."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    root, model, data, _ = world
+    argv = [a.format(data=data, out=tmp_path / "o") for a in command] + ["--model", str(model), "--device", "cuda"]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == USAGE and len(err) == 1 and "'cuda'" in err[0] and "no CUDA GPU" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_fresh_start_removes_the_earlier_runs_adapter(world, tmp_path):
+    """--overwrite starts over: the earlier run's adapter goes with its metrics, or a new run that stops early
+    (non-finite losses) leaves the old adapter beside the new metrics.jsonl."""
+    import types
+    root, model, data, run = world
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    assert (out / "adapter_model.safetensors").is_file()
+    fake = types.SimpleNamespace(cfg=types.SimpleNamespace(resume=False, overwrite=True), world=types.SimpleNamespace(main=True),
+                                 out=out, say=print)
+    T.start_fresh(fake)
+    assert sorted(p.name for p in out.iterdir()) == [], sorted(p.name for p in out.iterdir())

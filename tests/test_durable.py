@@ -141,3 +141,20 @@ def test_write_checkpoint_refuses_non_finite_tensors_and_writes_nothing(tmp_path
     with pytest.raises(NonFiniteExportError, match="b.weight"):
         write_checkpoint(sd, tmp_path / "out", {"model_type": "llama"})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replace_dir_through_a_symlink_replaces_the_folder_it_names(tmp_path, monkeypatch, exchange):
+    """An output given as a symlink to a folder (on another disk, say): the folder it names gets the new content
+    and the link stays; swapping the link itself failed in rmtree after the write, leaving a stray link."""
+    if not exchange:
+        monkeypatch.setattr(durable, "_exchange", lambda a, b: False)
+    real = tmp_path / "disk" / "ckpt"
+    real.mkdir(parents=True)
+    (real / "model.safetensors").write_bytes(b"old weights")
+    link = tmp_path / "ckpt"
+    link.symlink_to(real)
+    durable.replace_dir(link, lambda tmp: (tmp / "model.safetensors").write_bytes(b"new weights"))
+    assert link.is_symlink() and _tree(real) == {"model.safetensors": b"new weights"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "disk"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["ckpt"]
