@@ -240,18 +240,8 @@ def test_compiled_paged_adamw_step_matches_eager(bits):
 
 
 def _tiny_lora_llama(layers=2):
-    from qlora_core.llama import Llama, LlamaConfig, quantize_linears
-    from qlora_core.lora import apply_lora
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
-    torch.manual_seed(0)
-    model = quantize_linears(Llama(cfg))
-    apply_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)  # a fresh B is zero: make the adapters matter
-    return model.train()
+    from tests._tiny import nf4_lora_llama
+    return nf4_lora_llama(layers)
 
 
 def _loss_and_grads(model, ids, params):

@@ -141,21 +141,11 @@ def test_ungroupable_modules_are_refused():
 def test_llama_loss_and_lora_grads_match_the_module_path():
     """A tiny NF4 + LoRA Llama with gradient checkpointing: the grouped projections give the module path's loss and
     LoRA grads (fp32, CPU)."""
-    from qlora_core.llama import Llama, LlamaConfig, quantize_linears
-    from qlora_core.lora import apply_lora
     from qlora_core.train import batch_loss
+    from tests._tiny import nf4_lora_llama
 
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
-    torch.manual_seed(0)
-    model = quantize_linears(Llama(cfg))
-    apply_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = nf4_lora_llama(layers=2)
     model.gradient_checkpointing = True
-    model.train()
     ids = torch.randint(0, 97, (2, 12))
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
