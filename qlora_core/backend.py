@@ -43,9 +43,9 @@ def choose(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Return "triton" or "reference" for tensors on `device` (see the module docstring for the rule). With a
     `dtype` outside KERNEL_DTYPES (float64: the references tests build) the reference runs unless a backend is
     forced, in which case the kernel's own dtype check answers."""
-    if dtype is not None and dtype not in KERNEL_DTYPES and not _forced and not os.environ.get("QLORA_CORE_BACKEND"):
-        return "reference"
     choice = _forced[-1] if _forced else os.environ.get("QLORA_CORE_BACKEND", "")
+    if not choice and dtype is not None and dtype not in KERNEL_DTYPES:
+        return "reference"
     if choice:
         if choice not in BACKENDS:
             raise ValueError(f"QLORA_CORE_BACKEND={choice!r}; expected one of {BACKENDS}")
