@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from qlora_core import backend
 from qlora_core.formats import code_table, dynamic_map
+
+from .common import INTERPRET, cast_rne, mma  # noqa: F401 (re-exported for the tile kernels)
 
 
 def q_args(q) -> tuple:
@@ -116,33 +117,3 @@ def load_pair_tile(data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lu
         v_odd = tl.where(m_o, tl.load(lut_ptr + c_o) * a_o, 0.0)
         a = tl.full((offs_r.shape[0],), 1.0, tl.float32)
     return v_even, v_odd, a
-
-
-# The CPU interpreter (TRITON_INTERPRET=1) truncates fp32 -> bf16 and computes tl.dot on bf16 operands
-# wrongly; kernels read this flag to round by hand and to upcast dot operands to fp32 there.
-INTERPRET: tl.constexpr = tl.constexpr(backend.interpreting())
-
-
-@triton.jit
-def cast_rne(x, dtype: tl.constexpr):
-    """fp32 -> dtype rounding to nearest even (the GPU's own cvt; done with integer ops in the interpreter)."""
-    if dtype == tl.float32:
-        return x
-    elif INTERPRET and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-@triton.jit
-def mma(a, b, acc):
-    """acc + a @ b with fp32 accumulation: fp32 operands stay fp32 (ieee, not tf32); the interpreter upcasts
-    bf16/fp16 operands (its tl.dot on bf16 is wrong)."""
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
