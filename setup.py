@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ sits at the repository root but installs as qlora_core.kernels: PyPI already has a
     # top-level `kernels` package and we must not shadow it.
-    packages=["qlora_core", "qlora_core.kernels"],
+    packages=["qlora_core", "qlora_core.ops", "qlora_core.kernels"],
     package_dir={"qlora_core": "qlora_core", "qlora_core.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
