@@ -24,6 +24,9 @@ QUANT_TYPE = "nf4"  # 4-bit data type of quantized weights
 BLOCKSIZE = 64  # elements per absmax block
 DOUBLE_QUANT = True  # quantize the absmax too (bitsandbytes compress_statistics=True)
 
+# The float dtypes the 4-bit format dequantizes to and the Triton kernels take (float64 runs the reference).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def default_dtype(device: str | torch.device | None) -> torch.dtype:
     """The model dtype when the caller names none: bfloat16 on CUDA, float32 elsewhere.
