@@ -2,9 +2,7 @@
 references (qlora_core/ops/adamw.py: adamw8bit_ref, adamw32_ref), in a subprocess (the variable must be set before
 triton is first imported). The custom ops adamw8bit_step / adamw32_step run under torch.compile in
 tests/test_compile.py; PagedAdamW, which launches these kernels page by page, in tests/test_optim.py."""
-import os
-import subprocess
-import sys
+from tests.helpers import run_interpreted
 
 _INTERP = r"""
 import os, sys
@@ -71,8 +69,4 @@ sys.exit(1 if fails else 0)
 
 
 def test_triton_kernels_interpreter_match_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _INTERP], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_interpreted(_INTERP)

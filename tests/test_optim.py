@@ -3,17 +3,14 @@ dominant) against a float64 AdamW formula, torch.optim.AdamW and bitsandbytes' C
 from our state (tests/_adamw64.py); convergence, exact resume, simulated paging (bit-identical to unpaged, page
 transfers counted), NaN/Inf handling, bad input, and the optimizer's Triton launches (multi-tensor, per segment,
 paged in batches) under TRITON_INTERPRET=1 (subprocess). The update kernels alone: tests/test_adamw.py."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from qlora_core.formats import dynamic_map
-from qlora_core.optim import PagedAdamW
 from qlora_core.ops.quant4 import dequantize_blockwise_ref
+from qlora_core.optim import PagedAdamW
 from tests import _adamw64 as R
+from tests.helpers import run_interpreted
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -459,8 +456,4 @@ sys.exit(1 if fails else 0)
 
 
 def test_triton_launches_interpreter_match_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _INTERP], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_interpreted(_INTERP)

@@ -180,7 +180,6 @@ def dequantize_blockwise_ref(q: torch.Tensor, absmax: torch.Tensor, code: torch.
     return (code.to(q.device)[q.reshape(-1).long()] * scale).to(dtype).reshape(q.shape)
 
 
-
 def double_dequantize_ref(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Restore the fp32 absmax: code[q] * absmax2[i >> 8], then + offset as a separate fp32 add (no FMA)."""
     return dequantize_blockwise_ref(qabsmax, nested_absmax, dynamic_map(True, qabsmax.device),
