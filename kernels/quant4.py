@@ -1,5 +1,8 @@
 """Triton kernels for bitsandbytes' 4-bit blockwise format: quantize (NF4/FP4), the nested 8-bit absmax
-quantizer, and dequantize (with the nested absmax restored in-kernel).
+quantizer, and dequantize (with the nested absmax restored in-kernel). The spec is the PyTorch reference of
+qlora_core/ops/quant4.py, which also makes the one reference-vs-Triton choice and passes the tables in: the NF4
+thresholds, the dequantize levels and the 8-bit dynamic map come from the caller (this folder imports nothing
+from qlora_core).
 
 Layout of the work:
   * quantize: one program owns ROWS whole blocks of the flattened tensor (blocks may straddle rows of the
@@ -7,7 +10,7 @@ Layout of the work:
     xn = x*r, then bitsandbytes' decision trees (strict `>`; NF4 4 levels, FP4 3 levels + sign), which
     equal "number of thresholds strictly below xn". NaN (all-zero block) -> code 0. Element 2j -> high
     nibble; the odd tail's pad nibble is 7 (nf4) / 0 (fp4). One pass: read x, write bytes + absmax.
-  * 8-bit (nested absmax): the same normalisation, then CUDA's 7-step binary search (reference.encode_8bit).
+  * 8-bit (nested absmax): the same normalisation, then CUDA's 7-step binary search (ops/quant4.encode_8bit).
   * dequantize: a program walks BLOCK_BYTES packed bytes as rows of BPR bytes, BPR chosen so one row gives
     16 output bytes (4 for bf16/fp16, 2 for fp32): each thread stores 16 contiguous bytes straight from
     registers (tl.join + reshape; strided even/odd stores were 4.5x slower, they go through shared memory).
@@ -16,41 +19,29 @@ Layout of the work:
     (enable_fp_fusion=False); with it on (and FTZ off), 2.4M of 58.7M fp32 outputs differed from bitsandbytes.
 
 Two arithmetic modes, both byte-exact against their spec:
-  * "reference" = qlora_core/reference.py: IEEE 1/absmax, no flushing. The CPU interpreter always runs
+  * "reference" = the ops/quant4.py reference: IEEE 1/absmax, no flushing. The CPU interpreter always runs
     this mode (the tests compare it with the reference bit for bit).
   * "bnb" = bitsandbytes 0.50.2's CUDA kernels, which are built with --use_fast_math (GPU default):
     r = rcp.approx.ftz.f32 (inline asm) and fp32 subnormals flushed to zero (-ftz).
 Both use bitsandbytes CUDA's NF4 thresholds (its decimal literals rounded by nvcc straight to fp32; 4 of
-the 15 sit one ulp from the fp32 midpoints: formats.NF4_THRESHOLD_BITS) and dequantize FP4 code 8 to -0.0
-(0 * absmax * -1), as the reference does. The two modes differ only for elements within ~1 ulp of a
-threshold and subnormal inputs; tests/test_gpu_quant4.py checks that characterization, docs/benchmarks.md lists the counts.
+the 15 sit one ulp from the fp32 midpoints: formats.NF4_THRESHOLD_BITS, passed in as `thresholds`) and
+dequantize FP4 code 8 to -0.0 (0 * absmax * -1, the `lut` the caller passes), as the reference does. The two
+modes differ only for elements within ~1 ulp of a threshold and subnormal inputs; tests/test_gpu_quant4.py
+checks that characterization, docs/benchmarks.md lists the counts.
 Limits: n < 2**31 (int32 offsets, as in bitsandbytes); blocksize a power of two in [32, 4096].
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from qlora_core import backend
-from qlora_core.formats import code_table, dequant_table, dynamic_map, nf4_thresholds
-from qlora_core.kernels.nf4_tile import cast_rne  # fp32 -> dtype, round-to-nearest-even also in the interpreter
-from qlora_core.reference import (  # the spec of "reference" mode (re-exported, see __all__)
-    dequantize_4bit_ref,
-    quantize_4bit_ref,
-    quantize_blockwise_ref,
-)
+from .common import cast_rne, interpreting
 
-__all__ = ["quantize_4bit", "quantize_blockwise", "dequantize_4bit", "quantize_4bit_ref", "quantize_blockwise_ref",
-           "dequantize_4bit_ref", "CUDA_NF4_THRESHOLDS", "MODES"]
+__all__ = ["quantize_4bit", "quantize_blockwise", "dequantize_4bit", "encode_8bit", "MODES"]
 MODES = ("bnb", "reference")
 RCP_NAMES = {"ieee": 0, "div": 1, "approx": 2}  # 1 = Triton's `/` (div.full.f32), kept for the measurement
-# The CUDA NF4 thresholds now live in formats.py (the reference uses them too); kept here as a name.
-CUDA_NF4_THRESHOLDS = tuple(nf4_thresholds().tolist())
-FLT_MIN = 1.1754943508222875e-38  # smallest normal fp32; -ftz flushes anything below it to zero
-# Quantize tile on a GPU: elements per program (whole blocks) and warps; from bench_quant.py --sweep.
+# Quantize tile on a GPU: elements per program (whole blocks) and warps; from bench_quant4.py --sweep.
 QUANT_ELEMS, QUANT_WARPS = 4096, 4
 
 
@@ -148,7 +139,7 @@ def _quantize_4bit_kernel(x_ptr, thr_ptr, packed_ptr, absmax_ptr, n, nbytes, nbl
 
 @triton.jit
 def encode_8bit(x, code_ptr):
-    """reference.encode_8bit in Triton (also used by kernels/adamw8bit.py): 7-step binary search over the
+    """ops/quant4.encode_8bit in Triton (also used by kernels/adamw.py): 7-step binary search over the
     sorted 256-entry map from pivot 127, then the midpoint test against the bracketing probes; exact ties
     stay on the (even) pivot; NaN compares false everywhere and walks left to index 0."""
     pivot = tl.zeros(x.shape, tl.int32) + 127
@@ -172,7 +163,7 @@ def encode_8bit(x, code_ptr):
 @triton.jit
 def _quantize_8bit_kernel(x_ptr, code_ptr, q_ptr, absmax_ptr, n, nblocks,
                           BS: tl.constexpr, ROWS: tl.constexpr, RCP: tl.constexpr, FTZ: tl.constexpr):
-    # Same blocking as the 4-bit kernel; codes follow CUDA's dQuantize<0> (see reference.encode_8bit).
+    # Same blocking as the 4-bit kernel; codes follow CUDA's dQuantize<0> (see ops/quant4.encode_8bit).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < nblocks
     rem = n - rows * BS
@@ -225,7 +216,7 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code256_ptr, absmax2_ptr, of
 # Launchers: validate, allocate, pick the tile, launch. Dequantize is autotuned on a GPU over a few tile
 # sizes (keyed on n, blocksize and double quant); the interpreter uses a small fixed tile, since
 # autotuning there would time every config in Python. `mode` picks the arithmetic (header); `rcp`/`ftz`
-# override single parts of it (benchmarks/bench_quant.py --probe measures each against bitsandbytes).
+# override single parts of it (benchmarks/bench_quant4.py --probe measures each against bitsandbytes).
 
 _tuned: dict = {}
 
@@ -236,14 +227,6 @@ def _dequant_tuned():
                    for bb, w in ((2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 8))]
         _tuned["dq"] = triton.autotune(configs, key=["n", "LOG2_BS", "DOUBLE"])(_dequantize_4bit_kernel)
     return _tuned["dq"]
-
-
-@functools.lru_cache(maxsize=None)
-def _tables(mode: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NF4 thresholds (15,), FP4 dequant LUT (16,)) for a mode, fp32 on `device`."""
-    # Both modes share bitsandbytes CUDA's thresholds and FP4 -0.0 (formats.py); they differ only in the
-    # reciprocal and subnormal flushing (_resolve).
-    return nf4_thresholds(device), dequant_table("fp4", device)
 
 
 def _resolve(device: torch.device, mode: str | None, rcp: str | None, ftz: bool | None) -> tuple[str, int, bool]:
@@ -260,7 +243,7 @@ def _resolve(device: torch.device, mode: str | None, rcp: str | None, ftz: bool 
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not backend.interpreting():
+    if t.device.type != "cuda" and not interpreting():
         raise RuntimeError(f"Triton kernels need a CUDA tensor or TRITON_INTERPRET=1 (got a {t.device.type} tensor)")
 
 
@@ -276,19 +259,20 @@ def _check_input(x: torch.Tensor, blocksize: int) -> None:
     _check_device(x)
 
 
-def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, *, mode: str | None = None,
-                  rcp: str | None = None, ftz: bool | None = None, elems: int | None = None,
-                  num_warps: int | None = None):
-    """Triton twin of quantize_4bit_ref: w (contiguous, any shape, fp32/fp16/bf16) ->
+def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, thresholds: torch.Tensor, *,
+                  mode: str | None = None, rcp: str | None = None, ftz: bool | None = None,
+                  elems: int | None = None, num_warps: int | None = None):
+    """Triton twin of ops/quant4.quantize_4bit_ref: w (contiguous, any shape, fp32/fp16/bf16) ->
     (packed uint8 ((n+1)//2, 1), absmax fp32 (ceil(n/blocksize),)).
 
+    thresholds: the 15 fp32 NF4 decision thresholds on w's device (formats.nf4_thresholds; FP4's are literals).
     mode: "bnb" (GPU default) or "reference" (CPU default), see the header; rcp ("ieee"|"div"|"approx")
     and ftz override parts of it. elems (elements per program, whole blocks) / num_warps: tile override.
     """
     _check_input(w, blocksize)
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"unknown quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
-    mode, rcp_id, flush = _resolve(w.device, mode, rcp, ftz)
+    _, rcp_id, flush = _resolve(w.device, mode, rcp, ftz)
     n = w.numel()
     nblocks = triton.cdiv(n, blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
@@ -296,7 +280,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, *, mode: str
     on_gpu = w.device.type == "cuda"
     rows = max(1, (elems or (QUANT_ELEMS if on_gpu else 512)) // blocksize)
     _quantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
-        w.reshape(-1), _tables(mode, str(w.device))[0], packed, absmax, n, (n + 1) // 2, nblocks,
+        w.reshape(-1), thresholds, packed, absmax, n, (n + 1) // 2, nblocks,
         BS=blocksize, ROWS=rows, NF4=quant_type == "nf4", RCP=rcp_id, FTZ=flush,
         num_warps=num_warps or (QUANT_WARPS if on_gpu else 4))
     return packed, absmax
@@ -304,7 +288,7 @@ def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, *, mode: str
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, mode: str | None = None,
                        rcp: str | None = None, ftz: bool | None = None):
-    """Triton twin of quantize_blockwise_ref (8-bit, CUDA tie rule) for the nested absmax:
+    """Triton twin of ops/quant4.quantize_blockwise_ref (8-bit, CUDA tie rule) for the nested absmax:
     x fp32 1-D, code fp32 (256,) sorted -> (uint8 codes x.shape, absmax fp32 (ceil(n/blocksize),))."""
     if x.dim() != 1 or x.dtype != torch.float32:
         raise ValueError(f"quantize_blockwise expects a 1-D float32 tensor, got {x.dtype} {tuple(x.shape)}")
@@ -324,11 +308,14 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, m
     return q, absmax
 
 
-def dequantize_4bit(q, *, dtype: torch.dtype | None = None, mode: str | None = None, ftz: bool | None = None,
-                    block_bytes: int | None = None, join: bool = True, num_warps: int | None = None,
-                    fp_fusion: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton twin of dequantize_4bit_ref for a QuantizedTensor -> Tensor(q.shape, dtype or q.dtype).
+def dequantize_4bit(q, lut: torch.Tensor, code256: torch.Tensor, *, dtype: torch.dtype | None = None,
+                    mode: str | None = None, ftz: bool | None = None, block_bytes: int | None = None,
+                    join: bool = True, num_warps: int | None = None, fp_fusion: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of ops/quant4.dequantize_as for a QuantizedTensor -> Tensor(q.shape, dtype or q.dtype).
 
+    lut: the 16 fp32 levels of q's quant type (formats.dequant_table: FP4 code 8 is -0.0); code256: the signed
+    8-bit dynamic map (formats.dynamic_map), read only with double quant; both on q's device.
     dtype: the output dtype (default q.dtype); nf4_linear's dequantize-then-cuBLAS path asks for x's dtype.
     out: a contiguous tensor of q.numel elements to write into instead of a new one (its dtype is the output
     dtype); the grouped LoRA linear dequantizes several weights into row ranges of one buffer this way.
@@ -346,17 +333,16 @@ def dequantize_4bit(q, *, dtype: torch.dtype | None = None, mode: str | None = N
         raise ValueError(f"blocksize must be a power of two >= 32, got {q.blocksize}")
     _check_device(data)
     dev = data.device
-    mode, _, flush = _resolve(dev, mode, None, ftz)
+    _, _, flush = _resolve(dev, mode, None, ftz)
     if out is None:
         out = torch.empty(q.shape, dtype=dtype or q.dtype, device=dev)
     elif not out.is_contiguous() or out.numel() != n or out.device != dev or (dtype and dtype != out.dtype):
         raise ValueError(f"out must be a contiguous {dtype or ''} tensor of {n} elements on {dev}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    lut = _tables(mode, str(dev))[1] if q.quant_type == "fp4" else code_table("nf4", dev)
     if q.double_quant:
         if q.absmax.dtype != torch.uint8:
             raise ValueError(f"double-quantized absmax must be uint8, got {q.absmax.dtype}")
-        absmax, code256, absmax2, offset = q.absmax, dynamic_map(True, dev), q.nested_absmax, q.offset
+        absmax, absmax2, offset = q.absmax, q.nested_absmax, q.offset
     else:
         absmax = q.absmax
         code256 = absmax2 = offset = absmax  # unused by the kernel when DOUBLE is off

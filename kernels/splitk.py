@@ -1,6 +1,6 @@
 """Split-K in one launch: SPLIT_K programs add fp32 partials of one output tile, the last to arrive writes it.
 
-Used by the decode kernels (kernels/nf4_gemv1.py, kernels/nf4_gemv_mma.py), where N alone gives too few
+Used by the decode kernels (gemv1 and gemv_mma in kernels/nf4_linear.py), where N alone gives too few
 programs to keep an H100 busy. The usual alternative (a zeroed fp32 buffer, atomics, then a cast kernel) costs
 two more launches, ~2-4 us in a CUDA graph, as much as the whole op at 4096x4096.
 
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4_tile import cast_rne
+from .common import cast_rne
 
 _WORKSPACE: dict = {}
 

@@ -16,13 +16,13 @@ from . import _kernels_path
 
 _kernels_path.bind(__name__, _os.path.dirname(__file__))
 
-from .quant import QuantizedTensor, dequantize, quantize  # noqa: E402
+from .ops.quant4 import QuantizedTensor, dequantize, quantize  # noqa: E402
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "nf4_linear": "linear",
+    "nf4_linear": "ops.nf4_linear",
     "QuantLinear": "qlinear", "Linear4bit": "qlinear", "quantize_model": "qlinear",
     "LoraConfig": "lora", "LoRALinear": "lora", "apply_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora",
     "unload_lora": "lora", "merge_and_unload": "lora",

@@ -6,8 +6,9 @@ force a choice with `QLORA_CORE_BACKEND=reference|triton` or the `forced()` cont
 Nothing here touches the GPU or imports triton at import time, so `import qlora_core` is safe on any box.
 
 Under `torch.compile` the ops go through `torch.library` custom ops (namespace `qlora_core`, registered in
-quant.py, linear.py and optim.py) so Dynamo keeps one graph; in eager mode the same Python bodies are called
-directly, because a custom op call costs ~100-130 us of dispatcher overhead (`compiling`, docs/backends.md).
+ops/quant4.py, ops/nf4_linear.py and ops/adamw.py) so Dynamo keeps one graph; in eager mode the same Python bodies
+are called directly, because a custom op call costs ~100-130 us of dispatcher overhead (`compiling`,
+docs/backends.md).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import functools
 import os
 
 import torch
+
+from .defaults import FLOAT_DTYPES
 
 BACKENDS = ("reference", "triton")
 _forced: list[str] = []
@@ -36,15 +39,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton float kernels take
-
-
 def choose(device: torch.device, dtype: torch.dtype | None = None) -> str:
     """Return "triton" or "reference" for tensors on `device` (see the module docstring for the rule). With a
-    `dtype` outside KERNEL_DTYPES (float64: the references tests build) the reference runs unless a backend is
-    forced, in which case the kernel's own dtype check answers."""
+    `dtype` outside defaults.FLOAT_DTYPES (float64: the references tests build) the reference runs unless a backend
+    is forced, in which case the kernel's own dtype check answers."""
     choice = _forced[-1] if _forced else os.environ.get("QLORA_CORE_BACKEND", "")
-    if not choice and dtype is not None and dtype not in KERNEL_DTYPES:
+    if not choice and dtype is not None and dtype not in FLOAT_DTYPES:
         return "reference"
     if choice:
         if choice not in BACKENDS:

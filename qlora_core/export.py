@@ -22,7 +22,7 @@ from torch import nn
 from .durable import replace_dir
 from .errors import NonFiniteError, UsageError
 from .lora import LoRALinear, is_quantized_linear, lora_modules, output_layer
-from .quant import dequantize
+from .ops.quant4 import dequantize
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")

@@ -30,8 +30,9 @@ import math
 import torch
 from torch import nn
 
+from .ops.nf4_linear import nf4_linear
+from .ops.quant4 import QuantizedTensor
 from .qlinear import QuantLinear
-from .quant import QuantizedTensor
 
 ALIGN = 16  # bytes: every piece starts 16-byte aligned (fp32 views; vector loads in the kernels)
 STORAGE_DTYPE = torch.bfloat16  # how the flat bytes are held as a Parameter (module docstring: why not uint8)
@@ -152,7 +153,6 @@ class FlatQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) bf16/fp16/fp32 -> (..., out_features) in x's dtype, via nf4_linear."""
-        from .linear import nf4_linear  # noqa: PLC0415 (as in qlinear.py)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nf4_linear(x, self.weight, bias)
 

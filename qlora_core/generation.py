@@ -45,7 +45,7 @@ from torch import nn
 from .errors import UsageError
 from . import backend
 from .llama import KVCache, LlamaConfig, sample_next
-from .quant import QuantizedTensor
+from .ops.quant4 import QuantizedTensor
 
 CACHE_ROUND = 128  # cache length granularity: calls with nearby prompt lengths reuse one captured graph
 WARMUP_STEPS = 2  # eager steps on a side stream before capture (Triton compiles, cuBLAS handles, workspaces)

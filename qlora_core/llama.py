@@ -9,7 +9,10 @@ Module names follow transformers' LlamaForCausalLM exactly (`model.embed_tokens`
 adapter paths (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) line up.
 
 The decoder-block linears are plain nn.Linear (dense) or `QuantLinear` (a frozen 4-bit QuantizedTensor whose forward
-is `nf4_linear`; on CUDA that is the Triton GEMM / decode GEMV). `quantize_linears` swaps one for the other in place.
+is `nf4_linear`). The blocks run them through `lora.project`: in training (and above 16 rows) the projections that
+share an input are one group of ops/nf4_linear.py, dequantized into one buffer and multiplied by cuBLAS; at decode
+(<= 16 rows) each QuantLinear runs `nf4_linear`, on CUDA the Triton decode kernels. `quantize_linears` swaps one
+for the other in place.
 Embeddings, norms and lm_head always stay dense.
 
 Math follows HF so fp32 logits agree to rounding: RMSNorm in fp32 then cast back before the weight multiply;
@@ -30,7 +33,7 @@ from torch import nn
 
 from .errors import FileLoadError, UsageError
 from .checkpointing import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
-from .fused_lora import project
+from .lora import project
 from .qlinear import QuantLinear
 
 

@@ -29,7 +29,7 @@ from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE, default_dtype
 from .errors import FileLoadError, NonFiniteError
 from .llama import LINEAR_NAMES, ConfigError, Llama, LlamaConfig
 from .qlinear import QuantLinear
-from .quant import QuantizedTensor, QuantStateError, quantize as quantize_tensor
+from .ops.quant4 import QuantizedTensor, QuantStateError, quantize as quantize_tensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -8,8 +8,11 @@ move between the two (adapter.py): A starts Kaiming-uniform (a=sqrt(5), nn.Linea
 to the base output's dtype. The module names follow PEFT too: the wrapped layer stays at `<path>.base_layer`.
 
 The base is an nn.Linear or a `QuantLinear` (qlinear.py: a QuantizedTensor run through `nf4_linear`), or any
-module whose `weight` attribute is a QuantizedTensor. The LoRA path is two small matmuls in PyTorch; it is not
-fused with the base matmul (no GPU profile here shows the gain yet).
+module whose `weight` attribute is a QuantizedTensor. `LoRALinear.forward` runs the base, then the LoRA path as two
+small matmuls in PyTorch. Our Llama's blocks go through `project` (the end of this file) instead: when grad is on
+or x has more than 16 rows it runs the projections that share an input as one group of ops/nf4_linear.py (their
+frozen weights dequantized into one buffer and multiplied by one GEMM, the LoRA down/up-projections as two more
+GEMMs, PEFT's semantics); otherwise (decode) module by module through `LoRALinear.forward`.
 
 Merging: `merge_lora` folds scaling * B @ A into the base weight, computed in fp32 and rounded once to the base
 dtype. A 4-bit base is dequantized first, and then either stays dense (nn.Linear, the default) or is
@@ -29,9 +32,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from . import backend
 from .defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS
 from .errors import UsageError
-from .quant import QuantizedTensor, dequantize, quantize
+from .ops.nf4_linear import LinearGroup, Member, group_linear
+from .ops.quant4 import QuantizedTensor, dequantize, quantize
 from .qlinear import QuantLinear
 
 LLAMA_TARGETS = LORA_TARGETS  # the default target_modules (defaults.py): all seven Llama projections
@@ -447,3 +452,59 @@ def merge_and_unload(model: nn.Module, requantize: bool = False) -> nn.Module:
     """
     merge_lora(model, requantize=requantize)
     return unload_lora(model)
+
+
+# -- grouped projections: the modules' side of ops/nf4_linear.py's grouped path ----------------------------------------
+def member_of(module: nn.Module) -> Member | None:
+    """Member for a frozen nn.Linear, a quantized linear or a LoRALinear over one of them; None for anything else
+    (a base with a trainable weight or bias keeps its own module path, which produces those grads)."""
+    lora = None
+    if isinstance(module, LoRALinear):
+        lora = None if module.merged else module
+        module = module.base_layer
+    if not (isinstance(module, nn.Linear) or is_quantized_linear(module)):
+        return None
+    if any(p.requires_grad for p in module.parameters()):
+        return None
+    w = module.weight
+    if isinstance(w, torch.Tensor) and w.dim() != 2:
+        return None
+    return Member(weight=w if isinstance(w, QuantizedTensor) else w.detach(), bias=getattr(module, "bias", None),
+                  lora=lora, out_features=int(w.shape[0]))
+
+
+def linear_group(modules) -> LinearGroup | None:
+    """The LinearGroup of `modules` (same in_features), or None when any of them cannot join (`member_of`)."""
+    members = [member_of(m) for m in modules]
+    if any(m is None for m in members) or len({int(m.weight.shape[1]) for m in members}) != 1:
+        return None
+    return LinearGroup(members)
+
+
+def project(x: torch.Tensor, modules, owner: nn.Module) -> torch.Tensor:
+    """The outputs of `modules` for input x side by side, (..., sum N_i): through one group_linear where they can be
+    grouped and grad is on or x has more than 16 rows (without grad the decode kernels serve M <= 16 per module),
+    else module by module.
+
+    The LinearGroup is cached on `owner` and rebuilt when a module was swapped or merged; `owner.fuse_projections =
+    False` turns grouping off (the module-by-module reference path). Under torch.compile it is built afresh in
+    the trace instead (no cache: writing one from inside a checkpointed block is a side effect Dynamo refuses).
+    """
+    rows = x.numel() // max(1, x.shape[-1])
+    group = None
+    if not getattr(owner, "fuse_projections", True) or not (rows > 16 or torch.is_grad_enabled()):
+        pass
+    elif backend.compiling():
+        group = linear_group(modules)
+    else:
+        key = tuple((id(m), getattr(m, "merged", None)) for m in modules)
+        cache = owner.__dict__.setdefault("_linear_groups", {})
+        if key not in cache:
+            if len(cache) >= 8:  # modules were swapped or merged since: drop the stale groups
+                cache.clear()
+            cache[key] = linear_group(modules)
+        group = cache[key]
+    if group is None:
+        outs = [m(x) for m in modules]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    return group_linear(x, group)

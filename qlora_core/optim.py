@@ -8,8 +8,9 @@
 * optim_bits=8 stores m and v as bitsandbytes does (AdamW8bit, bnb-format.md §6): uint8 codes in 256-element
   blocks with an fp32 absmax each, the signed dynamic map for m and the unsigned one for v; tensors under
   4096 elements keep fp32 states (with the 32-bit update). A NaN/Inf gradient element resets that element's
-  m and v to zero and leaves its parameter alone. The update is qlora_core.optim_ref.adamw8bit_ref, run as one
-  fused Triton kernel (kernels/adamw8bit.py) on CUDA tensors and as the PyTorch reference elsewhere.
+  m and v to zero and leaves its parameter alone. The update is the adamw op (qlora_core/ops/adamw.py:
+  adamw8bit_ref is the spec), run as one fused Triton kernel (kernels/adamw.py) on CUDA tensors and as the PyTorch
+  reference elsewhere; ops/adamw.triton_kernels decides which.
 * States live in fixed-size pages (qlora_core.paging): resident on the device within `gpu_budget_bytes` (one
   buffer, one launch per (bits, dtype, group)), the rest in one pinned host buffer, streamed in batches of
   `batch_pages` neighbouring pages (one copy each way, one launch per batch) through three staging groups with
@@ -26,14 +27,11 @@ first step.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from . import backend
 from .defaults import OPTIM_BITS, WEIGHT_DECAY
 from .formats import dynamic_map
-from .optim_ref import AdamWCoeffs, adamw8bit_ref, adamw32_ref, adamw_coeffs
+from .ops.adamw import BLOCKSIZE, adamw8bit_ref, adamw32_ref, adamw_coeffs, triton_kernels
 from .paging import PageStore, layout
 
 SOLO_SEGMENT = 1 << 20  # elements: a segment this large gets its own launch (the one-tensor kernel is faster)
@@ -48,7 +46,7 @@ class PagedAdamW(torch.optim.Optimizer):
     A drop-in torch.optim.Optimizer. optim_bits=32 follows torch.optim.AdamW (decoupled decay); optim_bits=8
     stores m and v as uint8 codes per block of 256 (bitsandbytes' signed / unsigned dynamic maps, fp32 absmax;
     tensors under 4096 elements keep fp32 state) and updates them in one fused Triton kernel on CUDA (the
-    PyTorch reference, qlora_core/optim_ref.py, on the CPU). State lives in fixed-size pages: resident on the
+    PyTorch reference, qlora_core/ops/adamw.py, on the CPU). State lives in fixed-size pages: resident on the
     GPU within `gpu_budget_bytes` (None: decided at the first step from the free memory), the rest in pinned
     host memory, prefetched on a side stream; `set_gpu_budget(bytes)` changes it at run time. No CUDA managed
     memory is used. `batch_pages` neighbouring non-resident pages move and update together (None: up to a fifth
@@ -173,8 +171,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     # ---- the step ----------------------------------------------------------------------------------------------
     # Never traced: the step keeps its bookkeeping (step counts, address tables, page plans) in Python state
-    # that a compiled graph would freeze at its first values. torch.compile(opt.step) silently gave wrong
-    # parameters (off by ~1e-2 after 3 steps) before this; the update itself is the adamw*_step custom ops.
+    # that a compiled graph would freeze at its first values (a traced step gave parameters off by ~1e-2 after 3
+    # steps). Code that compiles its own update over flat tensors uses ops/adamw.py's adamw*_step custom ops.
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
@@ -226,12 +224,14 @@ class PagedAdamW(torch.optim.Optimizer):
             grads, coeffs, batches = self._slow_prepare(grads)
             if grads is None:
                 return loss
-        if backend.choose(self._device) == "triton":
+        kernels = triton_kernels(self._device)
+        if kernels is not None:
             addr = self._addr_tables if fast and not changed else self._addresses(grads)
-            self._store.run(lambda first, count, buf: self._triton_region(first, count, buf, grads, coeffs, fast,
-                                                                          addr), batches)
+            self._store.run(lambda first, count, buf: self._triton_region(kernels, first, count, buf, grads, coeffs,
+                                                                          fast, addr), batches)
             # Triton writes bypass autograd's version counters: bump them, or whatever keys a cache on `_version`
-            # (fused_lora's packed adapters) keeps serving the weights of before the step.
+            # (the grouped linear's compute-dtype copies of A and B, ops/nf4_linear.py) keeps serving the weights
+            # of before the step.
             torch.autograd.graph.increment_version([p for p, g in zip(flat, grads) if g is not None])
         else:
             self._store.run(lambda first, count, buf: self._reference_region(first, count, buf, grads, coeffs),
@@ -344,11 +344,11 @@ class PagedAdamW(torch.optim.Optimizer):
                                             all(r % 16 == 0 for r in rel))
         return self._addr_tables
 
-    def _triton_region(self, first: int, count: int, buf: torch.Tensor, grads: list, coeffs, uniform: bool,
-                       addr: dict) -> None:
+    def _triton_region(self, kernels, first: int, count: int, buf: torch.Tensor, grads: list, coeffs,
+                       uniform: bool, addr: dict) -> None:
         # One multi-tensor launch per (bits, dtype, group) of the region; per-segment launches for large
         # segments and where a group's tensors disagree (a missing grad, a different step count or grad dtype).
-        from .kernels.adamw8bit import launch, launch_multi
+        # kernels: kernels/adamw.py, as ops/adamw.triton_kernels returned it.
         q1, q2 = self._qmaps
         f32 = buf.view(torch.float32)
         for lg in self._plan(first, count):
@@ -359,8 +359,8 @@ class PagedAdamW(torch.optim.Optimizer):
                         grads[i] is not None and self._steps[i] == self._steps[params[0]]
                         and grads[i].dtype == lg["dtype"] for i in params)):
                     anchor, table, aligned = a
-                    launch_multi(lg["seg_table"], table, lg["blk_table"], lg["nblk"], anchor, aligned, buf, q1, q2,
-                                 coeffs[params[0]][lg["bits"]], lg["bits"] == 8)
+                    kernels.launch_multi(lg["seg_table"], table, lg["blk_table"], lg["nblk"], anchor, aligned, buf,
+                                         q1, q2, coeffs[params[0]][lg["bits"]], lg["bits"] == 8, BLOCKSIZE)
                     continue
             for seg, offs in lg["segs"]:
                 g = grads[seg.param]
@@ -368,11 +368,11 @@ class PagedAdamW(torch.optim.Optimizer):
                     continue
                 p = self._flat[seg.param]
                 if seg.bits == 8:
-                    launch(p, g, seg.start, seg.count, buf, buf, offs[0], offs[1], f32, f32, offs[2], offs[3],
-                           q1, q2, coeffs[seg.param][8], True)
+                    kernels.launch(p, g, seg.start, seg.count, buf, buf, offs[0], offs[1], f32, f32, offs[2],
+                                   offs[3], q1, q2, coeffs[seg.param][8], True, BLOCKSIZE)
                 else:
-                    launch(p, g, seg.start, seg.count, f32, f32, offs[0], offs[1], f32, f32, 0, 0, q1, q2,
-                           coeffs[seg.param][32], False)
+                    kernels.launch(p, g, seg.start, seg.count, f32, f32, offs[0], offs[1], f32, f32, 0, 0, q1, q2,
+                                   coeffs[seg.param][32], False, BLOCKSIZE)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -518,72 +518,3 @@ def auto_budget(device: torch.device) -> int:
     room = min(free, int(fraction * total) - reserved) + (reserved - allocated)
     peak_extra = torch.cuda.max_memory_allocated(device) - allocated
     return max(0, room - peak_extra - SAFETY_MARGIN)
-
-
-# -- the update as torch.library custom ops (docs/backends.md, "torch.compile: the custom ops") ----------------
-# For code that compiles its own AdamW update over flat tensors: adamw8bit_step / adamw32_step take
-# optim_ref's arguments, run the Triton kernel on CUDA and the reference elsewhere, and appear to torch.compile
-# as one op each (coefficients as a list of floats: AdamWCoeffs' fields in order). PagedAdamW.step itself
-# stays eager (see step).
-def _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k: AdamWCoeffs) -> None:
-    if backend.choose(p.device, p.dtype) == "triton":
-        from .kernels.adamw8bit import adamw8bit
-        adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k)
-        torch.autograd.graph.increment_version([p])  # Triton writes bypass the version counter
-    else:
-        adamw8bit_ref(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k)
-
-
-def _adamw32(p, g, exp_avg, exp_avg_sq, k: AdamWCoeffs) -> None:
-    if backend.choose(p.device, p.dtype) == "triton":
-        from .kernels.adamw8bit import adamw32
-        adamw32(p, g, exp_avg, exp_avg_sq, k)
-        torch.autograd.graph.increment_version([p])
-    else:
-        adamw32_ref(p, g, exp_avg, exp_avg_sq, k)
-
-
-def adamw8bit_step(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
-                   absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
-                   k: AdamWCoeffs) -> None:
-    """One 8-bit blockwise AdamW step in place (optim_ref.adamw8bit_ref's arguments and rule); flat contiguous
-    tensors. The custom op `qlora_core::adamw8bit_step` under torch.compile, the plain call otherwise."""
-    if backend.compiling():
-        torch.ops.qlora_core.adamw8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2,
-                                            list(dataclasses.astuple(k)))
-    else:
-        _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k)
-
-
-def adamw32_step(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 k: AdamWCoeffs) -> None:
-    """One AdamW step with fp32 states in place (optim_ref.adamw32_ref's arguments and rule); flat tensors. The
-    custom op `qlora_core::adamw32_step` under torch.compile, the plain call otherwise."""
-    if backend.compiling():
-        torch.ops.qlora_core.adamw32_step(p, g, exp_avg, exp_avg_sq, list(dataclasses.astuple(k)))
-    else:
-        _adamw32(p, g, exp_avg, exp_avg_sq, k)
-
-
-@torch.library.custom_op("qlora_core::adamw8bit_step",
-                         mutates_args=("p", "state1", "state2", "absmax1", "absmax2"))
-def _adamw8bit_op(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
-                  absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
-                  coeffs: list[float]) -> None:
-    _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, AdamWCoeffs(*coeffs))
-
-
-@_adamw8bit_op.register_fake
-def _(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, coeffs):
-    return None
-
-
-@torch.library.custom_op("qlora_core::adamw32_step", mutates_args=("p", "exp_avg", "exp_avg_sq"))
-def _adamw32_op(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                coeffs: list[float]) -> None:
-    _adamw32(p, g, exp_avg, exp_avg_sq, AdamWCoeffs(*coeffs))
-
-
-@_adamw32_op.register_fake
-def _(p, g, exp_avg, exp_avg_sq, coeffs):
-    return None

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from .formats import dynamic_map
-from .reference import dequantize_blockwise_ref, quantize_blockwise_ref
+from .ops.adamw import BLOCKSIZE as BLOCK  # PagedAdamW's 8-bit state block
+from .ops.quant4 import dequantize_blockwise_ref, quantize_blockwise_ref
 
 FORMAT = "qlora_core.sharded_paged_adamw/1"
-BLOCK = 256  # PagedAdamW's 8-bit block (optim_ref.BLOCKSIZE)
 
 
 def _params(opt) -> list:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE
-from .quant import QuantizedTensor, QuantStateError, quantize
+from .ops.nf4_linear import nf4_linear
+from .ops.quant4 import QuantizedTensor, QuantStateError, quantize
 
 
 class QuantLinear(nn.Module):
@@ -47,7 +48,6 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) bf16/fp16/fp32 -> (..., out_features) in x's dtype, via nf4_linear."""
-        from .linear import nf4_linear  # noqa: PLC0415 (keeps `import qlora_core.qlinear` light)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nf4_linear(x, self.weight, bias)
 

@@ -1,7 +1,7 @@
 """An AdamW step in float64 written from its published formula, the checks that hold PagedAdamW's one-step
 results to it, and the driver that produces them (tests/test_optim.py on the CPU, tests/test_gpu_optim.py on CUDA).
 
-The reference does not use qlora_core's optimizer code (qlora_core.optim_ref, adamw_coeffs): the point is one
+The reference does not use qlora_core's optimizer code (qlora_core/ops/adamw.py, adamw_coeffs): the point is one
 that does not share the implementation's coefficient function. The tests start it from the optimizer's own state
 before every step (as bitsandbytes' optimizer tests re-sync), so a comparison sees one step's error and the
 tolerances below are derived per step, not accumulated.

@@ -1,10 +1,10 @@
-"""Worker for tests/test_kernels_quant4.py: runs kernels/quant4.py under the Triton CPU interpreter.
+"""Worker for tests/test_quant4_interpret.py: runs kernels/quant4.py under the Triton CPU interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported, which a shared pytest process cannot promise,
 so the test module runs this file in a fresh subprocess per group: `python tests/_interp_quant4.py GROUP`.
 It prints one JSON line: {"group", "cases", "nfail", "failures" (first 20), "facts"}. Every comparison is
-bit-exact against qlora_core/reference.py (the spec); "facts" lets the test assert that the inputs really
-exercised the edge cases (zero blocks, exact ties, odd tails).
+bit-exact against the reference in qlora_core/ops/quant4.py (the spec); "facts" lets the test assert that the
+inputs really exercised the edge cases (zero blocks, exact ties, odd tails).
 """
 import json
 import os
@@ -16,14 +16,20 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-from qlora_core import backend, quant, reference  # noqa: E402
-from qlora_core.formats import code_table, dynamic_map, fp4_thresholds, nf4_thresholds  # noqa: E402
+from qlora_core import backend  # noqa: E402
+from qlora_core.formats import code_table, dequant_table, dynamic_map, fp4_thresholds, nf4_thresholds  # noqa: E402
+from qlora_core.ops import quant4 as ops  # noqa: E402
 from qlora_core.kernels import quant4  # noqa: E402
 
 warnings.filterwarnings("ignore")  # numpy's divide-by-zero / 0*inf warnings: zero blocks do that on purpose
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = ((1,), (2,), (3, 5), (7, 129), (130, 64), (33, 65))
 BLOCKSIZES = (32, 64, 256, 4096)
+THR = nf4_thresholds()  # the tables ops/quant4.py passes to the kernels
+
+
+def _tables(q):
+    return dequant_table(q.quant_type), dynamic_map(True)
 
 
 def _threshold_values() -> torch.Tensor:
@@ -67,8 +73,8 @@ def group_quant4(res):
                     for kind in ("randn", "special"):
                         seed += 1
                         x = make_input(shape, dtype, kind, bs, seed)
-                        p, a = quant4.quantize_4bit(x, bs, qt)
-                        pr, ar = reference.quantize_4bit_ref(x, bs, qt)
+                        p, a = quant4.quantize_4bit(x, bs, qt, THR)
+                        pr, ar = ops.quantize_4bit_ref(x, bs, qt)
                         res.check(_eq(p, pr) and _eq(a, ar), f"quantize {shape} {dtype} {qt} bs{bs} {kind}")
                         res.facts["zero_blocks"] += int((ar == 0).sum())
                         if x.numel() % 2:
@@ -88,12 +94,12 @@ def group_dequant(res):
                         seed += 1
                         x = make_input(shape, dtype, "special", bs, seed)
                         with backend.forced("reference"):
-                            q = quant.quantize(x, qt, bs, dq)
+                            q = ops.quantize(x, qt, bs, dq)
                         bb, join = variants[seed % len(variants)]
                         if x.numel() > 1000 and bb < 256:
                             bb *= 16  # tiny tiles on big shapes only cost interpreter time
-                        y = quant4.dequantize_4bit(q, block_bytes=bb, join=join)
-                        yr = reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, q.dtype, bs, qt)
+                        y = quant4.dequantize_4bit(q, *_tables(q), block_bytes=bb, join=join)
+                        yr = ops.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, q.dtype, bs, qt)
                         res.check(_eq(y, yr), f"dequantize {shape} {dtype} {qt} bs{bs} dq={dq} bb{bb} join={join}")
 
 
@@ -122,13 +128,13 @@ def group_blockwise(res):
                         m = min(bs, n - start, tv.numel())
                         x[start:start + m] = tv[:m]
                 q, a = quant4.quantize_blockwise(x, code, bs)
-                qr, ar = reference.quantize_blockwise_ref(x, code, bs)
+                qr, ar = ops.quantize_blockwise_ref(x, code, bs)
                 res.check(_eq(q, qr) and _eq(a, ar), f"quantize_blockwise n{n} bs{bs} {kind}")
     # The tie input must actually exercise the CUDA rule (ties -> the even final pivot), which a nearest
     # search with ties to the lower index would not reproduce.
     tv = _tie_values()
     mids = tv[257:512]
-    codes = reference.encode_8bit(mids, code).long()
+    codes = ops.encode_8bit(mids, code).long()
     res.facts["ties_not_lower"] = int((codes != torch.arange(255)).sum())
 
 
@@ -141,11 +147,11 @@ def group_pipeline(res):
                     seed += 1
                     x = make_input(shape, dtype, "special", bs, seed)
                     with backend.forced("triton"):
-                        q = quant.quantize(x, qt, bs, True)
-                        y = quant.dequantize(q)
+                        q = ops.quantize(x, qt, bs, True)
+                        y = ops.dequantize(q)
                     with backend.forced("reference"):
-                        qr = quant.quantize(x, qt, bs, True)
-                        yr = quant.dequantize(qr)
+                        qr = ops.quantize(x, qt, bs, True)
+                        yr = ops.dequantize(qr)
                     ok = (_eq(q.data, qr.data) and _eq(q.absmax, qr.absmax) and _eq(q.nested_absmax, qr.nested_absmax)
                           and _eq(q.offset, qr.offset) and _eq(y, yr))
                     res.check(ok, f"pipeline dq {shape} {dtype} {qt} bs{bs}")
@@ -154,12 +160,12 @@ def group_pipeline(res):
 def group_errors(res):
     x = torch.randn(64)
     cases = [
-        (lambda: quant4.quantize_4bit(x, 48, "nf4"), ValueError, "power of two"),
-        (lambda: quant4.quantize_4bit(x, 8192, "nf4"), ValueError, "power of two"),
-        (lambda: quant4.quantize_4bit(x.to(torch.int32), 64, "nf4"), TypeError, "float32"),
-        (lambda: quant4.quantize_4bit(torch.empty(0), 64, "nf4"), ValueError, "numel"),
-        (lambda: quant4.quantize_4bit(torch.randn(8, 8).t(), 64, "nf4"), ValueError, "contiguous"),
-        (lambda: quant4.quantize_4bit(x, 64, "int4"), ValueError, "quant_type"),
+        (lambda: quant4.quantize_4bit(x, 48, "nf4", THR), ValueError, "power of two"),
+        (lambda: quant4.quantize_4bit(x, 8192, "nf4", THR), ValueError, "power of two"),
+        (lambda: quant4.quantize_4bit(x.to(torch.int32), 64, "nf4", THR), TypeError, "float32"),
+        (lambda: quant4.quantize_4bit(torch.empty(0), 64, "nf4", THR), ValueError, "numel"),
+        (lambda: quant4.quantize_4bit(torch.randn(8, 8).t(), 64, "nf4", THR), ValueError, "contiguous"),
+        (lambda: quant4.quantize_4bit(x, 64, "int4", THR), ValueError, "quant_type"),
         (lambda: quant4.quantize_blockwise(x.view(8, 8), dynamic_map(True), 256), ValueError, "1-D"),
         (lambda: quant4.quantize_blockwise(x, dynamic_map(True)[:255], 256), ValueError, "(256,)"),
     ]
@@ -170,10 +176,10 @@ def group_errors(res):
         except exc as e:
             res.check(words in str(e), f"{exc.__name__} message {str(e)!r} lacks {words!r}")
     with backend.forced("reference"):
-        q = quant.quantize(x, "nf4", 64, False)
+        q = ops.quantize(x, "nf4", 64, False)
     q.data = q.data[:-1]
     try:
-        quant4.dequantize_4bit(q)
+        quant4.dequantize_4bit(q, *_tables(q))
         res.check(False, "dequantize accepted truncated packed data")
     except ValueError as e:
         res.check("(n+1)//2" in str(e), f"dequantize message {str(e)!r}")
@@ -197,12 +203,12 @@ def bnb_cuda_quantize(x: torch.Tensor, bs: int, qt: str):
     absmax = blocks.abs().amax(dim=1)
     xn = _ftz(blocks * (1.0 / absmax)[:, None]).reshape(-1)[:n]
     if qt == "nf4":
-        codes = torch.bucketize(xn, torch.tensor(quant4.CUDA_NF4_THRESHOLDS), right=False)
+        codes = torch.bucketize(xn, nf4_thresholds(), right=False)
     else:
         thr, bucket_codes = fp4_thresholds()
         codes = bucket_codes[torch.bucketize(xn.abs(), thr, right=False)].long() | torch.where(xn < 0, 8, 0)
     codes = torch.where(torch.isnan(xn), 0, codes).to(torch.uint8)
-    return reference.pack_nibbles(codes, qt), absmax
+    return ops.pack_nibbles(codes, qt), absmax
 
 
 def bnb_cuda_dequantize(q) -> torch.Tensor:
@@ -216,7 +222,7 @@ def bnb_cuda_dequantize(q) -> torch.Tensor:
     lut = code_table(q.quant_type).clone()
     if q.quant_type == "fp4":
         lut[8] = -0.0
-    codes = reference.unpack_nibbles(q.data, q.numel).long()
+    codes = ops.unpack_nibbles(q.data, q.numel).long()
     vals = _ftz(lut[codes] * _ftz(scale).repeat_interleave(q.blocksize)[:q.numel])
     return vals.to(q.dtype).reshape(q.shape)
 
@@ -236,15 +242,15 @@ def group_bnbmode(res):
                         flat[2 * bs:3 * bs] = -3e-39
                         flat[bs:bs + 8] = torch.tensor([4.0, -2e-38, 2e-38, -1.3e-38, 0.5, -0.5, 1e-3, -1e-3])
                     x = x.to(dtype)
-                    p, a = quant4.quantize_4bit(x, bs, qt, mode="bnb")
+                    p, a = quant4.quantize_4bit(x, bs, qt, THR, mode="bnb")
                     pe, ae = bnb_cuda_quantize(x, bs, qt)
                     res.check(_eq(p, pe) and _eq(a, ae), f"bnb-mode quantize {shape} {dtype} {qt} bs{bs}")
-                    pr, _ = reference.quantize_4bit_ref(x, bs, qt)
+                    pr, _ = ops.quantize_4bit_ref(x, bs, qt)
                     differs += int(not _eq(p, pr))
                     for dq in (False, True):
                         with backend.forced("reference"):
-                            q = quant.quantize(x, qt, bs, dq)
-                        y = quant4.dequantize_4bit(q, mode="bnb", block_bytes=64)
+                            q = ops.quantize(x, qt, bs, dq)
+                        y = quant4.dequantize_4bit(q, *_tables(q), mode="bnb", block_bytes=64)
                         res.check(_eq(y, bnb_cuda_dequantize(q)),
                                   f"bnb-mode dequantize {shape} {dtype} {qt} bs{bs} dq={dq}")
                         res.facts["neg_zero_outputs"] = res.facts.get("neg_zero_outputs", 0) + int(

@@ -47,6 +47,16 @@ def run_interpreter_group(script: str, group: str) -> None:
     assert not proc.stdout.strip().endswith(": 0 checks passed"), "no case ran"
 
 
+def run_interpreted(code: str) -> None:
+    """Run the Python source `code` with TRITON_INTERPRET=1 in a fresh process and assert it exited 0 (its output
+    tails in the message otherwise)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def assert_tokens_are_argmax(model, out: torch.Tensor, prompt_len: int, rel: float = 0.03, name: str = ""):
     """Every token of out[:, prompt_len:] is an argmax of a full recompute's logits on its prefix, up to `rel` of the
     logit scale. For bf16 decoding, where the decode kernels and the prefill GEMM round differently (and split-K

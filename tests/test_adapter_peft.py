@@ -14,7 +14,7 @@ from torch import nn
 
 import qlora_core as qc
 from qlora_core.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, AdapterMismatchError
-from qlora_core.linear import dequantize_as
+from qlora_core.ops.quant4 import dequantize_as
 from qlora_core.lora import LLAMA_TARGETS, apply_lora, lora_modules, merge_lora
 from qlora_core.qlinear import QuantLinear
 from tests._tiny import write_tiny_hf_llama

@@ -19,7 +19,7 @@ from torch import nn
 import qlora_core as qc
 from qlora_core import defaults
 from qlora_core.lora import LoraConfigError, TargetModuleError, lora_modules
-from qlora_core.quant import SUPPORTED_DTYPES
+from qlora_core.defaults import FLOAT_DTYPES as SUPPORTED_DTYPES
 from tests._tiny import write_tiny_hf_llama
 from tests.helpers import DTYPE_ATOL, assert_bnb_checkpoint_matches, assert_close_verbose
 
@@ -268,7 +268,7 @@ def _ulp_bound(w: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_merge_and_unload_matches_peft(hf_dir, quantize):
-    from qlora_core.linear import dequantize_as
+    from qlora_core.ops.quant4 import dequantize_as
     ours = qc.load_llama(hf_dir, quantize=quantize, dtype=torch.float32).eval()
     twin = _hf(hf_dir)
     for name, m in ours.named_modules():  # the transformers twin carries the same (dequantized) weights

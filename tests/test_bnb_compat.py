@@ -23,7 +23,7 @@ bnbF = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a 
 from bitsandbytes.functional import QuantState  # noqa: E402
 
 import qlora_core as qc  # noqa: E402
-from qlora_core import reference  # noqa: E402
+from qlora_core.ops import quant4  # noqa: E402
 from qlora_core.formats import code_table, dynamic_map, fp4_thresholds  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -59,7 +59,7 @@ def bnb_cpu_codes(x, blocksize, quant_type):
     flat = x.reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
-    am = reference.blockwise_absmax(x, blocksize)
+    am = quant4.blockwise_absmax(x, blocksize)
     scaled = flat.clone()
     if full:
         scaled[:full] = (flat[:full].view(-1, blocksize) * (1.0 / am[: full // blocksize].clamp(min=1e-38))[:, None]).view(-1)
@@ -92,8 +92,8 @@ def bnb_dequantize(packed, state, shape):
 
 
 def cuda_rule_codes(x, blocksize, quant_type):
-    xn, _, _ = reference._normalize(x, blocksize)
-    return reference.encode_4bit(xn, quant_type)
+    xn, _, _ = quant4._normalize(x, blocksize)
+    return quant4.encode_4bit(xn, quant_type)
 
 
 def fp4_rules_disagree(xn):
@@ -131,8 +131,8 @@ def test_quantize_matches_bnb(dtype, quant_type, double_quant):
             bp, st = bnbF.quantize_4bit(x, blocksize=bs, quant_type=quant_type, compress_statistics=double_quant)
             assert q.data.shape == bp.shape and q.data.dtype == bp.dtype, where
 
-            ours = reference.unpack_nibbles(q.data, n)
-            theirs = reference.unpack_nibbles(bp, n)
+            ours = quant4.unpack_nibbles(q.data, n)
+            theirs = quant4.unpack_nibbles(bp, n)
             cpu_rule = bnb_cpu_codes(x, bs, quant_type)
             cuda_rule = cuda_rule_codes(x, bs, quant_type)
             assert torch.equal(theirs, cpu_rule), f"bnb-CPU no longer follows the rule we derived: {where}"
@@ -141,12 +141,12 @@ def test_quantize_matches_bnb(dtype, quant_type, double_quant):
             assert torch.equal(ours[d], cuda_rule[d]), where
             if n % 2:  # the pad nibble, which unpack drops
                 assert (q.data.view(-1)[-1] & 0xF) == (bp.view(-1)[-1] & 0xF) or bool(d[-1]), where
-            zero_block = (reference.blockwise_absmax(x, bs) == 0).repeat_interleave(bs)[:n]
+            zero_block = (quant4.blockwise_absmax(x, bs) == 0).repeat_interleave(bs)[:n]
             if quant_type == "nf4":
                 excused = int((d ^ zero_block).sum())
                 assert torch.equal(d, zero_block), f"{excused} codes excused off zero blocks: {where}"
             else:
-                xn = reference._normalize(x, bs)[0].reshape(-1)[:n]
+                xn = quant4._normalize(x, bs)[0].reshape(-1)[:n]
                 zero_bucket = ((cuda_rule & 7) == 0) & ((cpu_rule & 7) == 0)
                 between = fp4_rules_disagree(xn)
                 unexplained = d & ~zero_bucket & ~between
@@ -156,7 +156,7 @@ def test_quantize_matches_bnb(dtype, quant_type, double_quant):
                 between_total += int((d & ~zero_bucket).sum())
             total += n
 
-            am_ours = reference.blockwise_absmax(x, bs)
+            am_ours = quant4.blockwise_absmax(x, bs)
             am_theirs = st.absmax if not double_quant else None
             if not double_quant:
                 zero_tail = n % bs != 0 and float(am_ours[-1]) == 0.0
@@ -169,7 +169,7 @@ def test_quantize_matches_bnb(dtype, quant_type, double_quant):
                 assert torch.equal(q.nested_absmax, st.state2.absmax), where
                 # bnb-CPU's 8-bit search (BinSearch) is not CUDA's; off ties both are nearest, so where the
                 # codes differ ours must be at least as close to the value as bnb's.
-                xn = reference._normalize(am_ours - q.offset, 256)[0]
+                xn = quant4._normalize(am_ours - q.offset, 256)[0]
                 code = dynamic_map(True)
                 ours8, theirs8 = q.absmax, st.absmax
                 diff = ours8 != theirs8
@@ -182,7 +182,7 @@ def test_quantize_matches_bnb(dtype, quant_type, double_quant):
 
 def assert_signs_match(ours, theirs, packed, quant_type, where):
     """-0.0 vs +0.0 agree too, except FP4 code 8: -0.0 on CUDA (and ours), +0.0 on bnb-CPU."""
-    fp4_neg_zero = (reference.unpack_nibbles(packed, ours.numel()) == 8).view(ours.shape) & (quant_type == "fp4")
+    fp4_neg_zero = (quant4.unpack_nibbles(packed, ours.numel()) == 8).view(ours.shape) & (quant_type == "fp4")
     assert torch.equal(torch.signbit(ours)[~fp4_neg_zero], torch.signbit(theirs)[~fp4_neg_zero]), where
     assert bool(torch.signbit(ours[fp4_neg_zero]).all()) and bool((theirs[fp4_neg_zero] == 0).all()), where
 
@@ -244,7 +244,7 @@ def test_state_dict_matches_linear4bit(dtype, quant_type, double_quant):
     for k in theirs:
         if k == prefix + "weight" and quant_type == "fp4":
             d = bnb_cpu_codes(w, 64, "fp4") != cuda_rule_codes(w, 64, "fp4")
-            o, t = (reference.unpack_nibbles(sd[k], w.numel()) for sd in (ours, theirs))
+            o, t = (quant4.unpack_nibbles(sd[k], w.numel()) for sd in (ours, theirs))
             assert torch.equal(o[~d], t[~d])
         elif k != prefix + "weight.absmax" or not double_quant:
             assert torch.equal(ours[k], theirs[k]), k

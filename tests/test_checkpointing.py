@@ -137,16 +137,16 @@ def test_memory_budget_plans_at_the_first_step(model, capsys):
 def test_full_recompute_stops_before_the_last_gemm(model, monkeypatch):
     """Under "full" the recompute in backward ends once down_proj's LoRA input is saved again (early stop): the
     down-projection's base GEMM runs once per block, o_proj's twice (forward and recompute)."""
-    from qlora_core import fused_lora
+    from qlora_core.ops import nf4_linear
 
     calls = []
-    real = fused_lora.BaseUpFunction.forward
+    real = nf4_linear.BaseUpFunction.forward
 
     def spy(ctx, x2, h, lead, group, *b):
         calls.append(group.in_features)
         return real(ctx, x2, h, lead, group, *b)
 
-    monkeypatch.setattr(fused_lora.BaseUpFunction, "forward", staticmethod(spy))
+    monkeypatch.setattr(nf4_linear.BaseUpFunction, "forward", staticmethod(spy))
     model.model.checkpoint_policy = "full"
     loss, n = batch_loss(model, torch.randint(0, 101, (1, 8)), torch.randint(0, 101, (1, 8)))
     (loss / n).backward()

@@ -18,10 +18,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_core import quantize
-from qlora_core.linear import nf4_linear
-from qlora_core.optim import PagedAdamW, adamw8bit_step, adamw32_step
-from qlora_core.optim_ref import adamw_coeffs
-from qlora_core.quant import dequantize, dequantize_into, q_args
+from qlora_core.ops.adamw import adamw8bit_step, adamw32_step, adamw_coeffs
+from qlora_core.ops.nf4_linear import nf4_linear
+from qlora_core.ops.quant4 import dequantize, dequantize_into, q_args
+from qlora_core.optim import PagedAdamW
 
 from tests.helpers import assert_close_verbose
 

@@ -15,7 +15,7 @@ import torch
 import qlora_core as qc
 from qlora_core.llama import ConfigError, KVCache, LlamaConfig, SlidingWindowError
 from qlora_core.loading import load_llama
-from qlora_core.quant import dequantize
+from qlora_core.ops.quant4 import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
 from tests.helpers import DTYPE_ATOL, assert_bnb_checkpoint_matches, assert_close_verbose
 

@@ -6,7 +6,7 @@ import torch
 
 from qlora_core.flat_quant import ALIGN, STORAGE_DTYPE, FlatQuantLinear, flatten_quantized, pack, unpack
 from qlora_core.qlinear import QuantLinear
-from qlora_core.quant import quantize
+from qlora_core.ops.quant4 import quantize
 
 CASES = [("nf4", True, True), ("nf4", False, False), ("fp4", True, False), ("fp4", False, True)]
 

@@ -23,7 +23,7 @@ from qlora_core.adapter import load_adapter, read_adapter
 from qlora_core.errors import DataError, QloraError
 from qlora_core.loading import load_llama
 from qlora_core.lora import LoraConfig
-from qlora_core.quant import QuantizedTensor, QuantStateError, quantize
+from qlora_core.ops.quant4 import QuantizedTensor, QuantStateError, quantize
 from tests._tiny import make_model_folder, swap_task, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

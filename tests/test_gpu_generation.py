@@ -16,7 +16,7 @@ import torch
 
 from qlora_core import generation as G
 from qlora_core.generation import generate
-from qlora_core.kernels import nf4_gemv1, nf4_gemv_mma
+from qlora_core.kernels import nf4_linear
 from qlora_core.loading import load_llama
 from qlora_core.lora import apply_lora, lora_modules, merge_lora
 from tests.helpers import assert_tokens_are_argmax
@@ -32,8 +32,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture
 def deterministic_kernels(monkeypatch):
-    monkeypatch.setattr(nf4_gemv_mma, "DEFAULT_SPLIT_K", 1)
-    monkeypatch.setattr(nf4_gemv1, "default_split", lambda n_tiles, k_steps: 1)
+    monkeypatch.setattr(nf4_linear, "MMA_SPLIT_K", 1)
+    monkeypatch.setattr(nf4_linear, "gemv1_split", lambda n_tiles, k_steps: 1)
 
 
 def _prompt(B, padded, seed=0):

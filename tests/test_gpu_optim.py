@@ -67,7 +67,7 @@ def test_cuda_one_step_matches_float64_adamw_with_decay(bits, solo, monkeypatch)
 @pytest.mark.parametrize("bits", [8, 32])
 @pytest.mark.parametrize("dtype,solo", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 def test_cuda_matches_cpu_reference(bits, dtype, solo, monkeypatch):
-    # Triton (CUDA) vs the PyTorch reference (CPU) over 20 steps: the same coefficients (optim_ref.adamw_coeffs)
+    # Triton (CUDA) vs the PyTorch reference (CPU) over 20 steps: the same coefficients (ops/adamw.adamw_coeffs)
     # on both sides, so this checks the kernels' arithmetic and launch paths, and the float64 test above checks
     # the coefficients. They differ only by FMA contraction on the GPU (1 ulp in m or p), which can move a code
     # by one at a midpoint; parameters stay within a few ulps.

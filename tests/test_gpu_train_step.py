@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from qlora_core import checkpointing as C
-from qlora_core import fused_lora
 from qlora_core.llama import Llama, LlamaConfig, quantize_linears
-from qlora_core.lora import apply_lora
+from qlora_core.lora import apply_lora, linear_group
+from qlora_core.ops.nf4_linear import group_linear
 from qlora_core.train import batch_loss
 
 pytestmark = pytest.mark.gpu
@@ -32,10 +32,10 @@ def test_group_linear_bf16_against_float64():
     m = _model(layers=1)
     attn = m.model.layers[0].self_attn
     mods = (attn.q_proj, attn.k_proj, attn.v_proj)
-    group = fused_lora.LinearGroup.from_modules(mods)
+    group = linear_group(mods)
     x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = fused_lora.group_linear(x, group)
+        y = group_linear(x, group)
         y_mod = torch.cat([mm(x) for mm in mods], dim=-1)
     ref = torch.cat([x.double() @ mm.base_layer.weight.dequantize().double().T
                      + (x.double() @ mm.lora_A.double().T @ mm.lora_B.double().T) * mm.scaling for mm in mods], -1)

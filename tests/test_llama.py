@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_core.linear import dequantize_as
 from qlora_core.llama import (KVCache, Llama, LlamaConfig, LlamaModel, quantize_linears, rope_inv_freq,
                               sample_next)
 from qlora_core.loading import load_llama
 from qlora_core.qlinear import QuantLinear
-from qlora_core.quant import dequantize
+from qlora_core.ops.quant4 import dequantize, dequantize_as
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
 from tests.llama_folders import CONFIGS, make_folder
 

@@ -18,7 +18,7 @@ from qlora_core.loading import (CorruptCheckpointError, HubUnavailableError, Loa
                                 MissingWeightError, NonFiniteWeightError, ShapeMismatchError, UnexpectedWeightError,
                                 UnsupportedCheckpointError, load_llama)
 from qlora_core.qlinear import QuantLinear
-from qlora_core.quant import dequantize
+from qlora_core.ops.quant4 import dequantize
 from tests.llama_folders import CONFIGS, hf_config_dict, make_folder, random_state_dict, write_folder
 
 SHARDED = "llama3-gqa-headdim-untied-3shards-v5"

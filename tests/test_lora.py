@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import qlora_core as qc
-from qlora_core.linear import dequantize_as
+from qlora_core.ops.quant4 import dequantize_as
 from qlora_core.lora import (LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules,
                              merge_lora, unload_lora, unmerge_lora)
 from qlora_core.qlinear import QuantLinear

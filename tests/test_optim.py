@@ -1,18 +1,16 @@
 """PagedAdamW on the CPU: 32-bit bit-identical to torch.optim.AdamW; each step (8- and 32-bit, weight decay
 dominant) against a float64 AdamW formula, torch.optim.AdamW and bitsandbytes' CPU AdamW8bit / AdamW32bit started
 from our state (tests/_adamw64.py); convergence, exact resume, simulated paging (bit-identical to unpaged, page
-transfers counted), NaN/Inf handling, bad input, and the Triton kernel under TRITON_INTERPRET=1 (subprocess)."""
-import os
-import subprocess
-import sys
-
+transfers counted), NaN/Inf handling, bad input, and the optimizer's Triton launches (multi-tensor, per segment,
+paged in batches) under TRITON_INTERPRET=1 (subprocess). The update kernels alone: tests/test_adamw.py."""
 import pytest
 import torch
 
 from qlora_core.formats import dynamic_map
+from qlora_core.ops.quant4 import dequantize_blockwise_ref
 from qlora_core.optim import PagedAdamW
-from qlora_core.reference import dequantize_blockwise_ref
 from tests import _adamw64 as R
+from tests.helpers import run_interpreted
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -392,68 +390,17 @@ def test_bad_state_dict_raises():
         PagedAdamW(params[:2], optim_bits=8).load_state_dict(opt8.state_dict())
 
 
-# ---- the Triton kernel under the interpreter ------------------------------------------------------------------
+# ---- the Triton launches of the optimizer under the interpreter ------------------------------------------------
+# (the kernels themselves against the references: tests/test_adamw.py)
 _INTERP = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
 import torch
 from qlora_core import backend
-from qlora_core.formats import dynamic_map
 from qlora_core.optim import PagedAdamW
-from qlora_core.optim_ref import adamw8bit_ref, adamw32_ref, adamw_coeffs
-from qlora_core.kernels.adamw8bit import adamw8bit, adamw32
 
 torch.manual_seed(0)
-q1, q2 = dynamic_map(True), dynamic_map(False)
 fails = []
-# one-tensor kernel vs reference: fp32/fp16 bit-exact (numpy has no FMA); bf16 within one bf16 ulp because the
-# interpreter casts fp32 -> bf16 by truncation, the GPU by round-to-nearest-even (checked on the device)
-for n in (1000, 4097, 768):
-    for dt in (torch.float32, torch.float16, torch.bfloat16):
-        nb = (n + 255) // 256
-        p = (torch.randn(n) * 0.1).to(dt)
-        A = [p.clone(), torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8), torch.zeros(nb),
-             torch.zeros(nb)]
-        B = [x.clone() for x in A]
-        bf16_ok = True
-        for t in range(1, 4):
-            g = (torch.randn(n) * 0.01).to(dt)
-            g[5] = float("nan")
-            g[256:512] = 0.0
-            k = adamw_coeffs(t, 1e-3, 0.9, 0.999, 1e-8, 0.01, 8)
-            adamw8bit_ref(A[0], g, *A[1:], q1, q2, k)
-            adamw8bit(B[0], g, *B[1:], q1, q2, k)
-            if dt == torch.bfloat16:  # per step: two truncating casts -> at most 2 bf16 ulps; then re-sync p
-                bf16_ok &= bool(((A[0].float() - B[0].float()).abs() <= A[0].float().abs() * 2 ** -6).all())
-                B[0].copy_(A[0])
-        same = [torch.equal(a, b) for a, b in zip(A, B)]
-        if dt == torch.bfloat16:
-            same[0] = bf16_ok
-        if not all(same):
-            fails.append(("8bit", n, str(dt), same))
-        # 32-bit: one step at a time from the same state (B re-synced to A). p within 2 ulps of its dtype: in fp32
-        # the decay multiply and the update's add round differently (torch's addcdiv may fuse; its CPU sqrt is not
-        # correctly rounded, the kernel's sqrt_rn is); a 16-bit p can flip its final rounding, and bf16 is cast by
-        # truncation in the interpreter. Bounds are ulps of each step's operands, not of its result (p and the
-        # update, or m's two terms, may nearly cancel). A step is ~1e-3, 16 fp16 ulps of |p| ~ 0.1: a wrong update
-        # cannot hide in these bounds.
-        A = [p.clone(), torch.zeros(n), torch.zeros(n)]
-        B = [x.clone() for x in A]
-        ulps = 2
-        for t in range(1, 4):
-            g = (torch.randn(n) * 0.01).to(dt)
-            k = adamw_coeffs(t, 1e-3, 0.9, 0.999, 1e-8, 0.01, 32)
-            prev = [x.double().abs() for x in A]
-            adamw32_ref(A[0], g, A[1], A[2], k)
-            adamw32(B[0], g, B[1], B[2], k)
-            g64 = g.double().abs()
-            bounds = (ulps * torch.finfo(dt).eps * (prev[0] + A[0].double().abs()),
-                      2 * 2.0 ** -23 * (prev[1] + g64), 2 * 2.0 ** -23 * (prev[2] + g64 * g64))
-            for name, a, b, bound in zip(("p", "m", "v"), A, B, bounds):
-                if not ((a.double() - b.double()).abs() <= bound).all():
-                    fails.append(("32bit " + name, n, str(dt), t, (a.double() - b.double()).abs().max().item()))
-            for a, b in zip(A, B):
-                b.copy_(a)
 # the optimizer's multi-tensor launch path (paged, with a param lacking a grad -> per-segment fallback)
 shapes = [(64, 100), (300,), (5000,), (2, 3000)]
 for bits in (8, 32):
@@ -469,7 +416,7 @@ for bits in (8, 32):
         with backend.forced("triton"):
             a.step()
         b.step()
-        # in-place kernel writes must bump autograd's version counters (caches key on them: fused_lora)
+        # in-place kernel writes must bump autograd's version counters (caches key on them: ops/nf4_linear.py)
         stale = [i for i, (p, v) in enumerate(zip(P, before)) if (p.grad is not None) != (p._version > v)]
         if stale:
             fails.append(("version", bits, t, stale))
@@ -508,9 +455,5 @@ sys.exit(1 if fails else 0)
 """
 
 
-def test_triton_kernel_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _INTERP], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def test_triton_launches_interpreter_match_reference():
+    run_interpreted(_INTERP)

@@ -7,7 +7,7 @@ import torch
 from qlora_core import optim_shards as S
 from qlora_core.formats import dynamic_map
 from qlora_core.optim import PagedAdamW
-from qlora_core.reference import dequantize_blockwise_ref
+from qlora_core.ops.quant4 import dequantize_blockwise_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 

@@ -1,6 +1,6 @@
 """Fused NF4 linear vs bitsandbytes matmul_4bit vs bf16 cuBLAS, forward and input gradient (dx), 8B shapes.
 
-    python benchmarks/bench_matmul.py [--tune] [--tune-gemv1] [--tune-mma] [--ms 1,16,128,4096,8192] [--json out.json]
+    python benchmarks/bench_nf4_linear.py [--tune] [--tune-gemv1] [--tune-mma] [--ms 1,16,128,4096,8192] [--json out.json]
 
 Shapes (N x K): 4096x4096 (q/o proj), 14336x4096 (gate/up), 4096x14336 (down); M rows of bf16 x.
 Timing: every op is captured in a CUDA graph together with R copies of its weight (R chosen so the copies
@@ -56,12 +56,14 @@ def _quantize(w):
 
 def bench_shape(n, k, ms, log, do_bnb=True, paths=True, a_tiled_max=1 << 30):
     from qlora_core.kernels import nf4_linear as disp
+    from qlora_core.ops.nf4_linear import kernel_tables
     dev = "cuda"
     dt = torch.bfloat16
     w = torch.randn(n, k, device=dev, dtype=dt) * 0.02
     q0 = _quantize(w)
     qs = [q0] + [_quantize(w + 0.001 * i) for i in range(1, _copies(_q_nbytes(q0)))]
     rq = len(qs)
+    t = kernel_tables(q0)
     rw = _copies(n * k * 2)
     ws = [w + 0.001 * i for i in range(rw)]
     bnb = None
@@ -92,16 +94,17 @@ def bench_shape(n, k, ms, log, do_bnb=True, paths=True, a_tiled_max=1 << 30):
         timed("cublas_fwd", lambda: [torch.nn.functional.linear(x, ws[i]) for i in range(r_w)], r_w, n * k * 2)
         timed("cublas_dx", lambda: [dy @ ws[i] for i in range(r_w)], r_w, n * k * 2)
         qb = _q_nbytes(qs[0])
-        timed("ours_fwd", lambda: [disp.linear_forward(x, qs[i], None) for i in range(r_q)], r_q, qb)
-        timed("ours_dx", lambda: [disp.linear_input_grad(dy, qs[i]) for i in range(r_q)], r_q, qb)
+        timed("ours_fwd", lambda: [disp.linear_forward(x, qs[i], t, None) for i in range(r_q)], r_q, qb)
+        timed("ours_dx", lambda: [disp.linear_input_grad(dy, qs[i], t) for i in range(r_q)], r_q, qb)
         res["path_fwd"] = disp.choose_path("fwd", m, n, k)
         res["path_dx"] = disp.choose_path("dx", m, n, k)
         if paths:  # every path, so the dispatch thresholds come from data
-            for p in (["gemv"] if m <= 128 else []) + (["tiled"] if m <= a_tiled_max else []) + ["cublas"]:
-                timed(f"fwd_{p}", lambda p=p: [disp.linear_forward(x, qs[i], None, path=p) for i in range(r_q)],
+            for p in (["gemv"] if m <= 128 else []) + ["cublas"]:
+                timed(f"fwd_{p}", lambda p=p: [disp.linear_forward(x, qs[i], t, None, path=p) for i in range(r_q)],
                       r_q, qb)
             for p in (["tiled"] if m <= a_tiled_max else []) + ["cublas"]:
-                timed(f"dx_{p}", lambda p=p: [disp.linear_input_grad(dy, qs[i], path=p) for i in range(r_q)], r_q, qb)
+                timed(f"dx_{p}", lambda p=p: [disp.linear_input_grad(dy, qs[i], t, path=p) for i in range(r_q)],
+                      r_q, qb)
         if bnb is not None:
             bnb_mod, bnbF, bq = bnb
             try:
@@ -115,14 +118,14 @@ def bench_shape(n, k, ms, log, do_bnb=True, paths=True, a_tiled_max=1 << 30):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            y = disp.linear_forward(x, qs[0], None)
+            y = disp.linear_forward(x, qs[0], t, None)
             torch.cuda.synchronize()
             res["mem_fwd_kept_MB"] = (torch.cuda.memory_allocated() - base - y.numel() * 2) / 2**20
             res["mem_fwd_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base - y.numel() * 2) / 2**20
             del y
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            g = disp.linear_input_grad(dy, qs[0])
+            g = disp.linear_input_grad(dy, qs[0], t)
             torch.cuda.synchronize()
             res["mem_dx_kept_MB"] = (torch.cuda.memory_allocated() - base - g.numel() * 2) / 2**20
             res["mem_dx_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base - g.numel() * 2) / 2**20
@@ -161,18 +164,21 @@ def _sweep(log, label: str, call, qs: list, grid: list, splits=(), grid_split=1)
 
 
 def tune_gemv(log, shapes):
-    """Sweep the general decode kernel's block sizes (kernels/nf4_gemv.py) at M = 1, 16 and 128."""
-    from qlora_core.kernels import nf4_gemv
+    """Sweep the generic decode kernel's block sizes (gemv, kernels/nf4_linear.py) at M = 1, 16 and 128."""
+    from qlora_core.kernels import nf4_linear
+    from qlora_core.ops.nf4_linear import kernel_tables
     out = []
     for n, k in shapes:
         qs = _weight_copies(n, k)
+        t = kernel_tables(qs[0])
         for m, grid in ((1, [(bn, un, 4, 1, None) for bn in (16, 32, 64) for un in (2, 4)]
                          + [(32, 4, 4, 1, 4), (32, 4, 8, 1, None), (64, 4, 8, 1, None), (32, 4, 4, 3, None)]),
                         (16, [(bn, un, 4, 1, None) for bn in (32, 64, 128) for un in (1, 2)] + [(64, 1, 8, 1, None)]),
                         (128, [(bn, 1, 4, 1, None) for bn in (32, 64, 128)] + [(64, 1, 8, 1, None), (64, 1, 4, 1, 2)])):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             rows, _ = _sweep(log, f"gemv N={n} K={k} M={m}",
-                             lambda q, c, sp: nf4_gemv.gemv(x, q, None, c[0], c[1], c[2], split_k=c[4], num_stages=c[3]),
+                             lambda q, c, sp: nf4_linear.gemv(x, q, t, None, c[0], c[1], c[2], split_k=c[4],
+                                                              num_stages=c[3]),
                              qs, grid)
             out += [dict(r, N=n, K=k, M=m) for r in rows]
     return out
@@ -183,13 +189,18 @@ GEMV1_GRID = [(8, 8, 2, 1, 1), (16, 8, 4, 1, 1), (8, 16, 4, 1, 1), (16, 4, 2, 1,
 
 
 def tune_gemv1(log, shapes):
-    """Sweep the one-row decode kernel's tiling (kernels/nf4_gemv1.py) at M = 1, plus split-K 2 and 4 on the best."""
-    from qlora_core.kernels import nf4_gemv1
+    """Sweep the one-row decode kernel's tiling (gemv1, kernels/nf4_linear.py) at M = 1, plus split-K 2 and 4 on the
+    best."""
+    from qlora_core.kernels import nf4_linear
+    from qlora_core.ops.nf4_linear import kernel_tables
     out = []
     for n, k in shapes:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        rows, _ = _sweep(log, f"gemv1 N={n} K={k}", lambda q, c, sp: nf4_gemv1.gemv1(x, q, None, config=c, split_k=sp),
-                         _weight_copies(n, k), GEMV1_GRID, splits=(2, 4))
+        qs = _weight_copies(n, k)
+        t = kernel_tables(qs[0])
+        rows, _ = _sweep(log, f"gemv1 N={n} K={k}",
+                         lambda q, c, sp: nf4_linear.gemv1(x, q, t, None, config=c, split_k=sp),
+                         qs, GEMV1_GRID, splits=(2, 4))
         out += [dict(r, N=n, K=k) for r in rows]
     return out
 
@@ -200,18 +211,20 @@ MMA_GRID = {16: [(64, 2, 4, 1), (128, 2, 4, 1), (64, 4, 4, 1), (32, 2, 2, 1), (6
 
 
 def tune_mma(log, shapes, ms=(16,)):
-    """Sweep the small-M tensor-core kernel's tiling (kernels/nf4_gemv_mma.py) at its default split-K, then split-K
-    1, 2 and 4 on the best."""
-    from qlora_core.kernels import nf4_gemv_mma
+    """Sweep the small-M tensor-core kernel's tiling (gemv_mma, kernels/nf4_linear.py) at its default split-K, then
+    split-K 1, 2 and 4 on the best."""
+    from qlora_core.kernels import nf4_linear
+    from qlora_core.ops.nf4_linear import kernel_tables
     out = []
     for n, k in shapes:
         qs = _weight_copies(n, k)
+        t = kernel_tables(qs[0])
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             grid = MMA_GRID[16 if m <= 16 else 128]
             rows, _ = _sweep(log, f"mma N={n} K={k} M={m}",
-                             lambda q, c, sp: nf4_gemv_mma.gemv_mma(x, q, None, config=c, split_k=sp),
-                             qs, grid, splits=(1, 2, 4), grid_split=nf4_gemv_mma.DEFAULT_SPLIT_K)
+                             lambda q, c, sp: nf4_linear.gemv_mma(x, q, t, None, config=c, split_k=sp),
+                             qs, grid, splits=(1, 2, 4), grid_split=nf4_linear.MMA_SPLIT_K)
             out += [dict(r, N=n, K=k, M=m) for r in rows]
     return out
 
@@ -225,7 +238,7 @@ def main(argv=None):
     ap.add_argument("--tune-mma", action="store_true", help="sweep the small-M tensor-core kernel's tiling first")
     ap.add_argument("--no-paths", action="store_true", help="skip timing each dispatch path separately")
     ap.add_argument("--json", default=None, help="write all rows to this file")
-    ap.add_argument("--tiled-max", type=int, default=1 << 30, help="time the fused tiled path only up to this M")
+    ap.add_argument("--tiled-max", type=int, default=1 << 30, help="time the fused tiled dx path only up to this M")
     a = ap.parse_args(argv)
     lines = []
 
@@ -273,7 +286,7 @@ def main(argv=None):
               f"{od * 1e3:8.1f} {cd / od:5.2f} {bd * 1e3:8.1f} {cd / bd:6.2f} | {r['path_fwd']}/{r['path_dx']}")
         summary.append({"N": r["N"], "K": r["K"], "M": r["M"], "fwd_x": round(c / o, 3), "dx_x": round(cd / od, 3),
                         "bnb_fwd_x": round(c / b, 3) if b == b else None})
-    print(json.dumps({"bench": "matmul", **meta, "summary": summary}))
+    print(json.dumps({"bench": "nf4_linear", **meta, "summary": summary}))
 
 
 if __name__ == "__main__":

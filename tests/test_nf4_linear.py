@@ -1,7 +1,7 @@
 """nf4_linear on the CPU reference path against float64 math, plus the autograd contract (nothing dense saved).
 
 Reference: y64 = x64 @ W64.T + b64 with W64 the exact quantized weight, lut[code] * absmax as an fp32 product
-(the format spec, reference.dequantize_4bit_ref) taken to float64. Tolerance (STYLE.md): 2x the max error of
+(the format spec, ops/quant4.dequantize_4bit_ref) taken to float64. Tolerance (STYLE.md): 2x the max error of
 PyTorch's own same-dtype F.linear / matmul on W = qlora_core.dequantize(q) (rounded to the dtype) against the
 same float64 result, plus DTYPE_ATOL[dtype].
 """
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import qlora_core as qc
-from qlora_core.linear import NF4LinearFunction, NF4LinearInputError, dequantize_as
+from qlora_core.ops.nf4_linear import NF4LinearFunction, NF4LinearInputError
+from qlora_core.ops.quant4 import dequantize_as
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

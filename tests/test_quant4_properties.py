@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import qlora_core as qc
-from qlora_core import reference
+from qlora_core.ops import quant4
 from qlora_core.formats import code_table, dynamic_map
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -42,7 +42,7 @@ def test_round_trip_is_idempotent(case):
     y = qc.dequantize(q1)
     q2 = qc.quantize(y, case["quant_type"], case["blocksize"], case["double_quant"])
     n = x.numel()
-    c1, c2 = reference.unpack_nibbles(q1.data, n), reference.unpack_nibbles(q2.data, n)
+    c1, c2 = quant4.unpack_nibbles(q1.data, n), quant4.unpack_nibbles(q2.data, n)
     if case["quant_type"] == "fp4":
         # code 8 is -0.0 in FP4 but the table stores +0.0, so it dequantizes to +0 and requantizes to code 0
         c1 = torch.where(c1 == 8, 0, c1)
@@ -120,7 +120,7 @@ def test_8bit_encode_is_nearest(xs, signed):
     x = torch.tensor(xs, dtype=torch.float32)
     if not signed:
         x = x.abs()
-    q = reference.encode_8bit(x, code)
+    q = quant4.encode_8bit(x, code)
     err = (code[q.long()] - x).abs()
     best = (code[None, :] - x[:, None]).abs().min(dim=1).values
     assert torch.equal(err, best)
@@ -164,7 +164,7 @@ def test_all_zero_block_follows_cuda():
     x = torch.zeros(128)
     x[64:] = torch.randn(64)
     q = qc.quantize(x, "nf4", 64, False)
-    codes = reference.unpack_nibbles(q.data, 128)
+    codes = quant4.unpack_nibbles(q.data, 128)
     assert q.absmax[0] == 0 and bool((codes[:64] == 0).all())
     y = qc.dequantize(q)
     assert bool((y[:64] == 0).all()) and bool(torch.signbit(y[:64]).all())

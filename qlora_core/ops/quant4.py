@@ -1,10 +1,33 @@
-"""`quantize` / `dequantize` and `QuantizedTensor`: the bitsandbytes 4-bit format as a small dataclass.
+"""The quant4 op: bitsandbytes' 4-bit blockwise format (NF4 / FP4, optional double quant) as `QuantizedTensor`,
+with `quantize` / `dequantize` / `dequantize_into`, the PyTorch reference that is the spec, and the custom ops.
 
 A QuantizedTensor is the packed codes plus the absmax state, laid out exactly as bitsandbytes' `QuantState`
-and `Linear4bit` state dict (docs/format.md), so a checkpoint written by either loads in the other. The math
-lives in `reference.py` (CPU, the spec) and `kernels/quant4.py` (Triton); `backend.choose` picks one.
-Under torch.compile quantize / dequantize / dequantize_into call the custom ops registered at the end of this file
-(`qlora_core::quantize_4bit`, `dequantize_4bit`, `dequantize_4bit_into`), which take a QuantizedTensor's fields.
+and `Linear4bit` state dict (docs/format.md), so a checkpoint written by either loads in the other.
+
+The reference (the `*_ref` functions and the encoders below) follows bitsandbytes' CUDA kernels, which is what
+produced nearly every bnb-4bit checkpoint in circulation:
+  * blocks run over the flattened, row-major tensor; absmax is the fp32 max |x| of each block;
+  * xn = x * (1/absmax) with one fp32 reciprocal per block (a multiply, not a divide);
+  * NF4 code = number of CUDA's fp32 thresholds strictly below xn (a tie goes to the lower code; 4 of the 15
+    thresholds are one ulp off the midpoints, formats.NF4_THRESHOLD_BITS);
+  * FP4 uses the CUDA literal thresholds on |xn| plus a sign bit;
+  * an all-zero block has absmax 0, xn = 0*inf = NaN, and NaN takes code 0 (NF4 -1.0, dequantizing to -0.0);
+  * dequantization multiplies by the table, except FP4 code 8 gives -0.0 (CUDA's sign handling);
+  * element 2j goes in the high nibble of byte j; an odd tail is padded with NF4 zero (7) / FP4 +0 (0).
+The 8-bit quantizer (double quant's nested absmax, and the 8-bit optimizer states of ops/adamw.py) emulates the
+CUDA binary search over the 256-entry map, so exact ties resolve as CUDA resolves them (to the even index), not
+as a nearest-neighbour search would. The references take CPU or CUDA tensors and work in fp32 internally.
+
+Two known differences from CUDA, both invisible on ordinary weights: CUDA is built with --use_fast_math,
+so its reciprocal is approximate (~1 ulp) and denormal inputs flush to zero. An element within ~1 ulp of a
+threshold can therefore take the neighbouring code on CUDA (kernels/quant4.py reproduces both behaviours, its
+"bnb" mode). bitsandbytes' own CPU backend differs more (it divides in the tail block and gives all-zero blocks
+code 7); tests/test_bnb_compat.py spells it out.
+
+Dispatch: `backend.choose` picks the reference or the Triton launchers of kernels/quant4.py (which are passed the
+thresholds and tables from formats.py). Under torch.compile quantize / dequantize / dequantize_into call the custom
+ops registered at the end of this file (`qlora_core::quantize_4bit`, `dequantize_4bit`, `dequantize_4bit_into`),
+which take a QuantizedTensor's fields; eager calls run the same bodies directly (docs/backends.md).
 """
 from __future__ import annotations
 
@@ -14,16 +37,156 @@ import math
 
 import torch
 
-from . import backend, reference
-from .errors import FileLoadError
-from .formats import QUANT_TYPES, code_table, dynamic_map
+from .. import backend
+from ..defaults import FLOAT_DTYPES
+from ..errors import FileLoadError
+from ..formats import (FP4_PAD_NIBBLE, NF4_PAD_NIBBLE, QUANT_TYPES, code_table, dequant_table, dynamic_map,
+                       fp4_thresholds, nf4_thresholds)
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-NESTED_BLOCKSIZE = reference.NESTED_BLOCKSIZE
+NESTED_BLOCKSIZE = 256  # double quant: absmax values per nested 8-bit block
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_SD_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+# -- the reference: the format's spec in PyTorch -----------------------------------------------------------------------
+def _blocked(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    """Flatten x to fp32 and zero-pad it to whole blocks: returns ((nblocks, blocksize) fp32, n)."""
+    flat = x.reshape(-1).to(torch.float32)
+    n = flat.numel()
+    pad = (-n) % blocksize
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, blocksize), n
+
+
+def blockwise_absmax(x: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """max |x| of each block of the flattened x: shape (ceil(n/blocksize),), float32.
+
+    The zero padding of the tail block cannot raise its max, so the last block's absmax is taken over its
+    valid elements only, as in bitsandbytes.
+    """
+    blocks, _ = _blocked(x, blocksize)
+    return blocks.abs().amax(dim=1)
+
+
+def _normalize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Return (xn (n,) fp32 in [-1, 1] or NaN for all-zero blocks, absmax (nblocks,) fp32, n)."""
+    blocks, n = _blocked(x, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    recip = 1.0 / absmax  # one reciprocal per block, as CUDA does; 1/0 = inf -> xn = NaN for a zero block
+    xn = (blocks * recip[:, None]).reshape(-1)[:n]
+    return xn, absmax, n
+
+
+def encode_4bit(xn: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Map normalized values (fp32, any shape) to 4-bit codes (uint8, same shape); NaN -> code 0."""
+    if quant_type == "nf4":
+        # bucketize(right=False) counts boundaries strictly below xn: exactly the CUDA `xn > t` tree.
+        codes = torch.bucketize(xn, nf4_thresholds(xn.device), right=False)
+    else:
+        thresholds, bucket_codes = fp4_thresholds(xn.device)
+        mag = torch.bucketize(xn.abs(), thresholds, right=False)
+        codes = bucket_codes[mag].to(torch.int64) | torch.where(xn < 0, 8, 0)
+    return torch.where(torch.isnan(xn), 0, codes).to(torch.uint8)
+
+
+def pack_nibbles(codes: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Pack n 4-bit codes (uint8, flattened) into ((n+1)//2, 1) uint8: element 2j in the high nibble."""
+    codes = codes.reshape(-1)
+    if codes.numel() % 2:
+        pad = NF4_PAD_NIBBLE if quant_type == "nf4" else FP4_PAD_NIBBLE
+        codes = torch.cat([codes, codes.new_full((1,), pad)])
+    pairs = codes.view(-1, 2)
+    return ((pairs[:, 0] << 4) | pairs[:, 1]).unsqueeze(1)
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_nibbles: ((n+1)//2, 1) uint8 -> (n,) uint8 codes (padding dropped)."""
+    flat = packed.reshape(-1).view(torch.uint8)
+    return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]
+
+
+def quantize_4bit_ref(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+    """Reference 4-bit blockwise quantization of x (any shape; fp32, fp16 or bf16).
+
+    Returns (packed uint8 ((n+1)//2, 1), absmax fp32 (ceil(n/blocksize),)).
+    """
+    xn, absmax, _ = _normalize(x, blocksize)
+    return pack_nibbles(encode_4bit(xn, quant_type), quant_type), absmax
+
+
+def dequantize_4bit_ref(packed: torch.Tensor, absmax: torch.Tensor, shape, dtype: torch.dtype,
+                        blocksize: int = 64, quant_type: str = "nf4") -> torch.Tensor:
+    """Reference 4-bit dequantization: out[i] = dtype(lut[code_i] * absmax[i // blocksize]) in one fp32 multiply.
+
+    packed: ((n+1)//2, 1) uint8; absmax: (ceil(n/blocksize),) fp32 (already de-nested). Returns `shape`, `dtype`.
+    """
+    n = 1
+    for s in shape:
+        n *= int(s)
+    codes = unpack_nibbles(packed, n)
+    lut = dequant_table(quant_type, packed.device)
+    scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
+    return (lut[codes.long()] * scale).to(dtype).reshape(shape)
+
+
+def encode_8bit(xn: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Map normalized values (fp32, any shape) to indices of a sorted 256-entry map, as CUDA's dQuantize does.
+
+    A 7-step binary search (pivot 127, steps 64..1, `x > code[pivot]` goes right) followed by a midpoint test
+    between the final even pivot and its bracketing probes. Exact ties go to that pivot. NaN -> 0.
+    """
+    code = code.to(device=xn.device, dtype=torch.float32)
+    shape = xn.shape
+    x = xn.reshape(-1)
+    pivot = torch.full_like(x, 127, dtype=torch.int64)
+    lower_pivot = torch.zeros_like(pivot)
+    upper_pivot = torch.full_like(pivot, 255)
+    val = code[pivot]
+    step = 64
+    while step > 0:
+        right = x > val
+        lower_pivot = torch.where(right, pivot, lower_pivot)
+        upper_pivot = torch.where(right, upper_pivot, pivot)
+        pivot = torch.where(right, pivot + step, pivot - step)
+        val = code[pivot]
+        step //= 2
+    lower, upper = code[lower_pivot], code[upper_pivot]
+    above = x > val
+    go_up = above & (x > (upper + val) * 0.5)
+    go_down = ~above & (x < (lower + val) * 0.5)
+    out = torch.where(go_up, upper_pivot, torch.where(go_down, lower_pivot, pivot))
+    return out.to(torch.uint8).reshape(shape)
+
+
+def quantize_blockwise_ref(x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256):
+    """Reference 8-bit blockwise quantization (bitsandbytes `quantize_blockwise`, CUDA semantics).
+
+    x: any shape, fp32/fp16/bf16; code: sorted (256,) fp32 map, default the signed dynamic map.
+    Returns (codes uint8 of x's shape, absmax fp32 (ceil(n/blocksize),)).
+    """
+    if code is None:
+        code = dynamic_map(True, x.device)
+    xn, absmax, _ = _normalize(x, blocksize)
+    return encode_8bit(xn, code).reshape(x.shape), absmax
+
+
+def dequantize_blockwise_ref(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
+                             blocksize: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reference 8-bit blockwise dequantization: dtype(code[q] * absmax[i // blocksize]); q's shape."""
+    if code is None:
+        code = dynamic_map(True, q.device)
+    n = q.numel()
+    scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
+    return (code.to(q.device)[q.reshape(-1).long()] * scale).to(dtype).reshape(q.shape)
+
+
+def double_dequantize_ref(qabsmax: torch.Tensor, nested_absmax: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Restore the fp32 absmax: code[q] * absmax2[i >> 8], then + offset as a separate fp32 add (no FMA)."""
+    return dequantize_blockwise_ref(qabsmax, nested_absmax, dynamic_map(True, qabsmax.device),
+                                    NESTED_BLOCKSIZE) + offset.to(torch.float32)
+
+
+# -- QuantizedTensor ---------------------------------------------------------------------------------------------------
 class QuantStateError(FileLoadError, ValueError):
     """A state dict or blob that does not describe a valid bitsandbytes 4-bit tensor."""
 
@@ -84,7 +247,7 @@ class QuantizedTensor:
         """The per-block fp32 absmax (nblocks,), restoring it from the nested 8-bit state when double quantized."""
         if not self.double_quant:
             return self.absmax
-        return reference.double_dequantize_ref(self.absmax, self.nested_absmax, self.offset)
+        return double_dequantize_ref(self.absmax, self.nested_absmax, self.offset)
 
     def to(self, *args, **kwargs) -> "QuantizedTensor":
         """A copy moved and/or retyped as `Tensor.to` would be: `q.to("cuda")`, `q.to(torch.float16)`,
@@ -96,7 +259,7 @@ class QuantizedTensor:
         that is not float32 / float16 / bfloat16.
         """
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        if dtype is not None and dtype not in FLOAT_DTYPES:
             raise TypeError(f"QuantizedTensor.to: the dequantized dtype must be float32, float16 or bfloat16, "
                             f"got {dtype}; the packed 4-bit state itself is never cast")
         out = self
@@ -246,7 +409,7 @@ def _check_blocksize(blocksize: int) -> None:
 def _check_input(w: torch.Tensor, quant_type: str, blocksize: int) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(w).__name__}")
-    if w.dtype not in SUPPORTED_DTYPES:
+    if w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"quantize supports float32, float16 and bfloat16, got {w.dtype}")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {QUANT_TYPES}")
@@ -274,11 +437,12 @@ def _quantize(w: torch.Tensor, blocksize: int, quant_type: str, double_quant: bo
     """The quantize body: contiguous w -> (data, absmax, nested_absmax or None, offset or None)."""
     _check_finite(w)
     if backend.choose(w.device, w.dtype) == "triton":
-        from .kernels import quant4 as impl
-        quantize_4bit, quantize_blockwise = impl.quantize_4bit, impl.quantize_blockwise
+        from ..kernels import quant4
+        data, absmax = quant4.quantize_4bit(w, blocksize, quant_type, nf4_thresholds(w.device))
+        quantize_blockwise = quant4.quantize_blockwise
     else:
-        quantize_4bit, quantize_blockwise = reference.quantize_4bit_ref, reference.quantize_blockwise_ref
-    data, absmax = quantize_4bit(w, blocksize, quant_type)
+        data, absmax = quantize_4bit_ref(w, blocksize, quant_type)
+        quantize_blockwise = quantize_blockwise_ref
     nested_absmax = offset = None
     if double_quant:
         # offset = absmax.mean() as a torch reduction on w's device, the same call bitsandbytes makes, so
@@ -314,12 +478,18 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
                            nested_absmax=nested_absmax, offset=offset)
 
 
+def dequantize_as(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reference dequantization of q into `dtype` (q.shape): dtype(lut[code] * absmax_fp32), one rounding."""
+    return dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, dtype, q.blocksize, q.quant_type)
+
+
 def _dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """The dequantize body: q -> Tensor(q.shape) in `dtype` (the fp32 product rounded once to dtype)."""
     if backend.choose(q.device, dtype) == "triton":
-        from .kernels import quant4
-        return quant4.dequantize_4bit(q, dtype=dtype)
-    return reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, dtype, q.blocksize, q.quant_type)
+        from ..kernels import quant4
+        return quant4.dequantize_4bit(q, dequant_table(q.quant_type, q.device), dynamic_map(True, q.device),
+                                      dtype=dtype)
+    return dequantize_as(q, dtype)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
@@ -345,14 +515,13 @@ def dequantize_into(q: QuantizedTensor, out: torch.Tensor) -> None:
 
 def _dequantize_into(out: torch.Tensor, q: QuantizedTensor) -> None:
     if backend.choose(out.device, out.dtype) == "triton":
-        from .kernels import quant4
-        quant4.dequantize_4bit(q, out=out)
+        from ..kernels import quant4
+        quant4.dequantize_4bit(q, dequant_table(q.quant_type, q.device), dynamic_map(True, q.device), out=out)
     else:
-        out.copy_(reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, out.dtype, q.blocksize,
-                                                q.quant_type).reshape(out.shape))
+        out.copy_(dequantize_as(q, out.dtype).reshape(out.shape))
 
 
-# -- torch.library custom ops: what torch.compile sees (docs/backends.md, "torch.compile: the custom ops") -----
+# -- torch.library custom ops: what torch.compile sees (docs/backends.md, "torch.compile: the custom ops") -------------
 # A QuantizedTensor is not a tensor, so the ops take its fields: q_args(q) gives them in the order below and
 # q_from_args rebuilds it. Optional tensors are None without double quant; an op cannot return None, so
 # quantize_4bit returns empty (0,) tensors there instead.

@@ -1,4 +1,6 @@
-"""Pure-PyTorch reference of the AdamW updates PagedAdamW runs: the spec the Triton kernel obeys.
+"""The adamw op: the AdamW updates PagedAdamW runs on flat slices of a parameter and its state, their PyTorch
+references (the spec kernels/adamw.py obeys), the one reference-vs-Triton decision (`triton_kernels`) and the
+`adamw8bit_step` / `adamw32_step` custom ops.
 
 Two updates, both in place on one flat slice of a parameter and its state:
   * `adamw8bit_ref`: bitsandbytes' 8-bit blockwise Adam (bnb-format.md §6, kOptimizerStatic8bit2StateBlockwise).
@@ -6,7 +8,7 @@ Two updates, both in place on one flat slice of a parameter and its state:
     m = b1*m0 + (1-b1)*g and v = b2*v0 + (1-b2)*g*g, else m = v = 0 and p is left alone; the step uses the
     *unquantized* new m, v: p = T(p + step_size*m/(sqrt(v) + c2*eps)), then decay p = T(p*(1-lr*wd)) (after the
     step, two casts, as bnb; torch decays first, an O(lr^2*wd) difference); absmax' = max|m|, max|v| per
-    256-block; requantize with the CUDA binary-search nearest/tie rule (`reference.encode_8bit`) on m/absmax'
+    256-block; requantize with the CUDA binary-search nearest/tie rule (`ops/quant4.encode_8bit`) on m/absmax'
     (a true divide: bnb's quantize_2D divides); sign fix: if signbit(qmap1[c1]) != signbit(m), c1 += 1 if m > 0
     else -1, wrapping in uint8 (an all-zero block gives state1 = 0xFF, state2 = 0x00, absmax 0, as on CUDA).
   * `adamw32_ref`: torch.optim.AdamW's single-tensor update with fp32 states (decay first, lerp for m).
@@ -15,21 +17,27 @@ Differences from CUDA bnb, by design: the scalar coefficients (step_size, c2*eps
 fp64 on the host and rounded to fp32 (bnb uses `__powf` / `__fdividef` on the device), and sqrt / divide are
 IEEE-rounded (bnb builds with fast-math). bnb-format.md §6 says bit-exactness with CUDA bnb is unrealistic;
 the format (codes, maps, absmax semantics) is what must match, and the kernel matches *this* reference.
+
+Dispatch: PagedAdamW (optim.py) launches the kernels per page region itself (multi-tensor launches), but asks
+`triton_kernels` whether to; `adamw8bit_step` / `adamw32_step` run one flat tensor for code that writes its own
+update loop, through the custom ops `qlora_core::adamw8bit_step` / `adamw32_step` under torch.compile (coefficients
+as a list of floats: AdamWCoeffs' fields in order) and directly in eager mode (docs/backends.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
-from dataclasses import dataclass
 
 import torch
 
-from .reference import encode_8bit
+from .. import backend
+from .quant4 import encode_8bit
 
 BLOCKSIZE = 256  # 8-bit state quantization block (bnb's blockwise optimizers hardcode 256)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class AdamWCoeffs:
     """Per-step scalars, computed once in fp64 on the host and passed to kernels (rounded to fp32 there)."""
     beta1: float
@@ -123,3 +131,78 @@ def adamw32_ref(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg
     exp_avg_sq.mul_(k.beta2).addcmul_(g32, g32, value=k.one_minus_beta2)
     denom = (exp_avg_sq.sqrt() / k.bias_c2_sqrt).add_(k.eps_hat)
     p.copy_(p32.addcdiv_(exp_avg, denom, value=-k.step_size))
+
+
+# -- dispatch and the custom ops ---------------------------------------------------------------------------------------
+def triton_kernels(device: torch.device, dtype: torch.dtype | None = None):
+    """kernels/adamw.py (the launchers) when the update of tensors on `device` (of `dtype`) runs in Triton, else None
+    (the references run): the one reference-vs-Triton decision of this op, `backend.choose`'s rule. Imports triton
+    only when the answer is Triton."""
+    if backend.choose(device, dtype) != "triton":
+        return None
+    from ..kernels import adamw
+    return adamw
+
+
+def _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k: AdamWCoeffs) -> None:
+    kernels = triton_kernels(p.device, p.dtype)
+    if kernels is None:
+        adamw8bit_ref(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k)
+    else:
+        kernels.adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k, BLOCKSIZE)
+        torch.autograd.graph.increment_version([p])  # Triton writes bypass the version counter
+
+
+def _adamw32(p, g, exp_avg, exp_avg_sq, k: AdamWCoeffs) -> None:
+    kernels = triton_kernels(p.device, p.dtype)
+    if kernels is None:
+        adamw32_ref(p, g, exp_avg, exp_avg_sq, k)
+    else:
+        kernels.adamw32(p, g, exp_avg, exp_avg_sq, k, BLOCKSIZE)
+        torch.autograd.graph.increment_version([p])
+
+
+def adamw8bit_step(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                   absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
+                   k: AdamWCoeffs) -> None:
+    """One 8-bit blockwise AdamW step in place (adamw8bit_ref's arguments and rule); flat contiguous
+    tensors. The custom op `qlora_core::adamw8bit_step` under torch.compile, the plain call otherwise."""
+    if backend.compiling():
+        torch.ops.qlora_core.adamw8bit_step(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2,
+                                            list(dataclasses.astuple(k)))
+    else:
+        _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, k)
+
+
+def adamw32_step(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 k: AdamWCoeffs) -> None:
+    """One AdamW step with fp32 states in place (adamw32_ref's arguments and rule); flat tensors. The
+    custom op `qlora_core::adamw32_step` under torch.compile, the plain call otherwise."""
+    if backend.compiling():
+        torch.ops.qlora_core.adamw32_step(p, g, exp_avg, exp_avg_sq, list(dataclasses.astuple(k)))
+    else:
+        _adamw32(p, g, exp_avg, exp_avg_sq, k)
+
+
+@torch.library.custom_op("qlora_core::adamw8bit_step",
+                         mutates_args=("p", "state1", "state2", "absmax1", "absmax2"))
+def _adamw8bit_op(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                  absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
+                  coeffs: list[float]) -> None:
+    _adamw8bit(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, AdamWCoeffs(*coeffs))
+
+
+@_adamw8bit_op.register_fake
+def _(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, coeffs):
+    return None
+
+
+@torch.library.custom_op("qlora_core::adamw32_step", mutates_args=("p", "exp_avg", "exp_avg_sq"))
+def _adamw32_op(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                coeffs: list[float]) -> None:
+    _adamw32(p, g, exp_avg, exp_avg_sq, AdamWCoeffs(*coeffs))
+
+
+@_adamw32_op.register_fake
+def _(p, g, exp_avg, exp_avg_sq, coeffs):
+    return None

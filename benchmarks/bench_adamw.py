@@ -9,9 +9,9 @@ states alone exceed L2 for both workloads). "25%" caps PagedAdamW's state pages 
 state bytes (pages in pinned host memory stream over PCIe every step); bitsandbytes' paged optimizer cannot be
 capped without oversubscribing managed memory on a shared GPU, so it is measured resident only.
 
-    python benchmarks/bench_optim.py                      # the table + JSON line
-    python benchmarks/bench_optim.py --oom-demo           # memory-capped training step: torch AdamW vs PagedAdamW
-    python benchmarks/bench_optim.py --cases "torch,bnb,ours 8-bit" --demo ours8   # a subset
+    python benchmarks/bench_adamw.py                      # the table + JSON line
+    python benchmarks/bench_adamw.py --oom-demo           # memory-capped training step: torch AdamW vs PagedAdamW
+    python benchmarks/bench_adamw.py --cases "torch,bnb,ours 8-bit" --demo ours8   # a subset
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def main():
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         demo.append(json.loads(line[-1][7:]) if line else {"optimizer": which, "completed": False,
                                                             "error": proc.stderr[-400:]})
-    with open(os.path.join(args.out, "bench_optim.json"), "w") as f:
+    with open(os.path.join(args.out, "bench_adamw.json"), "w") as f:
         json.dump({"env": env, "rows": rows, "oom_demo": demo}, f, indent=1)
 
     print(f"\n{'workload':9s}{'optimizer':27s}{'step ms':>9s}{'vs bnb':>8s}{'vs torch':>9s}{'state GPU MiB':>15s}"

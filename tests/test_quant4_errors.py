@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import qlora_core as qc
-from qlora_core.quant import QuantStateError
+from qlora_core.ops.quant4 import QuantStateError
 
 
 @pytest.mark.parametrize("bad,match", [(float("nan"), "NaN/Inf"), (float("inf"), "NaN/Inf"), (-float("inf"), "NaN/Inf")])

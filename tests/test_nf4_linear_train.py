@@ -1,14 +1,16 @@
-"""The grouped LoRA linear (qlora_core/fused_lora.py) against the module-by-module path (LoRALinear, which matches
-PEFT's lora.Linear bit for bit): outputs and the grads of x, A and B, for q/k/v-like groups of quantized, dense,
-merged and un-adapted members, with bias, with dropout (masks rebuilt from the Function's seed), under bf16."""
+"""The grouped path of nf4_linear (qlora_core/ops/nf4_linear.py; groups built by lora.linear_group) against the
+module-by-module path (LoRALinear, which matches PEFT's lora.Linear bit for bit): outputs and the grads of x, A and
+B, for q/k/v-like groups of quantized, dense, merged and un-adapted members, with bias, with dropout (masks rebuilt
+from the Function's seed), under bf16."""
 import pytest
 import torch
 from torch import nn
 
-from qlora_core import fused_lora
-from qlora_core.lora import LoRALinear
+from qlora_core.lora import LoRALinear, linear_group
+from qlora_core.ops import nf4_linear
+from qlora_core.ops.nf4_linear import group_linear
+from qlora_core.ops.quant4 import quantize
 from qlora_core.qlinear import QuantLinear
-from qlora_core.quant import quantize
 
 from tests.helpers import assert_close_verbose
 
@@ -57,9 +59,9 @@ def _grads(modules, x, out):
 def test_group_equals_modules_fp32(kind):
     mods = _members(kind)
     x = torch.randn(3, 7, K, requires_grad=True)
-    group = fused_lora.LinearGroup.from_modules(mods)
+    group = linear_group(mods)
     assert group is not None
-    y = fused_lora.group_linear(x, group)
+    y = group_linear(x, group)
     ref = torch.cat([m(x) for m in mods], dim=-1)
     assert_close_verbose(y, ref, atol=1e-5, rtol=1e-5, name=f"{kind} forward")
     torch.manual_seed(5)
@@ -73,12 +75,12 @@ def test_group_equals_modules_fp32(kind):
 
 def test_lora_copies_are_rebuilt_after_an_update():
     mods = _members("qkv")
-    group = fused_lora.LinearGroup.from_modules(mods)
+    group = linear_group(mods)
     x = torch.randn(4, K)
-    fused_lora.group_linear(x, group)
+    group_linear(x, group)
     with torch.no_grad():
         mods[1].lora_B.add_(1.0)  # what an optimizer step does: in place, bumping _version
-    y = fused_lora.group_linear(x, group)
+    y = group_linear(x, group)
     assert_close_verbose(y, torch.cat([m(x) for m in mods], dim=-1), atol=1e-5, rtol=1e-5, name="after update")
 
 
@@ -87,11 +89,11 @@ def test_dropout_masks_match_a_reference_with_the_same_masks(monkeypatch):
     for m in mods:
         m.train()
     seen = []
-    real = fused_lora.dropout_masks
-    monkeypatch.setattr(fused_lora, "dropout_masks", lambda *a: seen.append(a) or real(*a))
+    real = nf4_linear.dropout_masks
+    monkeypatch.setattr(nf4_linear, "dropout_masks", lambda *a: seen.append(a) or real(*a))
     x = torch.randn(9, K, requires_grad=True)
-    group = fused_lora.LinearGroup.from_modules(mods)
-    y = fused_lora.group_linear(x, group)
+    group = linear_group(mods)
+    y = group_linear(x, group)
     seed, ps, shape, dev = seen[0]
     assert ps == [0.3, 0.5]
     masks = real(seed, ps, shape, dev)
@@ -112,8 +114,8 @@ def test_eval_mode_has_no_dropout():
     mods = [_lora(_quant(16, 1), 4, 1, dropout=0.5)]
     mods[0].eval()
     x = torch.randn(5, K)
-    group = fused_lora.LinearGroup.from_modules(mods)
-    assert_close_verbose(fused_lora.group_linear(x, group), mods[0](x), atol=1e-5, rtol=1e-5, name="eval")
+    group = linear_group(mods)
+    assert_close_verbose(group_linear(x, group), mods[0](x), atol=1e-5, rtol=1e-5, name="eval")
 
 
 def test_bf16_against_float64():
@@ -121,9 +123,9 @@ def test_bf16_against_float64():
     module path under the same autocast (PyTorch's own bf16 error), plus the bf16 atol."""
     mods = _members("qkv")
     x = torch.randn(64, K)
-    group = fused_lora.LinearGroup.from_modules(mods)
+    group = linear_group(mods)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = fused_lora.group_linear(x, group)
+        y = group_linear(x, group)
         y_mod = torch.cat([m(x) for m in mods], dim=-1)
     assert y.dtype == torch.bfloat16
     ref = torch.cat([x.double() @ m.base_layer.weight.dequantize().double().T
@@ -134,8 +136,8 @@ def test_bf16_against_float64():
 
 
 def test_ungroupable_modules_are_refused():
-    assert fused_lora.LinearGroup.from_modules([nn.Conv1d(3, 3, 1)]) is None
-    assert fused_lora.LinearGroup.from_modules([_quant(8, 1), nn.Linear(K + 1, 8)]) is None
+    assert linear_group([nn.Conv1d(3, 3, 1)]) is None
+    assert linear_group([_quant(8, 1), nn.Linear(K + 1, 8)]) is None
 
 
 def test_llama_loss_and_lora_grads_match_the_module_path():

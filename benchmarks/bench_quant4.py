@@ -11,7 +11,7 @@ Optional sections: --sweep (fixed dequant / quantize tiles, to choose the autotu
 --probe (byte-exactness against bitsandbytes CUDA for each reciprocal / FTZ choice, see kernels/quant4.py).
 Prints tables, then one JSON line last.
 
-Usage: python benchmarks/bench_quant.py [--sweep] [--probe] [--json-out FILE]
+Usage: python benchmarks/bench_quant4.py [--sweep] [--probe] [--json-out FILE]
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from qlora_core import quant  # noqa: E402
-from qlora_core.formats import dynamic_map, fp4_thresholds, nf4_thresholds  # noqa: E402
+import qlora_core as qc  # noqa: E402
+from qlora_core.formats import dequant_table, dynamic_map, fp4_thresholds, nf4_thresholds  # noqa: E402
 from qlora_core.kernels import quant4  # noqa: E402
 
 try:
@@ -39,6 +39,11 @@ except Exception as e:  # noqa: BLE001
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
 ROTATE = 4
+
+
+def _dequantize(q, **kw):
+    """kernels/quant4.dequantize_4bit with q's tables, as ops/quant4.py calls it."""
+    return quant4.dequantize_4bit(q, dequant_table(q.quant_type, q.device), dynamic_map(True, q.device), **kw)
 
 
 def bench(fns, calls: int = 24, graph: bool = True) -> dict:
@@ -106,23 +111,23 @@ def main_table(copy_gbs: float) -> list[dict]:
         ws = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(ROTATE)]
         n, bs = ws[0].numel(), 64
         nb = n // bs
-        qs = {dq: [quant.quantize(w, "nf4", bs, dq) for w in ws] for dq in (False, True)}
+        qs = {dq: [qc.quantize(w, "nf4", bs, dq) for w in ws] for dq in (False, True)}
         peer = {dq: [bnbf.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=dq) for w in ws]
                 for dq in (False, True)} if bnbf else None
         absmax_bytes = {False: 4 * nb, True: nb + 4 * (-(-nb // 256)) + 4}
         ops = {
             "quantize": (2 * n + n // 2 + 4 * nb,
-                         [lambda w=w: quant4.quantize_4bit(w, bs, "nf4") for w in ws],
+                         [lambda w=w: quant4.quantize_4bit(w, bs, "nf4", nf4_thresholds("cuda")) for w in ws],
                          [lambda w=w: bnbf.quantize_4bit(w, blocksize=bs, quant_type="nf4") for w in ws]),
             "quantize+dq": (2 * n + n // 2 + absmax_bytes[True],
-                            [lambda w=w: quant.quantize(w, "nf4", bs, True) for w in ws],
+                            [lambda w=w: qc.quantize(w, "nf4", bs, True) for w in ws],
                             [lambda w=w: bnbf.quantize_4bit(w, blocksize=bs, quant_type="nf4",
                                                             compress_statistics=True) for w in ws]),
             "dequantize": (n // 2 + absmax_bytes[False] + 2 * n,
-                           [lambda q=q: quant4.dequantize_4bit(q) for q in qs[False]],
+                           [lambda q=q: _dequantize(q) for q in qs[False]],
                            [lambda p=p: bnbf.dequantize_4bit(*p) for p in (peer or {False: []})[False]]),
             "dequantize+dq": (n // 2 + absmax_bytes[True] + 2 * n,
-                              [lambda q=q: quant4.dequantize_4bit(q) for q in qs[True]],
+                              [lambda q=q: _dequantize(q) for q in qs[True]],
                               [lambda p=p: bnbf.dequantize_4bit(*p) for p in (peer or {True: []})[True]]),
         }
         for op, (nbytes, ours, theirs) in ops.items():
@@ -157,13 +162,13 @@ def sweep(copy_gbs: float) -> dict:
     out = {"dequant": [], "quant": []}
     for shape in SHAPES[1:2]:
         w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
-        q = quant.quantize(w, "nf4", 64, True)
+        q = qc.quantize(w, "nf4", 64, True)
         n = w.numel()
         nbytes = n // 2 + n // 64 + 4 * (n // 64 // 256) + 2 * n
         for bb in (2048, 4096, 8192, 16384):
             for nw in (4, 8, 16):
                 for join in (True, False):
-                    t = bench([lambda: quant4.dequantize_4bit(q, block_bytes=bb, join=join, num_warps=nw)])["ms"]
+                    t = bench([lambda: _dequantize(q, block_bytes=bb, join=join, num_warps=nw)])["ms"]
                     out["dequant"].append({"shape": list(shape), "block_bytes": bb, "warps": nw, "join": join,
                                            "ms": t, "pct_copy": 100 * _gbs(nbytes, t) / copy_gbs})
     w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -173,7 +178,8 @@ def sweep(copy_gbs: float) -> dict:
             for nw in (2, 4, 8):
                 if elems < bs:
                     continue
-                t = bench([lambda: quant4.quantize_4bit(w, bs, "nf4", elems=elems, num_warps=nw)])["ms"]
+                t = bench([lambda: quant4.quantize_4bit(w, bs, "nf4", nf4_thresholds("cuda"), elems=elems,
+                                                         num_warps=nw)])["ms"]
                 out["quant"].append({"blocksize": bs, "elems": elems, "warps": nw, "ms": t,
                                      "pct_copy": 100 * _gbs(2 * n + n // 2 + 4 * n // bs, t) / copy_gbs})
     print("\nsweep, dequantize+dq (best 3 per shape):")
@@ -238,14 +244,14 @@ def probe() -> dict:
         x = _weights((14336, 4096), dtype, bs, i)
         p_ref, st = bnbf.quantize_4bit(x, blocksize=bs, quant_type=qt)
         for name, kw in PROBE_MODES:
-            p, a = quant4.quantize_4bit(x, bs, qt, **kw)
+            p, a = quant4.quantize_4bit(x, bs, qt, nf4_thresholds("cuda"), **kw)
             res["quantize"].append({"dtype": str(dtype)[6:], "qt": qt, "bs": bs, "mode": name,
                                     "bytes": _diff(p, p_ref), "absmax": _diff(a, st.absmax)})
     for qt in ("nf4", "fp4"):
         x = _adversarial(1 << 16, 64, 7)
         p_ref, st = bnbf.quantize_4bit(x, blocksize=64, quant_type=qt)
         for name, kw in PROBE_MODES:
-            p, a = quant4.quantize_4bit(x, 64, qt, **kw)
+            p, a = quant4.quantize_4bit(x, 64, qt, nf4_thresholds("cuda"), **kw)
             res["adversarial"].append({"qt": qt, "n": x.numel(), "mode": name,
                                        "bytes": _diff(p, p_ref), "absmax": _diff(a, st.absmax)})
     for dtype in (torch.bfloat16, torch.float32):
@@ -256,11 +262,11 @@ def probe() -> dict:
         for qt in ("nf4", "fp4"):
             p_ref, st = bnbf.quantize_4bit(x, blocksize=64, quant_type=qt)
             for name, kw in PROBE_MODES:
-                p, a = quant4.quantize_4bit(x, 64, qt, **kw)
+                p, a = quant4.quantize_4bit(x, 64, qt, nf4_thresholds("cuda"), **kw)
                 res["subnormal"].append({"dtype": str(dtype)[6:], "qt": qt, "mode": name,
                                          "bytes": _diff(p, p_ref), "absmax": _diff(a, st.absmax)})
     code = dynamic_map(True, "cuda")
-    _, am = quant4.quantize_4bit(_weights((14336, 4096), torch.bfloat16, 64, 12), 64, "nf4")
+    _, am = quant4.quantize_4bit(_weights((14336, 4096), torch.bfloat16, 64, 12), 64, "nf4", nf4_thresholds("cuda"))
     for name, v in (("absmax-offset", am - am.mean()), ("randn", torch.randn(1 << 22, device="cuda"))):
         q_ref, st = bnbf.quantize_blockwise(v, code=code, blocksize=256)
         for mname, kw in PROBE_MODES:
@@ -272,12 +278,12 @@ def probe() -> dict:
             x = _weights((14336, 4096), dtype, 64, 13)
             p_ref, st = bnbf.quantize_4bit(x, blocksize=64, quant_type=qt, compress_statistics=True)
             y_ref = bnbf.dequantize_4bit(p_ref, st)
-            q = quant.quantize(x, qt, 64, True)
+            q = qc.quantize(x, qt, 64, True)
             for name, kw in (("reference", dict(mode="reference")), ("bnb ftz=off", dict(ftz=False)),
                              ("bnb (default)", dict()), ("bnb + fp_fusion", dict(fp_fusion=True))):
-                y = quant4.dequantize_4bit(q, block_bytes=8192, num_warps=8, **kw)
+                y = _dequantize(q, block_bytes=8192, num_warps=8, **kw)
                 res["dequant"].append({"dtype": str(dtype)[6:], "qt": qt, "mode": name, "values": _diff(y, y_ref)})
-            y = quant4.dequantize_4bit(q)
+            y = _dequantize(q)
             yf, yrf = y.view(-1), y_ref.view(-1)
             bad = (yf.float() != yrf.float()) | (torch.signbit(yf) != torch.signbit(yrf))
             idx = bad.nonzero().squeeze(1)[:8]

@@ -1,10 +1,13 @@
 """Fused AdamW step in Triton: 8-bit blockwise states (bitsandbytes' format) or fp32 states, one pass over memory.
 
-One program handles ROWS quantization blocks of 256 elements: it loads p, g and the state codes, dequantizes
+One program handles ROWS quantization blocks of BLOCK elements (the caller's block size, 256 for bnb's format): it
+loads p, g and the state codes, dequantizes
 (qmap[code]*absmax), updates m and v, writes the parameter, reduces the new per-block absmax and requantizes
 with the CUDA binary-search nearest/tie rule and bnb's sign fix. Per element that is 16 bytes of traffic for
-fp32 params (p r/w, g, two codes r/w), against 28 for fp32 states. The semantics are those of
-qlora_core.optim_ref (`adamw8bit_ref`, `adamw32_ref`), which is the spec; launchers share its signatures.
+fp32 params (p r/w, g, two codes r/w), against 28 for fp32 states. The semantics are those of the references in
+qlora_core/ops/adamw.py (`adamw8bit_ref`, `adamw32_ref`), which are the spec; the one-tensor launchers take their
+arguments plus the block size. The per-step coefficients `k` are any object with AdamWCoeffs' attributes (beta1,
+beta2, one_minus_beta1, one_minus_beta2, step_size, eps_hat, decay, bias_c2_sqrt).
 
 Design notes:
   * Division and sqrt use the IEEE-rounded forms (div_rn, sqrt_rn) so codes match the reference except where
@@ -19,7 +22,7 @@ Design notes:
     blocks that may come from different tensors. `_adamw_kernel` is the plain one-tensor form
     (tests, fallback when a page's tensors differ in step count or grad dtype). Launches go back to back on
     one stream with no host synchronization.
-Triton is imported here, never at qlora_core import time.
+Triton is imported here, never at qlora_core import time; this folder imports nothing from qlora_core.
 """
 from __future__ import annotations
 
@@ -27,16 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-from qlora_core.kernels.quant4 import encode_8bit as _encode_8bit  # the shared CUDA-rule 8-bit encoder
-from qlora_core.optim_ref import BLOCKSIZE, AdamWCoeffs
+from .quant4 import encode_8bit as _encode_8bit  # the shared CUDA-rule 8-bit encoder
 
-ROWS = 4  # 256-element blocks per program: 1024-element tiles, 4 warps
+ROWS = 4  # blocks per program: 1024-element tiles of 256-element blocks, 4 warps
 
 
 @triton.jit
 def _step_tile(p_ptrs, g_ptrs, s1_ptrs, s2_ptrs, am1_ptrs, am2_ptrs, mask, rmask, qmap1_ptr, qmap2_ptr,
                beta1, beta2, omb1, omb2, step_size, eps_hat, decay, bias_c2_sqrt, QUANT: tl.constexpr):
-    # One (ROWS, BLOCK) tile: row r is one 256-element quantization block; am*_ptrs and rmask are (ROWS,).
+    # One (ROWS, BLOCK) tile: row r is one quantization block; am*_ptrs and rmask are (ROWS,).
     p = tl.load(p_ptrs, mask=mask, other=0.0)
     pf = p.to(tl.float32)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -136,19 +138,20 @@ def _adamw_multi_kernel(seg_ptr, addr_ptr, blk_ptr, nblk, anchor_ptr, s_base, am
                qmap1_ptr, qmap2_ptr, beta1, beta2, omb1, omb2, step_size, eps_hat, decay, bias_c2_sqrt, QUANT)
 
 
-def launch(p, g, p_off, n, s1, s2, s1_off, s2_off, am1, am2, am1_off, am2_off, qmap1, qmap2, k: AdamWCoeffs,
-           quant: bool) -> None:
-    """One-tensor launcher on base tensors plus element offsets."""
+def launch(p, g, p_off, n, s1, s2, s1_off, s2_off, am1, am2, am1_off, am2_off, qmap1, qmap2, k, quant: bool,
+           blocksize: int) -> None:
+    """One-tensor launcher on base tensors plus element offsets; blocksize: elements per 8-bit state block (also
+    the row width of the 32-bit update's tile)."""
     if n == 0:
         return
-    grid = (triton.cdiv(triton.cdiv(n, BLOCKSIZE), ROWS),)
+    grid = (triton.cdiv(triton.cdiv(n, blocksize), ROWS),)
     _adamw_kernel[grid](p, g, p_off, n, s1, s2, s1_off, s2_off, am1, am2, am1_off, am2_off, qmap1, qmap2,
                         k.beta1, k.beta2, k.one_minus_beta1, k.one_minus_beta2, k.step_size, k.eps_hat,
-                        k.decay, k.bias_c2_sqrt, QUANT=quant, ROWS=ROWS, BLOCK=BLOCKSIZE, num_warps=4)
+                        k.decay, k.bias_c2_sqrt, QUANT=quant, ROWS=ROWS, BLOCK=blocksize, num_warps=4)
 
 
 def launch_multi(seg_table, addr_table, blk_table, nblk: int, anchor: torch.Tensor, aligned: bool,
-                 page: torch.Tensor, qmap1, qmap2, k: AdamWCoeffs, quant: bool) -> None:
+                 page: torch.Tensor, qmap1, qmap2, k, quant: bool, blocksize: int) -> None:
     """Multi-tensor launcher: every segment of one page (same state bits, param dtype and coefficients).
 
     seg_table int64 (nseg, 8), blk_table int32 (nblk, 2) live on the device (static per page);
@@ -162,17 +165,20 @@ def launch_multi(seg_table, addr_table, blk_table, nblk: int, anchor: torch.Tens
     _adamw_multi_kernel[grid](seg_table, addr_table, blk_table, nblk, anchor, page if quant else f32, f32,
                               qmap1, qmap2, k.beta1, k.beta2, k.one_minus_beta1, k.one_minus_beta2, k.step_size,
                               k.eps_hat, k.decay, k.bias_c2_sqrt, ALIGNED=aligned, VEC=16 // anchor.element_size(),
-                              QUANT=quant, ROWS=ROWS, BLOCK=BLOCKSIZE, num_warps=4)
+                              QUANT=quant, ROWS=ROWS, BLOCK=blocksize, num_warps=4)
 
 
 def adamw8bit(p: torch.Tensor, g: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
-              absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
-              k: AdamWCoeffs) -> None:
-    """Triton twin of optim_ref.adamw8bit_ref (same arguments, flat contiguous tensors, in place)."""
-    launch(p, g, 0, p.numel(), state1, state2, 0, 0, absmax1, absmax2, 0, 0, qmap1, qmap2, k, True)
+              absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor, k,
+              blocksize: int) -> None:
+    """Triton twin of ops/adamw.adamw8bit_ref (its arguments plus the block size; flat contiguous tensors, in
+    place)."""
+    launch(p, g, 0, p.numel(), state1, state2, 0, 0, absmax1, absmax2, 0, 0, qmap1, qmap2, k, True, blocksize)
 
 
-def adamw32(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-            k: AdamWCoeffs) -> None:
-    """Triton twin of optim_ref.adamw32_ref (flat contiguous tensors, fp32 states, in place)."""
-    launch(p, g, 0, p.numel(), exp_avg, exp_avg_sq, 0, 0, exp_avg, exp_avg, 0, 0, exp_avg, exp_avg, k, False)
+def adamw32(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, k,
+            blocksize: int) -> None:
+    """Triton twin of ops/adamw.adamw32_ref (its arguments plus the tile row width; flat contiguous tensors, fp32
+    states, in place)."""
+    launch(p, g, 0, p.numel(), exp_avg, exp_avg_sq, 0, 0, exp_avg, exp_avg, 0, 0, exp_avg, exp_avg, k, False,
+           blocksize)

@@ -1,14 +1,14 @@
 """The Triton kernels of nf4_linear run on the CPU under TRITON_INTERPRET=1, checked against float64 math.
 
 TRITON_INTERPRET must be set before triton is first imported, and other test files may import it first, so
-each group of cases runs in a fresh subprocess (`python tests/test_linear_interpret.py <group>`).
+each group of cases runs in a fresh subprocess (`python tests/test_nf4_linear_interpret.py <group>`).
 Reference: y64 = x64 @ W64.T + b64 and dx64 = dy64 @ W64 with W64 the exact quantized weight lut[code] * absmax
 (the fp32 product of the CPU spec, before any rounding to x's dtype). Tolerance: 2x the error of PyTorch's
 own same-dtype F.linear / matmul on dequantize(q) (rounded to x's dtype, as PyTorch users would run it)
 against that reference, + DTYPE_ATOL (STYLE.md). Kernels may use the unrounded fp32 W (the M=1 decode path
 does) or dequantize(q)'s rounded values (the tensor-core paths); both are held to the same bound.
 
-The register-decode kernels (gemv1, gemv_mma) serve only some layouts (nf4_regdecode.decodable: bf16/fp16 x,
+The register-decode kernels (gemv1, gemv_mma) serve only some layouts (nf4_decode.decodable: bf16/fp16 x,
 blocksize >= 64, K % blocksize == 0). DECODE_CASES names the cases they must serve; the test fails when one of
 them is refused or when any other case is accepted, and asserts that every named case ran. Every case, served or
 not, also goes through nf4_linear's dispatch, which must pick the expected kernel (gemv1 / gemv_mma, else the
@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-GROUPS = ("dequant", "gemv", "gemv1", "gemv_mma", "tiled_fwd", "tiled_dx", "autograd")
+GROUPS = ("dequant", "gemv", "gemv1", "gemv_mma", "cublas_fwd", "tiled_dx", "autograd")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (N, K, blocksize, quant_type, double_quant): aligned (K % blocksize == 0) and generic (odd K) layouts.
 WEIGHTS = [(37, 192, 64, "nf4", True), (19, 65, 64, "fp4", False), (24, 256, 128, "nf4", False),
@@ -43,7 +43,7 @@ def _check(name, out, ref64, torch_out, dtype):
 def _weights(dtype):
     """(tag, q, W = dequantize(q) in dtype, W64 = exact fp32 product lut * absmax as float64)."""
     import qlora_core as qc
-    from qlora_core.linear import dequantize_as
+    from qlora_core.ops.quant4 import dequantize_as
     for n, k, bs, qt, dq in WEIGHTS:
         q = qc.quantize(torch.randn(n, k, dtype=dtype), quant_type=qt, blocksize=bs, double_quant=dq)
         yield (f"{n}x{k}/{bs}/{qt}/dq={dq}/{str(dtype).removeprefix('torch.')}", q, qc.dequantize(q),
@@ -52,7 +52,7 @@ def _weights(dtype):
 
 def _spy(module, name: str, record: list, label) -> None:
     """Replace module.name by a wrapper that appends label (or label(result)) to record: the kernels are called
-    through their modules' attributes, so this sees every call."""
+    through their modules' globals, so this sees every call."""
     real = getattr(module, name)
 
     def spy(*args, **kwargs):
@@ -74,9 +74,10 @@ def _expected_server(tag: str, m: int) -> str:
 def _check_dispatch(x, q, w, w64, tag, served):
     """nf4_linear's default forward dispatch: the expected kernel serves x, within the matmul bound."""
     from qlora_core.kernels import nf4_linear
+    from qlora_core.ops.nf4_linear import kernel_tables
     b = torch.randn(q.shape[0], dtype=x.dtype)
     served.clear()
-    y = nf4_linear.linear_forward(x, q, b)
+    y = nf4_linear.linear_forward(x, q, kernel_tables(q), b)
     want = _expected_server(tag, x.shape[0])
     assert served == [want], f"dispatch M={x.shape[0]} {tag}: served by {served}, expected {want}"
     _check(f"dispatch M={x.shape[0]} {tag}", y, x.double() @ w64.T + b.double(),
@@ -92,24 +93,26 @@ def _split_k_ran_and_left_zeroed(used: list, name: str) -> None:
 def run_group(group: str) -> int:
     import qlora_core as qc
     from qlora_core import backend
-    from qlora_core.kernels import nf4_gemv, nf4_gemv1, nf4_gemv_mma, nf4_linear, nf4_matmul, quant4, splitk
+    from qlora_core.kernels import nf4_linear, quant4, splitk
+    from qlora_core.ops.nf4_linear import kernel_tables
+    from qlora_core.ops.quant4 import dequantize_as
     assert backend.interpreting()
     torch.manual_seed(0)
     checked = 0
     served, workspaces, decoded = [], [], set()
-    for module, name in ((nf4_gemv1, "gemv1"), (nf4_gemv_mma, "gemv_mma"), (nf4_gemv, "gemv")):
-        _spy(module, name, served, name)
+    for name in ("gemv1", "gemv_mma", "gemv"):
+        _spy(nf4_linear, name, served, name)
     _spy(quant4, "dequantize_4bit", served, "cublas")
     _spy(splitk, "workspace", workspaces, lambda pair: pair)
     for dtype in DTYPES:
         for tag, q, w, w64 in _weights(dtype):
             n, k = q.shape
+            t = kernel_tables(q)
             if group == "dequant":
                 # bit-exact: same fp32 product, same round-to-nearest-even cast
                 for out_dtype in DTYPES:
-                    out = quant4.dequantize_4bit(q, dtype=out_dtype)
-                    want = qc.reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, out_dtype,
-                                                            q.blocksize, q.quant_type)
+                    out = quant4.dequantize_4bit(q, t.dequant, t.code256, dtype=out_dtype)
+                    want = dequantize_as(q, out_dtype)
                     assert torch.equal(out, want), f"quant4.dequantize_4bit(dtype=) differs: {tag} -> {out_dtype}"
                     checked += 1
             elif group == "gemv":
@@ -117,20 +120,20 @@ def run_group(group: str) -> int:
                     x = torch.randn(m, k, dtype=dtype)
                     b = torch.randn(n, dtype=dtype)
                     y64 = x.double() @ w64.T + b.double()
-                    _check(f"gemv M={m} split={split} {tag}", nf4_gemv.gemv(x, q, b, split_k=split), y64,
+                    _check(f"gemv M={m} split={split} {tag}", nf4_linear.gemv(x, q, t, b, split_k=split), y64,
                            torch.nn.functional.linear(x, w, b), dtype)
                     checked += 1
             elif group == "gemv1":
-                # the one-row decode kernel (table decode path; its PTX is checked by tests/test_regdecode_ptx.py)
+                # the one-row decode kernel (table decode path; its PTX is checked by tests/test_nf4_linear_ptx.py)
                 x = torch.randn(1, k, dtype=dtype)
                 _check_dispatch(x, q, w, w64, tag, served)
                 checked += 1
                 if tag not in DECODE_CASES:
-                    assert not nf4_gemv1.supports(x, q), f"gemv1 now serves {tag}: name it in DECODE_CASES"
+                    assert not nf4_linear.gemv1_supports(x, q), f"gemv1 now serves {tag}: name it in DECODE_CASES"
                     with pytest.raises(ValueError, match="gemv1 needs"):
-                        nf4_gemv1.gemv1(x, q, None)
+                        nf4_linear.gemv1(x, q, t, None)
                     continue
-                assert nf4_gemv1.supports(x, q), f"gemv1 no longer serves {tag}"
+                assert nf4_linear.gemv1_supports(x, q), f"gemv1 no longer serves {tag}"
                 decoded.add(tag)
                 # the default tiling ran in the dispatch check above; two more, one with split-K
                 for cfg, split, bias in (((8, 4, 2, 1, 0), 1, False), ((2, 1, 1, 1, 1), 3, True)):
@@ -139,7 +142,7 @@ def run_group(group: str) -> int:
                     workspaces.clear()
                     for _ in range(2):  # twice: split-K must leave its workspace zeroed for the next call
                         _check(f"gemv1 cfg={cfg} split={split} {tag}",
-                               nf4_gemv1.gemv1(x, q, b, config=cfg, split_k=split),
+                               nf4_linear.gemv1(x, q, t, b, config=cfg, split_k=split),
                                y64, torch.nn.functional.linear(x, w, b), dtype)
                     if split > 1:
                         _split_k_ran_and_left_zeroed(workspaces, f"gemv1 split={split} {tag}")
@@ -150,45 +153,39 @@ def run_group(group: str) -> int:
                 checked += 1
                 if tag not in DECODE_CASES:
                     x = torch.randn(2, k, dtype=dtype)
-                    assert not nf4_gemv_mma.supports(x, q), f"gemv_mma now serves {tag}: name it in DECODE_CASES"
+                    assert not nf4_linear.mma_supports(x, q), f"gemv_mma now serves {tag}: name it in DECODE_CASES"
                     with pytest.raises(ValueError, match="gemv_mma needs"):
-                        nf4_gemv_mma.gemv_mma(x, q, None)
+                        nf4_linear.gemv_mma(x, q, t, None)
                     continue
                 decoded.add(tag)
                 for m, cfg, split in ((2, None, None), (16, (32, 4, 2, 1), 2), (33, (16, 2, 1, 1), 3)):
                     x = torch.randn(m, k, dtype=dtype)
-                    assert nf4_gemv_mma.supports(x, q), f"gemv_mma no longer serves {tag} at M={m}"
+                    assert nf4_linear.mma_supports(x, q), f"gemv_mma no longer serves {tag} at M={m}"
                     b = torch.randn(n, dtype=dtype)
                     y64 = x.double() @ w64.T + b.double()
                     workspaces.clear()
                     for _ in range(2):  # twice: split-K must leave its workspace zeroed
                         _check(f"gemv_mma M={m} cfg={cfg} split={split} {tag}",
-                               nf4_gemv_mma.gemv_mma(x, q, b, config=cfg, split_k=split), y64,
+                               nf4_linear.gemv_mma(x, q, t, b, config=cfg, split_k=split), y64,
                                torch.nn.functional.linear(x, w, b), dtype)
                     if split is not None:
                         _split_k_ran_and_left_zeroed(workspaces, f"gemv_mma M={m} split={split} {tag}")
                     checked += 1
-            elif group == "tiled_fwd":
+            elif group == "cublas_fwd":
+                # the dequantize + matmul path
                 for m, bias in ((17, True), (33, False)):
                     x = torch.randn(m, k, dtype=dtype)
                     b = torch.randn(n, dtype=dtype) if bias else None
                     y64 = x.double() @ w64.T + (b.double() if bias else 0.0)
-                    _check(f"tiled fwd M={m} {tag}", nf4_matmul.matmul_fwd(x, q, b), y64,
-                           torch.nn.functional.linear(x, w, b), dtype)
-                    # the dequantize + matmul path on the same input
-                    _check(f"cublas-path fwd M={m} {tag}", nf4_linear.linear_forward(x, q, b, path="cublas"), y64,
-                           torch.nn.functional.linear(x, w, b), dtype)
-                    # swap-AB variant (y.T = W @ x.T), an autotune candidate on Hopper
-                    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SWAP_AB=True)
-                    _check(f"tiled fwd swap-AB M={m} {tag}", nf4_matmul.matmul_fwd(x, q, b, config=cfg), y64,
-                           torch.nn.functional.linear(x, w, b), dtype)
-                    checked += 3
+                    _check(f"cublas-path fwd M={m} {tag}", nf4_linear.linear_forward(x, q, t, b, path="cublas"),
+                           y64, torch.nn.functional.linear(x, w, b), dtype)
+                    checked += 1
             elif group == "tiled_dx":
                 for m in (1, 17, 40):
                     dy = torch.randn(m, n, dtype=dtype)
                     dx64 = dy.double() @ w64
-                    _check(f"tiled dx M={m} {tag}", nf4_matmul.matmul_dx(dy, q), dx64, dy @ w, dtype)
-                    _check(f"cublas-path dx M={m} {tag}", nf4_linear.linear_input_grad(dy, q, path="cublas"),
+                    _check(f"tiled dx M={m} {tag}", nf4_linear.matmul_dx(dy, q, t), dx64, dy @ w, dtype)
+                    _check(f"cublas-path dx M={m} {tag}", nf4_linear.linear_input_grad(dy, q, t, path="cublas"),
                            dx64, dy @ w, dtype)
                     checked += 2
     if group == "autograd":
@@ -198,7 +195,7 @@ def run_group(group: str) -> int:
         with backend.forced("triton"):
             for dtype, tag, q, w, w64 in cases:
                 n, k = q.shape
-                for lead in ((1,), (2, 3), (3, 7)):  # M = 1 (gemv), 6 (gemv), 21 (tiled)
+                for lead in ((1,), (2, 3), (3, 7)):  # M = 1, 6 (decode kernels), 21 (dequantize + matmul)
                     x = torch.randn(*lead, k, dtype=dtype, requires_grad=True)
                     b = torch.randn(n, dtype=dtype, requires_grad=True)
                     y = qc.nf4_linear(x, q, b)

@@ -8,11 +8,15 @@ import functools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import qlora_core as qc
-from qlora_core import reference
+from qlora_core.formats import code_table, dequant_table, dynamic_map
+from qlora_core.kernels import nf4_decode, quant4
 from qlora_core.kernels import nf4_linear as dispatch
-from qlora_core.kernels import quant4
+from qlora_core.ops.nf4_linear import kernel_tables
+from qlora_core.ops.quant4 import dequantize_as
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
 
 pytestmark = pytest.mark.gpu
@@ -20,7 +24,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def _ref_w(q, dtype):
-    return reference.dequantize_4bit_ref(q.data, q.absmax_fp32(), q.shape, dtype, q.blocksize, q.quant_type)
+    return dequantize_as(q, dtype)
 
 
 def _bound(torch_out, ref64, dtype):
@@ -69,22 +73,23 @@ def test_forward_and_dx_all_paths(dtype, n, k, bs, qt, dq, m):
     w64 = _ref_w(q, torch.float32).double()
     x = torch.randn(m, k, dtype=dtype, device="cuda")
     b = torch.randn(n, dtype=dtype, device="cuda")
+    t = kernel_tables(q)
     y64 = x.double() @ w64.T + b.double()
     bound = _bound(torch.nn.functional.linear(x, w, b), y64, dtype)
     # fp32 always dispatches to dequantize + cuBLAS (kernels/nf4_linear.py); the Triton fp32 paths are
     # covered by the interpreter tests
     if dtype == torch.float32:
-        paths = ["cublas"]
+        fwd_paths, dx_paths = ["cublas"], ["cublas"]
     else:
-        paths = ["gemv", "tiled", "cublas"] if m <= 128 else ["tiled", "cublas"]
-    for path in paths + [None]:
-        assert_close_verbose(dispatch.linear_forward(x, q, b, path=path), y64, atol=bound, rtol=0,
+        fwd_paths, dx_paths = (["gemv", "cublas"] if m <= 128 else ["cublas"]), ["tiled", "cublas"]
+    for path in fwd_paths + [None]:
+        assert_close_verbose(dispatch.linear_forward(x, q, t, b, path=path), y64, atol=bound, rtol=0,
                              name=f"fwd {path}")
     dy = torch.randn(m, n, dtype=dtype, device="cuda")
     dx64 = dy.double() @ w64
     bound = _bound(dy @ w, dx64, dtype)
-    for path in [p for p in paths if p != "gemv"] + [None]:
-        assert_close_verbose(dispatch.linear_input_grad(dy, q, path=path), dx64, atol=bound, rtol=0,
+    for path in dx_paths + [None]:
+        assert_close_verbose(dispatch.linear_input_grad(dy, q, t, path=path), dx64, atol=bound, rtol=0,
                              name=f"dx {path}")
 
 
@@ -94,10 +99,9 @@ def test_dequantize_to_other_dtype_bit_exact(dtype, dq):
     """The dequantize-then-cuBLAS path's buffer: quant4.dequantize_4bit(q, dtype=x's dtype) == the reference in
     that dtype, also when q was quantized from another dtype."""
     for src in (dtype, torch.float32):
-        q = _q(777, 1536, src, "nf4", dq)
-        assert torch.equal(quant4.dequantize_4bit(q, dtype=dtype), _ref_w(q, dtype))
-        q = _q(77, 99, src, "fp4", dq)
-        assert torch.equal(quant4.dequantize_4bit(q, dtype=dtype), _ref_w(q, dtype))
+        for q in (_q(777, 1536, src, "nf4", dq), _q(77, 99, src, "fp4", dq)):
+            t = kernel_tables(q)
+            assert torch.equal(quant4.dequantize_4bit(q, t.dequant, t.code256, dtype=dtype), _ref_w(q, dtype))
 
 
 @pytest.mark.parametrize("lead", [(1,), (3, 5), (4, 300)])
@@ -144,18 +148,40 @@ GEMV1_CASES = [(4096, 4096, 64, "nf4", True), (4096, 14336, 64, "nf4", True),
                (5, 64, 64, "nf4", True)]
 
 
+@triton.jit
+def _decode_words_kernel(words_ptr, out_ptr, tlut_ptr, tab_ptr, n, ASM: tl.constexpr, USE_ASM: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    w = tl.load(words_ptr + offs, mask=mask, other=0)
+    tab = nf4_decode.load_tables(tab_ptr)
+    t = nf4_decode.decode_word(w, tlut_ptr, tab, ASM, USE_ASM)
+    for i in tl.static_range(8):
+        tl.store(out_ptr + offs * 8 + i, t[i], mask=mask)
+
+
+def _decode_words(words: torch.Tensor, quant_type: str, use_asm: bool) -> torch.Tensor:
+    """Decode int32 words (n,) -> (n, 8) fp32 t values in decode order [1, 0, 3, 2, 5, 4, 7, 6] with
+    nf4_decode.decode_word, the decode of the register-decode kernels."""
+    n = words.numel()
+    out = torch.empty((n, 8), dtype=torch.float32, device=words.device)
+    t = nf4_decode.tables(code_table(quant_type), dequant_table(quant_type), dynamic_map(True), words.device)
+    _decode_words_kernel[(triton.cdiv(n, 256),)](words, out, t.tlut, t.tab, n, ASM=nf4_decode.ASM, USE_ASM=use_asm,
+                                                 BLOCK=256)
+    return out
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_register_table_decode_is_exact_on_gpu(quant_type):
-    """The compiled PTX decode (kernels/nf4_regdecode.py) gives exactly the table values, as the gather path does."""
-    from qlora_core.kernels import nf4_regdecode
+    """The compiled PTX decode (kernels/nf4_decode.py) gives exactly the table values, as the gather path does."""
     g = torch.Generator().manual_seed(1)
     words = torch.randint(-2**31, 2**31 - 1, (1 << 16,), dtype=torch.int64, generator=g).to(torch.int32)
     words[:16] = torch.arange(16, dtype=torch.int32) * 0x11111111  # every code in every slot
-    t = torch.tensor(nf4_regdecode.t_values(quant_type), dtype=torch.float32)
+    t = torch.tensor(nf4_decode.t_values(code_table(quant_type)), dtype=torch.float32)
     shifts = torch.tensor([4 * i for i in range(8)])
     want = t[(words.to(torch.int64)[:, None] >> shifts) & 0xF]
     for use_asm in (True, False):
-        got = nf4_regdecode.decode_words(words.cuda(), quant_type, use_asm).cpu()
+        got = _decode_words(words.cuda(), quant_type, use_asm).cpu()
         assert torch.equal(got, want), f"decode (use_asm={use_asm}) differs in {int((got != want).sum())} values"
 
 
@@ -164,8 +190,8 @@ def test_register_table_decode_is_exact_on_gpu(quant_type):
 def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
     """The one-row kernel (PTX and table decode, several tilings, split-K) is within the
     matmul tolerance of the float64 product, split-K runs and leaves its workspace zeroed, and dispatch uses it."""
-    from qlora_core.kernels import nf4_gemv1
     q = _q(n, k, dtype, qt, dq, bs)
+    t = kernel_tables(q)
     w64 = _ref_w(q, torch.float32).double()
     x = torch.randn(1, k, dtype=dtype, device="cuda")
     b = torch.randn(n, dtype=dtype, device="cuda")
@@ -174,14 +200,14 @@ def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
     # few configs: every one is a separate compile per layout and dtype (device time)
     for cfg in (None, (2, 8, 1, 1, 0)):
         for use_asm in (True, False):
-            assert_close_verbose(nf4_gemv1.gemv1(x, q, b, config=cfg, use_asm=use_asm), y64, atol=bound, rtol=0,
+            assert_close_verbose(dispatch.gemv1(x, q, t, b, config=cfg, use_asm=use_asm), y64, atol=bound, rtol=0,
                                  name=f"gemv1 {cfg} asm={use_asm}")
     used = _spy_split_k(monkeypatch)
     for split in (3, 3):  # repeated: each call must leave the shared workspace zeroed for the next
-        assert_close_verbose(nf4_gemv1.gemv1(x, q, b, split_k=split), y64, atol=bound, rtol=0,
+        assert_close_verbose(dispatch.gemv1(x, q, t, b, split_k=split), y64, atol=bound, rtol=0,
                              name=f"gemv1 split_k={split}")
     _split_k_ran_and_left_zeroed(used)
-    assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name="dispatch M=1")
+    assert_close_verbose(dispatch.linear_forward(x, q, t, b), y64, atol=bound, rtol=0, name="dispatch M=1")
 
 
 @pytest.mark.parametrize("dtype,n,k,bs,qt,dq", [(torch.bfloat16, *c) for c in GEMV1_CASES[:5]]
@@ -189,8 +215,8 @@ def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
 def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
     """The small-M tensor-core kernel (PTX and table decode, tilings, split-K, odd M) is within the matmul
     tolerance of the float64 product; dispatch uses it for 2..16 rows."""
-    from qlora_core.kernels import nf4_gemv_mma
     q = _q(n, k, dtype, qt, dq, bs)
+    t = kernel_tables(q)
     w = _ref_w(q, dtype)
     w64 = _ref_w(q, torch.float32).double()
     used = _spy_split_k(monkeypatch)
@@ -201,25 +227,26 @@ def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
         bound = _bound(torch.nn.functional.linear(x, w, b), y64, dtype)
         for cfg, split in ((None, None), ((32, 2, 2, 1), 1)):
             for use_asm in (True, False):
-                assert_close_verbose(nf4_gemv_mma.gemv_mma(x, q, b, config=cfg, split_k=split, use_asm=use_asm),
+                assert_close_verbose(dispatch.gemv_mma(x, q, t, b, config=cfg, split_k=split, use_asm=use_asm),
                                      y64, atol=bound, rtol=0, name=f"gemv_mma M={m} {cfg} split={split}")
         if m <= 16:
-            assert_close_verbose(dispatch.linear_forward(x, q, b), y64, atol=bound, rtol=0, name=f"dispatch M={m}")
-    _split_k_ran_and_left_zeroed(used)  # the default split (DEFAULT_SPLIT_K, at most one per K step) is > 1 here
+            assert_close_verbose(dispatch.linear_forward(x, q, t, b), y64, atol=bound, rtol=0, name=f"dispatch M={m}")
+    _split_k_ran_and_left_zeroed(used)  # the default split (MMA_SPLIT_K, at most one per K step) is > 1 here
 
 
 def test_split_k_inside_a_cuda_graph_captured_on_a_fresh_stream(monkeypatch):
     """torch.cuda.graph captures on its own side stream, which never ran the op eagerly: split-K still runs there
     (a workspace allocated inside the capture), replays are within the matmul tolerance of float64 each time (the
     graph zeroes its workspace at every replay), and no graph memory enters the eager workspace cache."""
-    from qlora_core.kernels import nf4_gemv_mma, splitk
+    from qlora_core.kernels import splitk
     dtype = torch.bfloat16
     q = _q(4096, 4096, dtype)
+    t = kernel_tables(q)
     w64 = _ref_w(q, torch.float32).double()
     x = torch.randn(16, 4096, dtype=dtype, device="cuda")
     y64 = x.double() @ w64.T
     bound = _bound(torch.nn.functional.linear(x, _ref_w(q, dtype)), y64, dtype)
-    nf4_gemv_mma.gemv_mma(x, q, None, split_k=4)  # compile outside the capture
+    dispatch.gemv_mma(x, q, t, None, split_k=4)  # compile outside the capture
     torch.cuda.synchronize()
     cached = dict(splitk._WORKSPACE)
     calls = []
@@ -233,7 +260,7 @@ def test_split_k_inside_a_cuda_graph_captured_on_a_fresh_stream(monkeypatch):
     monkeypatch.setattr(splitk, "workspace", spy)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = nf4_gemv_mma.gemv_mma(x, q, None, split_k=4)
+        y = dispatch.gemv_mma(x, q, t, None, split_k=4)
     assert calls and calls[0][0], "split-K did not run inside the capture"
     assert all(ptr != ws.data_ptr() for _, ptr in calls for ws, _c in cached.values()), "used an eager pair"
     assert splitk._WORKSPACE.keys() == cached.keys(), "graph memory entered the eager cache"

@@ -1,9 +1,9 @@
 """kernels/splitk.py: which workspace a split-K launch gets. Outside a CUDA-graph capture the cached pair of its
 (device, stream), grown when too small; during a capture that stream's cached pair when big enough, else a fresh
 zeroed pair that is never cached (graph-private memory must not reach eager calls). The capture state, the stream
-and the device allocation are faked, so this runs on the CPU; tests/test_gpu_linear.py captures real graphs, and
-the kernels' split-K results are checked against float64 by tests/test_linear_interpret.py and
-tests/test_gpu_linear.py."""
+and the device allocation are faked, so this runs on the CPU; tests/test_gpu_nf4_linear.py captures real graphs,
+and the kernels' split-K results are checked against float64 by tests/test_nf4_linear_interpret.py and
+tests/test_gpu_nf4_linear.py."""
 import types
 
 import torch

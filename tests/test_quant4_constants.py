@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_core import formats, reference
+from qlora_core import formats
+from qlora_core.ops import quant4
 
 NF4_TABLE_BITS = (
     0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f, 0xbdba7871, 0x00000000,
@@ -117,22 +118,22 @@ def test_thresholds_are_bitsandbytes_source_literals():
 
 
 def test_reference_codes_on_and_beside_the_literal_thresholds():
-    """reference.encode_4bit, driven by the literals: a value on a threshold takes the lower code (strict `>`),
+    """quant4.encode_4bit, driven by the literals: a value on a threshold takes the lower code (strict `>`),
     one ulp above takes the next; FP4's sign bit is `xn < 0`, so -0.0 -> 0 and a tiny negative -> 8; NaN -> 0."""
     t = torch.tensor([f32(b) for b in NF4_THRESHOLD_BITS], dtype=torch.float32)
     up = torch.nextafter(t, torch.full_like(t, 2.0))
-    assert reference.encode_4bit(t, "nf4").tolist() == list(range(15))
-    assert reference.encode_4bit(up, "nf4").tolist() == list(range(1, 16))
+    assert quant4.encode_4bit(t, "nf4").tolist() == list(range(15))
+    assert quant4.encode_4bit(up, "nf4").tolist() == list(range(1, 16))
     t = torch.tensor([f32(b) for b in FP4_THRESHOLD_BITS], dtype=torch.float32)
     up = torch.nextafter(t, torch.full_like(t, 2.0))
-    assert reference.encode_4bit(t, "fp4").tolist() == list(FP4_BUCKET_CODES[:7])
-    assert reference.encode_4bit(up, "fp4").tolist() == list(FP4_BUCKET_CODES[1:])
-    assert reference.encode_4bit(-t, "fp4").tolist() == [8 | c for c in FP4_BUCKET_CODES[:7]]
+    assert quant4.encode_4bit(t, "fp4").tolist() == list(FP4_BUCKET_CODES[:7])
+    assert quant4.encode_4bit(up, "fp4").tolist() == list(FP4_BUCKET_CODES[1:])
+    assert quant4.encode_4bit(-t, "fp4").tolist() == [8 | c for c in FP4_BUCKET_CODES[:7]]
     special = torch.tensor([0.0, -0.0, -1e-3, 1e-3, float("nan")])
-    assert reference.encode_4bit(special, "fp4").tolist() == [0, 0, 8, 0, 0]
-    assert reference.encode_4bit(special, "nf4").tolist() == [7, 7, 7, 7, 0]
+    assert quant4.encode_4bit(special, "fp4").tolist() == [0, 0, 8, 0, 0]
+    assert quant4.encode_4bit(special, "nf4").tolist() == [7, 7, 7, 7, 0]
     codes = torch.tensor([0x08], dtype=torch.uint8)  # codes 0 and 8 in one byte
-    out = reference.dequantize_4bit_ref(codes, torch.ones(1), (2,), torch.float32, 64, "fp4")
+    out = quant4.dequantize_4bit_ref(codes, torch.ones(1), (2,), torch.float32, 64, "fp4")
     assert bits(out) == (0x00000000, FP4_DEQUANT_CODE8_BITS)
 
 

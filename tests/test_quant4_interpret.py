@@ -1,4 +1,4 @@
-"""kernels/quant4.py under the Triton CPU interpreter, bit for bit against qlora_core/reference.py.
+"""kernels/quant4.py under the Triton CPU interpreter, bit for bit against the ops/quant4.py reference.
 
 Each group runs in a fresh subprocess (tests/_interp_quant4.py) because TRITON_INTERPRET=1 only takes
 effect if it is set before triton is first imported, and other test modules may import triton earlier.
