@@ -19,6 +19,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_core import quantize
 from qlora_core.linear import nf4_linear
+from qlora_core.ops.linear_ce import fused_linear_cross_entropy
+from qlora_core.ops.rmsnorm import rms_norm
+from qlora_core.ops.rope import apply_rope_qkv_
+from qlora_core.ops.swiglu import swiglu
 from qlora_core.optim import PagedAdamW, adamw8bit_step, adamw32_step
 from qlora_core.optim_ref import adamw_coeffs
 from qlora_core.quant import dequantize, dequantize_into, q_args
@@ -27,7 +31,8 @@ from tests.helpers import assert_close_verbose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPS = ("quantize_4bit", "dequantize_4bit", "dequantize_4bit_into", "nf4_linear", "nf4_linear_input_grad",
-       "adamw8bit_step", "adamw32_step")
+       "adamw8bit_step", "adamw32_step", "rms_norm", "rms_norm_backward", "rope", "swiglu", "swiglu_backward",
+       "fused_linear_cross_entropy")  # the block ops' opchecks are in tests/test_<op>.py
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +78,10 @@ def test_eager_calls_skip_the_dispatcher():
         q = quantize(w)
         dequantize(q)
         nf4_linear(x, q).sum().backward()
+        h = rms_norm(x, torch.ones(64), 1e-6)
+        cos, sin = torch.ones(5, 16), torch.zeros(5, 16)
+        h = apply_rope_qkv_(swiglu(h)[None] * 1, 2, cos, sin)[0]
+        fused_linear_cross_entropy(h, torch.randn(7, 32), torch.arange(5)).backward()
     assert log.ops == []
     with _OpLog() as log:  # the log does see an op called directly
         torch.ops.qlora_core.dequantize_4bit(*q_args(q), torch.float32)
