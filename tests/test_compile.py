@@ -342,9 +342,8 @@ def test_compiled_lora_dropout_with_checkpointing_is_one_graph(monkeypatch):
 @pytest.mark.gpu
 def test_compiled_nf4_lora_llama_on_gpu():
     """The CPU tests' twin on the device, where the op bodies run the Triton kernels. First nf4_linear alone with
-    fullgraph=True (the ops only: exact, as on the CPU); then the tiny model, whose compiled loss and LoRA grads
-    equal eager's. The model uses fullgraph=False: the RMSNorm/RoPE/SwiGLU Triton launchers are not custom ops
-    (docs/backends.md) and Dynamo's tracing of them has not been checked."""
+    fullgraph=True (the ops only: exact, as on the CPU); then the tiny model, one graph with fullgraph=True (the
+    RMSNorm/RoPE/SwiGLU Triton paths are custom ops too), whose compiled loss and LoRA grads equal eager's."""
     q, x, b, gy = _linear_case()
     q, x, b, gy = q.to("cuda"), x.detach().cuda().requires_grad_(), b.detach().cuda().requires_grad_(), gy.cuda()
 
@@ -359,7 +358,9 @@ def test_compiled_nf4_lora_llama_on_gpu():
     ids = torch.randint(0, 97, (2, 12), device="cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     loss0, grads0 = _loss_and_grads(model, ids, params)
-    loss1, grads1 = _loss_and_grads(torch.compile(model, backend="aot_eager"), ids, params)
+    cnt = CompileCounterWithBackend("aot_eager")
+    loss1, grads1 = _loss_and_grads(torch.compile(model, backend=cnt, fullgraph=True), ids, params)
+    assert cnt.frame_count == 1
     # same kernels on both sides; the slack covers a cuBLAS algorithm that differs between the two call sites
     assert_close_verbose(loss1, loss0, atol=1e-6, rtol=1e-6, name="loss")
     for i, (a, b) in enumerate(zip(grads1, grads0)):

@@ -1,6 +1,7 @@
 """The linear_ce op (fused lm_head + cross entropy) on a GPU: odd shapes and the Llama-3.1-8B shapes (d 4096, vocab
 128256, 8192 rows), forward and backward against float64 (cases and tolerance rule: tests/_block_cases.py), plus
-its memory bound, autocast, its one-backward contract and CUDA tensors routed to the kernel.
+its memory bound, autocast, its one-backward contract, the custom op torch.compile runs and CUDA tensors routed
+to the kernel.
 
 Run on the device: `python -m pytest -m gpu tests/test_gpu_linear_ce.py -q`.
 """
@@ -84,3 +85,10 @@ def test_cuda_tensors_route_to_triton():
     x = torch.randn(3, 64, device=DEV, requires_grad=True)
     loss = linear_ce.fused_linear_cross_entropy(x, torch.randn(10, 64, device=DEV), torch.arange(3, device=DEV))
     assert loss.grad_fn.name().endswith("FusedLinearCrossEntropyFunctionBackward")
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("dtype", C.DTYPES)
+def test_custom_op(dtype, weight_grad):
+    """What torch.compile runs: opcheck of fused_linear_cross_entropy, compiled == eager bit for bit."""
+    C.op_ce(123, 576, 4000, dtype, DEV, 40 * 4000, weight_grad)

@@ -1,5 +1,6 @@
 """The rmsnorm op on a GPU: odd shapes and the Llama-3.1-8B shapes (d 4096, 8192 rows), forward and backward
-against float64 (cases and tolerance rule: tests/_block_cases.py), and CUDA tensors routed to the kernels.
+against float64 (cases and tolerance rule: tests/_block_cases.py), the custom ops torch.compile runs, and CUDA
+tensors routed to the kernels.
 
 Run on the device: `python -m pytest -m gpu tests/test_gpu_rmsnorm.py -q`.
 """
@@ -31,3 +32,11 @@ def test_cuda_tensors_route_to_triton():
     assert backend.choose(torch.device(DEV)) == "triton"
     x = torch.randn(3, 64, device=DEV, requires_grad=True)
     assert rmsnorm.rms_norm(x, torch.ones(64, device=DEV), 1e-6).grad_fn.name().endswith("RMSNormFunctionBackward")
+
+
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_custom_ops(dtype, wdtype):
+    """What torch.compile runs: opcheck of rms_norm / rms_norm_backward, compiled == eager bit for bit."""
+    C.op_rmsnorm((3, 41, 576), dtype, DEV, True, weight_dtype=wdtype)
+    C.op_rmsnorm((7, 4096), dtype, DEV, False, weight_dtype=wdtype)

@@ -1,5 +1,6 @@
 """The rope op on a GPU: odd shapes and the Llama-3.1-8B shapes (32/8 heads of 128, T 2048), forward and backward
-against float64 (cases and tolerance rule: tests/_block_cases.py), and CUDA tensors routed to the kernel.
+against float64 (cases and tolerance rule: tests/_block_cases.py), the custom op torch.compile runs, and CUDA
+tensors routed to the kernel.
 
 Run on the device: `python -m pytest -m gpu tests/test_gpu_rope.py -q`.
 """
@@ -34,3 +35,10 @@ def test_cuda_tensors_route_to_triton():
     cos, sin = C.rope_tables(torch.arange(3, device=DEV), 32, torch.float32)
     q = x.reshape(1, 3, 64) * 1  # not a view: a view's grad_fn would be CopySlices' view node
     assert rope.apply_rope_qkv_(q, 2, cos, sin).grad_fn.name().endswith("RoPEFunctionBackward")
+
+
+@pytest.mark.parametrize("dtype", C.DTYPES)
+def test_custom_op(dtype):
+    """What torch.compile runs: opcheck of rope, compiled apply_rope_qkv_ / apply_rope_ == eager bit for bit."""
+    C.op_rope(2, 7, 4, 2, 64, dtype, DEV, per_row=True, table_dtype=torch.float32)
+    C.op_rope(1, 9, 3, 1, 128, dtype, DEV, per_row=False)

@@ -1,5 +1,6 @@
 """The swiglu op on a GPU: odd shapes and the Llama-3.1-8B shapes (I 14336, 8192 rows), forward and backward
-against float64 (cases and tolerance rule: tests/_block_cases.py), and CUDA tensors routed to the kernels.
+against float64 (cases and tolerance rule: tests/_block_cases.py), the custom ops torch.compile runs, and CUDA
+tensors routed to the kernels.
 
 Run on the device: `python -m pytest -m gpu tests/test_gpu_swiglu.py -q`.
 """
@@ -30,3 +31,10 @@ def test_cuda_tensors_route_to_triton():
     assert backend.choose(torch.device(DEV)) == "triton"
     x = torch.randn(3, 64, device=DEV, requires_grad=True)
     assert swiglu.swiglu(x * 1).grad_fn.name().endswith("SwiGLUFunctionBackward")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", C.DTYPES)
+def test_custom_ops(dtype, fused):
+    """What torch.compile runs: opcheck of swiglu / swiglu_backward, compiled == eager bit for bit."""
+    C.op_swiglu(7, 1100, dtype, DEV, fused)
