@@ -15,8 +15,8 @@ Dispatch: `apply_rope_` / `apply_rope_qkv_` ask `backend.choose` once and hand t
 reference is not wrapped in an op). Under torch.compile the Triton path calls the custom op `qlora_core::rope`
 instead, which is functional: torch.library cannot register autograd for an op that mutates its inputs, so the op
 returns the rotated heads as a new tensor (its gradient is the same op rotating by -sin) and the caller copies them
-back into x, which keeps the in-place contract for the compiled graph (AOTAutograd turns the copy into a plain
-rebinding where x is an intermediate). One op call per tensor there: q and k take a launch each.
+back into x, which keeps the in-place contract in the compiled graph at the cost of that copy. One op call per
+tensor there: q and k take a launch each.
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def _rotate(xs, heads, cos, sin, impl: str, backward: bool) -> None:
         return
     if impl == "triton":
         from ..kernels import rope as k
-        q_heads, k_heads = heads[0], (heads[1] if len(xs) > 1 else None)
-        k.rope_rotate_(xs[0], xs[1] if len(xs) > 1 else None, cos, sin, q_heads, k_heads, backward=backward)
+        other, other_heads = (xs[1], heads[1]) if len(xs) > 1 else (None, None)
+        k.rope_rotate_(xs[0], other, cos, sin, heads[0], other_heads, backward=backward)
     else:
         for x, n in zip(xs, heads):
             part = x[..., :n * cos.shape[-1]]
@@ -107,7 +107,7 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     autograd cannot mark two views dirty in one Function: prefer `apply_rope_qkv_` on a fused projection output.
     q and k must not be leaves that require grad, nor outputs of split/chunk/unbind (autograd forbids in-place
     ops on those; slice a fused tensor with [..., a:b] instead). Backward rotates the incoming gradients in place:
-    a tensor passed as `gradient=` to backward() comes back rotated (not so in a compiled graph's Triton path).
+    a tensor passed as `gradient=` to backward() comes back rotated (in eager mode).
     """
     impl = backend.choose(q.device, q.dtype)
     D = cos.shape[-1]

@@ -28,14 +28,6 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate.float()).to(up.dtype) * up
 
 
-def _ref(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
-    """swiglu_ref on (gu, None), split into its halves, or on (gate, up)."""
-    if up is None:
-        I = gate.shape[-1] // 2
-        gate, up = gate[..., :I], gate[..., I:]
-    return swiglu_ref(gate, up)
-
-
 class SwiGLUFunction(torch.autograd.Function):
     """The Triton path: saves the inputs; backward recomputes silu (see the module docstring for inplace_grad)."""
 
@@ -63,7 +55,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, inplace_grad: boo
     the saved input with the gradient: only when nothing else uses it afterwards.
     """
     if backend.choose(gate.device, gate.dtype) != "triton":
-        return _ref(gate, up)
+        if up is None:
+            I = gate.shape[-1] // 2
+            gate, up = gate[..., :I], gate[..., I:]
+        return swiglu_ref(gate, up)
     if backend.compiling():
         return torch.ops.qlora_core.swiglu(gate, up)
     return SwiGLUFunction.apply(gate, up, inplace_grad)
