@@ -1,13 +1,13 @@
-"""RMSNorm in Triton with its backward: y = weight * cast(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps).
+"""RMSNorm's Triton kernels and launchers: y = weight * cast(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps).
 
-Semantics are those of qlora_core/llama.py's RMSNorm (and transformers' LlamaRMSNorm): the mean square, rstd
-and the normalized row in fp32, that row rounded to x's dtype, then multiplied by the weight in PyTorch's
-promotion of (x.dtype, weight.dtype), which is also the output dtype (bf16 x with an fp32 weight gives fp32).
-`rms_norm_ref` below is that spec; `rms_norm` routes to the kernels or to it (backend.choose).
+The spec (`rms_norm_ref`), the autograd Function and the routing are in qlora_core/ops/rmsnorm.py; this file is
+the two launchers, `rms_norm_forward` and `rms_norm_backward`. The mean square, rstd and the normalized row are
+fp32, that row is rounded to x's dtype, then multiplied by the weight in PyTorch's promotion of (x.dtype,
+weight.dtype), which is also the output dtype (bf16 x with an fp32 weight gives fp32).
 
 Design:
   * Forward: one program per row holds the whole row in registers (BLOCK = next_pow2(d)) and writes y and
-    rstd (fp32, one per row). The Function saves x and rstd only; the normalized row is recomputed in backward.
+    rstd (fp32, one per row), so backward can recompute the normalized row from x and rstd.
   * Backward: dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * weight and xhat = x * rstd, all fp32 (the
     rounding of xhat to x's dtype is a cast, whose gradient is the identity, as in autograd).
     dweight = sum over rows of dy * cast(xhat): each program walks a fixed, contiguous range of rows and keeps
@@ -25,21 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from qlora_core import backend
-from qlora_core.kernels.nf4_tile import cast_rne  # fp32 -> dtype with round-to-nearest-even in the interpreter too
+from .common import cast_rne  # fp32 -> dtype with round-to-nearest-even in the interpreter too
 
 MAX_D = 65536  # the widest row a program holds in registers (Llama widths are 2048..16384)
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Spec. x (..., d) fp32/fp16/bf16, weight (d,) -> (..., d) in promote(x.dtype, weight.dtype).
-
-    Mean square and normalization in fp32, the normalized row cast to x's dtype, then times weight (llama.py).
-    Differentiable through autograd.
-    """
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 @triton.jit
@@ -145,30 +133,3 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
         dw = dw_part.sum(0).to(weight.dtype) if rows else torch.zeros_like(weight)
     return dx.view(x.shape), dw
 
-
-class RMSNormFunction(torch.autograd.Function):
-    """Autograd for the kernels: saves x and rstd; dweight only when weight requires grad."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x = x.contiguous()  # once: backward reads the saved copy as is
-        y, rstd = rms_norm_forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x, weight, rstd, compute_dw=ctx.needs_input_grad[1])
-        return (dx if ctx.needs_input_grad[0] else None), dw, None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (..., d) fp32/fp16/bf16, weight (d,) -> (..., d) in promote(x.dtype, weight.dtype): llama.py's RMSNorm.
-
-    Triton kernels where backend.choose(x.device, x.dtype) says so (CUDA, or forced under TRITON_INTERPRET=1), else
-    `rms_norm_ref` (differentiable either way). A weight that does not require grad gets no gradient work.
-    """
-    if backend.choose(x.device, x.dtype) == "triton":
-        return RMSNormFunction.apply(x, weight, eps)
-    return rms_norm_ref(x, weight, eps)

@@ -1,21 +1,19 @@
-"""Rotary position embedding (rotate-half layout) applied in place to q and k, with its backward.
+"""RoPE's Triton kernel and launcher: rotary position embedding (rotate-half layout) applied in place to q and k.
 
-Semantics are llama.py's `x * cos + rotate_half(x) * sin` with cos/sin cast to x's dtype, evaluated in fp32 and
-rounded once to x's dtype. With halves x = [x1, x2] and HF's duplicated tables cos = [c, c], sin = [s, s]
-(llama.py builds them as cat(freqs, freqs)) that is y = [x1*c - x2*s, x2*c + x1*s], a rotation of each pair
-(x1[j], x2[j]) by the angle whose cosine and sine are c[j], s[j]. The backward is the transpose: the rotation by
--sin, applied in place to the incoming gradients. `rope_ref` is the spec; `apply_rope_` routes (backend.choose).
+The spec (`rope_ref`), the autograd Function and the routing are in qlora_core/ops/rope.py; this file is the
+launcher `rope_rotate_`. With halves x = [x1, x2] and HF's duplicated tables cos = [c, c], sin = [s, s] (llama.py
+builds them as cat(freqs, freqs)) the rotation is y = [x1*c - x2*s, x2*c + x1*s] of each pair (x1[j], x2[j]),
+with c, s rounded to x's dtype first, evaluated in fp32 and rounded once to x's dtype. The backward is the
+transpose: the same kernel rotating by -sin (a constexpr flag), in place over the incoming gradients.
 
 Layout: q (B, T, H*D) and k (B, T, KVH*D) exactly as the projections write them, heads contiguous within a token
 row; the token and batch strides are free (q, k may be column slices of one fused qkv output), the last dim must
 have stride 1. cos, sin: (T, D) shared by all rows, or (B, T, D) per row (packed rows restart positions);
 (B or 1, 1, T, D) as llama.py's `rope()` returns them is accepted too.
 
-Design: one launch for q and k together: `apply_rope_qkv_` on a fused projection output, or `apply_rope_` on two
-tensors that are not views (autograd cannot mark two views dirty in one Function, so two views take one launch
-each). A program owns one token (b, t): it loads the first half of that token's cos/sin row once (the tables are
-duplicated, see above) and rotates all H query heads, then all KVH key heads, in tiles of (BLOCK_H heads, D/2).
-Same kernel for backward with the sign of sin flipped (constexpr).
+Design: one launch for q and k together. A program owns one token (b, t): it loads the first half of that token's
+cos/sin row once (the tables are duplicated, see above) and rotates all H query heads, then all KVH key heads, in
+tiles of (BLOCK_H heads, D/2).
 Limits: D even; cos/sin must be duplicated halves (not checked: it would cost a pass over the tables).
 """
 from __future__ import annotations
@@ -24,25 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qlora_core import backend
-from qlora_core.kernels.nf4_tile import cast_rne  # fp32 -> dtype with round-to-nearest-even in the interpreter too
-
-
-def _tables(cos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """cos or sin (T, D) / (B, T, D) / (B, 1, T, D) -> broadcastable against x viewed (B, T, heads, D)."""
-    if cos.dim() == 4:
-        cos = cos.squeeze(1)
-    return cos.to(x.dtype).float().unsqueeze(-2)
-
-
-def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Spec. x (B, T, n*D) fp32/fp16/bf16, cos/sin (T, D) or (B, T, D) -> new (B, T, n*D) tensor in x's dtype:
-    x * cos + rotate_half(x) * sin per head, cos/sin cast to x's dtype, math in fp32 (differentiable)."""
-    D = cos.shape[-1]
-    xf = x.float().unflatten(-1, (-1, D))  # (B, T, n, D)
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * _tables(cos, x) + rotated * _tables(sin, x)).flatten(-2).to(x.dtype)
+from .common import cast_rne  # fp32 -> dtype with round-to-nearest-even in the interpreter too
 
 
 @triton.jit
@@ -136,74 +116,3 @@ def rope_rotate_(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin
     _rope_kernel[(B * T,)](q, k, cos, sin, T, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cs_sb, H, KVH,
                            BACKWARD=backward, HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4)
 
-
-def _rotate_ref_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    part = x[..., :heads * cos.shape[-1]]
-    part.copy_(rope_ref(part, cos, sin))
-
-
-class RoPEFunction(torch.autograd.Function):
-    """Rotates in place the first heads[0] heads of x and, when k is given, the first heads[1] heads of k, both
-    (B, T, W) (marked dirty); backward rotates the incoming gradients by -sin in place (a copy first when a
-    gradient is not rows of heads). Returns x, or (x, k).
-
-    impl "triton": one launch for both tensors; "reference": `rope_ref` copied back (same in-place contract).
-    The tensors come first: autograd's CopySlices (an in-place op on a view) expects the view as input 0, and
-    it allows only one output when that input is a view, so views go one per call.
-    """
-
-    @staticmethod
-    def forward(ctx, x, k, cos, sin, heads, impl):
-        xs = (x,) if k is None else (x, k)
-        _rotate(xs, heads, cos, sin, impl, backward=False)
-        ctx.mark_dirty(*xs)
-        ctx.save_for_backward(cos, sin)
-        ctx.impl, ctx.heads = impl, heads
-        return x if k is None else (x, k)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        cos, sin = ctx.saved_tensors
-        grads = tuple(None if g is None else (g if _rows_of_heads(g) else g.contiguous()) for g in grads)
-        live = [(g, n) for g, n in zip(grads, ctx.heads) if g is not None]
-        _rotate([g for g, _ in live], [n for _, n in live], cos, sin, ctx.impl, backward=True)
-        dk = grads[1] if len(grads) > 1 else None
-        return grads[0], dk, None, None, None, None
-
-
-def _rotate(xs, heads, cos, sin, impl: str, backward: bool) -> None:
-    if not xs:
-        return
-    if impl == "triton":
-        k, k_heads = (xs[1], heads[1]) if len(xs) > 1 else (None, None)
-        rope_rotate_(xs[0], k, cos, sin, heads[0], k_heads, backward=backward)
-    else:
-        for x, n in zip(xs, heads):
-            _rotate_ref_(x, n, cos, -sin if backward else sin)
-
-
-def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, T, H*D) and k (B, T, KVH*D) in place; cos, sin (T, D) or (B, T, D) (any float dtype, cast to
-    q's dtype). Returns (q, k), the same tensors; differentiable on both backends.
-
-    One launch when neither q nor k is a view; views (F.linear's 3-D output is one) take one launch each, since
-    autograd cannot mark two views dirty in one Function: prefer `apply_rope_qkv_` on a fused projection output.
-    q and k must not be leaves that require grad, nor outputs of split/chunk/unbind (autograd forbids in-place
-    ops on those; slice a fused tensor with [..., a:b] instead). Backward rotates the incoming gradients in place:
-    a tensor passed as `gradient=` to backward() comes back rotated.
-    """
-    impl = backend.choose(q.device, q.dtype)
-    D = cos.shape[-1]
-    hq, hk = q.shape[-1] // D, k.shape[-1] // D
-    if q._is_view() or k._is_view():
-        return RoPEFunction.apply(q, None, cos, sin, (hq,), impl), RoPEFunction.apply(k, None, cos, sin, (hk,), impl)
-    return RoPEFunction.apply(q, k, cos, sin, (hq, hk), impl)
-
-
-def apply_rope_qkv_(qkv: torch.Tensor, rotary_heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate in place the first `rotary_heads` heads of each token row of qkv (B, T, (H + 2*KVH)*D), the output of
-    a fused q/k/v projection (rotary_heads = H + KVH: the query and key heads; the value heads stay as they are),
-    in one launch. cos, sin (T, D) or (B, T, D). Returns qkv itself; differentiable on both backends.
-    """
-    return RoPEFunction.apply(qkv, None, cos, sin, (rotary_heads,), backend.choose(qkv.device, qkv.dtype))

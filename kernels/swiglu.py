@@ -1,38 +1,28 @@
-"""SwiGLU in Triton with its backward: out = silu(gate) * up, reading gate and up from one fused GEMM output.
+"""SwiGLU's Triton kernels and launchers: out = silu(gate) * up, reading gate and up from one fused GEMM output.
 
-Semantics are llama.py's `F.silu(gate) * up` in the activations' dtype: PyTorch evaluates silu in fp32
-(x / (1 + exp(-x))) and rounds it to the dtype, then the product is rounded again; the kernel does the same two
-roundings, so its forward equals PyTorch's to the last bit wherever the fp32 exp agrees. `swiglu_ref` is the
-spec; `swiglu` routes (backend.choose).
+The spec (`swiglu_ref`), the autograd Function and the routing are in qlora_core/ops/swiglu.py; this file is the
+launchers `swiglu_forward` and `swiglu_backward`. PyTorch's `F.silu(gate) * up` evaluates silu in fp32
+(x / (1 + exp(-x))) and rounds it to the dtype, then rounds the product again; the kernel does the same two
+roundings, so its forward equals PyTorch's to the last bit wherever the fp32 exp agrees.
 
 Inputs: gu (..., 2I) with gate in [..., :I] and up in [..., I:] (the output of one gate/up GEMM), or gate and up
 (..., I) as two tensors. Rows may be strided (a column slice of a wider buffer); the last dim must have
 stride 1 (else one copy is made).
 
-Design: an elementwise kernel on a 2-D grid (rows, I / BLOCK). The Function saves the inputs only; backward
-recomputes silu in fp32 and writes dgate = dout * up * s * (1 + gate * (1 - s)) (s = sigmoid(gate)) and
-dup = dout * silu(gate), each rounded once to the dtype. With the fused input they land in one (..., 2I)
-gradient, the layout the gate/up GEMM's backward wants. `inplace_grad=True` writes that gradient over the
-saved input itself (no (M, 2I) allocation in backward); only valid when the caller owns gu, i.e. nothing else
-reads it after this op (autograd's version counter catches a later reader that saved it).
+Design: an elementwise kernel on a 2-D grid (rows, I / BLOCK). Backward recomputes silu in fp32 from the inputs
+and writes dgate = dout * up * s * (1 + gate * (1 - s)) (s = sigmoid(gate)) and dup = dout * silu(gate), each
+rounded once to the dtype. With the fused input they land in one (..., 2I) gradient, the layout the gate/up
+GEMM's backward wants. `inplace=True` writes that gradient over the inputs' own memory (no (M, 2I) allocation).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qlora_core import backend
-from qlora_core.kernels.nf4_tile import cast_rne  # fp32 -> dtype with round-to-nearest-even in the interpreter too
+from .common import cast_rne  # fp32 -> dtype with round-to-nearest-even in the interpreter too
 
 BLOCK = 1024  # columns per program; 4 warps, 8 elements a thread
-
-
-def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Spec. gate, up (..., I) same float dtype -> (..., I): silu in fp32 rounded to the dtype, times up (rounded
-    again), as F.silu(gate) * up. Differentiable."""
-    return F.silu(gate.float()).to(up.dtype) * up
 
 
 @triton.jit
@@ -120,34 +110,3 @@ def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | N
         return dgu.reshape(gate.shape)
     return dg.reshape(gate.shape), du.reshape(up.shape)
 
-
-class SwiGLUFunction(torch.autograd.Function):
-    """Saves the inputs; backward recomputes silu (see the module docstring for inplace_grad)."""
-
-    @staticmethod
-    def forward(ctx, gate, up, inplace_grad):
-        ctx.save_for_backward(gate, up)
-        ctx.inplace_grad = inplace_grad
-        return swiglu_forward(gate, up)
-
-    @staticmethod
-    def backward(ctx, dout):
-        gate, up = ctx.saved_tensors
-        grads = swiglu_backward(dout, gate, up, inplace=ctx.inplace_grad)
-        if up is None:
-            return grads, None, None
-        return grads[0], grads[1], None
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, inplace_grad: bool = False) -> torch.Tensor:
-    """silu(gate) * up. gate (..., 2I) holding [gate | up] with up=None (one fused GEMM output), or gate and up
-    (..., I); fp32/fp16/bf16 -> (..., I) in that dtype. Triton where backend.choose(gate.device) says so, else
-    `swiglu_ref` (differentiable either way). inplace_grad=True (Triton path) lets backward overwrite the saved
-    input with the gradient: only when nothing else uses it afterwards.
-    """
-    if backend.choose(gate.device, gate.dtype) == "triton":
-        return SwiGLUFunction.apply(gate, up, inplace_grad)
-    if up is None:
-        I = gate.shape[-1] // 2
-        gate, up = gate[..., :I], gate[..., I:]
-    return swiglu_ref(gate, up)

@@ -34,6 +34,9 @@ from torch import nn
 from .errors import FileLoadError, UsageError
 from .checkpointing import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
 from .lora import project
+from .ops.rmsnorm import rms_norm
+from .ops.rope import apply_rope_qkv_
+from .ops.swiglu import swiglu
 from .qlinear import QuantLinear
 
 
@@ -235,8 +238,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) any float dtype -> (..., d): the norm in fp32, cast back to x's dtype, times the weight (so
         the result takes PyTorch's promotion of x's and the weight's dtypes, as transformers' LlamaRMSNorm does)."""
-        from .kernels.rmsnorm import rms_norm
-
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -316,8 +317,6 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         """x (B, T, d) -> (B, T, d): RoPE'd causal SDPA with GQA; appends K/V to `cache` when given."""
-        from .kernels.rope import apply_rope_qkv_
-
         B, T, _ = x.shape
         qkv = project(x, (self.q_proj, self.k_proj, self.v_proj), self)  # (B, T, (H + 2 KVH) D), one GEMM
         qkv = apply_rope_qkv_(qkv, self.H + self.KVH, cos, sin)  # q and k heads rotated in place
@@ -345,8 +344,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x))."""
-        from .kernels.swiglu import swiglu
-
         gate_up = project(x, (self.gate_proj, self.up_proj), self)  # (B, T, 2I): [gate | up], one GEMM
         return project(swiglu(gate_up), (self.down_proj,), self)
 

@@ -61,6 +61,7 @@ from .distributed import PARALLEL_MODES, World
 from .durable import atomic_write, atomic_write_text, fsync_dir, fsync_file, fsync_tree
 from .errors import FileLoadError, NonFiniteError, UsageError
 from .lora import LoraConfig
+from .ops.linear_ce import fused_linear_cross_entropy
 
 LOSS_CHUNK_ELEMS = 1 << 27  # logits per loss chunk (fp32: 512 MiB); bounds the lm_head/CE peak at any vocab
 POINTER = "checkpoint.json"
@@ -361,12 +362,10 @@ def batch_loss(model, ids: torch.Tensor, labels: torch.Tensor, position_ids: tor
     """(summed next-token cross entropy over label positions, number of label positions) for one micro-batch.
 
     ids, labels (B, T); the label of position t+1 is predicted at t. Only the N label positions reach the lm_head,
-    in chunks of LOSS_CHUNK_ELEMS // vocab rows (kernels/fused_linear_ce.py: on the GPU the gradients are made
+    in chunks of LOSS_CHUNK_ELEMS // vocab rows (ops/linear_ce.py: on the GPU the gradients are made
     chunk by chunk in forward, so no (N, vocab) logits exist; on the CPU each chunk is recomputed in backward).
     position_ids and document_ids (B, T) (data.collate_positions): packed rows with attention kept inside each sample.
     """
-    from .kernels.fused_linear_ce import fused_linear_cross_entropy
-
     hidden = model.model(ids, position_ids=position_ids, document_ids=document_ids)  # (B, T, d)
     y = labels[:, 1:]
     sel = y != D.IGNORE_INDEX

@@ -1,5 +1,5 @@
-"""Cases for the block kernels (kernels/rmsnorm.py, rope.py, swiglu.py, fused_linear_ce.py), shared by the CPU
-interpreter tests (tests/test_kernels_block.py, small shapes) and the GPU tests (tests/test_gpu_block_kernels.py,
+"""Cases for the block ops (rmsnorm, rope, swiglu, linear_ce: qlora_core/ops/<op>.py over kernels/<op>.py), shared
+by the CPU interpreter tests (tests/test_<op>.py, small shapes) and the GPU tests (tests/test_gpu_<op>.py, odd and
 8B shapes).
 
 Each case builds inputs on a device, runs the op with the Triton backend forced, forward and backward, and
@@ -59,20 +59,51 @@ def _grads(fn, inputs, dy):
     return out, torch.autograd.grad(out, wanted, dy)
 
 
+# -- torch.compile: the custom ops --------------------------------------------------------------------------------
+def compiled_matches_eager(name: str, fn, inputs, dy, ops: set[str]) -> int:
+    """fn(*inputs) compiled (aot_eager, fullgraph=True) gives eager's output and input grads bit for bit (the same
+    op bodies run on both sides), and its forward and backward graphs call the custom ops `ops` (qlora_core names,
+    e.g. {"rms_norm", "rms_norm_backward"}) rather than tracing the bodies. No call may raise a graph break."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    seen = set()
+
+    def record(gm, _):
+        seen.update(n.target.name().split("::")[1].split(".")[0] for n in gm.graph.nodes
+                    if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "qlora_core")
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+    outs = []
+    for f in (fn, compiled):
+        xs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        outs.append(_grads(f, xs, dy.clone()))  # eager RoPE rotates the incoming gradient in place
+    torch._dynamo.reset()
+    (y0, g0), (y1, g1) = outs
+    assert seen == ops, f"{name}: compiled graphs call {sorted(seen)}, expected {sorted(ops)}"
+    assert_close_verbose(y1, y0, atol=0, rtol=0, name=f"{name} compiled output")
+    for i, (a, b) in enumerate(zip(g1, g0)):
+        assert a.dtype == b.dtype, f"{name} grad {i}: {a.dtype} != {b.dtype}"
+        assert_close_verbose(a, b, atol=0, rtol=0, name=f"{name} compiled grad {i}")
+    return 1 + len(g0)
+
+
 # -- RMSNorm ------------------------------------------------------------------------------------------------------
 def case_rmsnorm(shape, dtype, device, weight_grad: bool, weight_dtype=None) -> int:
-    from qlora_core.kernels import rmsnorm
+    from qlora_core.kernels import rmsnorm as kernels
+    from qlora_core.ops import rmsnorm
     d = shape[-1]
     x = torch.randn(shape, device=device).mul_(3.0).to(dtype).requires_grad_()
     w = (1.0 + 0.2 * torch.randn(d, device=device)).to(weight_dtype or dtype).requires_grad_(weight_grad)
     dy = torch.randn(shape, device=device).to(torch.promote_types(dtype, w.dtype))
-    real_backward, dw_flags = rmsnorm.rms_norm_backward, []
-    rmsnorm.rms_norm_backward = lambda *a, **k: dw_flags.append(k["compute_dw"]) or real_backward(*a, **k)
+    real_backward, dw_flags = kernels.rms_norm_backward, []
+    kernels.rms_norm_backward = lambda *a, **k: dw_flags.append(k["compute_dw"]) or real_backward(*a, **k)
     try:
         with poisoned() as seen, backend.forced("triton"):
             y, g = _grads(lambda a, b: rmsnorm.rms_norm(a, b, EPS), (x, w), dy)
     finally:
-        rmsnorm.rms_norm_backward = real_backward
+        kernels.rms_norm_backward = real_backward
     assert seen["calls"] >= 2, "rmsnorm: the poisoned allocator was not used"
     assert dw_flags == [weight_grad], f"rmsnorm: backward asked for dweight {dw_flags}, weight_grad={weight_grad}"
     y_t, g_t = _grads(lambda a, b: rmsnorm.rms_norm_ref(a, b, EPS), (x, w), dy)
@@ -92,6 +123,22 @@ def case_rmsnorm(shape, dtype, device, weight_grad: bool, weight_dtype=None) -> 
             _, again = _grads(lambda a, b: rmsnorm.rms_norm(a, b, EPS), (x, w), dy)
         assert torch.equal(again[1], g[1]), f"{tag}: dweight differs between two identical runs"
     return 3 if weight_grad else 2
+
+
+def op_rmsnorm(shape, dtype, device, weight_grad: bool, weight_dtype=None) -> int:
+    """The Triton path's custom ops: opcheck of rms_norm and rms_norm_backward, and rms_norm compiled == eager."""
+    from qlora_core.ops import rmsnorm
+    x = torch.randn(shape, device=device).mul_(3.0).to(dtype).requires_grad_()
+    w = (1.0 + 0.2 * torch.randn(shape[-1], device=device)).to(weight_dtype or dtype).requires_grad_(weight_grad)
+    dy = torch.randn(shape, device=device).to(torch.promote_types(dtype, w.dtype))
+    torch.library.opcheck(torch.ops.qlora_core.rms_norm.default, (x, w, EPS))
+    _, rstd = torch.ops.qlora_core.rms_norm(x.detach(), w.detach(), EPS)
+    torch.library.opcheck(torch.ops.qlora_core.rms_norm_backward.default,
+                          (dy, x.detach(), w.detach(), rstd, weight_grad))
+    with backend.forced("triton"):
+        return 2 + compiled_matches_eager(f"rms_norm op {tuple(shape)} {dtype} w={w.dtype} dw={weight_grad}",
+                                          lambda a, b: rmsnorm.rms_norm(a, b, EPS), (x, w), dy,
+                                          {"rms_norm", "rms_norm_backward"})
 
 
 # -- RoPE ---------------------------------------------------------------------------------------------------------
@@ -116,7 +163,7 @@ def case_rope(B, T, H, KVH, D, dtype, device, per_row: bool, mode: str, table_dt
     """mode: "qkv" (apply_rope_qkv_ on a fused projection output), "pair" (two non-view tensors, one launch),
     "views" (q and k column slices of one buffer). per_row: (B, T) positions, tables (B, T, D), passed as
     llama.py's (B, 1, T, D) in "pair" mode."""
-    from qlora_core.kernels import rope
+    from qlora_core.ops import rope
     positions = torch.randint(0, 8192, (B, T), device=device) if per_row else torch.arange(T, device=device)
     cos, sin = rope_tables(positions, D, table_dtype or dtype)
     nq, nk = H * D, KVH * D
@@ -152,9 +199,33 @@ def case_rope(B, T, H, KVH, D, dtype, device, per_row: bool, mode: str, table_dt
     return 4
 
 
+def op_rope(B, T, H, KVH, D, dtype, device, per_row: bool, table_dtype=None) -> int:
+    """The Triton path's custom op: opcheck of rope (forward and backward rotation), and apply_rope_qkv_ and
+    apply_rope_ on views of one buffer compiled == eager (the rotated heads, and the gradient reaching the buffer)."""
+    from qlora_core.ops import rope
+    positions = torch.randint(0, 8192, (B, T), device=device) if per_row else torch.arange(T, device=device)
+    cos, sin = rope_tables(positions, D, table_dtype or dtype)
+    nq, nk = H * D, KVH * D
+    base = torch.randn(B, T, nq + 2 * nk, device=device).to(dtype).requires_grad_()
+    dy = torch.randn(base.shape, device=device).to(dtype)
+    for backward in (False, True):
+        torch.library.opcheck(torch.ops.qlora_core.rope.default, (base[..., :nq + nk], cos, sin, backward))
+
+    def views(b):
+        x = b * 1  # a non-leaf we may modify in place
+        rope.apply_rope_(x[..., :nq], x[..., nq:nq + nk], cos, sin)
+        return x
+
+    tag = f"rope op B={B} T={T} H={H}/{KVH} D={D} {dtype} tables={cos.dtype} per_row={per_row}"
+    with backend.forced("triton"):
+        n = compiled_matches_eager(f"{tag} qkv", lambda b: rope.apply_rope_qkv_(b * 1, H + KVH, cos, sin), [base],
+                                   dy, {"rope"})
+        return 2 + n + compiled_matches_eager(f"{tag} views", views, [base], dy, {"rope"})
+
+
 # -- SwiGLU -------------------------------------------------------------------------------------------------------
 def case_swiglu(M, I, dtype, device, fused: bool, inplace: bool) -> int:
-    from qlora_core.kernels import swiglu
+    from qlora_core.ops import swiglu
     gu = torch.randn(M, 2 * I, device=device).mul_(3.0)
     gu[0, :min(I, 6)] = torch.tensor([-100.0, -30.0, -0.0, 30.0, 100.0, 1e-3], device=device)[:min(I, 6)]
     gu = gu.to(dtype).requires_grad_()
@@ -174,6 +245,23 @@ def case_swiglu(M, I, dtype, device, fused: bool, inplace: bool) -> int:
     check(f"{tag} dgate", g[:, :I], g64[0][:, :I], g_t[0][:, :I], dtype)
     check(f"{tag} dup", g[:, I:], g64[0][:, I:], g_t[0][:, I:], dtype)
     return 3
+
+
+def op_swiglu(M, I, dtype, device, fused: bool) -> int:
+    """The Triton path's custom ops: opcheck of swiglu and swiglu_backward, and swiglu compiled == eager, on the
+    fused gu (M, 2I) or on gate and up (M, I)."""
+    from qlora_core.ops import swiglu
+    gu = torch.randn(M, 2 * I, device=device).mul_(3.0).to(dtype)
+    args = [gu] if fused else [gu[:, :I].contiguous(), gu[:, I:].contiguous()]
+    args = [t.requires_grad_() for t in args]
+    dy = torch.randn(M, I, device=device).to(dtype)
+    up = None if fused else args[1]
+    torch.library.opcheck(torch.ops.qlora_core.swiglu.default, (args[0], up))
+    torch.library.opcheck(torch.ops.qlora_core.swiglu_backward.default,
+                          (dy, args[0].detach(), None if fused else up.detach()))
+    with backend.forced("triton"):
+        return 2 + compiled_matches_eager(f"swiglu op M={M} I={I} {dtype} fused={fused}",
+                                          lambda *t: swiglu.swiglu(*t), args, dy, {"swiglu", "swiglu_backward"})
 
 
 # -- fused lm_head + cross entropy --------------------------------------------------------------------------------
@@ -202,14 +290,14 @@ def loss_bound(h, w, y, loss64_rows: torch.Tensor, dtype) -> float:
 def case_ce(N, d, V, dtype, device, chunk_logits: int, weight_grad: bool, ignored: float = 0.25,
             impl: str = "triton") -> int:
     """ignored: fraction of targets set to -100 (1.0: all of them, loss 0 and zero gradients)."""
-    from qlora_core.kernels import fused_linear_ce as fce
+    from qlora_core.ops import linear_ce as ce
     h, w, y = ce_inputs(N, d, V, dtype, device, ignored, weight_grad)
     go = torch.tensor(1.5, device=device)  # a grad_output != 1 checks the scaling in backward
     with poisoned() as seen, backend.forced(impl):
-        loss = fce.fused_linear_cross_entropy(h, w, y, chunk_logits=chunk_logits)
+        loss = ce.fused_linear_cross_entropy(h, w, y, chunk_logits=chunk_logits)
         g = torch.autograd.grad(loss, [t for t in (h, w) if t.requires_grad], go)
-    assert impl != "triton" or seen["calls"] >= 3, "fused_linear_ce: the poisoned allocator was not used"
-    loss_t, g_t = _grads(lambda a, b: fce._chunk_ce(a, b, y, -100), (h, w), go)
+    assert impl != "triton" or seen["calls"] >= 3, "linear_ce: the poisoned allocator was not used"
+    loss_t, g_t = _grads(lambda a, b: ce._chunk_ce(a, b, y, -100), (h, w), go)
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_(weight_grad)
     rows64 = F.cross_entropy(h64 @ w64.T, y, reduction="none")
     g64 = torch.autograd.grad(rows64.sum(), [t for t in (h64, w64) if t.requires_grad], go.double())
@@ -221,14 +309,29 @@ def case_ce(N, d, V, dtype, device, chunk_logits: int, weight_grad: bool, ignore
     if weight_grad:
         check(f"{tag} dw", g[1], g64[1], g_t[1], dtype)
     if impl == "triton":  # without grad mode the launcher runs alone, with no gradient work, same loss
-        real_forward, flags = fce.fused_linear_ce_forward, []
-        fce.fused_linear_ce_forward = lambda *a: flags.append(a[-2:]) or real_forward(*a)
+        from qlora_core.kernels import linear_ce as kernels
+        real_forward, flags = kernels.fused_linear_ce_forward, []
+        kernels.fused_linear_ce_forward = lambda *a: flags.append(a[-2:]) or real_forward(*a)
         try:
             with torch.no_grad(), backend.forced(impl):
-                loss_eval = fce.fused_linear_cross_entropy(h, w, y, chunk_logits=chunk_logits)
+                loss_eval = ce.fused_linear_cross_entropy(h, w, y, chunk_logits=chunk_logits)
         finally:
-            fce.fused_linear_ce_forward = real_forward
+            kernels.fused_linear_ce_forward = real_forward
         assert flags == [(False, False)] and torch.equal(loss_eval, loss), f"{tag}: no-grad path {flags}"
     if ignored >= 1.0:
         assert loss.item() == 0.0 and not g[0].any() and (not weight_grad or not g[1].any()), f"{tag}: not zero"
     return 3 if weight_grad else 2
+
+
+def op_ce(N, d, V, dtype, device, chunk_logits: int, weight_grad: bool) -> int:
+    """The Triton path's custom op: opcheck of fused_linear_cross_entropy (with and without dh), and the public
+    function compiled == eager with grad_output 1.5 (the scaling in the op's gradient formula)."""
+    from qlora_core.ops import linear_ce as ce
+    h, w, y = ce_inputs(N, d, V, dtype, device, ignored=0.25, weight_grad=weight_grad)
+    for need_dh in (True, False):
+        torch.library.opcheck(torch.ops.qlora_core.fused_linear_cross_entropy.default,
+                              (h, w, y, -100, chunk_logits, need_dh, weight_grad))
+    with backend.forced("triton"):
+        return 2 + compiled_matches_eager(f"ce op N={N} d={d} V={V} {dtype} chunk={chunk_logits} dw={weight_grad}",
+                                          lambda a, b: ce.fused_linear_cross_entropy(a, b, y, -100, chunk_logits),
+                                          (h, w), torch.tensor(1.5, device=device), {"fused_linear_cross_entropy"})

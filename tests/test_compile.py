@@ -19,15 +19,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_core import quantize
 from qlora_core.ops.adamw import adamw8bit_step, adamw32_step, adamw_coeffs
+from qlora_core.ops.linear_ce import fused_linear_cross_entropy
 from qlora_core.ops.nf4_linear import nf4_linear
 from qlora_core.ops.quant4 import dequantize, dequantize_into, q_args
+from qlora_core.ops.rmsnorm import rms_norm
+from qlora_core.ops.rope import apply_rope_qkv_
+from qlora_core.ops.swiglu import swiglu
 from qlora_core.optim import PagedAdamW
 
 from tests.helpers import assert_close_verbose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPS = ("quantize_4bit", "dequantize_4bit", "dequantize_4bit_into", "nf4_linear", "nf4_linear_input_grad",
-       "adamw8bit_step", "adamw32_step")
+       "adamw8bit_step", "adamw32_step", "rms_norm", "rms_norm_backward", "rope", "swiglu", "swiglu_backward",
+       "fused_linear_cross_entropy")  # the block ops' opchecks are in tests/test_<op>.py
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +78,10 @@ def test_eager_calls_skip_the_dispatcher():
         q = quantize(w)
         dequantize(q)
         nf4_linear(x, q).sum().backward()
+        h = rms_norm(x, torch.ones(64), 1e-6)
+        cos, sin = torch.ones(5, 16), torch.zeros(5, 16)
+        h = apply_rope_qkv_(swiglu(h)[None] * 1, 2, cos, sin)[0]
+        fused_linear_cross_entropy(h, torch.randn(7, 32), torch.arange(5)).backward()
     assert log.ops == []
     with _OpLog() as log:  # the log does see an op called directly
         torch.ops.qlora_core.dequantize_4bit(*q_args(q), torch.float32)
@@ -333,9 +342,8 @@ def test_compiled_lora_dropout_with_checkpointing_is_one_graph(monkeypatch):
 @pytest.mark.gpu
 def test_compiled_nf4_lora_llama_on_gpu():
     """The CPU tests' twin on the device, where the op bodies run the Triton kernels. First nf4_linear alone with
-    fullgraph=True (the ops only: exact, as on the CPU); then the tiny model, whose compiled loss and LoRA grads
-    equal eager's. The model uses fullgraph=False: the RMSNorm/RoPE/SwiGLU Triton launchers are not custom ops
-    (docs/backends.md) and Dynamo's tracing of them has not been checked."""
+    fullgraph=True (the ops only: exact, as on the CPU); then the tiny model, one graph with fullgraph=True (the
+    RMSNorm/RoPE/SwiGLU Triton paths are custom ops too), whose compiled loss and LoRA grads equal eager's."""
     q, x, b, gy = _linear_case()
     q, x, b, gy = q.to("cuda"), x.detach().cuda().requires_grad_(), b.detach().cuda().requires_grad_(), gy.cuda()
 
@@ -350,7 +358,9 @@ def test_compiled_nf4_lora_llama_on_gpu():
     ids = torch.randint(0, 97, (2, 12), device="cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     loss0, grads0 = _loss_and_grads(model, ids, params)
-    loss1, grads1 = _loss_and_grads(torch.compile(model, backend="aot_eager"), ids, params)
+    cnt = CompileCounterWithBackend("aot_eager")
+    loss1, grads1 = _loss_and_grads(torch.compile(model, backend=cnt, fullgraph=True), ids, params)
+    assert cnt.frame_count == 1
     # same kernels on both sides; the slack covers a cuBLAS algorithm that differs between the two call sites
     assert_close_verbose(loss1, loss0, atol=1e-6, rtol=1e-6, name="loss")
     for i, (a, b) in enumerate(zip(grads1, grads0)):
