@@ -7,8 +7,9 @@ One step = grad_accum micro-batches of batch_size rows (data.py: chat-formatted,
 The loss is the mean over every label token of the whole step (each micro-batch's summed loss is divided by the
 step's label count before backward, so accumulation gives the same gradient as one big batch). Then: clip the
 global grad norm, PagedAdamW (8-bit states by default), cosine schedule with linear warmup.
-train() reads as its steps: setup (data, model, wrapping, optimizer, resume), then per step next_batch,
-forward_backward, train_step (reduce, clip, update), maybe_evaluate, checkpoint.
+train() reads as its steps: preflight (train_config.py), setup (data, model, wrapping, optimizer, resume), then
+per step next_batch, forward_backward, train_step (reduce, clip, update), maybe_evaluate, checkpoint
+(train_checkpoint.py).
 
 Several processes (torchrun, distributed.py): each rank takes a contiguous 1/N of every step's rows (the global
 batch stays batch_size * grad_accum rows), runs them in micro-batches of at most batch_size, and FSDP2 (default)
@@ -23,201 +24,37 @@ Memory choices (the point of QLoRA):
   carry a label, in chunks of LOSS_CHUNK_ELEMS logits, each chunk recomputed in backward (at Llama-3's 128k vocab
   a full (4, 2048) batch of fp32 logits would be 4.2 GB).
 
-Robustness:
-- a non-finite loss or grad norm skips the step (no update; the data is consumed) and, after max_bad_steps in a
-  row, stops the run with a message instead of silently training on garbage;
-- checkpoints (adapter, optimizer, scheduler, RNG states, data position, step) are written into a fresh directory
-  that is renamed into place, then a small pointer file `checkpoint.json` is replaced atomically: a run killed at
-  any moment finds either the old or the new checkpoint, whole, and `resume=True` continues bit-exactly (same data
-  order, dropout masks, optimizer state). metrics.jsonl lines past the checkpoint are dropped on resume.
-- checkpoint.json records the sha256 of every file of the checkpoint; resume verifies them, the adapter's own
-  checksum and that no adapter or optimizer tensor is NaN/Inf before it continues (CheckpointError otherwise).
+Robustness: a non-finite loss or grad norm skips the step (no update; the data is consumed) and, after
+max_bad_steps in a row, stops the run with a message instead of silently training on garbage. Checkpoints are
+written whole and verified on resume (train_checkpoint.py).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
-import sys
-import tempfile
 import time
-import types
 from pathlib import Path
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import data as D
 from . import distributed
-from .defaults import DOUBLE_QUANT, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype
-from .distributed import PARALLEL_MODES, World
-from .durable import atomic_write, atomic_write_text, fsync_dir, fsync_file, fsync_tree
-from .errors import FileLoadError, NonFiniteError, UsageError
-from .lora import LoraConfig
+from .activation_checkpoint import apply_policy
+from .adapter import load_adapter, save_adapter
+from .distributed import World
+from .loading import load_llama, resolve_folder
+from .lora import apply_lora
+from .optim import PagedAdamW
+from .train_checkpoint import METRICS, checkpoint, load_checkpoint, restore, start_fresh
+from .train_config import TrainConfig, TrainConfigError, preflight, resolve_device
 
 LOSS_CHUNK_ELEMS = 1 << 27  # logits per loss chunk (fp32: 512 MiB); bounds the lm_head/CE peak at any vocab
-POINTER = "checkpoint.json"
-METRICS = "metrics.jsonl"
-
-
-class TrainConfigError(UsageError, ValueError):
-    """A TrainConfig setting out of range, or a run that cannot start as configured (the message names it)."""
-
-
-class CheckpointError(FileLoadError, ValueError):
-    """A training checkpoint (checkpoint.json and the files it names) that is missing, damaged or inconsistent."""
-
-
-class NonFiniteCheckpointError(NonFiniteError, ValueError):
-    """A checkpoint's optimizer state holds NaN or Inf (the message names the tensor)."""
-
-
-def _default_lora() -> LoraConfig:
-    return LoraConfig()  # defaults.py: r, alpha, dropout and all seven projections
-
-
-# The LoRA settings' names from before TrainConfig held a LoraConfig: still taken as keywords (TrainConfig(lora_r=8))
-# and read from old checkpoints' config dicts.
-LEGACY_LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                      "target_modules": "target_modules"}
-
-
-def parse_targets(text: str | Sequence[str]) -> tuple[str, ...] | str:
-    """target_modules as flags and old configs give it: "all-linear" as is, else a tuple of the comma-separated
-    names ("q_proj, v_proj" or ["q_proj,v_proj", "gate_proj"])."""
-    parts = [text] if isinstance(text, str) else list(text)
-    names = tuple(n.strip() for part in parts for n in part.split(",") if n.strip())
-    return "all-linear" if names == ("all-linear",) else names
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything a run needs; `qlora train` flags map 1:1 onto these fields (--max-steps -> max_steps) and onto
-    the fields of `lora` (--lora-r -> lora.r, --lora-alpha, --lora-dropout, --target-modules, ...)."""
-    model: str = ""  # HF model folder or hub repo id
-    data: str = ""  # JSONL file: messages, instruction/response, prompt/completion or text rows (docs/data.md)
-    output: str = "qlora-out"  # directory for adapter files, metrics.jsonl and checkpoints
-    eval_data: str | None = None  # held-out JSONL file; default: eval_fraction of --data
-    eval_fraction: float = 0.05  # fraction of records held out for eval when no eval_data (0 = no eval)
-    max_steps: int = -1  # optimizer steps; -1 = derived from epochs
-    epochs: float = 1.0  # passes over the training rows (used when max_steps is -1)
-    batch_size: int = 4  # rows per micro-batch (with several processes: at most, per process)
-    grad_accum: int = 1  # micro-batches per optimizer step; a step is batch_size * grad_accum rows on any process count
-    seq_len: int = 512  # tokens per row (samples are truncated to it, packed up to it)
-    lr: float = 2e-4  # peak learning rate (after warmup)
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr (end of the cosine)
-    warmup_steps: int = -1  # linear warmup steps; -1 = 5% of the steps
-    weight_decay: float = WEIGHT_DECAY  # AdamW decoupled weight decay on the LoRA matrices
-    max_grad_norm: float = 1.0  # clip the global grad norm to this (0 = no clipping)
-    lora: LoraConfig = dataclasses.field(default_factory=_default_lora)  # the adapters (r, alpha, dropout, targets)
-    quant: str = QUANT_TYPE  # base weights: nf4, fp4 or none (dense)
-    double_quant: bool = DOUBLE_QUANT  # quantize the absmax too (bnb compress_statistics), ~0.37 bits/param saved
-    dtype: str = "auto"  # model dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32
-    device: str = "auto"  # auto (cuda if available; this rank's GPU under torchrun), cpu, cuda, cuda:1, ...
-    parallel: str = "fsdp"  # with several processes (torchrun): fsdp (shard weights, LoRA, grads, optimizer) or ddp
-    optim_bits: int = OPTIM_BITS  # PagedAdamW state bits: 8 (bnb-style blockwise) or 32
-    gradient_checkpointing: bool = True  # recompute decoder blocks in backward (off = policy none everywhere)
-    checkpoint_policy: str = "full"  # per block: none, save_attn, full or offload (docs: checkpointing.py)
-    memory_budget_gib: float = 0.0  # > 0: per-block policies planned to fit this GPU budget (overrides the policy)
-    fused: bool = True  # grouped LoRA projections (fused_lora.py); off = module by module, the reference path
-    pack: bool = True  # concatenate short samples into rows of up to seq_len tokens
-    pack_isolate: bool = True  # packed samples attend only to themselves, positions restart (off: plain causal row)
-    chat_template: bool = True  # use the checkpoint's chat template if it has one (else the plain template)
-    eval_every: int = 50  # evaluate every N steps and at the end (0 = only at the end)
-    eval_batch_size: int = 8  # samples per eval batch
-    save_every: int = 50  # checkpoint every N steps and at the end (0 = only at the end)
-    log_every: int = 1  # print a progress line every N steps
-    max_bad_steps: int = 5  # stop after this many consecutive steps with non-finite loss or grad norm
-    seed: int = 0  # seeds LoRA init, data order and dropout
-    resume: bool = False  # continue from output/checkpoint.json if present
-    overwrite: bool = False  # start over in a non-empty output folder (its earlier run's checkpoints and metrics go)
-    lora_r: dataclasses.InitVar[int | None] = None
-    lora_alpha: dataclasses.InitVar[float | None] = None
-    lora_dropout: dataclasses.InitVar[float | None] = None
-    target_modules: dataclasses.InitVar[str | Sequence[str] | None] = None
-
-    def __post_init__(self, lora_r, lora_alpha, lora_dropout, target_modules):
-        legacy = {k: v for k, v in zip(LEGACY_LORA_FIELDS, (lora_r, lora_alpha, lora_dropout, target_modules))
-                  if v is not None}
-        if legacy:
-            if "target_modules" in legacy:
-                legacy["target_modules"] = parse_targets(legacy["target_modules"])
-            self.lora = dataclasses.replace(self.lora, **{LEGACY_LORA_FIELDS[k]: v for k, v in legacy.items()})
-        if not isinstance(self.lora, LoraConfig):
-            raise TrainConfigError(f"lora must be a LoraConfig, got {type(self.lora).__name__}")
-        if self.quant not in ("nf4", "fp4", "none"):
-            raise TrainConfigError(f"quant must be nf4, fp4 or none, got {self.quant!r}")
-        if self.optim_bits not in (8, 32):
-            raise TrainConfigError(f"optim_bits must be 8 or 32, got {self.optim_bits}")
-        if self.parallel not in PARALLEL_MODES:
-            raise TrainConfigError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
-        for name in ("batch_size", "grad_accum", "seq_len", "max_bad_steps", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                raise TrainConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise TrainConfigError(f"max_steps must be positive or -1 (from epochs), got {self.max_steps}")
-        if self.max_steps == -1 and not self.epochs > 0:
-            raise TrainConfigError(f"epochs must be > 0 when max_steps is -1, got {self.epochs}")
-        if self.checkpoint_policy not in ("none", "save_attn", "full", "offload"):
-            raise TrainConfigError(f"checkpoint_policy must be none, save_attn, full or offload, "
-                                   f"got {self.checkpoint_policy!r}")
-        if self.memory_budget_gib < 0:
-            raise TrainConfigError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
-        # 0 is allowed as torch.optim allows it (a run that only evaluates, or reads the initial adapter)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
-            raise TrainConfigError(f"lr must be a finite number >= 0, got {self.lr!r}")
-        if not 0 <= self.eval_fraction < 1:
-            raise TrainConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("weight_decay", "max_grad_norm"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise TrainConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.resume and self.overwrite:
-            raise TrainConfigError("resume and overwrite contradict each other: --resume continues the run in "
-                                   "--output, --overwrite replaces it")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise TrainConfigError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-
-    def to_dict(self) -> dict:
-        """Plain values (a checkpoint's trainer_state): every field, `lora` as a dict with its dtype by name."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        lora = dataclasses.asdict(self.lora)
-        lora["dtype"] = str(lora["dtype"]).removeprefix("torch.")
-        if not isinstance(lora["target_modules"], str):
-            lora["target_modules"] = list(lora["target_modules"])
-        d["lora"] = lora
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """Inverse of to_dict; also reads the loose lora_r / lora_alpha / lora_dropout / target_modules of configs
-        saved before TrainConfig held a LoraConfig. Keys no field knows are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"lora"}
-        lora_names = {f.name for f in dataclasses.fields(LoraConfig)}
-        lora = {k: v for k, v in (d.get("lora") or {}).items() if k in lora_names}
-        if isinstance(lora.get("dtype"), str):
-            lora["dtype"] = getattr(torch, lora["dtype"])
-        if isinstance(lora.get("target_modules"), list):
-            lora["target_modules"] = tuple(lora["target_modules"])
-        for old, new in LEGACY_LORA_FIELDS.items():
-            if old in d:
-                lora[new] = parse_targets(d[old]) if old == "target_modules" else d[old]
-        return cls(**{k: v for k, v in d.items() if k in names}, lora=dataclasses.replace(_default_lora(), **lora))
-
-
-# The legacy names read through to `lora` (TrainConfig().lora_r == 16), so old code reading them does not get the
-# InitVar's None. Set after the class is built: the dataclass __init__ has already captured its None defaults.
-for _old, _new in LEGACY_LORA_FIELDS.items():
-    setattr(TrainConfig, _old, property(lambda self, _n=_new: getattr(self.lora, _n),
-                                        doc=f"Read-only alias of lora.{_new}."))
 
 
 @dataclasses.dataclass
@@ -232,21 +69,9 @@ class TrainResult:
 
 
 # -- setup --------------------------------------------------------------------------------------------------------
-def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """(device, dtype) for cfg: device "auto" is cuda when available (this rank's GPU under torchrun), else cpu;
-    dtype "auto" is bfloat16 on CUDA, float32 elsewhere."""
-    device = distributed.local_device(cfg.device)
-    if cfg.dtype == "auto":
-        return device, default_dtype(device)
-    return device, getattr(torch, cfg.dtype)
-
-
 def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
     """Our Llama (frozen, quantized per cfg.quant) with fresh LoRA adapters per cfg.lora (A and B in fp32 unless
     cfg.lora.dtype says otherwise)."""
-    from .loading import load_llama
-    from .lora import apply_lora
-
     model = load_llama(cfg.model, quantize=None if cfg.quant == "none" else cfg.quant,
                        double_quant=cfg.double_quant, dtype=dtype, device=device)
     lc = cfg.lora
@@ -259,76 +84,6 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
         if hasattr(m, "fuse_projections"):
             m.fuse_projections = cfg.fused
     return model, counts
-
-
-def apply_policy(model, policy: str, budget_gib: float | None = None) -> str:
-    """Set the model's activation checkpointing: `policy` (checkpointing.POLICIES) for every block, or, with
-    budget_gib, a MemoryBudget that plans per-block policies at the first step. Returns a one-line description."""
-    from .checkpointing import POLICIES, MemoryBudget
-
-    if budget_gib:
-        if not budget_gib > 0:
-            raise ValueError(f"memory budget must be > 0 GiB, got {budget_gib}")
-        model.model.checkpoint_policy = MemoryBudget(float(budget_gib))
-        return f"checkpointing: planned per block for a {budget_gib:g} GiB GPU budget at the first step"
-    if policy not in POLICIES:
-        raise ValueError(f"checkpoint_policy must be one of {POLICIES}, got {policy!r}")
-    model.model.checkpoint_policy = policy
-    return f"checkpointing: {policy} for all {len(model.model.layers)} blocks"
-
-
-def check_output(out: Path, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse an output folder that would lose data or cannot be written: a file in its place, a non-empty folder
-    (an earlier run, whose checkpoints and metrics a fresh start deletes) unless `resume` or `overwrite`, or no
-    write permission on it or the folder it would be created in. Raises TrainConfigError."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise TrainConfigError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise TrainConfigError(f"output folder {out} is not empty (an earlier run?); pass --resume to continue "
-                               f"it, --overwrite to replace it, or choose another --output")
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    # os.access, not a probe file: under torchrun every rank runs this while rank 0 may be creating the folder
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainConfigError(f"cannot write to {existing} (permission denied), so not to output {out}")
-
-
-def preflight(cfg: TrainConfig) -> None:
-    """Everything a run can check before the model's weights load: the output folder (check_output), the model
-    folder's config.json, target_modules against the model's module names (a weightless meta-device copy), and
-    the data: readable, parseable, and enough records for the eval split. The scalar settings were checked when
-    cfg was built. With cfg.resume, the checkpoint's checksums and adapter are verified too. Raises
-    TrainConfigError, TargetModuleError, DataFormatError, CheckpointError or a loading error, each naming the
-    problem."""
-    from .llama import Llama
-    from .loading import read_config
-    from .lora import check_targets
-
-    if not cfg.model or not cfg.data:
-        raise TrainConfigError("TrainConfig needs model and data")
-    distributed.check_device(cfg.device)
-    # a later rank may run this after rank 0 has begun writing the new run (metrics.jsonl): only rank 0 judges
-    # whether the folder holds an earlier run; torchrun stops the other ranks when rank 0 fails
-    later_rank = int(os.environ.get("RANK", "0")) != 0
-    check_output(Path(cfg.output), cfg.resume or later_rank, cfg.overwrite)
-    if cfg.resume:  # a damaged checkpoint fails now, not after the model has loaded
-        from .adapter import read_adapter
-        found = load_checkpoint(Path(cfg.output))
-        if found is not None:
-            read_adapter(found[0])
-            check_metrics(Path(cfg.output) / METRICS, found[1]["step"], found[1].get("metrics_record"))
-    convs = D.read_jsonl(cfg.data)
-    if cfg.eval_data:
-        D.read_jsonl(cfg.eval_data)
-    else:
-        D.split_holdout(convs, cfg.eval_fraction, cfg.seed)
-    config = read_config(_model_folder(cfg.model))
-    if cfg.lora.target_modules != "all-linear":
-        with torch.device("meta"):
-            skeleton = Llama(config)
-        check_targets(skeleton, cfg.lora.target_modules)
 
 
 def load_data(cfg: TrainConfig, tok: D.TextTokenizer) -> tuple[list, list, dict]:
@@ -411,7 +166,6 @@ def evaluate(model, samples: list, pad_id: int, batch_size: int, device, dtype,
     of batches (an FSDP forward gathers weights with the others), a rank out of samples runs an ignored dummy one.
     """
     world = world or World(device=torch.device(device))
-    from torch.nn.parallel import DistributedDataParallel
     run_loss = model if isinstance(model, (LossModule, DistributedDataParallel)) else LossModule(model)
     mine = samples[world.rank::world.size]
     rounds = -(-(-(-len(samples) // world.size)) // batch_size)
@@ -434,188 +188,11 @@ def evaluate(model, samples: list, pad_id: int, batch_size: int, device, dtype,
     return loss, math.exp(min(loss, 700.0))
 
 
-# -- checkpoints --------------------------------------------------------------------------------------------------
-def _rng_state(device: torch.device) -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(st: dict, device: torch.device) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
-def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state: dict,
-                    lora: dict | None = None) -> Path:
-    """Write checkpoints/step-N as a whole (temp dir + rename), then point checkpoint.json at it; drop older ones.
-
-    opt_state: the optimizer's state in checkpoint form (optim_shards.gather_state); trainer_state: step, scheduler,
-    rng, data_position, bad_streak, config, world_size; lora: gathered adapter tensors (module path -> (A, B)) when
-    the model's own are sharded, else None.
-    """
-    from .adapter import save_adapter
-
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
-    save_adapter(model, tmp, trainer_state["config"]["model"], tensors=lora)
-    torch.save(opt_state, tmp / "optimizer.pt")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    fsync_tree(tmp)  # every file on disk before the directory gets its final name
-    sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-    final = root / f"step-{step:08d}"
-    if final.exists():  # the same step saved by an earlier, killed process: the pointer may not name it yet
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    pointer = {"step": step, "path": f"checkpoints/{final.name}", "sha256": sums}
-    if (out / METRICS).is_file():  # metrics.jsonl up to this step: resume verifies it and cuts the file there
-        fsync_file(out / METRICS)  # on disk before the pointer records it, or a power loss strands the checkpoint
-        pointer["metrics"] = {"bytes": (out / METRICS).stat().st_size, "sha256": file_sha256(out / METRICS)}
-    atomic_write_text(out / POINTER, json.dumps(pointer) + "\n")
-    for old in root.iterdir():
-        if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_checkpoint(out: Path) -> tuple[Path, dict] | None:
-    """(checkpoint directory, trainer_state dict) named by out/checkpoint.json, or None without a pointer file.
-
-    Every file the pointer lists a sha256 for must be there with that hash (pointers written before checksums
-    list none). trainer_state holds step, scheduler, rng, data_position, bad_streak, config
-    (TrainConfig.to_dict(); older checkpoints: the loose form TrainConfig.from_dict reads) and world_size; it is
-    read with torch.load(weights_only=True) (tensors and plain containers only, no arbitrary unpickling). The
-    pointer's record of metrics.jsonl (bytes and sha256 of the file at the checkpoint) is added to it as
-    "metrics_record". CheckpointError for a pointer, file or state that is missing, damaged or inconsistent.
-    """
-    p = out / POINTER
-    if not p.exists():
-        return None
-    try:
-        ptr = json.loads(p.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{p} is not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(ptr, dict) or not isinstance(ptr.get("path"), str) or not isinstance(ptr.get("step"), int):
-        raise CheckpointError(f"{p} must be an object with a string 'path' and an integer 'step'")
-    sums = ptr.get("sha256", {})
-    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
-        raise CheckpointError(f"{p}: 'sha256' must map file names to hex digests")
-    root = (out / "checkpoints").resolve()
-    ck = (out / ptr["path"]).resolve()
-    if ck.parent != root:
-        raise CheckpointError(f"{p} points at {ptr['path']!r}, which is not a folder in {out / 'checkpoints'}")
-    if not ck.is_dir():
-        raise CheckpointError(f"{p} points at {ck}, which does not exist (deleted?); remove {p} to start over")
-    for name, want in sorted(sums.items()):
-        f = ck / name
-        if f.parent != ck or not f.is_file():
-            raise CheckpointError(f"checkpoint {ck} lacks {name!r}, which {p} lists")
-        if file_sha256(f) != want:
-            raise CheckpointError(f"{f} does not match the sha256 recorded in {p}: the file was damaged or "
-                                  f"changed after it was written")
-    st = _torch_load(ck / "trainer_state.pt")
-    need = {"step": int, "scheduler": dict, "rng": dict, "data_position": int, "bad_streak": int, "config": dict}
-    bad = [k for k, t in need.items() if not isinstance(st.get(k) if isinstance(st, dict) else None, t)]
-    if bad:
-        raise CheckpointError(f"{ck / 'trainer_state.pt'}: field(s) {bad} missing or of the wrong type")
-    if st["step"] != ptr["step"]:
-        raise CheckpointError(f"{p} says step {ptr['step']} but {ck / 'trainer_state.pt'} holds step {st['step']}")
-    rec = ptr.get("metrics")
-    if rec is not None:
-        if (not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or rec["bytes"] < 0
-                or not isinstance(rec.get("sha256"), str)):
-            raise CheckpointError(f"{p}: 'metrics' must hold an integer 'bytes' and a 'sha256'")
-        st["metrics_record"] = rec
-    return ck, st
-
-
-def _torch_load(path: Path):
-    """torch.load(weights_only=True) with every failure of a damaged file as a CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling damage surfaces as many types
-        raise CheckpointError(f"{path} is not a readable checkpoint file ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:200]})") from None
-
-
-def check_state_finite(state, where: str, path: str = "") -> None:
-    """NonFiniteCheckpointError naming the first floating tensor in a nested dict / list that holds NaN or Inf."""
-    if isinstance(state, torch.Tensor):
-        if state.is_floating_point() and state.numel() and not bool(torch.isfinite(state).all()):
-            raise NonFiniteCheckpointError(f"{where}: tensor {path or '<root>'} holds NaN/Inf values")
-    elif isinstance(state, dict):
-        for k, v in state.items():
-            check_state_finite(v, where, f"{path}.{k}" if path else str(k))
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            check_state_finite(v, where, f"{path}[{i}]")
-
-
-def check_metrics(path: Path, last_step: int, record: dict | None) -> None:
-    """CheckpointError unless metrics.jsonl starts with the bytes the checkpoint at last_step recorded (record:
-    load_checkpoint's "metrics_record"; None, from checkpoints that predate it, checks nothing)."""
-    if record is None:
-        return
-    n = record["bytes"]
-    size = path.stat().st_size if path.is_file() else 0
-    if size < n:
-        raise CheckpointError(f"{path} holds {size} bytes but the checkpoint at step {last_step} recorded {n}: "
-                              f"metrics were lost since; remove checkpoint.json to start over")
-    with open(path, "rb") as f:
-        if hashlib.sha256(f.read(n)).hexdigest() != record["sha256"]:
-            raise CheckpointError(f"{path}: the lines up to step {last_step} differ from what the checkpoint "
-                                  f"recorded (the file was damaged or edited)")
-
-
-def _restore_metrics(path: Path, last_step: int, record: dict | None) -> None:
-    """Cut metrics.jsonl back to the checkpoint: to the recorded length after check_metrics, or, for checkpoints
-    without a record, to the lines of steps <= last_step."""
-    if record is None:
-        _truncate_metrics(path, last_step)
-        return
-    check_metrics(path, last_step, record)
-    if path.stat().st_size > record["bytes"]:
-        with open(path, "rb") as f:
-            keep = f.read(record["bytes"])
-        atomic_write(path, lambda p: Path(p).write_bytes(keep))
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep metrics.jsonl lines up to last_step (lines written after the checkpoint by a killed run go)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the kill
-            continue
-        if rec.get("step", 0) <= last_step:
-            keep.append(line)
-    atomic_write_text(path, "".join(x + "\n" for x in keep))
-
-
 # -- logging ------------------------------------------------------------------------------------------------------
 def _mem_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+    import resource  # Unix only; the CPU path alone needs it
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB: peak host RSS
 
 
@@ -632,7 +209,8 @@ def _progress(step: int, total: int, rec: dict, device) -> str:
 # -- a run, step by step ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Run:
-    """What one training process holds: built by setup(), advanced by train_step(), saved by checkpoint()."""
+    """What one training process holds: built by setup(), advanced by train_step(), saved by
+    train_checkpoint.checkpoint()."""
     cfg: TrainConfig
     world: World
     out: Path
@@ -671,9 +249,6 @@ class StepBatch:
 def setup(cfg: TrainConfig, world: World) -> Run:
     """Tokenizer, data, model (with the checkpoint's adapter when resuming), parallel wrapping, optimizer and
     schedule; then the checkpoint's optimizer / scheduler / data position, or a clean output folder."""
-    from .adapter import load_adapter
-    from .optim import PagedAdamW
-
     rows_per_step = cfg.batch_size * cfg.grad_accum
     if rows_per_step % world.size:
         raise TrainConfigError(f"batch_size * grad_accum = {rows_per_step} rows per step do not split evenly "
@@ -683,7 +258,7 @@ def setup(cfg: TrainConfig, world: World) -> Run:
     device, dtype = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    tok = D.TextTokenizer.from_folder(_model_folder(cfg.model), use_chat_template=cfg.chat_template)
+    tok = D.TextTokenizer.from_folder(resolve_folder(cfg.model), use_chat_template=cfg.chat_template)
     rows, eval_samples, counts = load_data(cfg, tok)
     model, params = load_model(cfg, device, dtype)
     found = load_checkpoint(out) if cfg.resume else None
@@ -702,31 +277,15 @@ def setup(cfg: TrainConfig, world: World) -> Run:
               warmup=warmup)
     if found is not None:
         restore(run, *found)
+        _say_resumed(run, *found)
     else:
         start_fresh(run)
     world.barrier()  # no rank reads the output folder while rank 0 cleans it
     return run
 
 
-def restore(run: Run, ck: Path, st: dict) -> None:
-    """Continue from checkpoint `ck` (its adapter is already in the model): optimizer state (re-cut when the
-    process count changed), scheduler, data position, RNG (one process), and metrics.jsonl cut to its step."""
-    from .optim_shards import load_state
-
-    w = run.world
-    opt_state = _torch_load(ck / "optimizer.pt")
-    check_state_finite(opt_state, str(ck / "optimizer.pt"))
-    try:
-        load_state(run.opt, opt_state, w.rank, w.size)
-    except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{ck / 'optimizer.pt'} does not fit this run's optimizer "
-                              f"({type(e).__name__}: {e})") from None
-    run.sched.load_state_dict(st["scheduler"])
-    if w.size == 1:
-        _set_rng_state(st["rng"], run.device)  # several processes seed dropout per step and rank instead
-    run.step, run.bad, run.stream.position = st["step"], st["bad_streak"], st["data_position"]
-    if w.main:
-        _restore_metrics(run.out / METRICS, run.step, st.get("metrics_record"))
+def _say_resumed(run: Run, ck: Path, st: dict) -> None:
+    """The resume line (rank 0), after a warning naming every setting that differs from the checkpoint's run."""
     old, new = _flat_config(TrainConfig.from_dict(st["config"])), _flat_config(run.cfg)
     changed = {k: (v, new[k]) for k, v in old.items() if k not in ("resume", "overwrite", "output", "parallel")
                and new[k] != v}
@@ -734,28 +293,13 @@ def restore(run: Run, ck: Path, st: dict) -> None:
         run.say(f"warning: resuming with changed settings {changed}; the run will not match an uninterrupted one")
     ranks = st.get("world_size", 1)
     run.say(f"resumed from {ck} at step {run.step}/{run.total}" +
-            (f" (written by {ranks} process(es), now {w.size})" if ranks != w.size else ""))
+            (f" (written by {ranks} process(es), now {run.world.size})" if ranks != run.world.size else ""))
 
 
 def _flat_config(cfg: TrainConfig) -> dict:
     d = cfg.to_dict()
     d.update({f"lora.{k}": v for k, v in d.pop("lora").items()})
     return d
-
-
-def start_fresh(run: Run) -> None:
-    """A new run in run.out: rank 0 removes an earlier run's metrics, pointer and checkpoints, and with
-    cfg.overwrite its adapter too (a new run stopping early would otherwise leave it beside its own metrics, as if
-    it were the new result; without a checkpoint, --resume keeps an adapter it did not write)."""
-    from .adapter import CONFIG_NAME, WEIGHTS_NAME
-
-    if run.cfg.resume:
-        run.say(f"no checkpoint in {run.out}; starting fresh")
-    if run.world.main:
-        names = (METRICS, POINTER) + ((WEIGHTS_NAME, CONFIG_NAME) if run.cfg.overwrite else ())
-        for name in names:
-            (run.out / name).unlink(missing_ok=True)
-        shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
 
 
 def describe(run: Run) -> None:
@@ -862,25 +406,8 @@ def maybe_evaluate(run: Run, rec: dict, evals: list) -> None:
     run.say(f"eval step {run.step}: loss {el:.4f} ppl {ppl:.3f}")
 
 
-def checkpoint(run: Run) -> None:
-    """Every rank gathers its adapter and optimizer shards (collectives), then rank 0 writes checkpoints/step-N
-    whole. No collective runs while rank 0 writes, so a failing rank never leaves a checkpoint half-written."""
-    from .optim_shards import gather_state
-
-    w = run.world
-    lora = distributed.gather_lora(run.model) if w.parallel == "fsdp" and w.size > 1 else None
-    opt_state = gather_state(run.opt, w.rank, w.size)
-    if w.main:
-        state = {"step": run.step, "scheduler": run.sched.state_dict(), "rng": _rng_state(run.device),
-                 "data_position": run.stream.position, "bad_streak": run.bad, "config": run.cfg.to_dict(),
-                 "world_size": w.size}
-        save_checkpoint(run.out, run.step, run.model, opt_state, state, lora)
-
-
 def save_final_adapter(run: Run) -> None:
     """The trained adapter into run.out (rank 0 writes; under FSDP every rank gathers first)."""
-    from .adapter import save_adapter
-
     w = run.world
     lora = distributed.gather_lora(run.model) if w.parallel == "fsdp" and w.size > 1 else None
     if w.main:
@@ -939,19 +466,3 @@ def _loop(run: Run) -> TrainResult:
     run.model.eval()
     return TrainResult(model=run.model, tokenizer=run.tok, steps=run.step, losses=losses, evals=evals,
                        stopped=stopped)
-
-
-def _model_folder(model: str) -> Path:
-    from .loading import resolve_folder
-    return resolve_folder(model)
-
-
-class _CallableModule(types.ModuleType):
-    """`qlora_core.train` names both this module and its train() function (`qc.train(cfg)`): the module is made
-    callable so either import order gives a name that trains and still holds TrainConfig, train, ..."""
-
-    def __call__(self, cfg: TrainConfig | None = None, **overrides) -> TrainResult:
-        return train(cfg, **overrides)
-
-
-sys.modules[__name__].__class__ = _CallableModule
