@@ -63,22 +63,24 @@ def _add_lora_args(ap: argparse.ArgumentParser) -> None:
     default, helps = LoraConfig(), _field_help(LoraConfig)
     for f in dataclasses.fields(LoraConfig):
         flag, dest, value = lora_flag(f.name), "lora." + f.name, getattr(default, f.name)
-        if f.type in ("bool", bool):
-            ap.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=value,
-                            help=f"LoRA {helps[f.name]} (default {value})")
-        elif f.name == "target_modules":
-            text = value if isinstance(value, str) else ",".join(value)
-            ap.add_argument(flag, "--lora-target-modules", dest=dest, nargs="+", default=[text], metavar="NAMES",
+        if f.name == "target_modules":
+            value = value if isinstance(value, str) else ",".join(value)
+            ap.add_argument(flag, "--lora-target-modules", dest=dest, nargs="+", default=[value], metavar="NAMES",
                             help=f"LoRA target modules: names (space or comma separated) or all-linear "
-                                 f"(default {text})")
+                                 f"(default {value})")
+            continue
+        if f.name == "dtype":
+            value = str(value).removeprefix("torch.")
+        h = f"LoRA {helps[f.name]} (default {value})"
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=value, help=h)
         elif f.name == "dtype":
             names = [str(d).removeprefix("torch.") for d in LORA_DTYPES]
-            text = str(value).removeprefix("torch.")
-            ap.add_argument(flag, dest=dest, choices=names, default=text, help=f"LoRA {helps[f.name]} (default {text})")
+            ap.add_argument(flag, dest=dest, choices=names, default=value, help=h)
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
             ap.add_argument(flag, dest=dest, type=typ, default=value, metavar=f.name.removeprefix("lora_").upper(),
-                            help=f"LoRA {helps[f.name]} (default {value})")
+                            help=h)
 
 
 def add_train_args(ap: argparse.ArgumentParser) -> None:
@@ -93,12 +95,12 @@ def add_train_args(ap: argparse.ArgumentParser) -> None:
     helps = _field_help()
     required = {"model", "data", "output"}
     for f in dataclasses.fields(TrainConfig):
-        flag, h = "--" + f.name.replace("_", "-"), helps[f.name]
-        if f.name not in required:
-            h += f" (default {f.default})"
         if f.name == "lora":
             _add_lora_args(ap)
-        elif f.type in ("bool", bool):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        h = helps[f.name] + ("" if f.name in required else f" (default {f.default})")
+        if f.type in ("bool", bool):
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         elif f.name in ("quant", "parallel"):
             choices = [*QUANT_TYPES, "none"] if f.name == "quant" else list(distributed.PARALLEL_MODES)
