@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import qlora_core.loading as loading
 from qlora_core.llama import ConfigError, LlamaConfig
 from qlora_core.loading import (CorruptCheckpointError, HubUnavailableError, LoadError, MissingShardError,
                                 MissingWeightError, NonFiniteWeightError, ShapeMismatchError, UnexpectedWeightError,
