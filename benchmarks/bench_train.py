@@ -30,10 +30,10 @@ Each (stack, model) runs in its own subprocess (ours: one per policy point), so 
 patches never touch another's numbers; they run one after another, never at the same time.
 
 Checkpointing policy (ours): each `--policy` name (OUR_POLICIES) and each `--budget` GiB is handed to
-`qlora_core.train.apply_policy(model, policy[, budget_gib=GiB]) -> str | None` once the model is built and
-before the first step; the string it returns (the plan it chose) is printed with the row. Without that function
-in the library only "full" (recompute every block: today's behaviour) and no budget are accepted. A plan that
-depends on the batch shape reads it at the first forward: the process runs its --batches in order.
+`qlora_core.activation_checkpoint.apply_policy(model, policy[, budget_gib=GiB]) -> str | None` once the model is
+built and before the first step; the string it returns (the plan it chose) is printed with the row. Without that
+function in the library only "full" (recompute every block: today's behaviour) and no budget are accepted. A plan
+that depends on the batch shape reads it at the first forward: the process runs its --batches in order.
 `--frontier` measures ours at every (policy, budget) point and each peer's one point, prints them as a table
 and plots tokens/s against peak GPU GiB into --png (pinned host GiB drawn as a dotted extension of the point).
 
@@ -110,7 +110,8 @@ LABEL = {"ours": "ours", "hf": "HF", "unsloth": "Unsloth", "liger": "HF+Liger"}
 REQUIRES = {"ours": (), "hf": ("transformers", "peft", "bitsandbytes"),  # checked before a worker starts
             "liger": ("transformers", "peft", "bitsandbytes", "liger_kernel"),
             "unsloth": ("unsloth", "unsloth_zoo", "bitsandbytes")}
-OUR_POLICIES = ("none", "save_attn", "full", "offload")  # --policy choices (qlora_core.train.apply_policy)
+# --policy choices (qlora_core.activation_checkpoint.apply_policy)
+OUR_POLICIES = ("none", "save_attn", "full", "offload")
 LR = 2e-4
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
@@ -132,10 +133,11 @@ def use_checkout() -> None:
 
 
 def apply_our_policy(model, policy: str, budget_gib: float | None) -> str | None:
-    """Hand (policy, budget) to qlora_core.train.apply_policy when the library has it; returns its plan string.
+    """Hand (policy, budget) to qlora_core.activation_checkpoint.apply_policy when the library has it; returns its
+    plan string.
 
     Without apply_policy only policy "full" and no budget are valid (check_points refuses the rest earlier)."""
-    hook = getattr(importlib.import_module("qlora_core.train"), "apply_policy", None)
+    hook = getattr(importlib.import_module("qlora_core.activation_checkpoint"), "apply_policy", None)
     if hook is None:
         return None
     plan = hook(model, policy) if budget_gib is None else hook(model, policy, budget_gib=budget_gib)
@@ -178,7 +180,7 @@ def build_ours(name: str, policy: str = "full", budget_gib: float | None = None,
     use_checkout()  # before the first qlora_core import: the device image has no installed copy
     from qlora_core.lora import apply_lora
     from qlora_core.optim import PagedAdamW
-    from qlora_core.train import batch_loss
+    from qlora_core.train_loop import batch_loss
 
     model = ours_model(name, device)
     apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules=TARGETS, dtype=torch.float32)
@@ -580,7 +582,7 @@ def parse_timeouts(items: list[str]) -> dict[str, float]:
 def our_points(policies: list[str] | None, budgets: list[float], frontier: bool) -> list[tuple[str, float | None]]:
     """Ours' (policy, budget GiB or None) points: each policy alone, then each budget (a budget plans its own
     per-block policies, so it is not combined with --policy); checked here, before any subprocess starts, against
-    OUR_POLICIES and what qlora_core.train offers."""
+    OUR_POLICIES and what qlora_core.activation_checkpoint offers."""
     policies = policies or (list(OUR_POLICIES) if frontier else ["full"])
     bad = [p for p in policies if p not in OUR_POLICIES]
     if bad:
@@ -588,10 +590,10 @@ def our_points(policies: list[str] | None, budgets: list[float], frontier: bool)
     if any(b <= 0 for b in budgets):
         raise SystemExit(f"bench_train.py: --budget {budgets}: every budget must be > 0 GiB")
     use_checkout()
-    has_hook = hasattr(importlib.import_module("qlora_core.train"), "apply_policy")
+    has_hook = hasattr(importlib.import_module("qlora_core.activation_checkpoint"), "apply_policy")
     if not has_hook and (budgets or policies != ["full"]):
-        raise SystemExit("bench_train.py: --policy other than 'full' and --budget need qlora_core.train.apply_policy, "
-                         "which this checkout does not define")
+        raise SystemExit("bench_train.py: --policy other than 'full' and --budget need "
+                         "qlora_core.activation_checkpoint.apply_policy, which this checkout does not define")
     points = [(p, None) for p in policies] + [("full", b) for b in budgets]
     if len(points) > 1 and not frontier:
         raise SystemExit(f"bench_train.py: {len(points)} --policy/--budget points need --frontier "
@@ -897,7 +899,7 @@ def parse_args(argv=None):
     ap.add_argument("--policy", nargs="+", help=f"ours' checkpointing policies (of {OUR_POLICIES}); default full, "
                     "with --frontier all of them")
     ap.add_argument("--budget", nargs="+", type=float, default=[], help="ours' GPU memory budgets in GiB (each "
-                    "combined with each --policy) for qlora_core.train.apply_policy")
+                    "combined with each --policy) for qlora_core.activation_checkpoint.apply_policy")
     ap.add_argument("--frontier", action="store_true", help="every policy/budget point of ours and each peer's "
                     "point: a frontier table and a tokens/s vs peak GiB plot into --png")
     ap.add_argument("--png", default=os.path.join(ROOT, "docs", "train_frontier.png"), help="frontier plot path")

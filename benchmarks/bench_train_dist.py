@@ -55,7 +55,7 @@ def build(name: str, world, device: torch.device):
     from qlora_core.llama import Llama, LlamaConfig
     from qlora_core.lora import apply_lora
     from qlora_core.qlinear import QuantLinear
-    from qlora_core.train import LossModule
+    from qlora_core.train_loop import LossModule
 
     cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -93,7 +93,7 @@ def build(name: str, world, device: torch.device):
 def make_step(loss_module, params, world, device):
     from qlora_core import distributed
     from qlora_core.optim import PagedAdamW
-    from qlora_core.train import _autocast
+    from qlora_core.train_loop import _autocast
     opt = PagedAdamW(params, lr=2e-4, weight_decay=0.0, optim_bits=8)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 

@@ -31,7 +31,7 @@ _LAZY = {
     "PagedAdamW": "optim", "PagedAdamW8bit": "optim", "PagedAdamW32bit": "optim",
     "Llama": "llama", "LlamaConfig": "llama", "generate": "generation",
     "load_llama": "loading",
-    "train": "train", "TrainConfig": "train",
+    "train": "train_loop", "TrainConfig": "train_config",
 }
 
 __all__ = ["QuantizedTensor", "quantize", "dequantize", *_LAZY]
@@ -39,12 +39,7 @@ __all__ = ["QuantizedTensor", "quantize", "dequantize", *_LAZY]
 
 def __getattr__(name):
     if name in _LAZY:
-        module = _importlib.import_module(f".{_LAZY[name]}", __name__)
-        if name == _LAZY[name]:
-            # `train` is also a submodule, which `import qlora_core.train` binds here: keep that binding (the module
-            # is callable, see train.py) so both spellings keep working in either order
-            return module
-        value = getattr(module, name)
+        value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'qlora_core' has no attribute {name!r}")

@@ -22,12 +22,14 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .durable import atomic_write, atomic_write_text
 from .errors import FileLoadError, NonFiniteError, UsageError
-from .lora import (LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules,
-                   unload_lora, unmatched_targets)
+from .lora import LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules, unload_lora
+from .targets import unmatched_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -126,8 +128,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     adapters first: distributed.gather_lora). Raises TargetModuleError if the model has no adapters,
     AdapterMismatchError if they disagree on r / alpha / dropout / rslora (PEFT's file has one value of each).
     """
-    from safetensors.torch import save_file
-
     directory = os.fspath(directory)
     config = adapter_config_dict(model, base_model_name_or_path)
     pairs = tensors if tensors is not None else {n: (m.lora_A, m.lora_B) for n, m in lora_modules(model).items()}
@@ -148,8 +148,6 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     save_adapter recorded (adapters written elsewhere carry none and are not checked);
     NonFiniteAdapterError when a tensor holds NaN or Inf.
     """
-    from safetensors import safe_open
-
     directory = os.fspath(directory)
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for p in (cpath, wpath):

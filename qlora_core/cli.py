@@ -8,36 +8,47 @@
     qlora demo     [--output DIR]                                # the main job: qlora_core/finetune_demo.py
 
 `train` flags are generated from TrainConfig's fields, 1:1 (field max_steps -> --max-steps; the fields of its
-LoraConfig as --lora-r, --lora-alpha, --lora-dropout, --target-modules, ...), with the field's one-line comment as
-help text, so the dataclasses are the single source of truth.
+LoraConfig as --lora-r, --lora-alpha, --lora-dropout, --target-modules, ...), with the field's metadata["help"]
+(defaults.setting) as help text and its default, so the dataclasses are the single source of truth.
+
+The training loop is imported only by `qlora train` and `qlora demo`: it brings the optimizer, whose import of
+torch._dynamo takes ~1.2 s that `qlora --help` and the other commands do not need.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
-import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from . import distributed
+from .adapter import load_adapter, read_adapter
+from .data import TextTokenizer
+from .defaults import DOUBLE_QUANT, DTYPE_NAMES, QUANT_TYPE
+from .errors import NonFiniteError, QloraError, exit_code, one_line
+from .export import check_export_target, save_merged, save_quantized
+from .formats import QUANT_TYPES
+from .generation import generate
+from .loading import load_llama, resolve_folder
+from .lora import LORA_DTYPES, LoraConfig, lora_modules
+from .train_config import TrainConfig, preflight
 
 
-def _field_help(cls=None) -> dict[str, str]:
-    """field name -> its trailing `# comment` in the dataclass's source (TrainConfig by default; "" when the source
-    is unavailable). Only the dataclass's own fields count."""
-    if cls is None:
-        from .train import TrainConfig as cls
-    names = {f.name for f in dataclasses.fields(cls)}
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    found = re.finditer(r"^\s+(\w+): [^#\n]+#(.*)$", src, re.M)
-    return {m.group(1): m.group(2).strip().replace("%", "%%") for m in found if m.group(1) in names}
+def _field_help(cls=TrainConfig) -> dict[str, str]:
+    """field name -> its metadata["help"] (defaults.setting), "%" escaped for argparse; TrainConfig by default."""
+    return {f.name: f.metadata["help"].replace("%", "%%") for f in dataclasses.fields(cls)}
+
+
+def parse_targets(text: str | Sequence[str]) -> tuple[str, ...] | str:
+    """--target-modules as given: "all-linear" as is, else a tuple of the comma-separated names ("q_proj, v_proj"
+    or ["q_proj,v_proj", "gate_proj"])."""
+    parts = [text] if isinstance(text, str) else list(text)
+    names = tuple(n.strip() for part in parts for n in part.split(",") if n.strip())
+    return "all-linear" if names == ("all-linear",) else names
 
 
 def lora_flag(name: str) -> str:
@@ -48,63 +59,61 @@ def lora_flag(name: str) -> str:
     return "--lora-" + name.removeprefix("lora_").replace("_", "-")
 
 
-def _add_lora_args(ap: argparse.ArgumentParser, default) -> None:
-    from .lora import LORA_DTYPES, LoraConfig
-    helps = _field_help(LoraConfig)
+def _add_lora_args(ap: argparse.ArgumentParser) -> None:
+    default, helps = LoraConfig(), _field_help(LoraConfig)
     for f in dataclasses.fields(LoraConfig):
-        flag, dest, h = lora_flag(f.name), "lora." + f.name, helps.get(f.name, "")
-        value = getattr(default, f.name)
+        flag, dest, value = lora_flag(f.name), "lora." + f.name, getattr(default, f.name)
+        if f.name == "target_modules":
+            value = value if isinstance(value, str) else ",".join(value)
+            ap.add_argument(flag, "--lora-target-modules", dest=dest, nargs="+", default=[value], metavar="NAMES",
+                            help=f"LoRA target modules: names (space or comma separated) or all-linear "
+                                 f"(default {value})")
+            continue
+        if f.name == "dtype":
+            value = str(value).removeprefix("torch.")
+        h = f"LoRA {helps[f.name]} (default {value})"
         if f.type in ("bool", bool):
             ap.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=value, help=h)
-        elif f.name == "target_modules":
-            text = value if isinstance(value, str) else ",".join(value)
-            ap.add_argument(flag, "--lora-target-modules", dest=dest, nargs="+", default=[text], metavar="NAMES",
-                            help="LoRA target modules: names (space or comma separated) or all-linear")
         elif f.name == "dtype":
             names = [str(d).removeprefix("torch.") for d in LORA_DTYPES]
-            ap.add_argument(flag, dest=dest, choices=names, default=str(value).removeprefix("torch."),
-                            help=h)
+            ap.add_argument(flag, dest=dest, choices=names, default=value, help=h)
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
             ap.add_argument(flag, dest=dest, type=typ, default=value, metavar=f.name.removeprefix("lora_").upper(),
-                            help=f"LoRA {h} (default {value})")
+                            help=h)
 
 
 def add_train_args(ap: argparse.ArgumentParser) -> None:
-    """Add one flag per TrainConfig field to `ap` (max_steps -> --max-steps), help from the field's comment, and
-    one per field of its LoraConfig `lora` (lora_flag: --lora-r, --lora-alpha, --lora-dropout, --target-modules,
-    --lora-use-rslora, --lora-dtype).
+    """Add one flag per TrainConfig field to `ap` (max_steps -> --max-steps), help from the field's
+    metadata["help"] plus its default, and one per field of its LoraConfig `lora` (lora_flag: --lora-r,
+    --lora-alpha, --lora-dropout, --target-modules, --lora-use-rslora, --lora-dtype).
 
     bool fields become --x / --no-x; --target-modules takes one or more values (joined with commas); --quant and
     --parallel are limited to their choices; int and float fields are typed, the rest are strings. --model,
     --data and --output are required. Also --nproc (not a TrainConfig field): launch N processes via torchrun.
     """
-    from .distributed import PARALLEL_MODES
-    from .train import TrainConfig
     helps = _field_help()
     required = {"model", "data", "output"}
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        h = helps.get(f.name, "")
         if f.name == "lora":
-            _add_lora_args(ap, TrainConfig().lora)
-        elif f.type in ("bool", bool):
+            _add_lora_args(ap)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        h = helps[f.name] + ("" if f.name in required else f" (default {f.default})")
+        if f.type in ("bool", bool):
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         elif f.name in ("quant", "parallel"):
-            choices = ["nf4", "fp4", "none"] if f.name == "quant" else list(PARALLEL_MODES)
+            choices = [*QUANT_TYPES, "none"] if f.name == "quant" else list(distributed.PARALLEL_MODES)
             ap.add_argument(flag, dest=f.name, choices=choices, default=f.default, help=h)
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
-            ap.add_argument(flag, dest=f.name, type=typ, default=f.default, required=f.name in required,
-                            help=h + (f" (default {f.default})" if f.name not in required else ""))
+            ap.add_argument(flag, dest=f.name, type=typ, default=f.default, required=f.name in required, help=h)
     ap.add_argument("--nproc", type=int, default=1,
                     help="processes (one per GPU) to train with, launched through torchrun; 1 = this process")
 
 
 def config_from_args(args) -> "TrainConfig":
     """The TrainConfig that `qlora train`'s parsed flags describe."""
-    from .lora import LoraConfig
-    from .train import TrainConfig, parse_targets
     lora = {f.name: getattr(args, "lora." + f.name) for f in dataclasses.fields(LoraConfig)}
     lora["target_modules"] = parse_targets(lora["target_modules"])
     lora["dtype"] = getattr(torch, lora["dtype"])
@@ -129,23 +138,21 @@ def cmd_train(args) -> int:
 
     0 when the run reached its last step (adapter and metrics.jsonl in --output), 5 when it stopped early on
     non-finite losses (the reason goes to stderr). Setting, loading and data errors propagate (main() prints
-    them). With --nproc N > 1 (outside torchrun) the settings are checked (train.preflight) here, then the same
-    command runs in N processes through torchrun and its exit code is returned.
+    them). With --nproc N > 1 (outside torchrun) the settings are checked (train_config.preflight) here, then the
+    same command runs in N processes through torchrun and its exit code is returned.
     """
-    from . import distributed
-    from .train import preflight, train
+    from .train_loop import train  # deferred: ~1.2 s of imports (see the module docstring)
     cfg = config_from_args(args)
     if args.nproc > 1 and not distributed.launched():
         preflight(cfg)  # a user error is one line and its exit code here, not N ranks' errors under torchrun
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     if distributed.launched():  # torchrun's summary then shows this rank's traceback if it fails
-        from torch.distributed.elastic.multiprocessing.errors import record
+        from torch.distributed.elastic.multiprocessing.errors import record  # deferred: torchrun workers only
         result = record(train)(cfg)
     else:
         result = train(cfg)
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank 0, or a lone process
     if result.stopped:  # only a run of non-finite steps stops early
-        from .errors import NonFiniteError
         if main:
             print(f"error: {result.stopped}", file=sys.stderr)
         return NonFiniteError.exit_code
@@ -155,11 +162,9 @@ def cmd_train(args) -> int:
 
 
 def _load(model: str, quant: str, dtype: str, device: str | None):
-    from .distributed import check_device
-    from .loading import load_llama
-    check_device(device)
+    distributed.check_device(device)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dt = None if dtype == "auto" else DTYPES[dtype]  # None: load_llama's default for the device
+    dt = None if dtype == "auto" else DTYPE_NAMES[dtype]  # None: load_llama's default for the device
     return load_llama(model, quantize=None if quant == "none" else quant, dtype=dt, device=dev)
 
 
@@ -201,10 +206,6 @@ def cmd_generate(args) -> int:
     Greedy at --temperature 0, else top-k / top-p sampling seeded by --seed; stops at eos or --max-new-tokens.
     Only the new tokens are printed, special tokens skipped, as they come (every --sync-every tokens).
     """
-    from .adapter import load_adapter, read_adapter
-    from .data import TextTokenizer
-    from .generation import generate
-    from .loading import resolve_folder
     folder = resolve_folder(args.model)
     if args.adapter:
         read_adapter(args.adapter)  # a damaged or non-finite adapter fails before the model loads
@@ -235,10 +236,6 @@ def cmd_merge(args) -> int:
     are written as one folder (export.write_checkpoint); an --output that is, or is inside, --model or --adapter, or
     that holds other files, is refused before anything loads.
     """
-    from .adapter import load_adapter, read_adapter
-    from .export import check_export_target, save_merged
-    from .loading import resolve_folder
-    from .lora import lora_modules
     check_export_target(args.output, [resolve_folder(args.model), args.adapter])  # before any loading
     read_adapter(args.adapter)  # a damaged or non-finite adapter fails before the model loads
     model = _load(args.model, "none", args.dtype, "cpu")  # dense base: the merge adds B @ A to the real weights
@@ -256,12 +253,9 @@ def cmd_quantize(args) -> int:
     quantization_config transformers reads) and the tokenizer files are written as one folder; --output is checked
     as for merge. Prints the size in MiB.
     """
-    from .export import check_export_target, save_quantized
-    from .loading import load_llama, resolve_folder
-    from .distributed import check_device
-    check_device(args.device)
+    distributed.check_device(args.device)
     check_export_target(args.output, [resolve_folder(args.model)])
-    model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=DTYPES[args.dtype],
+    model = load_llama(args.model, quantize=args.quant, double_quant=args.double_quant, dtype=DTYPE_NAMES[args.dtype],
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     save_quantized(model, args.output)
     size = (Path(args.output) / "model.safetensors").stat().st_size
@@ -306,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens only (0 = all)")
     p.add_argument("--sync-every", type=int, default=16, help="print (and check for eos) every N tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--quant", choices=["nf4", "fp4", "none"], default="nf4", help="base weights (as in training)")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--quant", choices=[*QUANT_TYPES, "none"], default=QUANT_TYPE, help="base weights (as in training)")
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(fn=cmd_generate)
 
@@ -315,16 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model folder or hub repo id (the dense base)")
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the merged weights")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16", help="dtype of the merged weights")
     p.set_defaults(fn=cmd_merge)
 
     p = sub.add_parser("quantize", help="write a bitsandbytes-format 4-bit checkpoint")
     p.add_argument("--model", required=True, help="HF model folder or hub repo id")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--quant", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--quant", choices=list(QUANT_TYPES), default=QUANT_TYPE, help="4-bit data type")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=DOUBLE_QUANT,
                    help="quantize the absmax too (bnb_4bit_use_double_quant)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16",
                    help="dtype of embeddings/norms/lm_head and of the dequantized weights (bnb_4bit_compute_dtype)")
     p.add_argument("--device", help="where to quantize (default: cuda if available)")
     p.set_defaults(fn=cmd_quantize)
@@ -347,7 +342,6 @@ def main(argv=None) -> int:
     and returns its category's code (errors.EXIT_CODES); any other exception is a bug and keeps its traceback.
     `--debug` anywhere in argv, or QLORA_DEBUG=1, re-raises every error with its traceback.
     """
-    from .errors import QloraError, exit_code, one_line
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
@@ -356,7 +350,7 @@ def main(argv=None) -> int:
         os.environ["QLORA_DEBUG"] = "1"  # torchrun's worker processes (train --nproc) inherit it
     try:
         if argv[:1] == ["demo"]:
-            from .finetune_demo import main as demo
+            from .finetune_demo import main as demo  # deferred: it imports the training loop (see above)
             demo(argv[1:])
             return 0
         args = build_parser().parse_args(argv)

@@ -9,6 +9,8 @@ LoraConfig copied from a PEFT script that leaves lora_dropout out behaves as it 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 LORA_R = 16  # rank of each LoRA update B @ A
@@ -26,6 +28,13 @@ DOUBLE_QUANT = True  # quantize the absmax too (bitsandbytes compress_statistics
 
 # The float dtypes the 4-bit format dequantizes to and the Triton kernels take (float64 runs the reference).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}  # as --dtype and TrainConfig.dtype spell them
+
+
+def setting(default, help: str) -> dataclasses.Field:  # noqa: A002 - argparse's name for it
+    """A dataclass field with a default and its help text (meaning and units) in metadata["help"]: the `qlora train`
+    flags are built from LoraConfig's and TrainConfig's fields and this text (cli.add_train_args)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def default_dtype(device: str | torch.device | None) -> torch.dtype:

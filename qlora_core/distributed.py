@@ -4,7 +4,7 @@
     qlora train --nproc 4 --parallel ddp ...                                              # launches torchrun
 
 `World` is this process's place in the job (rank, size, device) read from torchrun's environment; the process
-group is NCCL on GPUs and gloo on the CPU. `wrap` turns the loss module (train.LossModule: the Llama plus
+group is NCCL on GPUs and gloo on the CPU. `wrap` turns the loss module (train_loop.LossModule: the Llama plus
 batch_loss) into what each micro-batch calls:
 - fsdp: `fully_shard` per decoder block, then the embedding (untied) and the root (final norm, lm_head). Every
   parameter of a block is sharded on dim 0 across ranks: the frozen NF4 weights (made flat Parameters of
@@ -14,7 +14,7 @@ batch_loss) into what each micro-batch calls:
   The root is the loss module, so the lm_head weight that batch_loss reads directly is gathered by the root's
   forward hook; FSDP keeps the root unsharded from forward to the end of backward.
 - ddp: DistributedDataParallel over the loss module: every rank holds the whole model and averages LoRA grads.
-Both average gradients over ranks, so train.py scales each rank's loss by the number of ranks.
+Both average gradients over ranks, so train_loop.py scales each rank's loss by the number of ranks.
 
 Every collective is joined by every rank, or the job hangs: the loop runs the same number of micro-batches and
 eval batches on every rank (eval pads a rank's last share with an all-ignored dummy batch) and never skips a
@@ -31,8 +31,12 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.graph import increment_version
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .errors import UsageError
+from .flat_quant import flatten_quantized
+from .lora import lora_modules
 
 PARALLEL_MODES = ("fsdp", "ddp")
 
@@ -143,7 +147,6 @@ def wrap(loss_module: nn.Module, world: World) -> nn.Module:
     if world.size == 1:
         return loss_module
     if world.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [world.device.index] if world.device.type == "cuda" else None
         # no buffers to broadcast (the rotary table is recomputed per forward); all LoRA params are used each step
         return DDP(loss_module, device_ids=ids, broadcast_buffers=False)
@@ -161,16 +164,15 @@ def shard_fsdp(loss_module: nn.Module, world: World) -> nn.Module:
 
 def fsdp_mesh(world: World):
     """The 1-D device mesh of all ranks that FSDP shards over."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh  # deferred: 0.9 s import, only for several processes
     return init_device_mesh(world.device.type, (world.size,))
 
 
 def shard_block(block: nn.Module, mesh) -> nn.Module:
     """One decoder block: its 4-bit weights made flat (flat_quant.py), then fully_shard; this rank keeps 1/N of
     the block from here on (a model built block by block never holds the whole of it)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # deferred: 0.9 s import, only for several processes
 
-    from .flat_quant import flatten_quantized
     flatten_quantized(block)
     fully_shard(block, mesh=mesh)
     block.register_forward_pre_hook(_mark_gathered)  # runs after FSDP's own hook (prepended): params are whole
@@ -181,14 +183,13 @@ def _mark_gathered(module: nn.Module, args) -> None:
     """FSDP refills a block's unsharded parameters in place without bumping their version counters; bump those of
     the trainable ones, so caches keyed on `_version` (fused_lora's compute-dtype copies of A and B) see the
     values the optimizer wrote. Nothing is saved for backward yet at this point of the block's forward."""
-    from torch.autograd.graph import increment_version
     increment_version([p for p in module.parameters() if p.requires_grad])
 
 
 def shard_root(loss_module: nn.Module, mesh) -> nn.Module:
     """After every block: the embedding (its own unit when untied: frozen, gathered for its forward only), then the
     root, the loss module (final norm and lm_head, kept unsharded by FSDP from forward to backward's end)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # deferred: 0.9 s import, only for several processes
     model = loss_module.model
     if model.lm_head.weight is not model.model.embed_tokens.weight:
         fully_shard(model.model.embed_tokens, mesh=mesh)
@@ -200,8 +201,7 @@ def shard_root(loss_module: nn.Module, mesh) -> nn.Module:
 def grad_sync(module: nn.Module, enabled: bool):
     """Inside: backward reduces gradients across ranks only if `enabled` (the last micro-batch of a step); the
     others accumulate locally (DDP no_sync, FSDP set_requires_gradient_sync(False))."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.distributed.fsdp import FSDPModule  # deferred: 0.9 s import, only for several processes
     if isinstance(module, DDP) and not enabled:
         with module.no_sync():
             yield
@@ -211,15 +211,9 @@ def grad_sync(module: nn.Module, enabled: bool):
     yield
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP parameter or gradient), a plain tensor as is."""
-    from torch.distributed.tensor import DTensor
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor (a collective: every rank must call it), a plain tensor as is."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # deferred: 0.9 s import, only for several processes
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -238,7 +232,6 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
 
 def gather_lora(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module path -> (lora_A, lora_B), whole and on the CPU: what save_adapter writes. A collective under FSDP."""
-    from .lora import lora_modules
     return {name: (full(m.lora_A).detach().cpu(), full(m.lora_B).detach().cpu())
             for name, m in lora_modules(model).items()}
 

@@ -17,12 +17,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .durable import replace_dir
 from .errors import NonFiniteError, UsageError
-from .lora import LoRALinear, is_quantized_linear, lora_modules, output_layer
+from .lora import LoRALinear, is_quantized_linear, lora_modules
 from .ops.quant4 import dequantize
+from .targets import output_layer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
@@ -114,7 +116,6 @@ def write_checkpoint(state_dict: dict[str, torch.Tensor], out: str | os.PathLike
     never a mix). With config["tie_word_embeddings"] the lm_head.weight copy is left out (transformers re-ties it
     from the embeddings). Refuses (ExportTargetError) an `out` that is or holds tokenizer_from, or holds other
     files (check_export_target), and a NaN/Inf tensor (NonFiniteExportError). Returns the folder."""
-    from safetensors.torch import save_file
     out = Path(out)
     check_export_target(out, [tokenizer_from])
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}

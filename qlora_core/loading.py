@@ -23,13 +23,15 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE, default_dtype
+from .defaults import BLOCKSIZE, DOUBLE_QUANT, FLOAT_DTYPES, QUANT_TYPE, default_dtype
 from .errors import FileLoadError, NonFiniteError
+from .formats import QUANT_TYPES
 from .llama import LINEAR_NAMES, ConfigError, Llama, LlamaConfig
 from .qlinear import QuantLinear
-from .ops.quant4 import QuantizedTensor, QuantStateError, quantize as quantize_tensor
+from .ops.quant4 import QuantizedTensor, QuantStateError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -92,11 +94,11 @@ def load_llama(path_or_repo_id: str | os.PathLike, quantize: str | None = QUANT_
     quantization (quantize=None dequantizes it instead). The returned model carries `name_or_path` (the folder)
     and `source` (the argument as given).
     """
-    if quantize not in ("nf4", "fp4", None):
+    if quantize not in (*QUANT_TYPES, None):
         raise ValueError(f"quantize must be 'nf4', 'fp4' or None, got {quantize!r}")
     device = torch.device(device if device is not None else "cpu")
     dtype = default_dtype(device) if dtype is None else dtype
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     folder = resolve_folder(path_or_repo_id)
     cfg = read_config(folder)
@@ -128,9 +130,8 @@ def resolve_folder(path_or_repo_id: str | os.PathLike) -> Path:
 def _download(repo_id: str) -> Path:
     # the string may be a mistyped relative path as well as a hub id: every message says both readings failed
     nowhere = f"{repo_id!r}: no such folder, and not a hub id we could fetch"
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub import constants
+    try:  # deferred: 0.25 s to import, and only a hub id needs it
+        from huggingface_hub import constants, snapshot_download
     except ImportError:
         raise HubUnavailableError(f"{nowhere} (huggingface_hub is not installed)") from None
     offline = bool(constants.HF_HUB_OFFLINE)
@@ -184,8 +185,6 @@ class _Reader:
     """key -> tensor across one file or an index of shards, with every file error turned into a named one."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-        self._safe_open = safe_open
         self.folder = folder
         self._handles: dict[str, object] = {}
         index = folder / INDEX_FILE
@@ -217,7 +216,7 @@ class _Reader:
     def _open(self, fname: str):
         if fname not in self._handles:
             try:
-                self._handles[fname] = self._safe_open(str(self.folder / fname), framework="pt", device="cpu")
+                self._handles[fname] = safe_open(str(self.folder / fname), framework="pt", device="cpu")
             except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
                 raise CorruptCheckpointError(f"{self.folder / fname} is not a readable safetensors file "
                                              f"(truncated or corrupt?): {e}") from None
@@ -282,6 +281,26 @@ def _set_param(module: nn.Module, name: str, t: torch.Tensor) -> None:
     module._parameters[name] = nn.Parameter(t, requires_grad=t.is_floating_point())
 
 
+def _linear(reader: _Reader, used: set, path: str, lin: nn.Linear, quantize, double_quant, blocksize, dtype,
+            device) -> nn.Module:
+    """The module for the meta nn.Linear `lin` at `path`: a bnb-4bit weight as a QuantLinear (dequantized into
+    `lin` when quantize is None); a dense one quantized by QuantLinear.from_linear, or kept dense. The dense weight
+    lives only inside this call (peak: one dense tensor beside the model)."""
+    key = f"{path}.weight"
+    if lin.bias is not None:
+        _set_param(lin, "bias", _take(reader, used, f"{path}.bias", lin.bias.shape, dtype, device))
+    if key in reader.prequantized:
+        q = _take_quantized(reader, used, key, lin.weight.shape, device)
+        if quantize is not None:
+            return QuantLinear(q, lin.bias)
+        _set_param(lin, "weight", q.dequantize().to(dtype))
+        return lin
+    _set_param(lin, "weight", _take(reader, used, key, lin.weight.shape, dtype, device))
+    if quantize is None:
+        return lin
+    return QuantLinear.from_linear(lin, quantize, blocksize, double_quant)
+
+
 def _fill(cfg: LlamaConfig, reader: _Reader, quantize, double_quant, blocksize, dtype, device) -> Llama:
     with torch.device("meta"):
         model = Llama(cfg, dtype=dtype)
@@ -296,31 +315,8 @@ def _fill(cfg: LlamaConfig, reader: _Reader, quantize, double_quant, blocksize, 
         for name in LINEAR_NAMES:
             parent_name, child = name.split(".")
             parent = getattr(layer, parent_name)
-            lin: nn.Linear = getattr(parent, child)
-            key = f"{p}{name}.weight"
-            bias = None
-            if lin.bias is not None:
-                bias = _take(reader, used, f"{p}{name}.bias", lin.bias.shape, dtype, device)
-            if key in reader.prequantized:
-                q = _take_quantized(reader, used, key, lin.weight.shape, device)
-                if quantize is None:
-                    lin = nn.Linear(lin.in_features, lin.out_features, bias=bias is not None, device="meta")
-                    _set_param(lin, "weight", q.dequantize().to(dtype))
-                    new = lin
-                else:
-                    new = QuantLinear(q, bias)
-            else:
-                w = _take(reader, used, key, lin.weight.shape, dtype, device)
-                if quantize is None:
-                    _set_param(lin, "weight", w)
-                    new = lin
-                else:
-                    new = QuantLinear(quantize_tensor(w, quant_type=quantize, blocksize=blocksize,
-                                                      double_quant=double_quant), bias)
-                    del w
-            if bias is not None and isinstance(new, nn.Linear):
-                _set_param(new, "bias", bias)
-            setattr(parent, child, new)
+            setattr(parent, child, _linear(reader, used, f"{p}{name}", getattr(parent, child), quantize,
+                                           double_quant, blocksize, dtype, device))
     norm = model.model.norm
     _set_param(norm, "weight", _take(reader, used, "model.norm.weight", norm.weight.shape, dtype, device))
     if cfg.tie_word_embeddings:

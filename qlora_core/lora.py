@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from . import backend
-from .defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS
+from .defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, setting
 from .errors import UsageError
 from .ops.nf4_linear import LinearGroup, Member, group_linear
 from .ops.quant4 import QuantizedTensor, dequantize, quantize
 from .qlinear import QuantLinear
+from .targets import output_layer, target_matches, unmatched_targets
 
 LLAMA_TARGETS = LORA_TARGETS  # the default target_modules (defaults.py): all seven Llama projections
 LORA_DTYPES = (torch.float32, torch.bfloat16)
@@ -56,16 +57,16 @@ class LoraConfig:
     """What apply_lora needs, in PEFT's spellings (`LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
     target_modules=[...])` from a PEFT script works as is); save_adapter writes these into adapter_config.json.
     Defaults: qlora_core/defaults.py. `alpha` and `dropout` read lora_alpha and lora_dropout."""
-    r: int = LORA_R  # rank of the update B @ A
-    lora_alpha: float = LORA_ALPHA  # scale numerator: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with rslora
-    lora_dropout: float = LORA_DROPOUT  # dropout probability on the LoRA input only; the base sees x unchanged
-    target_modules: Sequence[str] | str = LLAMA_TARGETS  # names matched as PEFT does: list = exact path or
-    # ".name" suffix, each entry must match a module; str = regex fullmatch on the whole module path;
-    # "all-linear" = every linear layer but the output layer
-    use_rslora: bool = False  # rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023)
-    dtype: torch.dtype = torch.float32  # storage dtype of A and B: float32 or bfloat16
-    bias: str = "none"  # PEFT's field; only "none" (biases stay frozen) is supported
-    task_type: str | None = None  # PEFT's field, informational ("CAUSAL_LM" is what save_adapter writes)
+    r: int = setting(LORA_R, "rank of the update B @ A")
+    lora_alpha: float = setting(LORA_ALPHA, "scale numerator: scaling = lora_alpha / r (/ sqrt(r) with use_rslora)")
+    lora_dropout: float = setting(LORA_DROPOUT, "dropout probability on the LoRA input; the base never sees it")
+    target_modules: Sequence[str] | str = setting(
+        LLAMA_TARGETS, "names matched as PEFT does: list = exact path or '.name' suffix, each entry must match a "
+        "module; str = regex fullmatch on the whole module path; 'all-linear' = every linear layer but the output one")
+    use_rslora: bool = setting(False, "rank-stabilized scaling lora_alpha / sqrt(r) (Kalajdzievski 2023)")
+    dtype: torch.dtype = setting(torch.float32, "storage dtype of A and B: float32 or bfloat16")
+    bias: str = setting("none", "PEFT's field; only 'none' (biases stay frozen) is supported")
+    task_type: str | None = setting(None, "PEFT's field, informational ('CAUSAL_LM' is what save_adapter writes)")
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -258,14 +259,6 @@ def _module_device(m: nn.Module) -> torch.device:
     return w.device
 
 
-def target_matches(target_modules: Sequence[str] | str, name: str) -> bool:
-    """PEFT's rule (tuners_utils.check_target_module_exists): a str is a regex that must fullmatch the module
-    path; a list matches a path equal to an entry or ending in '.' + entry."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return name in target_modules or any(name.endswith("." + t) for t in target_modules)
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraParamCount:
     """apply_lora's result. total counts every parameter once, a 4-bit weight by its logical element count
@@ -281,13 +274,6 @@ class LoraParamCount:
     def __str__(self) -> str:
         return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
                 f"trainable%: {100 * self.fraction:.4f}")
-
-
-def output_layer(model: nn.Module) -> nn.Module | None:
-    """The model's output projection: get_output_embeddings() (transformers, our Llama) or an `lm_head`."""
-    get = getattr(model, "get_output_embeddings", None)
-    out = get() if callable(get) else None
-    return out if out is not None else getattr(model, "lm_head", None)
 
 
 def all_linear_names(model: nn.Module) -> tuple[str, ...]:
@@ -311,15 +297,6 @@ def count_parameters(model: nn.Module) -> LoraParamCount:
     total = sum(p.numel() for p in model.parameters())
     total += sum(math.prod(m.weight.shape) for m in model.modules() if is_quantized_linear(m))
     return LoraParamCount(trainable=trainable, total=total)
-
-
-def unmatched_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[str]:
-    """The entries of a target_modules list that match no module path of `model` (PEFT's rule, target_matches);
-    [] for a regex string that matches something, [the regex] for one that matches nothing."""
-    names = [name for name, _ in model.named_modules() if name]
-    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    return [t for t in entries if not any(target_matches(t if isinstance(target_modules, str) else (t,), n)
-                                          for n in names)]
 
 
 def check_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list[tuple[str, nn.Module]]:

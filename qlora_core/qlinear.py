@@ -20,6 +20,7 @@ from torch import nn
 from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE
 from .ops.nf4_linear import nf4_linear
 from .ops.quant4 import QuantizedTensor, QuantStateError, quantize
+from .targets import output_layer, target_matches, unmatched_targets
 
 
 class QuantLinear(nn.Module):
@@ -115,7 +116,6 @@ def quantize_model(module: nn.Module, quant_type: str = QUANT_TYPE, blocksize: i
     always stays dense: quantizing it would silently untie the pair. ValueError for a meta or non-finite weight,
     naming the layer.
     """
-    from .lora import output_layer, target_matches, unmatched_targets  # noqa: PLC0415 (lora imports this module)
     if isinstance(module, nn.Linear):
         raise TypeError("quantize_model converts the nn.Linear layers inside a module; for one layer use "
                         "QuantLinear.from_linear(linear)")

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import qlora_core.train as T  # noqa: E402
+import qlora_core.train_loop as T  # noqa: E402
+from qlora_core.train_config import TrainConfig, resolve_device  # noqa: E402
 from qlora_core import distributed  # noqa: E402
 from qlora_core.flat_quant import FlatQuantLinear  # noqa: E402
 
@@ -62,7 +63,7 @@ def _hooks(job: dict, rank: int):
 
 def run_job(job: dict, rank: int) -> None:
     """Train one job's config (or until its stop_call) and write this rank's record."""
-    cfg = T.TrainConfig.from_dict(job["config"])
+    cfg = TrainConfig.from_dict(job["config"])
     out = Path(cfg.output)
     undo = _hooks(job, rank)
     rec = {}
@@ -86,10 +87,10 @@ def run_job(job: dict, rank: int) -> None:
 def fsdp_check(job: dict, rank: int) -> None:
     """The job's model, LoRA B randomized, one micro-batch (the same rows on every rank): loss and LoRA gradients
     unsharded, then again after distributed.shard_fsdp; rank 0 writes both to <output>/fsdp_check.pt."""
-    cfg = T.TrainConfig.from_dict(job["config"])
+    cfg = TrainConfig.from_dict(job["config"])
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    device, dtype = T.resolve_device(cfg)
+    device, dtype = resolve_device(cfg)
     torch.manual_seed(0)
     model, _ = T.load_model(cfg, device, dtype)
     for m in model.modules():

@@ -221,14 +221,13 @@ def test_failed_write_leaves_previous_files(tmp_path, monkeypatch):
     apply_lora(model, r=2, target_modules=["0"])
     qc.save_adapter(model, tmp_path)
     before = (tmp_path / WEIGHTS_NAME).read_bytes()
-    import safetensors.torch
 
     def broken(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr("qlora_core.adapter.save_file", broken)
     _randomize(_ours_pairs(model), seed=5)
     with pytest.raises(OSError, match="disk full"):
         qc.save_adapter(model, tmp_path)

@@ -48,7 +48,7 @@ def test_train_flags_map_one_to_one_to_config():
     import dataclasses
 
     from qlora_core.lora import LoraConfig
-    from qlora_core.train import TrainConfig
+    from qlora_core.train_config import TrainConfig
     p = cli.build_parser()
     args = p.parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--no-gradient-checkpointing",
                          "--quant", "fp4", "--grad-accum", "3", "--resume"])

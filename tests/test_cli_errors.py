@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import qlora_core.train as T
+import qlora_core.train_loop as T
+import qlora_core.train_checkpoint as C
+from qlora_core.train_config import TrainConfig, TrainConfigError, preflight
 from qlora_core import cli
 from qlora_core.errors import EXIT_CODES, DataError, FileLoadError, NonFiniteError, UsageError
 from qlora_core.lora import LoraConfig
@@ -59,7 +61,7 @@ def world(tmp_path_factory):
     model = make_model_folder(root / "model")
     data = write_jsonl(root / "data.jsonl", swap_task(16))
     run = root / "run"
-    T.train(T.TrainConfig(model=str(model), data=str(data), output=str(run), max_steps=2, batch_size=2, seq_len=64,
+    T.train(TrainConfig(model=str(model), data=str(data), output=str(run), max_steps=2, batch_size=2, seq_len=64,
                           eval_fraction=0.0, save_every=1, log_every=100, lora=LoraConfig(r=2, lora_alpha=4)))
     return root, model, data, run
 
@@ -111,7 +113,7 @@ def _cases(world, base: Path) -> dict:
     floats = [t for t in _tensors(opt) if t.is_floating_point() and t.numel()]
     floats[0].view(-1)[0] = math.inf
     torch.save(opt, ck / "optimizer.pt")
-    pointer["sha256"]["optimizer.pt"] = T.file_sha256(ck / "optimizer.pt")  # consistent file, bad values
+    pointer["sha256"]["optimizer.pt"] = C.file_sha256(ck / "optimizer.pt")  # consistent file, bad values
     (d / "run" / "checkpoint.json").write_text(json.dumps(pointer) + "\n")
     case("merge-into-model", ["merge", "--model", "{d}/model", "--adapter", "{d}/run", "--output", "{d}/model"],
          USAGE, "choose another output", files=[m, (run, "run")])
@@ -215,7 +217,7 @@ def test_usage_errors_in_process(world, tmp_path, capsys, flags, needle):
 
 def test_qlora_debug_env_raises(world, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_DEBUG", "1")
-    with pytest.raises(T.TrainConfigError, match="lr must be"):
+    with pytest.raises(TrainConfigError, match="lr must be"):
         cli.main(["train", "--model", str(world[1]), "--data", str(world[2]), "--output", str(tmp_path / "o"),
                   "--lr", "-1"])
 
@@ -246,9 +248,9 @@ def test_overwrite_replaces_an_earlier_run(world, tmp_path):
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 2
     cfg = dict(model=str(model), data=str(data), output=str(out), max_steps=1, batch_size=2, seq_len=64,
                eval_fraction=0.0, log_every=100, lora=LoraConfig(r=2, lora_alpha=4))
-    with pytest.raises(T.TrainConfigError, match="not empty"):
-        T.train(T.TrainConfig(**cfg))
-    T.train(T.TrainConfig(**cfg, overwrite=True))
+    with pytest.raises(TrainConfigError, match="not empty"):
+        T.train(TrainConfig(**cfg))
+    T.train(TrainConfig(**cfg, overwrite=True))
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 1
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
@@ -273,11 +275,11 @@ def test_metrics_are_on_disk_before_the_checkpoint_records_them(world, tmp_path,
     fsync'd before the pointer is written: else a power loss makes a durable checkpoint unresumable."""
     root, model, data, _ = world
     events = []
-    real_fsync, real_write = T.fsync_file, T.atomic_write_text
-    monkeypatch.setattr(T, "fsync_file", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
-    monkeypatch.setattr(T, "atomic_write_text", lambda p, t: (events.append(("write", Path(p).name)),
+    real_fsync, real_write = C.fsync_file, C.atomic_write_text
+    monkeypatch.setattr(C, "fsync_file", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(C, "atomic_write_text", lambda p, t: (events.append(("write", Path(p).name)),
                                                               real_write(p, t)))
-    T.train(T.TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "o"), max_steps=1, batch_size=2,
+    T.train(TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "o"), max_steps=1, batch_size=2,
                           seq_len=64, eval_fraction=0.0, log_every=100, lora=LoraConfig(r=2, lora_alpha=4)))
     assert ("fsync", "metrics.jsonl") in events
     assert events.index(("fsync", "metrics.jsonl")) < events.index(("write", "checkpoint.json")), events
@@ -290,12 +292,12 @@ def test_only_rank_0_refuses_a_non_empty_output(world, tmp_path, monkeypatch):
     out = tmp_path / "o"
     out.mkdir()
     (out / "metrics.jsonl").write_text("")
-    cfg = T.TrainConfig(model=str(model), data=str(data), output=str(out), eval_fraction=0.0)
+    cfg = TrainConfig(model=str(model), data=str(data), output=str(out), eval_fraction=0.0)
     monkeypatch.setenv("RANK", "1")
-    T.preflight(cfg)
+    preflight(cfg)
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(T.TrainConfigError, match="not empty"):
-        T.preflight(cfg)
+    with pytest.raises(TrainConfigError, match="not empty"):
+        preflight(cfg)
 
 
 @pytest.mark.parametrize("command", [["train", "--data", "{data}", "--output", "{out}"],
@@ -322,5 +324,5 @@ def test_a_fresh_start_removes_the_earlier_runs_adapter(world, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
     fake = types.SimpleNamespace(cfg=types.SimpleNamespace(resume=False, overwrite=True), world=types.SimpleNamespace(main=True),
                                  out=out, say=print)
-    T.start_fresh(fake)
+    C.start_fresh(fake)
     assert sorted(p.name for p in out.iterdir()) == [], sorted(p.name for p in out.iterdir())

@@ -6,8 +6,10 @@ cross entropy) for its PyTorch reference and trains in bf16."""
 import pytest
 import torch
 
-import qlora_core.train as T
+import qlora_core.train_loop as T
 from qlora_core import backend
+from qlora_core.lora import LoraConfig
+from qlora_core.train_config import TrainConfig
 from tests._tiny import make_model_folder, swap_task, write_jsonl
 
 
@@ -21,9 +23,9 @@ def _run(setup, out, device, **kw):
     from safetensors.torch import load_file
 
     root, model, data = setup
-    cfg = T.TrainConfig(model=str(model), data=str(data), output=str(root / out), max_steps=30, batch_size=4,
-                        seq_len=64, lr=5e-3, lora_r=8, lora_alpha=16, lora_dropout=0.0, eval_every=0, save_every=0,
-                        log_every=100, eval_fraction=0.0, seed=3, device=device, **kw)
+    cfg = TrainConfig(model=str(model), data=str(data), output=str(root / out), max_steps=30, batch_size=4,
+                      seq_len=64, lr=5e-3, lora=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0), eval_every=0,
+                      save_every=0, log_every=100, eval_fraction=0.0, seed=3, device=device, **kw)
     r = T.train(cfg)
     return r.losses, load_file(str(root / out / "adapter_model.safetensors"))
 

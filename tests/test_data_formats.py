@@ -178,7 +178,9 @@ def test_malformed_records_name_the_problem(rec, needle):
 
 
 def test_training_on_a_file_mixing_every_shape(tmp_path):
-    import qlora_core.train as T
+    import qlora_core.train_loop as T
+    from qlora_core.lora import LoraConfig
+    from qlora_core.train_config import TrainConfig
     from tests._tiny import make_model_folder
     model = make_model_folder(tmp_path / "model")
     recs = []
@@ -196,6 +198,7 @@ def test_training_on_a_file_mixing_every_shape(tmp_path):
     data = write_jsonl(tmp_path / "mixed.jsonl", recs)
     records = D.read_jsonl(data)
     assert [type(x).__name__ for x in records[:4]] == ["Conversation", "Conversation", "TextRow", "TextRow"]
-    r = T.train(T.TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "o"), max_steps=3,
-                              batch_size=4, seq_len=64, eval_fraction=0.1, log_every=100, save_every=0, lora_r=2))
+    r = T.train(TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "o"), max_steps=3,
+                            batch_size=4, seq_len=64, eval_fraction=0.1, log_every=100, save_every=0,
+                            lora=LoraConfig(r=2)))
     assert r.stopped is None and r.steps == 3 and all(x is not None for x in r.losses)

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import qlora_core.train as T
+import qlora_core.train_loop as T
+import qlora_core.train_checkpoint as C
+from qlora_core.train_config import TrainConfig
 from qlora_core.lora import LoraConfig
 from tests._tiny import make_model_folder, swap_task, write_jsonl
 
@@ -36,13 +38,13 @@ MICRO_1 = 4  # grad-enabled batch_loss calls per step: one process
 MICRO_2 = 2  # each of two ranks
 
 
-def _cfg(root: Path, out: str, **kw) -> T.TrainConfig:
+def _cfg(root: Path, out: str, **kw) -> TrainConfig:
     base = dict(model=str(root / "model"), data=str(root / "data.jsonl"), output=str(root / out), max_steps=4,
                 batch_size=2, grad_accum=4, seq_len=64, lr=3e-3, lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0),
                 optim_bits=32, eval_every=0, save_every=2, log_every=100, eval_data=str(root / "eval.jsonl"),
                 eval_batch_size=4, seed=1)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def _env() -> dict:
@@ -54,7 +56,7 @@ class _Stop(Exception):
     pass
 
 
-def _single(cfg: T.TrainConfig, grads: bool = False, stop_call: int | None = None, monkeypatch=None):
+def _single(cfg: TrainConfig, grads: bool = False, stop_call: int | None = None, monkeypatch=None):
     """train(cfg) in this process; grads: save step 1's LoRA gradients; stop_call: raise at that loss call."""
     real_loss, real_fb = T.batch_loss, T.forward_backward
     calls = {"n": 0}
@@ -282,7 +284,7 @@ def test_killed_rank_fails_the_run_cleanly_and_resume_continues(tmp_path):
     assert "failed" in stderr and "--resume" in stderr and "Signal 9" in stderr, stderr[-3000:]
     done = len(metrics.read_text().splitlines())
     assert 3 <= done < 12
-    found = T.load_checkpoint(out)
+    found = C.load_checkpoint(out)
     assert found is not None
     ck, st = found
     assert st["world_size"] == 2 and 1 <= st["step"] <= done

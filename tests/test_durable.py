@@ -73,20 +73,21 @@ def test_fsync_tree_reaches_every_file_and_directory(tmp_path, monkeypatch):
 def test_training_checkpoint_directory_synced_before_rename(tmp_path, monkeypatch):
     """save_checkpoint: every file of the step directory is fsync'd before the directory is renamed into place,
     and the pointer file is written durably after it."""
-    import importlib
     import torch
-    train = importlib.import_module("qlora_core.train")  # the module (qlora_core.train is also a function)
+
+    from qlora_core import train_checkpoint
+    from qlora_core.train_config import TrainConfig
     calls = []
-    monkeypatch.setattr(train, "fsync_tree", lambda p: calls.append(("tree", str(p))))
-    monkeypatch.setattr(train, "fsync_dir", lambda p: calls.append(("dir", str(p))))
+    monkeypatch.setattr(train_checkpoint, "fsync_tree", lambda p: calls.append(("tree", str(p))))
+    monkeypatch.setattr(train_checkpoint, "fsync_dir", lambda p: calls.append(("dir", str(p))))
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (calls.append(("replace", str(a), str(b))), real_replace(a, b)))
-    monkeypatch.setattr(train, "atomic_write_text", lambda path, text: calls.append(("pointer", str(path))))
-    monkeypatch.setattr("qlora_core.adapter.save_adapter", lambda model, d, base, tensors=None: None)
+    monkeypatch.setattr(train_checkpoint, "atomic_write_text", lambda path, text: calls.append(("pointer", str(path))))
+    monkeypatch.setattr(train_checkpoint, "save_adapter", lambda model, d, base, tensors=None: None)
 
-    cfg = train.TrainConfig(model="m", data="d", output=str(tmp_path))
+    cfg = TrainConfig(model="m", data="d", output=str(tmp_path))
     state = {"step": 3, "scheduler": {"w": torch.zeros(1)}, "config": cfg.to_dict()}
-    final = train.save_checkpoint(tmp_path, 3, None, {"w": torch.zeros(1)}, state)
+    final = train_checkpoint.save_checkpoint(tmp_path, 3, None, {"w": torch.zeros(1)}, state)
     kinds = [c[0] for c in calls]
     tree_i = kinds.index("tree")
     rename_i = next(i for i, c in enumerate(calls) if c[0] == "replace" and c[2] == str(final))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import qlora_core as qc
-from qlora_core.llama import ConfigError, KVCache, LlamaConfig, SlidingWindowError
+from qlora_core.generation import KVCache
+from qlora_core.llama import ConfigError, LlamaConfig, SlidingWindowError
 from qlora_core.loading import load_llama
 from qlora_core.ops.quant4 import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
@@ -174,8 +175,8 @@ def trained(folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     data = write_jsonl(root / "data.jsonl", swap_task(160))
     r = qc.train(model=str(folder), data=str(data), output=str(root / "adapter"), max_steps=24, batch_size=4,
-                 seq_len=64, lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, eval_every=0, save_every=0,
-                 log_every=100, eval_fraction=0.1, seed=1)
+                 seq_len=64, lr=1e-2, lora=qc.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0), eval_every=0,
+                 save_every=0, log_every=100, eval_fraction=0.1, seed=1)
     return r, root / "adapter"
 
 

@@ -17,7 +17,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import qlora_core.train as T
+import qlora_core.train_loop as T
+import qlora_core.train_checkpoint as C
+from qlora_core.train_config import TrainConfig
 from qlora_core import data as D
 from qlora_core.adapter import load_adapter, read_adapter
 from qlora_core.errors import DataError, QloraError
@@ -88,7 +90,7 @@ def world(tmp_path_factory):
     model = make_model_folder(root / "model", hidden=32, layers=1)
     data = write_jsonl(root / "data.jsonl", swap_task(8))
     run = root / "run"
-    T.train(T.TrainConfig(model=str(model), data=str(data), output=str(run), max_steps=1, batch_size=2,
+    T.train(TrainConfig(model=str(model), data=str(data), output=str(run), max_steps=1, batch_size=2,
                           seq_len=64, eval_fraction=0.0, log_every=100, lora=LoraConfig(r=2, lora_alpha=4)))
     base = load_llama(model, quantize=None, dtype=torch.float32)
     return root, model, run, base
@@ -195,7 +197,7 @@ def test_checkpoint_pointer_mutations(world, m, data):
     d = _scratch(run, {"checkpoint.json", "checkpoints"})
     _mutate_json(d / "checkpoint.json", m, data)
     try:
-        found = T.load_checkpoint(d)
+        found = C.load_checkpoint(d)
     except QloraError:
         return
     finally:
@@ -212,8 +214,8 @@ def test_checkpoint_file_damage_is_always_detected(world, which, data):
     f = ck / which
     _apply(f, data.draw(damage(f.stat().st_size)))
     try:
-        with pytest.raises(T.CheckpointError):
-            T.load_checkpoint(d)
+        with pytest.raises(C.CheckpointError):
+            C.load_checkpoint(d)
     finally:
         shutil.rmtree(d)
 
@@ -223,15 +225,15 @@ def test_checkpoint_file_damage_is_always_detected(world, which, data):
 def test_metrics_damage_is_always_detected(world, data):
     """The run's last checkpoint recorded metrics.jsonl whole: any cut or flipped byte fails the resume check."""
     run = world[2]
-    _, st_ = T.load_checkpoint(run)
+    _, st_ = C.load_checkpoint(run)
     d = _scratch(run, {"metrics.jsonl"})
     f = d / "metrics.jsonl"
     assert st_["metrics_record"]["bytes"] == f.stat().st_size > 0
-    T.check_metrics(f, st_["step"], st_["metrics_record"])  # intact: passes
+    C.check_metrics(f, st_["step"], st_["metrics_record"])  # intact: passes
     _apply(f, data.draw(damage(f.stat().st_size)))
     try:
-        with pytest.raises(T.CheckpointError, match="metrics.jsonl"):
-            T.check_metrics(f, st_["step"], st_["metrics_record"])
+        with pytest.raises(C.CheckpointError, match="metrics.jsonl"):
+            C.check_metrics(f, st_["step"], st_["metrics_record"])
     finally:
         shutil.rmtree(d)
 

@@ -6,11 +6,12 @@ import functools
 import pytest
 import torch
 
-from qlora_core import checkpointing as C
-from qlora_core.llama import Llama, LlamaConfig, quantize_linears
+from qlora_core import activation_checkpoint as C
+from qlora_core.llama import Llama, LlamaConfig
 from qlora_core.lora import apply_lora, linear_group
 from qlora_core.ops.nf4_linear import group_linear
-from qlora_core.train import batch_loss
+from qlora_core.qlinear import quantize_model
+from qlora_core.train_loop import batch_loss
 
 pytestmark = pytest.mark.gpu
 
@@ -19,7 +20,7 @@ def _model(layers=4, dropout=0.0):
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=2)
     torch.manual_seed(0)
-    m = quantize_linears(Llama(cfg, device="cuda", dtype=torch.bfloat16))
+    m = quantize_model(Llama(cfg, device="cuda", dtype=torch.bfloat16))
     apply_lora(m, r=16, alpha=32, dropout=dropout)
     with torch.no_grad():
         for n, p in m.named_parameters():

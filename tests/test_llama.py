@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from qlora_core.llama import (KVCache, Llama, LlamaConfig, LlamaModel, quantize_linears, rope_inv_freq,
-                              sample_next)
+from qlora_core.generation import KVCache, sample_next
+from qlora_core.llama import Llama, LlamaConfig, LlamaModel, rope_inv_freq
 from qlora_core.loading import load_llama
-from qlora_core.qlinear import QuantLinear
 from qlora_core.ops.quant4 import dequantize, dequantize_as
+from qlora_core.qlinear import QuantLinear, quantize_model
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
 from tests.llama_folders import CONFIGS, make_folder
 
@@ -165,7 +165,7 @@ def test_quantized_model_backward_equals_dense_from_dequantized(folder):
 
 def test_bf16_load_quantizes_the_bf16_weights(folder):
     q = load_llama(folder, quantize="nf4", dtype=torch.bfloat16)
-    d = quantize_linears(load_llama(folder, quantize=None, dtype=torch.bfloat16))
+    d = quantize_model(load_llama(folder, quantize=None, dtype=torch.bfloat16))
     for (n1, m1), (n2, m2) in zip(q.named_modules(), d.named_modules()):
         assert n1 == n2
         if isinstance(m1, QuantLinear):

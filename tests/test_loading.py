@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import qlora_core.loading as loading
 from qlora_core.llama import ConfigError, LlamaConfig
 from qlora_core.loading import (CorruptCheckpointError, HubUnavailableError, LoadError, MissingShardError,
                                 MissingWeightError, NonFiniteWeightError, ShapeMismatchError, UnexpectedWeightError,
@@ -195,14 +194,14 @@ def test_bad_arguments(tmp_path):
 # -- streaming -------------------------------------------------------------------------------------------
 def test_streaming_keeps_one_dense_weight_alive(sharded, monkeypatch):
     """Each dense linear weight is freed before the next is quantized (peak = quantized model + one tensor)."""
-    real = loading.quantize_tensor
+    real = QuantLinear.from_linear
     seen, alive_at_call = [], []
 
-    def spy(w, **kw):
+    def spy(linear, *a, **kw):
         alive_at_call.append(sum(r() is not None for r in seen))
-        seen.append(weakref.ref(w))
-        return real(w, **kw)
-    monkeypatch.setattr(loading, "quantize_tensor", spy)
+        seen.append(weakref.ref(linear.weight))
+        return real(linear, *a, **kw)
+    monkeypatch.setattr(QuantLinear, "from_linear", spy)
     model = load_llama(sharded, quantize="nf4", dtype=torch.float32)
     assert len(seen) == 7 * model.config.num_hidden_layers
     assert max(alive_at_call) == 0, alive_at_call

@@ -143,7 +143,7 @@ def test_ungroupable_modules_are_refused():
 def test_llama_loss_and_lora_grads_match_the_module_path():
     """A tiny NF4 + LoRA Llama with gradient checkpointing: the grouped projections give the module path's loss and
     LoRA grads (fp32, CPU)."""
-    from qlora_core.train import batch_loss
+    from qlora_core.train_loop import batch_loss
     from tests._tiny import nf4_lora_llama
 
     model = nf4_lora_llama(layers=2)

@@ -1,5 +1,5 @@
-"""train.py on a tiny random Llama: it learns, the loss is exact, accumulation is exact, resume is bit-exact,
-non-finite losses are skipped and stop the run."""
+"""The training loop (train_loop.py) on a tiny random Llama: it learns, the loss is exact, accumulation is exact,
+resume is bit-exact, non-finite losses are skipped and stop the run."""
 import dataclasses
 import json
 import math
@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-import qlora_core.train as T
+import qlora_core.train_checkpoint as C
+import qlora_core.train_loop as T
 from qlora_core import data as D
 from qlora_core.lora import LoraConfig
+from qlora_core.train_config import TrainConfig
 from tests._tiny import make_model_folder, swap_task, write_jsonl
 
 
@@ -30,7 +32,7 @@ def _cfg(setup, out, **kw):
                 lr=3e-3, lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1), eval_every=4, save_every=2,
                 log_every=100, eval_fraction=0.1, seed=1)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def _adapter(out):
@@ -210,13 +212,13 @@ def test_nonfinite_loss_skips_step_then_stops(setup, monkeypatch):
 
     monkeypatch.setattr(T, "batch_loss", flaky)
     weights = []
-    real_save = T.save_checkpoint
+    real_save = C.save_checkpoint
 
     def spy(out, step, model, *a, **k):
         weights.append((step, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
         return real_save(out, step, model, *a, **k)
 
-    monkeypatch.setattr(T, "save_checkpoint", spy)
+    monkeypatch.setattr(C, "save_checkpoint", spy)
     r = T.train(_cfg(setup, "nan", max_steps=20, eval_fraction=0.0, save_every=1, max_bad_steps=3))
     # step 2 is skipped and training goes on; steps 5, 6, 7 are three in a row: stop after step 7
     assert r.steps == 7 and r.stopped is not None and "3 consecutive" in r.stopped
@@ -230,30 +232,28 @@ def test_nonfinite_loss_skips_step_then_stops(setup, monkeypatch):
 
 def test_config_errors():
     with pytest.raises(ValueError, match="quant"):
-        T.TrainConfig(model="m", data="d", quant="int8")
+        TrainConfig(model="m", data="d", quant="int8")
     with pytest.raises(ValueError, match="max_steps"):
-        T.TrainConfig(model="m", data="d", max_steps=0)
+        TrainConfig(model="m", data="d", max_steps=0)
     with pytest.raises(ValueError, match="batch_size"):
-        T.TrainConfig(model="m", data="d", batch_size=0)
+        TrainConfig(model="m", data="d", batch_size=0)
     with pytest.raises(ValueError, match="parallel"):
-        T.TrainConfig(model="m", data="d", parallel="tp")
+        TrainConfig(model="m", data="d", parallel="tp")
     with pytest.raises(ValueError, match="r must be a positive int"):
-        T.TrainConfig(model="m", data="d", lora=LoraConfig(r=0))
+        TrainConfig(model="m", data="d", lora=LoraConfig(r=0))
 
 
-def test_config_holds_a_lora_config_and_reads_old_forms():
-    """TrainConfig.lora is a LoraConfig; the loose keywords of before still set it; to_dict/from_dict round-trip;
-    a config dict saved by a checkpoint of before (loose lora_* fields, comma-string targets) reads back."""
-    cfg = T.TrainConfig(model="m", data="d", lora_r=8, lora_alpha=16.0, target_modules="q_proj, v_proj")
+def test_config_holds_a_lora_config_and_round_trips():
+    """TrainConfig.lora is a LoraConfig; to_dict/from_dict round-trip (as a checkpoint stores it); keys no field
+    knows are ignored."""
+    cfg = TrainConfig(model="m", data="d", lora=LoraConfig(r=8, lora_alpha=16.0, target_modules=["q_proj", "v_proj"]))
     assert cfg.lora == LoraConfig(r=8, lora_alpha=16.0, lora_dropout=0.0, target_modules=("q_proj", "v_proj"))
     assert dataclasses.replace(cfg, max_steps=3).lora == cfg.lora
-    assert T.TrainConfig.from_dict(cfg.to_dict()) == cfg
-    assert T.TrainConfig(target_modules="all-linear").lora.target_modules == "all-linear"
-    old = {"model": "m", "data": "d", "max_steps": 7, "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1,
-           "target_modules": "q_proj,k_proj", "gone_field": 1}
-    back = T.TrainConfig.from_dict(old)
-    assert back.max_steps == 7 and back.lora == LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.1,
-                                                           target_modules=("q_proj", "k_proj"))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    regex = TrainConfig(lora=LoraConfig(target_modules="all-linear", dtype=torch.bfloat16))
+    assert TrainConfig.from_dict(regex.to_dict()) == regex
+    back = TrainConfig.from_dict({**cfg.to_dict(), "max_steps": 7, "gone_field": 1})
+    assert back.max_steps == 7 and back.lora == cfg.lora
 
 
 @pytest.mark.gpu

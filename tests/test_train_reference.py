@@ -31,7 +31,9 @@ import torch.nn.functional as F
 
 import qlora_core as qc
 from qlora_core import data as D
-from qlora_core.train import TrainConfig, train
+from qlora_core.lora import LoraConfig
+from qlora_core.train_config import TrainConfig
+from qlora_core.train_loop import train
 from tests._tiny import make_model_folder, write_jsonl
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
 
@@ -41,7 +43,7 @@ RESPONSE_WORDS = (1, 2, 6, 8, 3, 12, 5, 9)  # letters per response: packs (seq_l
 SEQ_LEN, BATCH, ACCUM = 56, 2, 2
 STEPS, WARMUP, LR, MIN_RATIO = 5, 2, 1e-2, 0.1
 WEIGHT_DECAY, CLIP = 0.5, 0.05
-LORA = dict(lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
+LORA = LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0)
 
 
 def _records() -> list[dict]:
@@ -65,7 +67,7 @@ def _cfg(setup, out: str, **kw) -> TrainConfig:
                 grad_accum=ACCUM, seq_len=SEQ_LEN, lr=LR, min_lr_ratio=MIN_RATIO, warmup_steps=WARMUP,
                 weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP, quant="nf4", optim_bits=32, dtype="float32",
                 device="cpu", eval_fraction=0.0, eval_every=0, save_every=0, log_every=1000, seed=3,
-                pack=True, pack_isolate=True, gradient_checkpointing=True, **LORA)
+                pack=True, pack_isolate=True, gradient_checkpointing=True, lora=LORA)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -122,7 +124,7 @@ def reference_loop(setup, init_dir, docs, dtype):
     from qlora_core.adapter import KEY_PREFIX, load_adapter
     from qlora_core.lora import apply_lora, lora_modules
     model = qc.load_llama(setup[1], quantize="nf4", dtype=torch.float32)
-    apply_lora(model, r=LORA["lora_r"], alpha=LORA["lora_alpha"], dropout=0.0)
+    apply_lora(model, r=LORA.r, alpha=LORA.lora_alpha, dropout=0.0)
     load_adapter(model, init_dir, check_base=False)
     if dtype != torch.float32:
         model = _dense(model, dtype)

@@ -13,7 +13,7 @@ Policies, fastest first:
                their grads arrive through `.backward()` (accumulated into .grad), not through autograd.grad.
 A plan is one policy per block. `plan_for_budget` picks, greedily by time saved per byte, the fastest plan (of
 offload, full and none) whose estimated peak fits the budget; the estimates are simple byte counts of what each
-policy keeps (see `block_bytes`), not measurements.
+policy keeps (see `block_bytes`), not measurements. `apply_policy` sets a Llama's policy (or budget) in one call.
 """
 from __future__ import annotations
 
@@ -241,3 +241,17 @@ class MemoryBudget:
 def describe(plan: list[str]) -> str:
     """'12 offload, 20 full' style summary of a plan, in POLICIES order."""
     return ", ".join(f"{plan.count(p)} {p}" for p in POLICIES if plan.count(p))
+
+
+def apply_policy(model, policy: str, budget_gib: float | None = None) -> str:
+    """Set a Llama's activation checkpointing: `policy` (one of POLICIES) for every block, or, with budget_gib, a
+    MemoryBudget that plans per-block policies at the first step. Returns a one-line description."""
+    if budget_gib:
+        if not budget_gib > 0:
+            raise ValueError(f"memory budget must be > 0 GiB, got {budget_gib}")
+        model.model.checkpoint_policy = MemoryBudget(float(budget_gib))
+        return f"checkpointing: planned per block for a {budget_gib:g} GiB GPU budget at the first step"
+    if policy not in POLICIES:
+        raise ValueError(f"checkpoint_policy must be one of {POLICIES}, got {policy!r}")
+    model.model.checkpoint_policy = policy
+    return f"checkpointing: {policy} for all {len(model.model.layers)} blocks"

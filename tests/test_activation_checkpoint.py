@@ -1,13 +1,15 @@
-"""Checkpointing policies (qlora_core/checkpointing.py): every policy, and a mixed plan, gives the loss and LoRA grads
-of the un-checkpointed model (with LoRA dropout on, so the recompute must replay the same masks); selective
-checkpointing really skips the attention recompute; the budget planner's choices follow its byte estimates."""
+"""Activation checkpointing policies (qlora_core/activation_checkpoint.py): every policy, and a mixed plan, gives
+the loss and LoRA grads of the un-checkpointed model (with LoRA dropout on, so the recompute must replay the same
+masks); selective checkpointing really skips the attention recompute; the budget planner's choices follow its byte
+estimates."""
 import pytest
 import torch
 
-from qlora_core import checkpointing as C
-from qlora_core.llama import Llama, LlamaConfig, quantize_linears
+from qlora_core import activation_checkpoint as C
+from qlora_core.llama import Llama, LlamaConfig
 from qlora_core.lora import apply_lora
-from qlora_core.train import batch_loss
+from qlora_core.qlinear import quantize_model
+from qlora_core.train_loop import batch_loss
 
 from tests.helpers import assert_close_verbose
 
@@ -19,7 +21,7 @@ def model():
     cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
-    m = quantize_linears(Llama(cfg))
+    m = quantize_model(Llama(cfg))
     apply_lora(m, r=4, alpha=8, dropout=0.2)
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -116,7 +118,7 @@ def test_planner_follows_its_estimates():
 
 
 def test_memory_budget_plans_at_the_first_step(model, capsys):
-    from qlora_core.train import apply_policy
+    from qlora_core.activation_checkpoint import apply_policy
 
     ids = torch.randint(0, 101, (2, 16))
     l0, g0 = _loss_and_grads(model, "none", ids)
