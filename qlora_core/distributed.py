@@ -181,7 +181,7 @@ def shard_block(block: nn.Module, mesh) -> nn.Module:
 
 def _mark_gathered(module: nn.Module, args) -> None:
     """FSDP refills a block's unsharded parameters in place without bumping their version counters; bump those of
-    the trainable ones, so caches keyed on `_version` (fused_lora's compute-dtype copies of A and B) see the
+    the trainable ones, so caches keyed on `_version` (ops/nf4_linear.py's compute-dtype copies of A and B) see the
     values the optimizer wrote. Nothing is saved for backward yet at this point of the block's forward."""
     increment_version([p for p in module.parameters() if p.requires_grad])
 

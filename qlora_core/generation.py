@@ -175,7 +175,7 @@ class StaticKVCache:
 
 @contextlib.contextmanager
 def _unfused(model: nn.Module):
-    """Projections module by module (fused_lora.project's `fuse_projections = False`) inside the step. Why: above 16
+    """Projections module by module (lora.project's `fuse_projections = False`) inside the step. Why: above 16
     rows the fused group reads LoRA through copies cached per parameter `_version`; a graph would keep reading a
     capture-time copy after an optimizer step, or its freed memory once an eager forward rebuilt it. Module by
     module every weight is read through its own Parameter (at <= 16 rows project does this anyway)."""

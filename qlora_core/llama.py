@@ -283,7 +283,7 @@ class Attention(nn.Module):
     The projections start as nn.Linear (bias per cfg.attention_bias) and may be swapped in place for QuantLinear or
     LoRALinear; layer_idx picks this layer's slot in a shared KVCache.
     """
-    fuse_projections = True  # q/k/v and o through fused_lora groups (False: module by module, the reference path)
+    fuse_projections = True  # q/k/v and o through lora.project groups (False: module by module, the reference path)
 
     def __init__(self, cfg: LlamaConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
@@ -313,7 +313,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU: gate_proj, up_proj (d -> intermediate_size), down_proj (back to d); bias per cfg.mlp_bias."""
-    fuse_projections = True  # gate/up and down through fused_lora groups (False: module by module)
+    fuse_projections = True  # gate/up and down through lora.project groups (False: module by module)
 
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
         super().__init__()

@@ -70,7 +70,7 @@ class TrainConfig:
                                              "(docs: activation_checkpoint.py)")
     memory_budget_gib: float = setting(0.0, "> 0: per-block policies planned to fit this GPU budget in GiB "
                                             "(overrides the policy)")
-    fused: bool = setting(True, "grouped LoRA projections (fused_lora.py); off = module by module, the reference "
+    fused: bool = setting(True, "grouped LoRA projections (ops/nf4_linear.py); off = module by module, the reference "
                                 "path")
     pack: bool = setting(True, "concatenate short samples into rows of up to seq_len tokens")
     pack_isolate: bool = setting(True, "packed samples attend only to themselves, positions restart (off: plain "

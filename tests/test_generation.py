@@ -78,7 +78,7 @@ def test_static_loop_equals_reference_loop(folder, quantize, lora):
 
 
 def test_more_than_16_rows_with_unmerged_lora(gqa_folder):
-    """Above 16 rows fused_lora.project groups the projections; the step runs them module by module (_unfused)."""
+    """Above 16 rows lora.project groups the projections; the step runs them module by module (_unfused)."""
     model = _model(gqa_folder, "nf4", "unmerged")
     ids = _ids(model.config.vocab_size, B=18, T=5)
     assert torch.equal(generate(model, ids, 6), generate_reference(model, ids, 6))

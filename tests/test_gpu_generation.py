@@ -68,7 +68,7 @@ def test_captured_loop_equals_eager_loop(folder, deterministic_kernels, quant, d
     assert torch.equal(again, eager)
 
 
-@pytest.mark.parametrize("B", [8, 32])  # 32: above 16 rows, where fused_lora would group the projections
+@pytest.mark.parametrize("B", [8, 32])  # 32: above 16 rows, where lora.project would group the projections
 def test_captured_loop_with_unmerged_lora(folder, deterministic_kernels, B):
     model = load_llama(folder, quantize="nf4", dtype=torch.bfloat16, device="cuda")
     apply_lora(model, r=8, alpha=16)
