@@ -147,8 +147,7 @@ def cmd_train(args) -> int:
         preflight(cfg)  # a user error is one line and its exit code here, not N ranks' errors under torchrun
         return distributed.launch(args.nproc, _without_nproc(args.argv))
     if distributed.launched():  # torchrun's summary then shows this rank's traceback if it fails
-        from torch.distributed.elastic.multiprocessing.errors import record  # deferred: torchrun workers only
-        result = record(train)(cfg)
+        result = distributed.record(train)(cfg)
     else:
         result = train(cfg)
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank 0, or a lone process

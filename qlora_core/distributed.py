@@ -24,9 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
+import functools
+import json
 import os
-import subprocess
+import signal
 import sys
+import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -34,7 +39,8 @@ from torch import nn
 from torch.autograd.graph import increment_version
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .errors import UsageError
+from .durable import atomic_write_text
+from .errors import UsageError, one_line
 from .flat_quant import flatten_quantized
 from .lora import lora_modules
 
@@ -245,16 +251,59 @@ def split_rows(rows: list, world: World) -> list:
 
 # -- launching -----------------------------------------------------------------------------------------------------
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run `python -m qlora_core <argv>` in `nproc` processes through torchrun (one node); returns its exit code.
+    """Run `python -m qlora_core <argv>` in `nproc` processes through torchrun's agent (`torch.distributed.run`, one
+    node, run in this process); returns its exit code: 0, or 1 when the run failed.
 
-    When any process fails (an exception, a kill), torchrun stops the others and prints which rank failed and how;
-    a line of our own then says what to do. Checkpoints are written whole or not at all, so --resume continues.
+    When any process fails (an exception, a kill), the agent stops the others and its summary is printed; then one
+    `error: ...` line of our own names each failed rank and how it ended (exit code or signal), taken from the
+    agent's result, not from its printout, and says that --resume continues: checkpoints are written whole or not
+    at all. If the agent itself fails, that line names its exception instead.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "qlora_core", *argv]
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        print(f"qlora: {nproc}-process run failed (exit code {rc}); torchrun stopped every rank and its summary "
-              f"above names the failed one. Checkpoints are whole: rerun with --resume to continue.",
-              file=sys.stderr)
-    return rc
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "qlora_core", *argv]))
+        return 0
+    except ChildFailedError as e:
+        print(e, file=sys.stderr)  # torchrun's summary: the failed ranks, a raising rank's traceback
+        # first observed first (the agent's order; it stops the others with SIGTERM, so those come last)
+        order = sorted(e.failures.items(), key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp))
+        how = ", ".join(f"rank {r} {_ended(f.exitcode)}" for r, f in order)
+    except Exception as e:  # noqa: BLE001  (the agent itself failed; it stops the processes it started)
+        how = f"torchrun's agent stopped with {type(e).__name__}: {one_line(e)}"
+    print(f"error: {nproc}-process run failed: {how}. Checkpoints are whole: rerun with --resume to continue.",
+          file=sys.stderr)
+    return 1
+
+
+def _ended(exitcode: int) -> str:
+    """How a worker ended, from its exit code (negative: the signal that killed it)."""
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"was killed by signal {-exitcode} ({name})"
+    return f"exited with code {exitcode}"
+
+
+def record(fn):
+    """`fn` wrapped as torch's elastic `record` wraps a torchrun worker: an exception is written to the agent's
+    error file (TORCHELASTIC_ERROR_FILE, torch's JSON layout) and raised again. Unlike torch's, the file is written
+    whole or not at all (temporary file, rename): the agent reads it once the worker has exited, and a worker it
+    stops (SIGTERM, after another rank failed) in the middle of writing must not leave half a JSON document, which
+    the agent fails to parse (it then crashes instead of reporting the failed ranks)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        faulthandler.enable(all_threads=True)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if path:
+                info = {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}
+                atomic_write_text(path, json.dumps({"message": {"message": f"{type(e).__name__}: {e}",
+                                                                "extraInfo": info}}))
+            raise
+    return wrapper

@@ -1,5 +1,6 @@
 """Shared test helpers: one readable assertion for float comparisons, the dtype tolerance table, the runner of
 interpreter groups, and the bitsandbytes import for GPU comparisons."""
+import math
 import os
 import subprocess
 import sys
@@ -84,23 +85,89 @@ def label_runs(tok, sample) -> list[str]:
     return [tok.decode(r, skip_special_tokens=False) for r in runs + ([cur] if cur else [])]
 
 
+def dequantize_4bit_f64(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape, dtype: torch.dtype,
+                        blocksize: int, quant_type: str, nested: tuple | None = None) -> torch.Tensor:
+    """bitsandbytes' CUDA dequantize_4bit (docs/format.md), computed in float64 from a checkpoint's own fields and
+    written here without qlora_core's code: out[i] = dtype(fp32(code[nibble_i] * absmax[i // blocksize])).
+
+    nested = (nested_absmax, nested_code, offset, nested_blocksize) restores the uint8 absmax first as
+    fp32(fp32(nested_code[q] * nested_absmax[j // nested_blocksize]) + offset), two separate fp32 operations. The
+    float64 product of two fp32 numbers is exact (48 significant bits), and so is the float64 sum of two fp32
+    numbers of similar size, so rounding each to fp32 gives the fp32 operation's result bit for bit; the final cast
+    to `dtype` rounds to nearest even as CUDA's does. FP4 code 8 (sign bit, zero magnitude) gives -0.0, as CUDA's
+    sign handling does (the quant_map holds +0 there). Packing: element 2j in the high nibble of byte j."""
+    n = math.prod(int(d) for d in shape)
+    b = packed.reshape(-1).view(torch.uint8).long()
+    codes = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]
+    if nested is not None:
+        nested_absmax, nested_code, offset, nbs = nested
+        a = nested_code.double()[absmax.long()] * nested_absmax.double().repeat_interleave(nbs)[:absmax.numel()]
+        absmax = (a.float().double() + offset.double()).float()
+    lut = code.double().clone()
+    if quant_type == "fp4":
+        lut[8] = -0.0
+    w = lut[codes] * absmax.double().repeat_interleave(blocksize)[:n]
+    return w.float().to(dtype).reshape(tuple(shape))
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so -0.0 != 0.0 and NaN payloads count)."""
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                     b.reshape(-1).view(torch.uint8))
+
+
+def assert_quant_state_is_ours(name: str, packed: torch.Tensor, qs, q) -> None:
+    """bitsandbytes' (packed weight, QuantState) equals our QuantizedTensor q field by field, byte for byte:
+    packed codes, absmax (uint8 when nested, else fp32), quant_map, blocksize, quant type, dtype, shape, and with
+    double quant the offset, nested absmax, nested quant map and nested blocksize."""
+    from qlora_core.formats import dynamic_map
+    assert _bytes_equal(packed, q.data), f"{name}: packed weight bytes differ"
+    assert (qs.quant_type, qs.blocksize, qs.dtype, tuple(qs.shape)) == \
+        (q.quant_type, q.blocksize, q.dtype, tuple(q.shape)), f"{name}: quant_type/blocksize/dtype/shape differ"
+    assert _bytes_equal(qs.code, q.code), f"{name}: quant_map differs"
+    assert _bytes_equal(qs.absmax, q.absmax), f"{name}: absmax differs"
+    assert qs.nested == q.double_quant, f"{name}: nested {qs.nested} vs double_quant {q.double_quant}"
+    if q.double_quant:
+        assert _bytes_equal(qs.offset.reshape(()), q.offset.reshape(())), f"{name}: offset differs"
+        assert _bytes_equal(qs.state2.absmax, q.nested_absmax), f"{name}: nested absmax differs"
+        assert _bytes_equal(qs.state2.code, dynamic_map(True, q.device)), f"{name}: nested quant_map differs"
+        assert qs.state2.blocksize == 256, f"{name}: nested blocksize {qs.state2.blocksize}"
+
+
+def bnb_dequantize_f64(packed: torch.Tensor, qs) -> torch.Tensor:
+    """dequantize_4bit_f64 of a bitsandbytes (packed weight, QuantState)."""
+    nested = (qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize) if qs.nested else None
+    return dequantize_4bit_f64(packed, qs.absmax, qs.code, qs.shape, qs.dtype, qs.blocksize, qs.quant_type, nested)
+
+
 def assert_bnb_checkpoint_matches(model, hf, back=None) -> int:
     """Each QuantLinear of `model` is a bitsandbytes Linear4bit in `hf` (transformers' load of its bnb-4bit
-    checkpoint) dequantizing to the same values, with the same bias, and (when given) the same packed bytes in
-    `back` (load_llama's read of that checkpoint); its dense linears stay dense and equal in `hf`. Returns how many
-    4-bit layers were compared."""
+    checkpoint) holding our quant state byte for byte (assert_quant_state_is_ours), with the same bias, whose values
+    are bitsandbytes' CUDA dequantization of that state (dequantize_4bit_f64, float64) and equal ours; and (when
+    given) `back` (load_llama's read of that checkpoint) holds the same state. Its dense linears stay dense and
+    equal in `hf`. Returns how many 4-bit layers were compared.
+
+    bitsandbytes' own CPU dequantize is not the reference: it is known to differ from its CUDA kernel on blocks
+    that straddle rows (in_features not a multiple of the blocksize; ../shared/docs/bnb-format.md)."""
     import bitsandbytes as bnb
     n = 0
     for name, m in model.named_modules():
         theirs = hf.get_submodule(name) if name else None
         if type(m).__name__ == "QuantLinear":
-            assert isinstance(theirs, bnb.nn.Linear4bit), name
-            w = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
-            assert torch.equal(w, m.weight.dequantize()), name
+            assert isinstance(theirs, bnb.nn.Linear4bit), f"{name}: {type(theirs).__name__}, not Linear4bit"
+            q, qs = m.weight, theirs.weight.quant_state
+            assert_quant_state_is_ours(name, theirs.weight.data, qs, q)
+            ours = q.dequantize()
+            assert _bytes_equal(ours, bnb_dequantize_f64(theirs.weight.data, qs)), f"{name}: dequantized values"
             assert (m.bias is None) == (theirs.bias is None) and (m.bias is None or torch.equal(m.bias, theirs.bias))
             if back is not None:
                 b = back.get_submodule(name).weight
-                assert torch.equal(b.data, m.weight.data) and torch.equal(b.absmax, m.weight.absmax), name
+                fields = ("data", "absmax", "nested_absmax", "offset")
+                assert all(_bytes_equal(getattr(b, f), getattr(q, f)) for f in fields if getattr(q, f) is not None) \
+                    and (b.shape, b.dtype, b.blocksize, b.quant_type, b.double_quant) == \
+                    (q.shape, q.dtype, q.blocksize, q.quant_type, q.double_quant), f"{name}: reloaded state differs"
+                assert _bytes_equal(b.dequantize(), ours), f"{name}: reloaded values"
             n += 1
         elif isinstance(m, torch.nn.Linear):
             assert type(theirs) is torch.nn.Linear and torch.equal(theirs.weight, m.weight), name
