@@ -13,7 +13,6 @@ docs/backends.md).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -22,16 +21,23 @@ from .defaults import FLOAT_DTYPES
 
 BACKENDS = ("reference", "triton")
 _forced: list[str] = []
+_has_triton: list[bool] = []  # has_triton()'s answer, once known
 
 
-@functools.lru_cache(maxsize=None)
 def has_triton() -> bool:
-    """True when `import triton` works (it is a dependency, but a CPU wheel of torch may ship without it)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when `import triton` works (it is a dependency, but a CPU wheel of torch may ship without it).
+
+    Looked up once and kept in a plain module global: Dynamo traces `choose` inside compiled models, and it warns on
+    an `lru_cache`-wrapped call there, while a global read traces cleanly.
+    """
+    if not _has_triton:
+        try:
+            import triton  # noqa: F401 (deferred: `import qlora_core` never loads triton)
+        except ImportError:
+            _has_triton.append(False)
+        else:
+            _has_triton.append(True)
+    return _has_triton[0]
 
 
 def interpreting() -> bool:
