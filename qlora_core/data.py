@@ -378,7 +378,7 @@ class Sample:
     """One tokenized conversation or packed row: input_ids and labels of equal length.
 
     labels are the ids themselves where a token carries loss, IGNORE_INDEX elsewhere; the next-token shift happens
-    in the loss (train.batch_loss), not here.
+    in the loss (train_loop.batch_loss), not here.
     """
     input_ids: list[int]  # token ids of the whole rendered conversation
     labels: list[int]  # same length; IGNORE_INDEX outside assistant turns
