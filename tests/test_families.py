@@ -416,3 +416,31 @@ def test_qk_norm_triton_path_equals_reference_under_interpreter():
     """The fast path (Triton rms_norm on the strided head views of the packed qkv buffer, then the in-place RoPE
     kernel) gives the reference path's logits and gradients, q_norm/k_norm weight gradients included."""
     run_interpreted(_INTERP_QK_NORM)
+
+
+@pytest.mark.gpu
+def test_qwen3_lora_grads_on_cuda_fast_path_within_bf16_bound(tmp_path):
+    """On CUDA in bf16 the fast path (Triton q/k norms on the packed qkv heads, fused RoPE, grouped projections)
+    gives logits and LoRA grads within 2x the bf16 reference path's own error against float64 plus the bf16 atol."""
+    import copy
+    from qlora_core import backend
+    folder = build_folder(tmp_path / "q3", "qwen3-window-bias-mqa-untied")
+    model = load_llama(folder, quantize=None, dtype=torch.bfloat16, device="cuda").eval()
+    apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    _randomize([p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)], seed=4)
+    model64 = copy.deepcopy(model).double()
+    ids = _ids(model.config.vocab_size, 48).cuda()
+
+    def run(m):
+        params = [p for x in lora_modules(m).values() for p in (x.lora_A, x.lora_B)]
+        y = m(ids)
+        loss = torch.nn.functional.cross_entropy(y[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return [y.detach()] + [g.detach() for g in torch.autograd.grad(loss, params)]
+    with backend.forced("triton"):
+        fast = run(model)
+    with backend.forced("reference"):
+        ref = run(model)
+    exact = run(model64)
+    for i, (f, r, e) in enumerate(zip(fast, ref, exact, strict=True)):
+        bound = 2 * (r.double() - e).abs().max().item() + DTYPE_ATOL[torch.bfloat16]
+        assert_close_verbose(f, e, atol=bound, rtol=0, name="logits" if i == 0 else f"grad {i}")
