@@ -1,8 +1,9 @@
 """Our Llama: `LlamaConfig` (reads HF config.json in both rope forms) and the `Llama` nn.Module.
 
 The same module runs the Llama family checkpoints whose blocks share Llama's math: Llama 2/3/3.1/3.2 and SmolLM
-(model_type "llama"), Mistral ("mistral": no biases; a sliding_window, which sequences must stay within) and
-Qwen2 / Qwen2.5 ("qwen2": biases on q/k/v only). Any other model_type is a ConfigError.
+(model_type "llama"), Mistral ("mistral": no biases; a sliding_window, which sequences must stay within),
+Qwen2 / Qwen2.5 ("qwen2": biases on q/k/v only) and dense Qwen3 ("qwen3": a per-head RMSNorm on q and k before
+RoPE, `qk_norm`; head_dim independent of hidden_size / heads). Any other model_type is a ConfigError.
 
 Module names follow transformers' LlamaForCausalLM exactly (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`, ...), so HF checkpoints load key for key and PEFT
@@ -49,11 +50,14 @@ class SlidingWindowError(UsageError, ValueError):
     within the window it equals full causal attention, so shorter sequences are exact."""
 
 
-# model_type -> the transformers class it names. The three share the block's math; they differ in config.json
-# fields and in which projections carry a bias (see _family_fields).
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# model_type -> the transformers class it names. They share the block's math; they differ in config.json fields,
+# in which projections carry a bias and in Qwen3's q/k norms (see _family_fields).
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 
 
+# LlamaConfig fields that config.json does not hold as is: _family_fields derives them per model_type
+_DERIVED = ("o_proj_bias", "sliding_window", "qk_norm")
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -80,9 +84,10 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    model_type: str = "llama"                # "llama", "mistral" or "qwen2" (MODEL_TYPES)
+    model_type: str = "llama"                # "llama", "mistral", "qwen2" or "qwen3" (MODEL_TYPES)
     o_proj_bias: bool | None = None          # bias on o_proj; None -> attention_bias (Qwen2: q/k/v only)
     sliding_window: int | None = None        # longest sequence (cache included) a forward may see; None = no limit
+    qk_norm: bool | None = None              # RMSNorm (head_dim,) on each q and k head before RoPE; None -> qwen3
 
     def __post_init__(self):
         for f in REQUIRED_FIELDS:
@@ -109,6 +114,8 @@ class LlamaConfig:
             raise ConfigError(f"model_type {self.model_type!r} is not supported (supported: {sorted(MODEL_TYPES)})")
         if self.o_proj_bias is None:
             self.o_proj_bias = self.attention_bias
+        if self.qk_norm is None:
+            self.qk_norm = self.model_type == "qwen3"
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
             raise ConfigError(f"sliding_window must be a positive int or null, got {w!r}")
@@ -136,23 +143,25 @@ class LlamaConfig:
             theta = d.get("rope_theta", 10000.0)
             scaling = d.get("rope_scaling")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
-              if f.name in d and f.name not in ("rope_theta", "rope_scaling", "o_proj_bias", "sliding_window")}
+              if f.name in d and f.name not in ("rope_theta", "rope_scaling") + _DERIVED}
         kw.update(_family_fields(model_type, d))
         return cls(**kw, rope_theta=float(theta), rope_scaling=scaling)
 
     def to_hf_config(self) -> dict:
         """A config.json dict that transformers (4.45+ and 5) reads as the model_type's *ForCausalLM."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        d.pop("o_proj_bias")
+        for k in _DERIVED:  # written below in the family's own fields, or fixed by its code
+            d.pop(k, None)
         d.update(model_type=self.model_type, architectures=[MODEL_TYPES[self.model_type]], hidden_act="silu")
         if self.rope_scaling is None:
             d.pop("rope_scaling", None)
         if self.model_type != "llama":  # biases are fixed by the family's code, not read from config.json
-            d.pop("attention_bias", None)
             d.pop("mlp_bias", None)
+            if self.model_type != "qwen3":  # Qwen3 reads attention_bias (q/k/v/o alike)
+                d.pop("attention_bias", None)
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":  # a window here applies to every layer (max_window_layers 0)
+        if self.model_type in ("qwen2", "qwen3"):  # a window here applies to every layer (max_window_layers 0)
             d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
                      max_window_layers=0 if self.sliding_window is not None else self.num_hidden_layers)
         return d
@@ -164,14 +173,18 @@ def _family_fields(model_type: str, d: dict) -> dict:
         return dict(attention_bias=False, mlp_bias=False, o_proj_bias=False, sliding_window=d.get("sliding_window"))
     if model_type == "qwen2":  # Qwen2Attention: bias on q/k/v, none on o_proj; Qwen2MLP: no bias
         return dict(attention_bias=True, mlp_bias=False, o_proj_bias=False, sliding_window=_qwen2_window(d))
+    if model_type == "qwen3":  # Qwen3Attention: attention_bias on q/k/v/o, q_norm/k_norm; Qwen3MLP: no bias;
+        bias = bool(d.get("attention_bias", False))  # Qwen3Config's head_dim defaults to 128, not hidden / heads
+        return dict(attention_bias=bias, mlp_bias=False, o_proj_bias=bias, sliding_window=_qwen2_window(d),
+                    qk_norm=True, head_dim=d.get("head_dim", 128))
     return {}
 
 
 def _qwen2_window(d: dict) -> int | None:
-    """Qwen2's sliding window as transformers' Qwen2Config derives it: sliding_window counts only with
-    use_sliding_window, and then only if a layer is "sliding_attention" (layer_types, or by default the layers
-    from max_window_layers on). The limit is enforced model-wide (SlidingWindowError), so which layers slide
-    does not matter."""
+    """Qwen2's (and Qwen3's) sliding window as transformers' Qwen2Config / Qwen3Config derive it: sliding_window
+    counts only with use_sliding_window, and then only if a layer is "sliding_attention" (layer_types, or by
+    default the layers from max_window_layers on). The limit is enforced model-wide (SlidingWindowError), so
+    which layers slide does not matter."""
     window = d.get("sliding_window") if d.get("use_sliding_window") else None
     if window is None:
         return None
@@ -281,7 +294,8 @@ class Attention(nn.Module):
     """Llama self-attention: q_proj (d -> H*D), k_proj and v_proj (d -> KVH*D), o_proj (H*D -> d), RoPE, SDPA.
 
     The projections start as nn.Linear (bias per cfg.attention_bias) and may be swapped in place for QuantLinear or
-    LoRALinear; layer_idx picks this layer's slot in a shared KVCache.
+    LoRALinear; layer_idx picks this layer's slot in a shared KVCache. With cfg.qk_norm (Qwen3) q_norm and k_norm,
+    RMSNorms of (head_dim,), normalize each q and k head before RoPE; without it they do not exist.
     """
     fuse_projections = True  # q/k/v and o through lora.project groups (False: module by module, the reference path)
 
@@ -294,11 +308,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, KVH * D, **kw)
         self.o_proj = nn.Linear(H * D, d, **{**kw, "bias": cfg.o_proj_bias})
         self.H, self.KVH, self.D, self.layer_idx = H, KVH, D, layer_idx
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype)
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv (B, T, (H + 2 KVH) D) -> a new one whose q and k heads went through q_norm / k_norm (per head, over
+        D, as transformers' Qwen3Attention), v as is; RoPE then rotates it in place."""
+        q, k, v = qkv.split([self.H * self.D, self.KVH * self.D, self.KVH * self.D], dim=-1)
+        q = self.q_norm(q.unflatten(-1, (self.H, self.D))).flatten(-2)
+        k = self.k_norm(k.unflatten(-1, (self.KVH, self.D))).flatten(-2)
+        return torch.cat((q, k, v.to(q.dtype)), dim=-1)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         """x (B, T, d) -> (B, T, d): RoPE'd causal SDPA with GQA; appends K/V to `cache` when given."""
         B, T, _ = x.shape
         qkv = project(x, (self.q_proj, self.k_proj, self.v_proj), self)  # (B, T, (H + 2 KVH) D), one GEMM
+        if self.qk_norm:
+            qkv = self._norm_qk(qkv)
         qkv = apply_rope_qkv_(qkv, self.H + self.KVH, cos, sin)  # q and k heads rotated in place
         q, k, v = qkv.split([self.H * self.D, self.KVH * self.D, self.KVH * self.D], dim=-1)
         q = q.view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)

@@ -97,14 +97,15 @@ def write_tiny_hf_llama(dest: Path, weight_std: float | None = None) -> str:
     return str(dest)
 
 
-def nf4_lora_llama(layers: int = 2):
+def nf4_lora_llama(layers: int = 2, model_type: str = "llama"):
     """A tiny random Llama (hidden 64, 4/2 heads, q/k/v biases) with NF4 linears and LoRA r=4/alpha=8 on every
-    projection, B drawn N(0, 0.1) so the adapters matter (a fresh B is zero); in train mode, on the CPU, fp32."""
+    projection, B drawn N(0, 0.1) so the adapters matter (a fresh B is zero); in train mode, on the CPU, fp32.
+    model_type "qwen3" adds the per-head q/k norms (weights ones, as built)."""
     from qlora_core.llama import Llama, LlamaConfig
     from qlora_core.qlinear import quantize_model
     from qlora_core.lora import apply_lora
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, model_type=model_type)
     torch.manual_seed(0)
     model = quantize_model(Llama(cfg))
     apply_lora(model, r=4, alpha=8)

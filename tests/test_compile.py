@@ -248,9 +248,9 @@ def test_compiled_paged_adamw_step_matches_eager(bits):
         _exact(b, a, f"param {i}")
 
 
-def _tiny_lora_llama(layers=2):
+def _tiny_lora_llama(layers=2, model_type="llama"):
     from tests._tiny import nf4_lora_llama
-    return nf4_lora_llama(layers)
+    return nf4_lora_llama(layers, model_type)
 
 
 def _loss_and_grads(model, ids, params):
@@ -259,11 +259,12 @@ def _loss_and_grads(model, ids, params):
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-def test_compiled_nf4_lora_llama_is_one_graph_with_eager_loss_and_grads():
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_compiled_nf4_lora_llama_is_one_graph_with_eager_loss_and_grads(model_type):
     """fullgraph=True: the whole forward is one Dynamo graph (it was 60 graphs before the custom ops), and its
     loss and LoRA grads equal eager's exactly. The grouped q/k/v, gate/up LinearGroup path (the default); the
-    module-by-module path (QuantLinear -> nf4_linear) is compiled in the next test."""
-    model = _tiny_lora_llama(2)
+    module-by-module path (QuantLinear -> nf4_linear) is compiled in the next test. qwen3: the q/k norms too."""
+    model = _tiny_lora_llama(2, model_type)
     ids = torch.randint(0, 97, (2, 12))
     params = [p for p in model.parameters() if p.requires_grad]
     assert len(params) == 14 * len(model.model.layers)
@@ -340,7 +341,8 @@ def test_compiled_lora_dropout_with_checkpointing_is_one_graph(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_compiled_nf4_lora_llama_on_gpu():
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_compiled_nf4_lora_llama_on_gpu(model_type):
     """The CPU tests' twin on the device, where the op bodies run the Triton kernels. First nf4_linear alone with
     fullgraph=True (the ops only: exact, as on the CPU); then the tiny model, one graph with fullgraph=True (the
     RMSNorm/RoPE/SwiGLU Triton paths are custom ops too), whose compiled loss and LoRA grads equal eager's."""
@@ -354,7 +356,7 @@ def test_compiled_nf4_lora_llama_on_gpu():
     for name, a, e in zip(("y", "dx", "dbias"), got, _linear_run(f, q, x, b, gy)):
         _exact(a, e, name)
 
-    model = _tiny_lora_llama(2).cuda()
+    model = _tiny_lora_llama(2, model_type).cuda()
     ids = torch.randint(0, 97, (2, 12), device="cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     loss0, grads0 = _loss_and_grads(model, ids, params)

@@ -1,7 +1,8 @@
-"""Mistral and Qwen2 checkpoints beside Llama: config fields, fp32 logits against transformers, the sliding-window
-limit, NF4, and the whole path (train -> adapter PEFT loads -> merge transformers loads -> bnb-4bit quantize).
+"""Mistral, Qwen2 and Qwen3 checkpoints beside Llama: config fields, fp32 logits against transformers, the
+sliding-window limit, NF4, LoRA grads and adapters both ways against PEFT, greedy generation, and the whole path
+(train -> adapter PEFT loads -> merge transformers loads -> bnb-4bit quantize).
 
-The folders are written by transformers itself (MistralForCausalLM / Qwen2ForCausalLM built from a tiny random
+The folders are written by transformers itself (Mistral/Qwen2/Qwen3ForCausalLM built from a tiny random
 config, then save_pretrained), with weights rescaled so logits are O(1), and a small tokenizer beside them for
 training. Tolerances as tests/test_llama.py: our fp32 logits may be off the float64 reference (transformers, with
 an adapter transformers + PEFT) by at most 2x the reference's own fp32 error plus the fp32 atol.
@@ -18,7 +19,8 @@ from qlora_core.llama import ConfigError, LlamaConfig, SlidingWindowError
 from qlora_core.loading import load_llama
 from qlora_core.ops.quant4 import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
-from tests.helpers import DTYPE_ATOL, assert_bnb_checkpoint_matches, assert_close_verbose
+from qlora_core.lora import apply_lora, lora_modules
+from tests.helpers import DTYPE_ATOL, assert_bnb_checkpoint_matches, assert_close_verbose, run_interpreted
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference model (test extra)")
 peft = pytest.importorskip("peft", reason="test extra: peft")
@@ -41,6 +43,14 @@ FAMILIES = {
         hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
         use_sliding_window=True, sliding_window=64, max_window_layers=1, tie_word_embeddings=False,
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Qwen3: q_norm / k_norm per head, head_dim not hidden / heads (64 / 4 = 16 and 48 / 6 = 8)
+    "qwen3-gqa-tied-headdim": ("qwen3", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=24, tie_word_embeddings=True, use_sliding_window=False, rope_parameters=ROPE)),
+    "qwen3-window-bias-mqa-untied": ("qwen3", dict(
+        hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
+        head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=64, max_window_layers=1,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 }
 
 
@@ -104,6 +114,11 @@ def test_config_reads_the_family_fields(folder):
         assert (ours.get_submodule(name).bias is None) == (layer.get_submodule(name).bias is None), name
     if cfg.model_type == "qwen2":
         assert layer.self_attn.q_proj.bias is not None and layer.self_attn.o_proj.bias is None
+    assert cfg.qk_norm == (cfg.model_type == "qwen3") == hasattr(ours.self_attn, "q_norm")
+    if cfg.qk_norm:  # per-head norms of head_dim, which is not hidden / heads here
+        assert cfg.head_dim == hf.config.head_dim != cfg.hidden_size // cfg.num_attention_heads
+        for n in ("q_norm", "k_norm"):
+            assert ours.self_attn.get_submodule(n).weight.shape == layer.self_attn.get_submodule(n).weight.shape
 
 
 def test_state_dict_keys_are_transformers_keys(folder):
@@ -150,23 +165,100 @@ def test_sequences_beyond_the_window_are_refused(folder):
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
-def test_quantized_model_equals_dense_from_dequantized(folder, quant_type, double_quant):
+def test_quantized_model_equals_transformers_with_dequantized_weights(folder, quant_type, double_quant):
+    """Reference: transformers' model (fp32 and float64) carrying our dequantized weights; norms (Qwen3's q/k norms
+    included) and biases stay dense and equal to the checkpoint's."""
     model_q = load_llama(folder, quantize=quant_type, double_quant=double_quant, dtype=torch.float32)
-    dense = load_llama(folder, quantize=None, dtype=torch.float32)
+    hf32, hf64 = _hf(folder), _hf(folder, torch.float64)
     n = 0
     for name, m in model_q.named_modules():
         if isinstance(m, qc.QuantLinear):
             with torch.no_grad():
-                dense.get_submodule(name).weight.copy_(dequantize(m.weight))
+                for hf in (hf32, hf64):
+                    hf.get_submodule(name).weight.copy_(dequantize(m.weight))
                 if m.bias is not None:  # Qwen2's q/k/v biases stay dense and equal
-                    assert torch.equal(m.bias, dense.get_submodule(name).bias)
+                    assert torch.equal(m.bias, hf32.get_submodule(name).bias)
             n += 1
     assert n == 7 * model_q.config.num_hidden_layers
+    for name, p in model_q.named_parameters():
+        if name.endswith("norm.weight"):
+            assert p.dtype == torch.float32 and torch.equal(p, hf32.get_parameter(name)), name
     ids = _ids(model_q.config.vocab_size, 21)
     with torch.no_grad():
-        yq, yd, y64 = model_q(ids), dense(ids), dense.double()(ids)
-    bound = 2 * (yd.double() - y64).abs().max().item() + DTYPE_ATOL[torch.float32]
-    assert_close_verbose(yq, y64, atol=bound, rtol=0, name=f"{quant_type} vs dense(dequantized)")
+        yq, y32, y64 = model_q(ids), hf32(ids).logits, hf64(ids).logits
+    bound = 2 * (y32.double() - y64).abs().max().item() + DTYPE_ATOL[torch.float32]
+    assert_close_verbose(yq, y64, atol=bound, rtol=0, name=f"{quant_type} vs transformers(dequantized)")
+
+
+def test_greedy_generate_equals_transformers(folder):
+    model = load_llama(folder, quantize=None, dtype=torch.float32)
+    ids = _ids(model.config.vocab_size, 7)
+    with torch.no_grad():
+        ref = _hf(folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=10), ref)
+
+
+def _randomize(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def _peft_lora(pm) -> dict:
+    """Module path (as in our model) -> PEFT LoraLayer."""
+    return {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def test_lora_grads_match_peft(folder, tmp_path):
+    """Our adapter (all seven projections, random A and B) saved, loaded by PEFT over transformers in fp32 and float64;
+    the LoRA gradients of one cross-entropy loss agree within 2x PEFT's own fp32 error plus the fp32 atol."""
+    ours = load_llama(folder, quantize=None, dtype=torch.float32).eval()
+    apply_lora(ours, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    mods = lora_modules(ours)
+    _randomize([p for m in mods.values() for p in (m.lora_A, m.lora_B)], seed=5)
+    qc.save_adapter(ours, tmp_path)
+    ids = _ids(ours.config.vocab_size, 17)
+
+    def grads(logits, params):
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        return torch.autograd.grad(loss, params)
+    theirs = []
+    for dtype in (torch.float32, torch.float64):
+        pm = peft.PeftModel.from_pretrained(_hf(folder, dtype), str(tmp_path), is_trainable=True).eval()
+        layers = _peft_lora(pm)
+        assert set(layers) == set(mods) and len(mods) == 7 * ours.config.num_hidden_layers
+        params = [w for n in mods for w in (layers[n].lora_A["default"].weight, layers[n].lora_B["default"].weight)]
+        theirs.append(grads(pm(input_ids=ids).logits, params))
+    mine = grads(ours(ids), [p for m in mods.values() for p in (m.lora_A, m.lora_B)])
+    for i, (g, g32, g64) in enumerate(zip(mine, *theirs, strict=True)):
+        assert g64.dtype == torch.float64
+        bound = 2 * (g32.double() - g64).abs().max().item() + DTYPE_ATOL[torch.float32]
+        assert_close_verbose(g, g64, atol=bound, rtol=0, name=f"{list(mods)[i // 2]} d{'AB'[i % 2]}")
+    assert max(g.abs().max().item() for g in mine) > 1e-2  # gradients that mean something
+
+
+def test_peft_written_adapter_loads_in_ours(folder, tmp_path):
+    """PEFT's own adapter ("all-linear" over transformers' model) in our model: the same module names, and the
+    logits of transformers + PEFT within 2x its fp32 error."""
+    pm = peft.get_peft_model(_hf(folder), peft.LoraConfig(r=6, lora_alpha=16, target_modules="all-linear",
+                                                          task_type="CAUSAL_LM"))
+    _randomize([w for m in _peft_lora(pm).values() for w in (m.lora_A["default"].weight,
+                                                              m.lora_B["default"].weight)], seed=6)
+    pm.save_pretrained(str(tmp_path))
+    pm64 = peft.PeftModel.from_pretrained(_hf(folder, torch.float64), str(tmp_path)).eval()
+    ours = load_llama(folder, quantize=None, dtype=torch.float32).eval()
+    qc.load_adapter(ours, tmp_path, check_base=False)
+    assert set(lora_modules(ours)) == set(_peft_lora(pm))
+    ids = _ids(ours.config.vocab_size, 21)
+    with torch.no_grad():
+        y, y32, y64 = ours(ids), pm.eval()(input_ids=ids).logits, pm64(input_ids=ids).logits
+        base = _hf(folder)(ids).logits
+    assert (y64 - base.double()).abs().max() > 0.1  # the adapter matters
+    bound = 2 * (y32.double() - y64).abs().max().item() + DTYPE_ATOL[torch.float32]
+    assert_close_verbose(y, y64, atol=bound, rtol=0, name="PEFT's adapter in ours vs transformers + PEFT")
 
 
 # -- the whole path: train, adapter in PEFT, merge, quantize -------------------------------------------------------
@@ -239,7 +331,7 @@ def test_quantize_loads_in_transformers_bitsandbytes(folder, tmp_path):
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_type", ["gemma", "qwen3", "mixtral", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text", "qwen3_moe", "mixtral", "phi3", "gpt_neox"])
 def test_other_model_types_are_config_errors(model_type, tmp_path):
     d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
          "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -258,10 +350,24 @@ def test_other_model_types_are_config_errors(model_type, tmp_path):
     dict(use_sliding_window=True, sliding_window=32, layer_types=["full_attention", "sliding_attention"] * 1
          + ["full_attention"]),
 ], ids=["from-layer-1", "none-past-max", "off", "all-full", "one-sliding"])
-def test_qwen2_sliding_window_is_derived_as_transformers_does(fields):
-    d = {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 3,
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_sliding_window_is_derived_as_transformers_does(fields, model_type):
+    d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+         "num_hidden_layers": 3, "num_attention_heads": 2, **fields}
+    assert LlamaConfig.from_hf_config(d).sliding_window == _hf_window(transformers.AutoConfig.for_model(**d))
+
+
+@pytest.mark.parametrize("fields", [{}, dict(head_dim=6, attention_bias=True)], ids=["defaults", "set"])
+def test_qwen3_config_fields_as_transformers_reads_them(fields):
+    """head_dim absent means Qwen3Config's 128 (not hidden / heads); attention_bias covers q/k/v and o alike."""
+    d = {"model_type": "qwen3", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
          "num_attention_heads": 2, **fields}
-    assert LlamaConfig.from_hf_config(d).sliding_window == _hf_window(transformers.Qwen2Config(**d))
+    cfg, hf = LlamaConfig.from_hf_config(d), transformers.Qwen3Config(**d)
+    assert (cfg.head_dim, cfg.attention_bias, cfg.o_proj_bias, cfg.mlp_bias, cfg.qk_norm) == \
+        (hf.head_dim, hf.attention_bias, hf.attention_bias, False, True)
+    assert LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    d["model_type"] = "llama"  # the other families never take q/k norms
+    assert not LlamaConfig.from_hf_config({**d, "qk_norm": True}).qk_norm
 
 
 def test_to_hf_config_round_trips_through_transformers(folder):
@@ -272,3 +378,69 @@ def test_to_hf_config_round_trips_through_transformers(folder):
     assert (hf_cfg.model_type, _hf_window(hf_cfg), hf_cfg.num_key_value_heads, hf_cfg.tie_word_embeddings) == \
         (cfg.model_type, cfg.sliding_window, cfg.num_key_value_heads, cfg.tie_word_embeddings)
     assert d["architectures"] == [type(_hf(folder)).__name__]
+
+
+# -- the Triton path of Qwen3's q/k norms (CPU interpreter) ------------------------------------------------------
+_INTERP_QK_NORM = """
+import os, torch
+import qlora_core as qc
+from qlora_core import backend
+from qlora_core.llama import LlamaConfig
+assert backend.interpreting()
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=12, attention_bias=True, model_type="qwen3")
+assert cfg.qk_norm
+model = qc.Llama(cfg)
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        p.copy_(1 + 0.3 * torch.randn(p.shape) if n.endswith("norm.weight") else torch.randn(p.shape) * 0.3)
+ids = torch.randint(0, 40, (2, 9))
+def run(which):
+    os.environ["QLORA_CORE_BACKEND"] = which
+    model.zero_grad()
+    y = model(ids)
+    y.square().mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+y_t, g_t = run("triton")
+y_r, g_r = run("reference")
+torch.testing.assert_close(y_t, y_r, rtol=1e-5, atol=1e-5)
+for n in g_r:
+    torch.testing.assert_close(g_t[n], g_r[n], rtol=1e-4, atol=1e-5, msg=lambda m: n + ": " + m)
+assert g_r["model.layers.0.self_attn.k_norm.weight"].abs().max() > 1e-3
+print("qk norm triton == reference")
+"""
+
+
+def test_qk_norm_triton_path_equals_reference_under_interpreter():
+    """The fast path (Triton rms_norm on the strided head views of the packed qkv buffer, then the in-place RoPE
+    kernel) gives the reference path's logits and gradients, q_norm/k_norm weight gradients included."""
+    run_interpreted(_INTERP_QK_NORM)
+
+
+@pytest.mark.gpu
+def test_qwen3_lora_grads_on_cuda_fast_path_within_bf16_bound(tmp_path):
+    """On CUDA in bf16 the fast path (Triton q/k norms on the packed qkv heads, fused RoPE, grouped projections)
+    gives logits and LoRA grads within 2x the bf16 reference path's own error against float64 plus the bf16 atol."""
+    import copy
+    from qlora_core import backend
+    folder = build_folder(tmp_path / "q3", "qwen3-window-bias-mqa-untied")
+    model = load_llama(folder, quantize=None, dtype=torch.bfloat16, device="cuda").eval()
+    apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    _randomize([p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)], seed=4)
+    model64 = copy.deepcopy(model).double()
+    ids = _ids(model.config.vocab_size, 48).cuda()
+
+    def run(m):
+        params = [p for x in lora_modules(m).values() for p in (x.lora_A, x.lora_B)]
+        y = m(ids)
+        loss = torch.nn.functional.cross_entropy(y[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return [y.detach()] + [g.detach() for g in torch.autograd.grad(loss, params)]
+    with backend.forced("triton"):
+        fast = run(model)
+    with backend.forced("reference"):
+        ref = run(model)
+    exact = run(model64)
+    for i, (f, r, e) in enumerate(zip(fast, ref, exact, strict=True)):
+        bound = 2 * (r.double() - e).abs().max().item() + DTYPE_ATOL[torch.bfloat16]
+        assert_close_verbose(f, e, atol=bound, rtol=0, name="logits" if i == 0 else f"grad {i}")

@@ -52,7 +52,7 @@ def test_paged_adamw_8bit_cuda_tensor_lr_equals_float_lr():
     assert torch.equal(run(torch.tensor(1e-3, dtype=torch.float64, device="cuda")), run(1e-3))
 
 
-@pytest.mark.parametrize("name", ["mistral-window-gqa-untied", "qwen2-gqa-tied"])
+@pytest.mark.parametrize("name", ["mistral-window-gqa-untied", "qwen2-gqa-tied", "qwen3-window-bias-mqa-untied"])
 def test_family_nf4_on_cuda_within_bf16_bound(name, tmp_path):
     from tests.test_families import build_folder
     folder = build_folder(tmp_path / name, name)
