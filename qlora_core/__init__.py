@@ -27,7 +27,7 @@ _LAZY = {
     "LoraConfig": "lora", "LoRALinear": "lora", "apply_lora": "lora", "merge_lora": "lora", "unmerge_lora": "lora",
     "unload_lora": "lora", "merge_and_unload": "lora",
     "save_adapter": "adapter", "load_adapter": "adapter",
-    "save_merged": "export", "save_quantized": "export",
+    "save_merged": "export", "save_quantized": "export", "merge_adapter": "export",
     "PagedAdamW": "optim", "PagedAdamW8bit": "optim", "PagedAdamW32bit": "optim",
     "Llama": "llama", "LlamaConfig": "llama", "generate": "generation",
     "load_llama": "loading",

@@ -20,8 +20,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapter import load_adapter, read_adapter, read_base_format
+from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE
 from .durable import replace_dir
 from .errors import NonFiniteError, UsageError
+from .loading import load_llama, resolve_folder
 from .lora import LoRALinear, is_quantized_linear, lora_modules
 from .ops.quant4 import dequantize
 from .targets import output_layer
@@ -193,9 +196,10 @@ def save_merged(model: nn.Module, output: str | os.PathLike, dtype: torch.dtype 
     """Write `model` with its LoRA adapters folded in as a dense HF checkpoint that transformers loads
     (`AutoModelForCausalLM.from_pretrained(output)`); the model itself is not changed. Returns the folder.
 
-    dtype: of the written weights (default: the model's dense dtype). For the exact merge of the original
-    weights load the base dense (`load_llama(..., quantize=None)`, what `qlora merge` does); over a 4-bit base the
-    merged weight is the dequantized one plus the update. config: the config.json content to start from (default:
+    dtype: of the written weights (default: the model's dense dtype). Over a 4-bit base (the model as trained)
+    the merged weight is the dequantized one plus the update, so the written model computes what the trained one
+    did; over a dense base (`load_llama(..., quantize=None)`) it is the original weight plus the update, which
+    differs from the trained model by the quantization error (merge_adapter does either from folders). config: the config.json content to start from (default:
     see hf_config; dtype is set and quantization_config dropped either way); tokenizer_from (default: the
     source folder) as in write_checkpoint. A model without adapters is written as it is (4-bit
     weights dequantized).
@@ -205,6 +209,34 @@ def save_merged(model: nn.Module, output: str | os.PathLike, dtype: torch.dtype 
     cfg = hf_config(model, dtype, base=config)
     return write_checkpoint(merged_state_dict(model, dtype), output, cfg,
                             tokenizer_from if tokenizer_from is not None else source_folder(model))
+
+
+MERGE_BASES = ("quantized", "dense")
+
+
+def merge_adapter(model_path: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike,
+                  base: str = "quantized", dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Load the base model at `model_path`, fold the adapter directory `adapter` in, and write a dense HF
+    checkpoint to `output` (save_merged) with weights in `dtype` (default bfloat16); returns the folder.
+
+    base="quantized" (default): the adapter is folded onto the base it was trained with: the dense weights are
+    quantized again as the adapter records (adapter.read_base_format: quant type, blocksize, double quant, dtype;
+    an adapter without that record, e.g. one written by PEFT, gets the library defaults nf4, blocksize 64, double
+    quant, in `dtype`) and dequantized, so the merged model computes what the trained model computed.
+    base="dense": onto the original dense weights, W + scaling * B @ A; the adapter then corrects a base it never
+    saw, and the result differs from the trained model by the quantization error of W. Loads on the CPU.
+    """
+    if base not in MERGE_BASES:
+        raise UsageError(f"merge base must be one of {MERGE_BASES}, got {base!r}")
+    check_export_target(output, [resolve_folder(model_path), adapter])  # before any loading
+    read_adapter(adapter)  # a damaged or non-finite adapter fails before the model loads
+    fmt = read_base_format(adapter) or {"quant": QUANT_TYPE, "blocksize": BLOCKSIZE, "double_quant": DOUBLE_QUANT}
+    quant = None if base == "dense" or fmt["quant"] == "none" else fmt["quant"]
+    load_dtype = getattr(torch, fmt["dtype"]) if quant and fmt.get("dtype") else dtype  # as trained
+    model = load_llama(model_path, quantize=quant, double_quant=bool(fmt.get("double_quant", DOUBLE_QUANT)),
+                       blocksize=int(fmt.get("blocksize") or BLOCKSIZE), dtype=load_dtype, device="cpu")
+    load_adapter(model, adapter, check_base=False)
+    return save_merged(model, output, dtype=dtype)
 
 
 def save_quantized(model: nn.Module, output: str | os.PathLike, config: dict | None = None,

@@ -81,11 +81,11 @@ def test_generate_matches_model_with_adapter(trained, capsys):
     assert text == tok.decode(ref[0, len(ids):].tolist())
 
 
-def test_merge_loads_in_transformers(trained, tmp_path):
+def test_merge_dense_base_loads_in_transformers(trained, tmp_path):
     transformers = pytest.importorskip("transformers", reason="test extra: transformers (loads the merged folder)")
     root, model, out = trained
     assert cli.main(["merge", "--model", str(model), "--adapter", str(out), "--output", str(tmp_path / "m"),
-                     "--dtype", "float32"]) == 0
+                     "--dtype", "float32", "--base", "dense"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     ours = load_llama(model, quantize=None, dtype=torch.float32)
     load_adapter(ours, out, check_base=False)
@@ -96,6 +96,54 @@ def test_merge_loads_in_transformers(trained, tmp_path):
     # fp32: merged W + BA vs W x + B(A x) differ by fp32 rounding of the sum only
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def _loss_and_greedy(m, tok, rows):
+    """Mean next-token loss over the rows' reply tokens, and each row's 6 greedy tokens (one-row prompts)."""
+    losses, outs = [], []
+    with torch.no_grad():
+        for r in rows:
+            p = tok.prompt_ids([{"role": "user", "content": r["instruction"]}])
+            full = torch.tensor([p + tok.encode(r["response"])])
+            logits = m(full)
+            logits = getattr(logits, "logits", logits)
+            losses.append(torch.nn.functional.cross_entropy(logits[0, len(p) - 1:-1].float(), full[0, len(p):]))
+            ids = torch.tensor([p])
+            for _ in range(6):
+                step = m(ids)
+                step = getattr(step, "logits", step)
+                ids = torch.cat([ids, step[:, -1:].argmax(-1)], 1)
+            outs.append(ids[0, len(p):].tolist())
+    return float(torch.stack(losses).mean()), outs
+
+
+def test_merge_keeps_what_was_trained(trained, tmp_path):
+    """Default `qlora merge`: the merged folder, loaded by transformers, computes what the trained model (4-bit base +
+    adapter) computes: held-out loss within 0.5% and the same greedy tokens; the dense-base merge differs."""
+    transformers = pytest.importorskip("transformers", reason="test extra: transformers (loads the merged folder)")
+    root, model, out = trained
+    from qlora_core.adapter import read_base_format
+    assert read_base_format(out) == {"quant": "nf4", "blocksize": 64, "double_quant": True, "dtype": "float32"}
+    for base in ("quantized", "dense"):
+        assert cli.main(["merge", "--model", str(model), "--adapter", str(out), "--output", str(tmp_path / base),
+                         "--dtype", "float32"] + (["--base", base] if base == "dense" else [])) == 0
+    ours = load_llama(model, quantize="nf4", dtype=torch.float32)  # as `qlora train` held it
+    load_adapter(ours, out, check_base=False)
+    ours.eval()
+    tok = TextTokenizer.from_folder(model)
+    rows = swap_task(16, seed=1)  # held out: the fixture trained on swap_task(120, seed=0)
+    ref_loss, ref_out = _loss_and_greedy(ours, tok, rows)
+    hf = {b: transformers.AutoModelForCausalLM.from_pretrained(tmp_path / b, dtype=torch.float32).eval()
+          for b in ("quantized", "dense")}
+    q_loss, q_out = _loss_and_greedy(hf["quantized"], tok, rows)
+    d_loss, _ = _loss_and_greedy(hf["dense"], tok, rows)
+    assert abs(q_loss - ref_loss) <= 0.005 * ref_loss and q_out == ref_out
+    ids = torch.randint(0, 300, (2, 13))
+    with torch.no_grad():
+        ref, q, d = ours(ids), hf["quantized"](ids).logits, hf["dense"](ids).logits
+    torch.testing.assert_close(q, ref, rtol=1e-4, atol=1e-4)  # fp32 rounding of the sum only
+    assert (d - ref).abs().max() > 100 * (q - ref).abs().max()  # the dense merge is another model
+    assert abs(d_loss - ref_loss) > abs(q_loss - ref_loss)
 
 
 def test_quantize_loads_in_transformers_bitsandbytes(trained, tmp_path):
