@@ -146,6 +146,30 @@ def test_merge_keeps_what_was_trained(trained, tmp_path):
     assert abs(d_loss - ref_loss) > abs(q_loss - ref_loss)
 
 
+def test_demo_next_commands_run_as_printed(trained, tmp_path):
+    """The two commands `qlora demo` prints at its end run as printed (shell-split) on a real model + adapter."""
+    import shlex
+
+    from qlora_core.finetune_demo import next_commands
+    root, model, out = trained
+    gen, merge = (shlex.split(c) for c in next_commands(model, out))
+    assert gen[:2] == ["qlora", "generate"] and merge[:2] == ["qlora", "merge"]
+    assert cli.main(gen[1:] + ["--max-new-tokens", "4"]) == 0
+    assert cli.main(merge[1:]) == 0 and (out.parent / (out.name + "-merged") / "model.safetensors").is_file()
+
+
+def test_demo_progress_lines(capsys):
+    """A slow stage prints its start, a line every `every` seconds while it runs, and its end."""
+    import time
+
+    from qlora_core.finetune_demo import progress
+    with progress("scoring", every=0.05):
+        time.sleep(0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "scoring..." and lines[-1].startswith("scoring: done in ")
+    assert len([x for x in lines if x.startswith("  ... scoring: ")]) >= 3
+
+
 def test_quantize_loads_in_transformers_bitsandbytes(trained, tmp_path):
     transformers = pytest.importorskip("transformers", reason="test extra: transformers")
     bnb = pytest.importorskip("bitsandbytes", reason="test extra: bitsandbytes (4-bit runs on CPU)")
