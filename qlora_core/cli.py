@@ -3,7 +3,7 @@
     qlora train    --model PATH|ID --data FILE.jsonl --output DIR [--max-steps N] [--lora-r R] ... [--resume]
                    [--nproc N [--parallel fsdp|ddp]]         # N processes (GPUs) through torchrun
     qlora generate --model PATH [--adapter DIR] --prompt TEXT
-    qlora merge    --model PATH --adapter DIR --output DIR      # dense HF checkpoint that transformers loads
+    qlora merge    --model PATH --adapter DIR --output DIR [--base quantized|dense]  # dense HF checkpoint
     qlora quantize --model PATH --output DIR [--quant nf4|fp4]  # bnb-4bit checkpoint (transformers + bitsandbytes)
     qlora demo     [--output DIR]                                # the main job: qlora_core/finetune_demo.py
 
@@ -268,6 +268,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Help text with "(default: X)" appended to each option that has a default and does not state it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or "default" in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `qlora` parser: subcommands train, generate, merge, quantize and demo, each setting `fn` to its handler.
 
@@ -283,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("generate", help="generate a reply (optionally with an adapter)")
+    p = sub.add_parser("generate", help="generate a reply (optionally with an adapter)", formatter_class=_Defaults)
     p.add_argument("--model", required=True, help="HF model folder or hub repo id")
     p.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--prompt", required=True, help="user message (or raw text with --raw)")
@@ -301,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("merge", help="fold an adapter into its base; write a dense HF checkpoint")
+    p = sub.add_parser("merge", help="fold an adapter into its base; write a dense HF checkpoint", formatter_class=_Defaults)
     p.add_argument("--model", required=True, help="HF model folder or hub repo id (the dense base)")
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--output", required=True, help="output directory (new or empty)")
@@ -312,10 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the trained one did; dense: onto the original weights, which the adapter never saw "
                         "(the result differs from the trained model by the 4-bit quantization error)")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16",
-                   help="dtype of the merged weights (default bfloat16)")
+                   help="dtype of the merged weights")
     p.set_defaults(fn=cmd_merge)
 
-    p = sub.add_parser("quantize", help="write a bitsandbytes-format 4-bit checkpoint")
+    p = sub.add_parser("quantize", help="write a bitsandbytes-format 4-bit checkpoint", formatter_class=_Defaults)
     p.add_argument("--model", required=True, help="HF model folder or hub repo id")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--quant", choices=list(QUANT_TYPES), default=QUANT_TYPE, help="4-bit data type")

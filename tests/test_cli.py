@@ -146,6 +146,21 @@ def test_merge_keeps_what_was_trained(trained, tmp_path):
     assert abs(d_loss - ref_loss) > abs(q_loss - ref_loss)
 
 
+def test_help_states_every_default():
+    """generate / merge / quantize --help name the default of every option that has one (merge: bfloat16,
+    the quantized base)."""
+    ap = cli.build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name in ("generate", "merge", "quantize"):
+        p = sub.choices[name]
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            if a.default not in (None, False, "==SUPPRESS==") and a.option_strings and a.dest != "help":
+                assert f"(default: {a.default})" in text or "default" in (a.help or ""), (name, a.dest)
+    merge = " ".join(sub.choices["merge"].format_help().split())
+    assert "(default: bfloat16)" in merge and "quantized (default)" in merge
+
+
 def test_demo_next_commands_run_as_printed(trained, tmp_path):
     """The two commands `qlora demo` prints at its end run as printed (shell-split) on a real model + adapter."""
     import shlex
