@@ -170,9 +170,10 @@ def check_state_dict_round_trip(q: QuantizedTensor, prefix: str = "layer.") -> N
 
 
 def check_matches_reference(w: torch.Tensor, q: QuantizedTensor) -> None:
-    """q (a quantization of w) has the codes and absmax of the reference of bitsandbytes' CUDA semantics
-    (ops/quant4.quantize_4bit_ref; the absmax de-nested when double quant), and dequantizes as the reference does
-    from those bytes (dequantize_4bit_ref: one fp32 multiply, rounded to the dtype)."""
+    """q (a quantization of w) has the codes of the reference of bitsandbytes' CUDA semantics
+    (ops/quant4.quantize_4bit_ref: fp32 reciprocal per block, CUDA's threshold tree) and, without double quant, its
+    absmax; and it dequantizes as the reference does from q's bytes and de-nested absmax (dequantize_4bit_ref: one
+    fp32 multiply, rounded to the dtype). The double-quant absmax itself is checked by check_idempotent's bound."""
     data, absmax = quant4.quantize_4bit_ref(w, q.blocksize, q.quant_type)
     assert torch.equal(_codes(q), quant4.unpack_nibbles(data, w.numel())), "codes differ from the reference"
     if not q.double_quant:
