@@ -28,6 +28,7 @@ _LAZY = {
     "unload_lora": "lora", "merge_and_unload": "lora",
     "save_adapter": "adapter", "load_adapter": "adapter",
     "save_merged": "export", "save_quantized": "export", "merge_adapter": "export",
+    "save_gguf": "export",
     "PagedAdamW": "optim", "PagedAdamW8bit": "optim", "PagedAdamW32bit": "optim",
     "Llama": "llama", "LlamaConfig": "llama", "generate": "generation",
     "load_llama": "loading",

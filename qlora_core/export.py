@@ -274,3 +274,70 @@ def save_quantized(model: nn.Module, output: str | os.PathLike, config: dict | N
     cfg = hf_config(model, dtype, qcfg, base=config)
     return write_checkpoint(model.state_dict(), output, cfg,
                             tokenizer_from if tokenizer_from is not None else source_folder(model))
+
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (convert_hf_to_gguf permute): each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def save_gguf(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a Llama-family model (ours or transformers', LoRA adapters folded in, 4-bit weights dequantized) as an
+    f16 GGUF file for llama.cpp: architecture "llama", the llama.* hyperparameters of its config, tensors under
+    llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output; q/k rows in llama.cpp's rotary order;
+    norms in float32, as llama.cpp's converter writes them). No tokenizer is embedded: llama.cpp needs one, so
+    this file serves as the weights for a tokenizer taken from the source folder. Returns the path. Needs the
+    `gguf` package (the demo/test extras). NonFiniteExportError for a NaN/Inf weight."""
+    import gguf  # optional peer
+    cfg = hf_config(model, torch.float16)
+    sd = merged_state_dict(model, torch.float32)
+    heads, kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    rope = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    tensors = {}
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            continue
+        if not bool(torch.isfinite(v).all()):
+            raise NonFiniteExportError(f"{k} holds NaN/Inf values; nothing was written to {path}")
+        if k == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif k == "model.norm.weight":
+            name = "output_norm.weight"
+        elif k == "lm_head.weight":
+            if cfg.get("tie_word_embeddings"):
+                continue
+            name = "output.weight"
+        else:
+            parts = k.split(".")  # model.layers.N.<module path>.weight
+            if parts[:2] != ["model", "layers"] or ".".join(parts[3:-1]) not in GGUF_NAMES:
+                raise ValueError(f"save_gguf: no llama.cpp name for tensor {k}")
+            name = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+            if name.endswith("attn_q.weight"):
+                v = _llama_cpp_permute(v, heads)
+            elif name.endswith("attn_k.weight"):
+                v = _llama_cpp_permute(v, kv)
+        tensors[name] = v.to(torch.float32 if v.dim() == 1 else torch.float16).contiguous().numpy()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(cfg["hidden_size"]))
+    writer.add_block_count(int(cfg["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_freq_base(float(rope))
+    writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    writer.add_vocab_size(int(cfg["vocab_size"]))
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for name, arr in tensors.items():
+        writer.add_tensor(name, arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
