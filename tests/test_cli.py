@@ -214,7 +214,7 @@ def test_python_m_entry_point_prints_help():
     assert p.returncode == 0 and all(c in p.stdout for c in ("train", "generate", "merge", "quantize", "demo"))
 
 
-def test_main_job_short_form_raises_exact_match(tmp_path):
+def test_main_job_short_form_raises_exact_match(tmp_path, capsys):
     """SmolLM2-135M-Instruct, NF4 + LoRA r=8, 12 steps of 16 dates: held-out exact match from ~0 to most."""
     # find_spec, not import: the package's own __init__ imports `llm`, which its --no-deps install leaves out
     # (qlora_core.fixtures only reads the GGUF file it ships)
@@ -225,6 +225,10 @@ def test_main_job_short_form_raises_exact_match(tmp_path):
                             "--train-size", "400", "--device", "cpu"])
     assert s["before"] < 0.2 and s["after"] >= 0.8, s
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from qlora_core.loading import resolve_folder
+    out = capsys.readouterr().out.splitlines()  # the slow stages talk; the end names the commands to try next
+    assert any(x.startswith("scoring the fine-tuned model") and "done in" in x for x in out)
+    assert out[-2:] == ["  " + c for c in finetune_demo.next_commands(resolve_folder(s["model"]), tmp_path)]
 
 
 @pytest.mark.parametrize("with_matplotlib", [False, True])
