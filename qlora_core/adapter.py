@@ -28,13 +28,15 @@ from torch import nn
 
 from .durable import atomic_write, atomic_write_text
 from .errors import FileLoadError, NonFiniteError, UsageError
-from .lora import LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, lora_modules, unload_lora
+from .lora import (LoraConfig, LoraConfigError, LoRALinear, TargetModuleError, apply_lora, is_quantized_linear,
+                   lora_modules, unload_lora)
 from .targets import unmatched_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 SHA_KEY = "qlora_sha256"  # safetensors metadata key: tensors_sha256 of the file's tensors
+BASE_KEY = "qlora_base"  # safetensors metadata key: base_format of the model the adapter was trained on (JSON)
 
 
 class AdapterFileError(FileLoadError, OSError):
@@ -119,11 +121,44 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = 
     }
 
 
+def base_format(model: nn.Module) -> dict | None:
+    """How the adapted layers' base weights were held while training: {"quant": "nf4" | "fp4" | "none",
+    "blocksize": int | None, "double_quant": bool | None, "dtype": "bfloat16" | ...} (dtype: the dense or the
+    dequantized dtype). None when the adapted layers disagree (a hand-built mix) or the model has no adapters."""
+    formats = set()
+    for m in lora_modules(model).values():
+        base = m.base_layer
+        if is_quantized_linear(base):
+            q = base.weight
+            formats.add((q.quant_type, int(q.blocksize), bool(q.double_quant), q.dtype))
+        else:
+            formats.add(("none", None, None, base.weight.dtype))
+    if len(formats) != 1:
+        return None
+    quant, blocksize, double_quant, dtype = formats.pop()
+    return {"quant": quant, "blocksize": blocksize, "double_quant": double_quant,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def read_base_format(directory: str | os.PathLike) -> dict | None:
+    """The base_format save_adapter recorded in the adapter's safetensors metadata; None for an adapter written
+    elsewhere (PEFT) or before the record existed. AdapterFileError for an unreadable file or record."""
+    wpath = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    try:
+        with safe_open(wpath, framework="pt", device="cpu") as f:
+            text = (f.metadata() or {}).get(BASE_KEY)
+        return None if text is None else dict(json.loads(text))
+    except Exception as e:
+        raise AdapterFileError(f"{wpath}: cannot read the {BASE_KEY} record: {type(e).__name__}: {e}") from None
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
                  tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
     """Write `model`'s LoRA adapters to `directory` (created if needed) in PEFT's format.
 
-    base_model_name_or_path defaults to the model's own `name_or_path` (transformers) if it has one. tensors:
+    base_model_name_or_path defaults to the model's own `name_or_path` (transformers) if it has one. The format
+    of the base weights (base_format: quant type, blocksize, double quant, dtype) goes into the safetensors
+    metadata under "qlora_base", so a merge can rebuild the 4-bit base the adapter was trained on. tensors:
     module path -> (lora_A, lora_B) to write instead of the modules' own (FSDP training gathers its sharded
     adapters first: distributed.gather_lora). Raises TargetModuleError if the model has no adapters,
     AdapterMismatchError if they disagree on r / alpha / dropout / rslora (PEFT's file has one value of each).
@@ -137,6 +172,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.detach().cpu().contiguous().clone()
     os.makedirs(directory, exist_ok=True)
     meta = {"format": "pt", SHA_KEY: tensors_sha256(tensors)}  # extra metadata keys: PEFT ignores them
+    fmt = base_format(model)
+    if fmt is not None:  # what `qlora merge` re-creates to merge onto the base the adapter was trained with
+        meta[BASE_KEY] = json.dumps(fmt, sort_keys=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata=meta))
     atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True) + "\n")
 

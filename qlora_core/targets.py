@@ -1,11 +1,14 @@
 """Which modules of a model a list of names selects, by PEFT's rules: LoRA's target_modules (lora.py) and
-quantize_model's skip list (qlinear.py) both match module paths this way, and both leave the output layer alone."""
+quantize_model's skip list (qlinear.py) both match module paths this way, and both leave the output layer alone
+(output_layer: get_output_embeddings(), else `lm_head`, else the last linear layer)."""
 from __future__ import annotations
 
 import re
 from typing import Sequence
 
 from torch import nn
+
+from .ops.quant4 import QuantizedTensor
 
 
 def target_matches(target_modules: Sequence[str] | str, name: str) -> bool:
@@ -26,7 +29,21 @@ def unmatched_targets(model: nn.Module, target_modules: Sequence[str] | str) -> 
 
 
 def output_layer(model: nn.Module) -> nn.Module | None:
-    """The model's output projection: get_output_embeddings() (transformers, our Llama) or an `lm_head`."""
+    """The model's output projection, left dense by quantize_model and left out of "all-linear": its
+    get_output_embeddings() (transformers, our Llama), else its `lm_head`, else (a plain nn.Sequential / MLP) its
+    last linear layer in module order (nn.Linear or 4-bit linear); None for a model with no linear layer."""
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
-    return out if out is not None else getattr(model, "lm_head", None)
+    out = out if out is not None else getattr(model, "lm_head", None)
+    if out is None:
+        for m in model.modules():
+            if m is not model and (isinstance(m, nn.Linear) or isinstance(getattr(m, "weight", None),
+                                                                          QuantizedTensor)):
+                out = m
+    return out
+
+
+def output_layer_name(model: nn.Module) -> str | None:
+    """The module path of output_layer(model) ("lm_head", "head", "4", ...); None when there is none."""
+    out = output_layer(model)
+    return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None

@@ -146,6 +146,47 @@ def test_quantize_model_converts_any_module():
         assert_close_verbose(x, y, atol=DTYPE_ATOL[torch.float32], rtol=0, name="quantized vs dequantized twin")
 
 
+class _MLP(nn.Module):
+    """A plain MLP: no lm_head, no get_output_embeddings; `head` is its output layer by the last-linear rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("make", [_MLP, lambda: nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10))])
+def test_readme_snippet_on_a_plain_mlp(make):
+    """quantize_model leaves the last linear dense and says so; apply_lora with the README's LoraConfig (default
+    targets, Llama names) adapts every linear it quantized, as PEFT's all-linear, and the adapters train."""
+    torch.manual_seed(0)
+    model = make()
+    head = "head" if isinstance(model, _MLP) else "2"
+    quantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+    assert qc.quantize_model(model) is model and model.dense_output_layer == head
+    assert type(model.get_submodule(head)) is nn.Linear
+    assert all(isinstance(model.get_submodule(n), qc.QuantLinear) for n in quantized)
+    qc.apply_lora(model, qc.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05))
+    assert sorted(lora_modules(model)) == sorted(quantized)
+    x = torch.randn(3, 64)
+    model(x).square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert not model.get_submodule(head).weight.requires_grad
+    assert qc.quantize_model(make(), quantize_output=True).dense_output_layer is None
+
+
+def test_default_targets_stay_llama_names_on_a_llama_shaped_module():
+    """Only a module with none of the Llama names gets all-linear; one with some keeps the named targets."""
+    model = nn.Module()
+    model.q_proj, model.v_proj, model.other = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+    with pytest.raises(TargetModuleError, match="k_proj"):  # the seven names must all match, as before
+        qc.apply_lora(model, qc.LoraConfig(r=2))
+
+
 def _dense_state(net):
     from qlora_core.export import merged_state_dict
     return merged_state_dict(net)

@@ -81,11 +81,11 @@ def test_generate_matches_model_with_adapter(trained, capsys):
     assert text == tok.decode(ref[0, len(ids):].tolist())
 
 
-def test_merge_loads_in_transformers(trained, tmp_path):
+def test_merge_dense_base_loads_in_transformers(trained, tmp_path):
     transformers = pytest.importorskip("transformers", reason="test extra: transformers (loads the merged folder)")
     root, model, out = trained
     assert cli.main(["merge", "--model", str(model), "--adapter", str(out), "--output", str(tmp_path / "m"),
-                     "--dtype", "float32"]) == 0
+                     "--dtype", "float32", "--base", "dense"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     ours = load_llama(model, quantize=None, dtype=torch.float32)
     load_adapter(ours, out, check_base=False)
@@ -96,6 +96,93 @@ def test_merge_loads_in_transformers(trained, tmp_path):
     # fp32: merged W + BA vs W x + B(A x) differ by fp32 rounding of the sum only
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def _loss_and_greedy(m, tok, rows):
+    """Mean next-token loss over the rows' reply tokens, and each row's 6 greedy tokens (one-row prompts)."""
+    losses, outs = [], []
+    with torch.no_grad():
+        for r in rows:
+            p = tok.prompt_ids([{"role": "user", "content": r["instruction"]}])
+            full = torch.tensor([p + tok.encode(r["response"])])
+            logits = m(full)
+            logits = getattr(logits, "logits", logits)
+            losses.append(torch.nn.functional.cross_entropy(logits[0, len(p) - 1:-1].float(), full[0, len(p):]))
+            ids = torch.tensor([p])
+            for _ in range(6):
+                step = m(ids)
+                step = getattr(step, "logits", step)
+                ids = torch.cat([ids, step[:, -1:].argmax(-1)], 1)
+            outs.append(ids[0, len(p):].tolist())
+    return float(torch.stack(losses).mean()), outs
+
+
+def test_merge_keeps_what_was_trained(trained, tmp_path):
+    """Default `qlora merge`: the merged folder, loaded by transformers, computes what the trained model (4-bit base +
+    adapter) computes: held-out loss within 0.5% and the same greedy tokens; the dense-base merge differs."""
+    transformers = pytest.importorskip("transformers", reason="test extra: transformers (loads the merged folder)")
+    root, model, out = trained
+    from qlora_core.adapter import read_base_format
+    assert read_base_format(out) == {"quant": "nf4", "blocksize": 64, "double_quant": True, "dtype": "float32"}
+    for base in ("quantized", "dense"):
+        assert cli.main(["merge", "--model", str(model), "--adapter", str(out), "--output", str(tmp_path / base),
+                         "--dtype", "float32"] + (["--base", base] if base == "dense" else [])) == 0
+    ours = load_llama(model, quantize="nf4", dtype=torch.float32)  # as `qlora train` held it
+    load_adapter(ours, out, check_base=False)
+    ours.eval()
+    tok = TextTokenizer.from_folder(model)
+    rows = swap_task(16, seed=1)  # held out: the fixture trained on swap_task(120, seed=0)
+    ref_loss, ref_out = _loss_and_greedy(ours, tok, rows)
+    hf = {b: transformers.AutoModelForCausalLM.from_pretrained(tmp_path / b, dtype=torch.float32).eval()
+          for b in ("quantized", "dense")}
+    q_loss, q_out = _loss_and_greedy(hf["quantized"], tok, rows)
+    d_loss, _ = _loss_and_greedy(hf["dense"], tok, rows)
+    assert abs(q_loss - ref_loss) <= 0.005 * ref_loss and q_out == ref_out
+    ids = torch.randint(0, 300, (2, 13))
+    with torch.no_grad():
+        ref, q, d = ours(ids), hf["quantized"](ids).logits, hf["dense"](ids).logits
+    torch.testing.assert_close(q, ref, rtol=1e-4, atol=1e-4)  # fp32 rounding of the sum only
+    assert (d - ref).abs().max() > 100 * (q - ref).abs().max()  # the dense merge is another model
+    assert abs(d_loss - ref_loss) > abs(q_loss - ref_loss)
+
+
+def test_help_states_every_default():
+    """generate / merge / quantize --help name the default of every option that has one (merge: bfloat16,
+    the quantized base)."""
+    ap = cli.build_parser()
+    sub = next(a for a in ap._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name in ("generate", "merge", "quantize"):
+        p = sub.choices[name]
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            if a.default not in (None, False, "==SUPPRESS==") and a.option_strings and a.dest != "help":
+                assert f"(default: {a.default})" in text or "default" in (a.help or ""), (name, a.dest)
+    merge = " ".join(sub.choices["merge"].format_help().split())
+    assert "(default: bfloat16)" in merge and "quantized (default)" in merge
+
+
+def test_demo_next_commands_run_as_printed(trained, tmp_path):
+    """The two commands `qlora demo` prints at its end run as printed (shell-split) on a real model + adapter."""
+    import shlex
+
+    from qlora_core.finetune_demo import next_commands
+    root, model, out = trained
+    gen, merge = (shlex.split(c) for c in next_commands(model, out))
+    assert gen[:2] == ["qlora", "generate"] and merge[:2] == ["qlora", "merge"]
+    assert cli.main(gen[1:] + ["--max-new-tokens", "4"]) == 0
+    assert cli.main(merge[1:]) == 0 and (out.parent / (out.name + "-merged") / "model.safetensors").is_file()
+
+
+def test_demo_progress_lines(capsys):
+    """A slow stage prints its start, a line every `every` seconds while it runs, and its end."""
+    import time
+
+    from qlora_core.finetune_demo import progress
+    with progress("scoring", every=0.05):
+        time.sleep(0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "scoring..." and lines[-1].startswith("scoring: done in ")
+    assert len([x for x in lines if x.startswith("  ... scoring: ")]) >= 3
 
 
 def test_quantize_loads_in_transformers_bitsandbytes(trained, tmp_path):
@@ -127,7 +214,7 @@ def test_python_m_entry_point_prints_help():
     assert p.returncode == 0 and all(c in p.stdout for c in ("train", "generate", "merge", "quantize", "demo"))
 
 
-def test_main_job_short_form_raises_exact_match(tmp_path):
+def test_main_job_short_form_raises_exact_match(tmp_path, capsys):
     """SmolLM2-135M-Instruct, NF4 + LoRA r=8, 12 steps of 16 dates: held-out exact match from ~0 to most."""
     # find_spec, not import: the package's own __init__ imports `llm`, which its --no-deps install leaves out
     # (qlora_core.fixtures only reads the GGUF file it ships)
@@ -138,6 +225,10 @@ def test_main_job_short_form_raises_exact_match(tmp_path):
                             "--train-size", "400", "--device", "cpu"])
     assert s["before"] < 0.2 and s["after"] >= 0.8, s
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from qlora_core.loading import resolve_folder
+    out = capsys.readouterr().out.splitlines()  # the slow stages talk; the end names the commands to try next
+    assert any(x.startswith("scoring the fine-tuned model") and "done in" in x for x in out)
+    assert out[-2:] == ["  " + c for c in finetune_demo.next_commands(resolve_folder(s["model"]), tmp_path)]
 
 
 @pytest.mark.parametrize("with_matplotlib", [False, True])

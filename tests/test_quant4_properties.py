@@ -6,6 +6,7 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 import qlora_core as qc
+from qlora_core import testing as qt
 from qlora_core.ops import quant4
 from qlora_core.formats import code_table, dynamic_map
 
@@ -37,28 +38,17 @@ def values(q):
 @settings(max_examples=150, deadline=None)
 @given(cases)
 def test_round_trip_is_idempotent(case):
-    x = make(case)
-    q1 = qc.quantize(x, case["quant_type"], case["blocksize"], case["double_quant"])
-    y = qc.dequantize(q1)
-    q2 = qc.quantize(y, case["quant_type"], case["blocksize"], case["double_quant"])
-    n = x.numel()
-    c1, c2 = quant4.unpack_nibbles(q1.data, n), quant4.unpack_nibbles(q2.data, n)
-    if case["quant_type"] == "fp4":
-        # code 8 is -0.0 in FP4 but the table stores +0.0, so it dequantizes to +0 and requantizes to code 0
-        c1 = torch.where(c1 == 8, 0, c1)
-    assert torch.equal(c1, c2)
-    if not case["double_quant"]:
-        # the block max maps to +-1.0 and dequantizes to exactly +-absmax, which the dtype holds exactly
-        assert torch.equal(q1.absmax, q2.absmax)
-    else:
-        # the 8-bit nested absmax is re-derived from a new offset, so it lands on the same value only up to
-        # the dynamic map's resolution (half its widest gap times the nested block absmax) plus the rounding
-        # of the restored absmax to the tensor's dtype when it was dequantized (half an ulp)
-        r1, r2 = q1.absmax_fp32(), q2.absmax_fp32()
-        half_gap = dynamic_map(True).diff().max().item() / 2
-        ulp = torch.finfo(case["dtype"]).eps
-        bound = half_gap * q2.nested_absmax.repeat_interleave(256)[: r1.numel()] * (1 + 1e-5) + ulp * r1.abs()
-        assert bool(((r2 - r1).abs() <= bound).all())
+    """Codes unchanged on requantization, absmax too (or within the 8-bit map's gap with double quant):
+    qlora_core.testing.check_idempotent, the property users run on their own quantizers."""
+    qt.check_idempotent(make(case), case["quant_type"], case["blocksize"], case["double_quant"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(qt.cases())
+def test_corner_cases_keep_every_property(case):
+    """The kit's corner-case weights (zeros, zero blocks, threshold neighbours, subnormals, straddling blocks):
+    error bound, idempotence, state dict and agreement with the CUDA-semantics reference."""
+    qt.check_all(**case)
 
 
 @settings(max_examples=100, deadline=None)
@@ -94,14 +84,7 @@ def test_dequantized_values_monotone_in_input(case):
 @given(cases)
 def test_state_dict_round_trip_is_exact(case):
     x = make(case)
-    q = qc.quantize(x, case["quant_type"], case["blocksize"], case["double_quant"])
-    q2 = qc.QuantizedTensor.from_state_dict(q.state_dict("p."), "p.")
-    for f in ("data", "absmax", "nested_absmax", "offset"):
-        a, b = getattr(q, f), getattr(q2, f)
-        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), f
-    assert (q.shape, q.dtype, q.blocksize, q.quant_type, q.double_quant) == \
-        (q2.shape, q2.dtype, q2.blocksize, q2.quant_type, q2.double_quant)
-    assert torch.equal(qc.dequantize(q), qc.dequantize(q2))
+    qt.check_state_dict_round_trip(qc.quantize(x, case["quant_type"], case["blocksize"], case["double_quant"]), "p.")
 
 
 def test_state_dict_round_trip_through_safetensors(tmp_path):
