@@ -60,7 +60,8 @@ def checkpoint(run) -> None:
 
 def restore(run, ck: Path, st: dict) -> None:
     """Continue from checkpoint `ck` with trainer_state `st` (load_checkpoint's pair; the adapter is already in the
-    model): optimizer state (re-cut when the process count changed), scheduler, data position, RNG (one process),
+    model): optimizer state (re-cut when the process count changed), scheduler, data position, RNG (one process;
+    dropout does not depend on it),
     and metrics.jsonl cut to its step."""
     w = run.world
     opt_state = _torch_load(ck / "optimizer.pt")
@@ -72,7 +73,7 @@ def restore(run, ck: Path, st: dict) -> None:
                               f"({type(e).__name__}: {e})") from None
     run.sched.load_state_dict(st["scheduler"])
     if w.size == 1:
-        _set_rng_state(st["rng"], run.device)  # several processes seed dropout per step and rank instead
+        _set_rng_state(st["rng"], run.device)  # dropout is reseeded per micro-batch (train_loop.dropout_seed)
     run.step, run.bad, run.stream.position = st["step"], st["bad_streak"], st["data_position"]
     if w.main:
         _restore_metrics(run.out / METRICS, run.step, st.get("metrics_record"))
