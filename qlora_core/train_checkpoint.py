@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -89,7 +90,7 @@ def start_fresh(run) -> None:
         names = (METRICS, POINTER) + ((WEIGHTS_NAME, CONFIG_NAME) if run.cfg.overwrite else ())
         for name in names:
             (run.out / name).unlink(missing_ok=True)
-        shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
+        _remove_checkpoints(run.out / "checkpoints")
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -133,10 +134,21 @@ def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state:
         fsync_file(out / METRICS)  # on disk before the pointer records it, or a power loss strands the checkpoint
         pointer["metrics"] = {"bytes": (out / METRICS).stat().st_size, "sha256": file_sha256(out / METRICS)}
     atomic_write_text(out / POINTER, json.dumps(pointer) + "\n")
-    for old in root.iterdir():
-        if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
+    _remove_checkpoints(root, keep=final.name)
     return final
+
+
+def _remove_checkpoints(root: Path, keep: str | None = None) -> None:
+    """Remove the checkpoint folders we write in `root` (step-N and the .tmp-step-* of a killed save), except
+    `keep`; anything else there is not ours and stays. `root` itself goes if that leaves it empty."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        ours = p.is_dir() and not p.is_symlink() and re.fullmatch(r"step-\d+|\.tmp-step-.*", p.name)
+        if ours and p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
+    if keep is None and not any(root.iterdir()):
+        root.rmdir()
 
 
 def file_sha256(path: Path) -> str:
