@@ -347,6 +347,7 @@ def forward_backward(run: Run, batch: StepBatch) -> tuple[float, bool]:
     cfg, w = run.cfg, run.world
     loss_sum, finite = 0.0, True
     for i, rs in enumerate(batch.micro):
+        torch.manual_seed(dropout_seed(cfg.seed, run.step, w.rank, i))  # this micro-batch's dropout masks
         ids, labels = D.collate(rs, run.tok.pad_token_id)
         pos = doc = None
         if cfg.pack and cfg.pack_isolate:
