@@ -474,7 +474,12 @@ def encode_all(tok: TextTokenizer, convs: Sequence[Conversation | TextRow], seq_
 
 
 def pack(samples: Sequence[Sample], seq_len: int) -> list[Sample]:
-    """Concatenate consecutive samples into rows of at most seq_len tokens (first fit in order, no splitting)."""
+    """Concatenate consecutive samples into rows of at most seq_len tokens (first fit in order, no splitting).
+
+    Each sample's first label becomes IGNORE_INDEX: a document's first token cannot be predicted inside it (in a
+    row of its own it is shifted out), and in a packed row it would be predicted from the previous document. So
+    packing never changes which tokens are labels ({"text"} rows label their first token; chat rows never do).
+    """
     rows: list[Sample] = []
     cur_ids: list[int] = []
     cur_labels: list[int] = []
@@ -486,7 +491,7 @@ def pack(samples: Sequence[Sample], seq_len: int) -> list[Sample]:
             rows.append(Sample(cur_ids, cur_labels, cur_pos))
             cur_ids, cur_labels, cur_pos = [], [], []
         cur_ids = cur_ids + s.input_ids
-        cur_labels = cur_labels + s.labels
+        cur_labels = cur_labels + [IGNORE_INDEX] * min(1, len(s.labels)) + s.labels[1:]
         cur_pos = cur_pos + list(range(len(s)))
     if cur_ids:
         rows.append(Sample(cur_ids, cur_labels, cur_pos))

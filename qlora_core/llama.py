@@ -268,23 +268,42 @@ def _sdpa_gqa_ok(q: torch.Tensor, mask) -> bool:
     return True
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: bool) -> torch.Tensor:
+SDPA_BRANCHES = ("mha", "gqa_native", "gqa_fold_one_query", "gqa_repeat_kv")  # sdpa's ways, see sdpa_branch
+
+
+def sdpa_branch(q: torch.Tensor, k: torch.Tensor, mask) -> str:
+    """Which of SDPA_BRANCHES sdpa takes for q (B, H, T, D), k (B, KVH, S, D) and mask: "mha" (H == KVH), else
+    "gqa_native" (SDPA's enable_gqa, where it keeps a fast kernel: _sdpa_gqa_ok), else "gqa_fold_one_query"
+    (T == 1) or "gqa_repeat_kv". On the CPU only the first two are chosen; tests force the others."""
+    if q.shape[1] == k.shape[1]:
+        return "mha"
+    if _sdpa_gqa_ok(q, mask):
+        return "gqa_native"
+    return "gqa_fold_one_query" if q.shape[2] == 1 else "gqa_repeat_kv"
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: bool,
+         branch: str | None = None) -> torch.Tensor:
     """q (B, H, T, D) over k, v (B, KVH, S, D) -> (B, H, T, D); query head h reads K/V head h // (H / KVH).
 
     Where SDPA's enable_gqa would lose the fast kernel (see _sdpa_gqa_ok): a single query (T == 1, decoding)
     folds each K/V head's H / KVH query heads into query rows of that head, so no K/V is copied and the mask
     (B, 1, 1, S) broadcasts over them; longer queries repeat K/V (transformers' repeat_kv). At decode the copy
     would be 4x the whole cache per layer and token (8B, 32 rows, 1152 positions: 0.6 GB).
+    `branch` (one of SDPA_BRANCHES) forces a way instead of sdpa_branch's choice (tests run each on the CPU).
     """
     B, H, T, D = q.shape
     KVH = k.shape[1]
-    if H == KVH:
+    branch = branch or sdpa_branch(q, k, mask)
+    if branch == "mha":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-    if _sdpa_gqa_ok(q, mask):
+    if branch == "gqa_native":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
-    if T == 1:
+    if branch == "gqa_fold_one_query":
         y = F.scaled_dot_product_attention(q.reshape(B, KVH, H // KVH, D), k, v, attn_mask=mask)
         return y.reshape(B, H, 1, D)
+    if branch != "gqa_repeat_kv":
+        raise ValueError(f"sdpa: branch must be one of {SDPA_BRANCHES}, got {branch!r}")
     k = k.repeat_interleave(H // KVH, dim=1)  # (B, H, S, D)
     v = v.repeat_interleave(H // KVH, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)

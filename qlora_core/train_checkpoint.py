@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,7 +61,8 @@ def checkpoint(run) -> None:
 
 def restore(run, ck: Path, st: dict) -> None:
     """Continue from checkpoint `ck` with trainer_state `st` (load_checkpoint's pair; the adapter is already in the
-    model): optimizer state (re-cut when the process count changed), scheduler, data position, RNG (one process),
+    model): optimizer state (re-cut when the process count changed), scheduler, data position, RNG (one process;
+    dropout does not depend on it),
     and metrics.jsonl cut to its step."""
     w = run.world
     opt_state = _torch_load(ck / "optimizer.pt")
@@ -72,7 +74,7 @@ def restore(run, ck: Path, st: dict) -> None:
                               f"({type(e).__name__}: {e})") from None
     run.sched.load_state_dict(st["scheduler"])
     if w.size == 1:
-        _set_rng_state(st["rng"], run.device)  # several processes seed dropout per step and rank instead
+        _set_rng_state(st["rng"], run.device)  # dropout is reseeded per micro-batch (train_loop.dropout_seed)
     run.step, run.bad, run.stream.position = st["step"], st["bad_streak"], st["data_position"]
     if w.main:
         _restore_metrics(run.out / METRICS, run.step, st.get("metrics_record"))
@@ -88,7 +90,7 @@ def start_fresh(run) -> None:
         names = (METRICS, POINTER) + ((WEIGHTS_NAME, CONFIG_NAME) if run.cfg.overwrite else ())
         for name in names:
             (run.out / name).unlink(missing_ok=True)
-        shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
+        _remove_checkpoints(run.out / "checkpoints")
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -132,10 +134,21 @@ def save_checkpoint(out: Path, step: int, model, opt_state: dict, trainer_state:
         fsync_file(out / METRICS)  # on disk before the pointer records it, or a power loss strands the checkpoint
         pointer["metrics"] = {"bytes": (out / METRICS).stat().st_size, "sha256": file_sha256(out / METRICS)}
     atomic_write_text(out / POINTER, json.dumps(pointer) + "\n")
-    for old in root.iterdir():
-        if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
+    _remove_checkpoints(root, keep=final.name)
     return final
+
+
+def _remove_checkpoints(root: Path, keep: str | None = None) -> None:
+    """Remove the checkpoint folders we write in `root` (step-N and the .tmp-step-* of a killed save), except
+    `keep`; anything else there is not ours and stays. `root` itself goes if that leaves it empty."""
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        ours = p.is_dir() and not p.is_symlink() and re.fullmatch(r"step-\d+|\.tmp-step-.*", p.name)
+        if ours and p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
+    if keep is None and not any(root.iterdir()):
+        root.rmdir()
 
 
 def file_sha256(path: Path) -> str:

@@ -14,8 +14,9 @@ per step next_batch, forward_backward, train_step (reduce, clip, update), maybe_
 Several processes (torchrun, distributed.py): each rank takes a contiguous 1/N of every step's rows (the global
 batch stays batch_size * grad_accum rows), runs them in micro-batches of at most batch_size, and FSDP2 (default)
 or DDP averages the gradients; losses, skip decisions and eval sums are reduced over ranks; only rank 0 prints and
-writes metrics.jsonl, checkpoints and adapters. Dropout masks come from (seed, step, rank), and optimizer state is
-saved per shard (optim_shards.py), so a run resumes on any process count.
+writes metrics.jsonl, checkpoints and adapters. Dropout masks come from (seed, step, rank, micro-batch) on any
+process count (`dropout_seed`), and optimizer state is saved per shard (optim_shards.py), so a run resumes on any
+process count and draws the masks an uninterrupted run on that count draws.
 
 Memory choices (the point of QLoRA):
 - decoder linears are frozen NF4 (QuantLinear); only LoRA A/B train; each block is recomputed in backward
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -325,6 +327,15 @@ def next_batch(run: Run) -> StepBatch:
     return StepBatch(micro=micro, n_labels=n_labels, tokens=tokens)
 
 
+def dropout_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """The global RNG seed of micro-batch `micro` of step `step` on rank `rank` (all ints >= 0): every draw of
+    the forward (LoRA dropout masks, grouped or module by module) comes from it, so ranks and micro-batches draw
+    different masks, and a resumed run (on any process count) draws what an uninterrupted run on that count draws.
+    A hash, not an affine mix, so no two (step, rank, micro) share a seed whatever their sizes (< 2**63)."""
+    key = f"{seed}/{step}/{rank}/{micro}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
 def forward_backward(run: Run, batch: StepBatch) -> tuple[float, bool]:
     """Forward and backward of this rank's micro-batches: (summed loss over its labels, all finite).
 
@@ -336,6 +347,7 @@ def forward_backward(run: Run, batch: StepBatch) -> tuple[float, bool]:
     cfg, w = run.cfg, run.world
     loss_sum, finite = 0.0, True
     for i, rs in enumerate(batch.micro):
+        torch.manual_seed(dropout_seed(cfg.seed, run.step, w.rank, i))  # this micro-batch's dropout masks
         ids, labels = D.collate(rs, run.tok.pad_token_id)
         pos = doc = None
         if cfg.pack and cfg.pack_isolate:
@@ -358,8 +370,6 @@ def train_step(run: Run) -> dict:
     """
     cfg, w = run.cfg, run.world
     t0 = time.perf_counter()
-    if w.size > 1:  # dropout masks from (seed, step, rank): reproducible and resumable on any process count
-        torch.manual_seed(cfg.seed * 1_000_003 + run.step * 1009 + w.rank)
     batch = next_batch(run)
     loss_sum, finite = forward_backward(run, batch)
     loss_sum, bad_ranks = w.sum([loss_sum if finite else 0.0, 0.0 if finite else 1.0])

@@ -4,11 +4,12 @@ a JSON file, one after the other, each with optional test hooks, and writes what
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/_dist_worker.py jobs.json [nccl]
 
 A job: {"config": TrainConfig.to_dict(), "grads": bool, "quant_state": bool, "nan_calls": [rank, [calls]] or
-null, "stop_call": int or null}. Per job and rank it writes <output>/rank<R>.json (losses, evals, stopped, packed
-bytes); rank 0 also writes grads-step1.pt (whole LoRA gradients of step 1) and quant_state.pt (the 4-bit weights'
+null, "stop_call": int or null, "masks": bool}. Per job and rank it writes <output>/rank<R>.json (losses, evals,
+stopped, packed bytes; with "masks" the dropout masks drawn, see MaskLog); rank 0 also writes grads-step1.pt (whole LoRA gradients of step 1) and quant_state.pt (the 4-bit weights'
 state dict, gathered) when asked. A job {"kind": "fsdp_check", "config": ...} compares one micro-batch's loss and
 gradients before and after distributed.shard_fsdp (fsdp_check.pt). gloo, or NCCL with "nccl" (one GPU per rank).
 """
+import hashlib
 import json
 import os
 import sys
@@ -23,6 +24,38 @@ import qlora_core.train_loop as T  # noqa: E402
 from qlora_core.train_config import TrainConfig, resolve_device  # noqa: E402
 from qlora_core import distributed  # noqa: E402
 from qlora_core.flat_quant import FlatQuantLinear  # noqa: E402
+import qlora_core.ops.nf4_linear as NL  # noqa: E402
+
+
+class MaskLog:
+    """Records every LoRA dropout mask the grouped path draws (ops.nf4_linear.dropout_masks, forward and its
+    backward regeneration) as [step, micro-batch, sha1 of the masks], step and micro-batch read from the
+    train_loop.dropout_seed call that preceded it. `with MaskLog() as log:` patches both; log.rows after."""
+
+    def __init__(self):
+        self.rows, self.at = [], [None, None]
+
+    def __enter__(self):
+        self.real_seed, self.real_masks = T.dropout_seed, NL.dropout_masks
+
+        def seed(s, step, rank, micro):
+            self.at = [step, micro]
+            return self.real_seed(s, step, rank, micro)
+
+        def masks(*a, **k):
+            out = self.real_masks(*a, **k)
+            h = hashlib.sha1()
+            for mk in out:
+                if mk is not None:
+                    h.update(mk.cpu().numpy().tobytes())
+            self.rows.append(self.at + [h.hexdigest()])
+            return out
+
+        T.dropout_seed, NL.dropout_masks = seed, masks
+        return self
+
+    def __exit__(self, *exc):
+        T.dropout_seed, NL.dropout_masks = self.real_seed, self.real_masks
 
 
 class Stop(Exception):
@@ -66,9 +99,10 @@ def run_job(job: dict, rank: int) -> None:
     cfg = TrainConfig.from_dict(job["config"])
     out = Path(cfg.output)
     undo = _hooks(job, rank)
-    rec = {}
+    rec, log = {}, MaskLog()
     try:
-        result = T.train(cfg)
+        with log:
+            result = T.train(cfg)
         rec = {"losses": result.losses, "evals": result.evals, "stopped": result.stopped, "steps": result.steps}
         flats = [m for m in result.model.modules() if isinstance(m, FlatQuantLinear)]
         rec["packed_local"] = sum(m.packed_bytes().numel() for m in flats)
@@ -81,6 +115,8 @@ def run_job(job: dict, rank: int) -> None:
         rec = {"interrupted": True}
     finally:
         undo()
+    if job.get("masks"):
+        rec["masks"] = log.rows
     (out / f"rank{rank}.json").write_text(json.dumps(rec))
 
 

@@ -326,3 +326,78 @@ def test_a_fresh_start_removes_the_earlier_runs_adapter(world, tmp_path):
                                  out=out, say=print)
     C.start_fresh(fake)
     assert sorted(p.name for p in out.iterdir()) == [], sorted(p.name for p in out.iterdir())
+
+
+def _qlora(argv: list, cwd: Path) -> tuple[int, str, str]:
+    """`python -m qlora_core *argv` in cwd: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "qlora_core", *map(str, argv)], env=_env({}), cwd=cwd,
+                       capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _train_argv(model: Path, data: Path, out: Path, *extra) -> list:
+    return ["train", "--model", model, "--data", data, "--output", out, "--seq-len", "64", "--lora-r", "2",
+            "--lora-alpha", "4", "--batch-size", "2", "--eval-fraction", "0", *extra]
+
+
+def test_a_run_stopped_by_non_finite_steps_exits_5(world, tmp_path):
+    """lr 1e30: the first update drives the adapter to ~1e30, every later loss is NaN; at --max-bad-steps 2 the run
+    stops: exit 5 (NonFiniteError), one `error:` line naming the stop, no adapter written."""
+    root, model, data, run = world
+    rc, stdout, stderr = _qlora(_train_argv(model, data, tmp_path / "out", "--max-steps", "6", "--lr", "1e30",
+                                            "--warmup-steps", "0", "--max-bad-steps", "2", "--optim-bits", "32"),
+                                tmp_path)
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert rc == NONFINITE == 5, f"exit {rc}\n{stderr[-3000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: stopped at step 3: 2 consecutive"), stderr
+    assert "Traceback" not in stderr + stdout
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_overwrite_removes_the_earlier_run_and_nothing_else(world, tmp_path):
+    """`qlora train --overwrite` into a folder holding an earlier run plus files that are not ours (beside the run
+    and inside checkpoints/): the run's files afterwards are the new run's (1 step), the foreign files and
+    folders byte-identical (start_fresh removed the whole checkpoints/ folder before)."""
+    root, model, data, run = world
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    (out / "notes.txt").write_text("mine, not qlora's\n")
+    (out / "plots").mkdir()
+    (out / "plots" / "loss.png").write_bytes(b"\x89PNG not really")
+    (out / "checkpoints" / "README").write_text("a user's file among the checkpoints\n")
+    (out / "checkpoints" / "best").mkdir()
+    (out / "checkpoints" / "best" / "weights.bin").write_bytes(b"a user's folder among the checkpoints")
+    foreign = {k: v for k, v in _snapshot(out).items() if k.startswith(("notes", "plots", "checkpoints/README",
+                                                                         "checkpoints/best"))}
+    assert len(foreign) == 4
+    old = _snapshot(out)
+    rc, stdout, stderr = _qlora(_train_argv(model, data, out, "--max-steps", "1", "--save-every", "1",
+                                            "--overwrite"), tmp_path)
+    assert rc == 0, stderr[-3000:]
+    after = _snapshot(out)
+    assert {k: after.get(k) for k in foreign} == foreign, "a file that is not ours was changed or deleted"
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 1
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README", "best", "step-00000001"]
+    assert after["adapter_model.safetensors"] != old["adapter_model.safetensors"]
+
+
+def test_every_documented_exit_code_is_run():
+    """Each code in docs/errors.md's table is produced by a subprocess test here: 0 (the --overwrite run), 1
+    (debug-flag), 2-5 (the cases, and 5 also by the run stopped on non-finite steps)."""
+    import re
+    doc = (REPO / "docs" / "errors.md").read_text()
+    documented = {int(c) for c in re.findall(r"^\| (\d+) \|", doc, flags=re.M)}
+    results_codes = {1} | {0, NONFINITE}  # debug-flag; the two training tests above
+    cases = _cases_codes()
+    assert documented == {0, 1, 2, 3, 4, 5} and documented <= results_codes | cases, sorted(documented - cases)
+
+
+def _cases_codes() -> set:
+    """The exit codes the subprocess cases of _cases expect (read from the source: building them needs the
+    module's fixtures)."""
+    import inspect
+    import re
+    src = inspect.getsource(_cases)
+    names = {"USAGE": USAGE, "DATA": DATA, "FILE": FILE, "NONFINITE": NONFINITE}
+    return {names[m] for m in re.findall(r"\b(USAGE|DATA|FILE|NONFINITE)\b", src)}

@@ -28,6 +28,7 @@ import qlora_core.train_checkpoint as C
 from qlora_core.train_config import TrainConfig
 from qlora_core.lora import LoraConfig
 from tests._tiny import make_model_folder, swap_task, write_jsonl
+from tests._dist_worker import MaskLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -57,8 +58,9 @@ class _Stop(Exception):
     pass
 
 
-def _single(cfg: TrainConfig, grads: bool = False, stop_call: int | None = None, monkeypatch=None):
-    """train(cfg) in this process; grads: save step 1's LoRA gradients; stop_call: raise at that loss call."""
+def _single(cfg: TrainConfig, grads: bool = False, stop_call: int | None = None, masks: bool = False):
+    """train(cfg) in this process; grads: save step 1's LoRA gradients; stop_call: raise at that loss call;
+    masks: write the dropout masks drawn (MaskLog rows) to <output>/rank0.json as a worker does."""
     real_loss, real_fb = T.batch_loss, T.forward_backward
     calls = {"n": 0}
 
@@ -77,12 +79,16 @@ def _single(cfg: TrainConfig, grads: bool = False, stop_call: int | None = None,
         return out
 
     T.batch_loss, T.forward_backward = loss, fb
+    log = MaskLog()
     try:
-        return T.train(cfg)
+        with log:
+            return T.train(cfg)
     except _Stop:
         return None
     finally:
         T.batch_loss, T.forward_backward = real_loss, real_fb
+        if masks:
+            (Path(cfg.output) / "rank0.json").write_text(json.dumps({"masks": log.rows}))
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -112,6 +118,12 @@ def runs(tmp_path_factory):
     # one process, interrupted in step 3 (checkpoint at 2) / 8-bit in step 2 (checkpoint at 1): resumed on 2 below
     _single(_cfg(root, "one-to-two"), stop_call=2 * MICRO_1 + 1)
     _single(_cfg(root, "one-to-two8", **eight), stop_call=MICRO_1 + 1)
+    # LoRA dropout: straight runs on 1 and 2 processes, each interrupted in step 3 and resumed on 1 and 2
+    drop = dict(lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25), eval_data=None, eval_fraction=0.0)
+    _single(_cfg(root, "drop1", **drop), masks=True)
+    for name in ("drop1-1", "drop1-2"):
+        _single(_cfg(root, name, **drop), stop_call=2 * MICRO_1 + 1)
+    _single(_cfg(root, "drop1-1", resume=True, **drop), masks=True)
     jobs = [
         {"config": _cfg(root, "fsdp", eval_every=4).to_dict(), "grads": True, "quant_state": True},
         {"config": _cfg(root, "ddp", eval_every=4, parallel="ddp").to_dict(), "grads": True},
@@ -122,9 +134,15 @@ def runs(tmp_path_factory):
         {"config": _cfg(root, "nan", max_steps=6, max_bad_steps=2, save_every=0).to_dict(),
          "nan_calls": [1, [MICRO_2 + 1, 2 * MICRO_2 + 2]]},  # rank 1 only: steps 2 and 3
     ]
+    jobs += [{"config": _cfg(root, "drop2", **drop).to_dict(), "masks": True}]
+    jobs += [{"config": _cfg(root, name, **drop).to_dict(), "stop_call": 2 * MICRO_2 + 1} for name in
+             ("drop2-2", "drop2-1")]
+    jobs += [{"config": _cfg(root, name, resume=True, **drop).to_dict(), "masks": True} for name in
+             ("drop2-2", "drop1-2")]
     jobs.append({"kind": "fsdp_check", "config": _cfg(root, "check").to_dict()})
     _launch(root, jobs, nproc=2)
     _single(_cfg(root, "two-to-one", resume=True))
+    _single(_cfg(root, "drop2-1", resume=True, **drop), masks=True)
     return root
 
 
@@ -216,6 +234,37 @@ def test_resume_on_another_process_count(runs, name, ref):
     got, want = _metrics(runs / name), _metrics(runs / ref)
     assert [m["step"] for m in got] == [m["step"] for m in want]
     assert _close([m["loss"] for m in got], [m["loss"] for m in want])
+
+
+def _masks(runs: Path, name: str, rank: int) -> dict:
+    """{(step, micro-batch): [sha1 of each dropout_masks call, in order]} of one rank of a run."""
+    out = {}
+    for step, micro, digest in _rank(runs, name, rank)["masks"]:
+        out.setdefault((step, micro), []).append(digest)
+    return out
+
+
+def test_dropout_masks_differ_per_rank_and_micro_batch_and_resume_exactly(runs):
+    """LoRA dropout 0.25, 4 steps of 2 micro-batches per rank (4 on one process): every (step, micro-batch) draws
+    masks on both ranks and no mask is drawn twice across ranks or micro-batches (backward regenerates its
+    forward's masks, so a digest may repeat within one micro-batch only). A run checkpointed at step 2 and resumed
+    (2 -> 2, 1 -> 2, 2 -> 1, 1 -> 1 processes) draws in steps 3 and 4 exactly the masks of the uninterrupted run
+    on the resuming process count."""
+    for name, ranks, micro in (("drop2", 2, MICRO_2), ("drop1", 1, MICRO_1)):
+        per = [_masks(runs, name, r) for r in range(ranks)]
+        assert all(sorted(p) == [(s, i) for s in range(4) for i in range(micro)] for p in per), name
+        owner = {}
+        for r, p in enumerate(per):
+            for key, digests in p.items():
+                for d in digests:
+                    assert owner.setdefault(d, (r, key)) == (r, key), f"{name}: mask of {(r, key)} also in {owner[d]}"
+    for name, ref, ranks in (("drop2-2", "drop2", 2), ("drop1-2", "drop2", 2), ("drop2-1", "drop1", 1),
+                             ("drop1-1", "drop1", 1)):
+        for r in range(ranks):
+            got, want = _masks(runs, name, r), _masks(runs, ref, r)
+            assert got == {k: v for k, v in want.items() if k[0] >= 2}, (name, r)
+        if name[4] == name[6]:  # same count: the losses too (steps 1-2 drew other masks on the other count)
+            assert _close([m["loss"] for m in _metrics(runs / name)], [m["loss"] for m in _metrics(runs / ref)])
 
 
 def test_nan_on_one_rank_stops_every_rank(runs):

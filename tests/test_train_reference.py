@@ -12,6 +12,10 @@ such that every pairing of the rows into micro-batches gives two unequal counts.
   * the scheduler steps after the optimizer (step k uses lr(k-1)); warmup and cosine; clipping (active at
     every step: the pre-clip norm exceeds max_grad_norm); decoupled weight decay reaches the optimizer.
 Each step takes all 4 rows (one epoch per step), so the row order train() draws does not matter to the math.
+The test runs on chat records (response-only labels: a document's first token is never a label) and on
+{"text"} records, where every token of a document is a label, its first one included, packed and unpacked (4
+documents, one per row): a loop that counted that unpredictable first label (one too many per row) or let a
+packed row's previous document predict it would diverge from the reference, which scores each document alone.
 
 The optimizer is PagedAdamW with optim_bits=32 on our side: it is bit-identical to torch.optim.AdamW(foreach=False)
 on fp32 CPU tensors (tests/test_optim.py), so the comparison measures the loop, not 8-bit state noise (LoRA
@@ -40,34 +44,38 @@ from tests.helpers import DTYPE_ATOL, assert_close_verbose
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 RESPONSE_WORDS = (1, 2, 6, 8, 3, 12, 5, 9)  # letters per response: packs (seq_len 56) into 4 rows, see _premises
+TEXT_WORDS = (20, 25, 30, 18, 22, 27, 15, 33)  # letters per {"text"} record: 4 rows of 2 documents
 SEQ_LEN, BATCH, ACCUM = 56, 2, 2
 STEPS, WARMUP, LR, MIN_RATIO = 5, 2, 1e-2, 0.1
 WEIGHT_DECAY, CLIP = 0.5, 0.05
 LORA = LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0)
 
 
-def _records() -> list[dict]:
+def _records(kind: str) -> list[dict]:
     rng = random.Random(0)
     out = []
-    for k in RESPONSE_WORDS:
+    for k in {"chat": RESPONSE_WORDS, "text": TEXT_WORDS, "text-unpacked": TEXT_WORDS[:BATCH * ACCUM]}[kind]:
         w = [rng.choice("abcdef") for _ in range(k)]
-        out.append({"instruction": "reverse " + " ".join(w), "response": " ".join(reversed(w))})
+        out.append({"instruction": "reverse " + " ".join(w), "response": " ".join(reversed(w))} if kind == "chat"
+                   else {"text": " ".join(w)})
     return out
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_ref")
-    return root, make_model_folder(root / "model"), write_jsonl(root / "data.jsonl", _records())
+@pytest.fixture(scope="module", params=["chat", "text", "text-unpacked"])
+def setup(request, tmp_path_factory):
+    """(root, model folder, data file, packed)."""
+    root = tmp_path_factory.mktemp(f"train_ref_{request.param}")
+    return (root, make_model_folder(root / "model"), write_jsonl(root / "data.jsonl", _records(request.param)),
+            request.param != "text-unpacked")
 
 
 def _cfg(setup, out: str, **kw) -> TrainConfig:
-    root, model, data = setup
+    root, model, data, packed = setup
     base = dict(model=str(model), data=str(data), output=str(root / out), max_steps=STEPS, batch_size=BATCH,
                 grad_accum=ACCUM, seq_len=SEQ_LEN, lr=LR, min_lr_ratio=MIN_RATIO, warmup_steps=WARMUP,
                 weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP, quant="nf4", optim_bits=32, dtype="float32",
                 device="cpu", eval_fraction=0.0, eval_every=0, save_every=0, log_every=1000, seed=3,
-                pack=True, pack_isolate=True, gradient_checkpointing=True, lora=LORA)
+                pack=packed, pack_isolate=True, gradient_checkpointing=True, lora=LORA)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -90,13 +98,14 @@ def _labels_after_shift(s: D.Sample) -> int:
     return sum(1 for y in s.labels[1:] if y != D.IGNORE_INDEX)
 
 
-def _premises(docs: list[D.Sample]) -> None:
-    """The packed rows are what this test needs: 4 rows (one step = all of them), each with >= 2 documents at
-    boundaries no other row shares, and unequal label counts for every split into two micro-batches."""
-    rows = D.pack(docs, SEQ_LEN)
+def _premises(docs: list[D.Sample], packed: bool) -> None:
+    """The rows are what this test needs: 4 rows (one step = all of them), packed: each with >= 2 documents at
+    boundaries no other row shares; unequal label counts for every split into two micro-batches."""
+    rows = D.pack(docs, SEQ_LEN) if packed else docs
     assert len(rows) == BATCH * ACCUM, [len(r) for r in rows]
-    starts = [tuple(i for i, p in enumerate(r.position_ids) if p == 0) for r in rows]
-    assert all(len(s) >= 2 for s in starts) and len(set(starts)) == len(rows), starts
+    if packed:
+        starts = [tuple(i for i, p in enumerate(r.position_ids) if p == 0) for r in rows]
+        assert all(len(s) >= 2 for s in starts) and len(set(starts)) == len(rows), starts
     n = [_labels_after_shift(r) for r in rows]
     for a, b in ((0, 1), (0, 2), (0, 3)):
         c, d = (i for i in range(4) if i not in (a, b))
@@ -165,7 +174,7 @@ def test_train_matches_plain_pytorch_loop(setup):
     from safetensors.torch import load_file
     root = setup[0]
     docs = _documents(setup)
-    _premises(docs)
+    _premises(docs, setup[3])
 
     init = train(_cfg(setup, "init", lr=0.0, max_steps=1))
     assert init.steps == 1 and init.stopped is None
