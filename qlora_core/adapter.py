@@ -128,8 +128,9 @@ def base_format(model: nn.Module) -> dict | None:
     formats = set()
     for m in lora_modules(model).values():
         base = m.base_layer
-        if is_quantized_linear(base):
-            q = base.weight
+        # FlatQuantLinear keeps the format in its layout: reading its weight would gather an FSDP-sharded buffer
+        q = getattr(base, "layout", None) or (base.weight if is_quantized_linear(base) else None)
+        if q is not None:
             formats.add((q.quant_type, int(q.blocksize), bool(q.double_quant), q.dtype))
         else:
             formats.add(("none", None, None, base.weight.dtype))
