@@ -297,8 +297,9 @@ def test_adapter_loads_in_peft_with_the_same_logits(folder, trained):
 def test_merge_loads_in_transformers(folder, trained, tmp_path):
     from qlora_core import cli
     _, adapter = trained
+    # onto the dense base, compared with the dense model + adapter (tests/test_cli.py checks the default, 4-bit base)
     assert cli.main(["merge", "--model", str(folder), "--adapter", str(adapter), "--output", str(tmp_path / "m"),
-                     "--dtype", "float32"]) == 0
+                     "--dtype", "float32", "--base", "dense"]) == 0
     hf = _hf(tmp_path / "m")
     assert type(hf).__name__ == type(_hf(folder)).__name__  # MistralForCausalLM / Qwen2ForCausalLM
     ours = load_llama(folder, quantize=None, dtype=torch.float32)
