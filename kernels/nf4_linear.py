@@ -111,11 +111,10 @@ def linear_input_grad(dy: torch.Tensor, q, t: Tables, path: str | None = None) -
 # CUDA-core dot product in fp32 with the unrounded fp32 W = lut * absmax, scaled once per row and sub-tile. 2 <= M
 # <= 128 (BLOCK_M = next power of two >= 16): swap-AB, y.T tile = W tile @ x.T on the tensor cores with W rounded
 # to x's dtype (dequantize(q)'s values); rows of x beyond M are masked to zero. fp32 x uses input_precision="ieee"
-# (tf32 would be 3e-4 relative, outside the fp32 tolerance). Split-K programs add fp32 partials atomically into an
-# fp32 output, then one cast to x's dtype.
+# (tf32 would be 3e-4 relative, outside the fp32 tolerance). Split-K as gemv1 / gemv_mma (kernels/splitk.py).
 @triton.jit
 def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, nested_ptr, offset_ptr, lut_ptr,
-                 M, N, K, stride_xm, stride_om,
+                 ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om,
                  BS: tl.constexpr, DQ: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HC: tl.constexpr, UNROLL: tl.constexpr,
                  SPLIT_K: tl.constexpr):
@@ -161,24 +160,20 @@ def _gemv_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, ne
         out = tl.sum(acc, axis=1)
     else:
         out = acc
+    bias = 0.0
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            b = tl.where(pid_k == 0, b, 0.0)
-        if BLOCK_M == 1:
-            out += b
-        else:
-            out += b[:, None]
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if BLOCK_M > 1:
+            bias = bias[:, None]
     if BLOCK_M == 1:
         ptrs = out_ptr + offs_n
+        ws = ws_ptr + offs_n
         mask = offs_n < N
     else:
         ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]  # slots are (M, N) row-major
         mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-    if SPLIT_K > 1:
-        tl.atomic_add(ptrs, out, mask=mask)
-    else:
-        tl.store(ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
+    splitk.store(out, bias, ptrs, ws, mask, cnt_ptr, pid_n, pid_k, M * N, SPLIT_K)
 
 
 def _gemv_split(n_tiles: int, k_steps: int) -> int:
@@ -225,18 +220,16 @@ def gemv(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, block_n: int 
     n_tiles = triton.cdiv(n, block_n)
     split = split_k or _gemv_split(n_tiles, triton.cdiv(k, 2 * hc * unroll))
     split = min(split, triton.cdiv(k, 2 * hc * unroll))
-    if split > 1:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    ws, cnt = splitk.workspace(x.device, split * m * n, n_tiles) if split > 1 else (out, out)
     data, absmax, code256, nested, offset, lut, dq = q_args(q, t)
     _gemv_kernel[(n_tiles, split)](
-        x, out, bias if bias is not None else out, data, absmax, code256, nested, offset, lut,
+        x, out, bias if bias is not None else out, data, absmax, code256, nested, offset, lut, ws, cnt,
         m, n, k, x.stride(0), out.stride(0),
         BS=q.blocksize, DQ=dq, ALIGNED=aligned, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, HC=hc, UNROLL=unroll, SPLIT_K=split,
         num_warps=num_warps, num_stages=num_stages)
-    return out if split == 1 else out.to(x.dtype)
+    return out
 
 
 # -- gemv1: one row of x, codes decoded in registers (bf16/fp16, aligned layouts) --------------------------------------
@@ -249,7 +242,7 @@ def gemv(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, block_n: int 
 # so x is used as loaded, 16 bytes at a time. Loads are pipelined by hand: codes, absmax bytes and x of step i + 1
 # are issued before step i is decoded, and the absmax table lookup (a gather that depends on a load) happens at
 # use. A program owns BLOCK_N rows and walks K in steps of NB absmax blocks of 64 columns (8 words per row and
-# block, one absmax per (row, block)). Split-K stays one launch (kernels/splitk.py; not bitwise reproducible).
+# block, one absmax per (row, block)). Split-K stays one launch (kernels/splitk.py; sums in a fixed order).
 @triton.jit
 def _load_step(x_ptr, data_ptr, absmax_ptr, nested_ptr, offs_n, rmask, row_w, blk, b_hi,
                K, BS: tl.constexpr, DQ: tl.constexpr):
@@ -297,7 +290,7 @@ def _gemv1_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr, n
         acc += a[:, :, None] * d
     out = 2.0 * tl.sum(tl.sum(acc, axis=2), axis=1)
     bias = tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
-    splitk.store(out, bias, out_ptr + offs_n, ws_ptr + offs_n, rmask, cnt_ptr, pid_n, SPLIT_K)
+    splitk.store(out, bias, out_ptr + offs_n, ws_ptr + offs_n, rmask, cnt_ptr, pid_n, pid_k, N, SPLIT_K)
 
 
 def gemv1_supports(x: torch.Tensor, q) -> bool:
@@ -346,7 +339,7 @@ def gemv1(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, config: Gemv
     if split_k is None:
         split_k = gemv1_split(triton.cdiv(n, block_n), triton.cdiv(k // 64, nb))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    ws, cnt = splitk.workspace(x.device, n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
+    ws, cnt = splitk.workspace(x.device, split_k * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q, t)
     grid = (triton.cdiv(n, block_n), split_k)
     _gemv1_kernel[grid](
@@ -404,8 +397,9 @@ def _gemv_mma_kernel(x_ptr, out_ptr, bias_ptr, data_ptr, absmax_ptr, code256_ptr
     ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     omask = (offs_m[None, :] < M) & rmask[:, None]
     bias = tl.load(bias_ptr + offs_n, mask=rmask, other=0.0).to(tl.float32)[:, None] if HAS_BIAS else 0.0
-    # split-K workspace rows are M-strided: ws[m * N + n]
-    splitk.store(acc, bias, ptrs, ws_ptr + offs_m[None, :] * N + offs_n[:, None], omask, cnt_ptr, pid_n, SPLIT_K)
+    # split-K workspace slots are (M, N) row-major: ws[k * M * N + m * N + n]
+    splitk.store(acc, bias, ptrs, ws_ptr + offs_m[None, :] * N + offs_n[:, None], omask, cnt_ptr, pid_n, pid_k,
+                 M * N, SPLIT_K)
 
 
 def mma_supports(x: torch.Tensor, q) -> bool:
@@ -449,7 +443,7 @@ def gemv_mma(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, config: M
     if split_k is None:
         split_k = min(MMA_SPLIT_K, triton.cdiv(k // 64, nb))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    ws, cnt = splitk.workspace(x.device, m * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
+    ws, cnt = splitk.workspace(x.device, split_k * m * n, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
     data, absmax, code256, nested, offset, _lut, dq = q_args(q, t)
     _gemv_mma_kernel[(triton.cdiv(n, block_n), split_k)](
         x, out, bias if bias is not None else out, data.view(torch.int32), absmax, code256, nested, offset,

@@ -1,14 +1,17 @@
-"""Split-K in one launch: SPLIT_K programs add fp32 partials of one output tile, the last to arrive writes it.
+"""Split-K in one launch: SPLIT_K programs compute fp32 partials of one output tile, the last to arrive adds them
+in a fixed order and writes the tile.
 
-Used by the decode kernels (gemv1 and gemv_mma in kernels/nf4_linear.py), where N alone gives too few
+Used by the decode kernels (gemv, gemv1 and gemv_mma in kernels/nf4_linear.py), where N alone gives too few
 programs to keep an H100 busy. The usual alternative (a zeroed fp32 buffer, atomics, then a cast kernel) costs
 two more launches, ~2-4 us in a CUDA graph, as much as the whole op at 4096x4096.
 
-How: each program atomically adds its partial into the workspace, then (after a CTA barrier, so every thread's
-partial is issued first) increments the tile's counter. The program that sees SPLIT_K - 1 reads the sum back
-(an atomic add of 0: a coherent read from L2), zeroes the workspace tile, resets the counter, adds the bias and
-stores y in its dtype. So workspace and counters are all-zero between calls and are allocated zeroed only
-when they must grow. The fp32 sum order depends on arrival: results are not bitwise reproducible.
+How: program k of a tile stores its partial into its own slot k of the workspace (slots are `slot` floats
+apart), then (after a CTA barrier, so every thread's store is issued first) increments the tile's counter, whose
+atomic has release/acquire semantics. The program that sees SPLIT_K - 1 reads the slots back through L2 (an
+atomic add of 0: a coherent read), adds them in slot order 0, 1, ..., resets the counter, adds the bias and
+stores y in its dtype. The sum order does not depend on which program arrives last, so results are bitwise
+reproducible run to run (adding into one buffer in arrival order was not: seeded sampling diverged). Counters
+are all-zero between calls; slots are overwritten before they are read, so they need no zeroing.
 Reference: the same kernels with SPLIT_K = 1 (tests compare both with float64).
 """
 from __future__ import annotations
@@ -23,11 +26,11 @@ _WORKSPACE: dict = {}
 
 
 def workspace(device, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-zero fp32 partial sums (>= n) and int32 tile counters (>= tiles) for one split-K launch on the current
-    stream.
+    """fp32 partial-sum slots (>= n floats: SPLIT_K slots of the output's size) and all-zero int32 tile counters
+    (>= tiles) for one split-K launch on the current stream.
 
     Outside a CUDA-graph capture: one cached pair per (device, stream) (calls on one stream run in order; another
-    stream gets its own pair), allocated zeroed only when it must grow; the kernels leave it zeroed.
+    stream gets its own pair), allocated zeroed only when it must grow; the kernels leave the counters zeroed.
     During a capture: that stream's cached pair when it is big enough (it is all-zero between calls, and the graph
     keeps it so); otherwise a fresh zeroed pair allocated inside the capture: memory of the graph's private pool,
     zeroed by one memset node at every replay, and never cached (an eager call must not use memory that only the
@@ -59,17 +62,19 @@ def k_blocks(pid_k, K, NB: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def store(acc, bias, out_ptrs, ws_ptrs, mask, cnt_ptr, tile, SPLIT_K: tl.constexpr):
+def store(acc, bias, out_ptrs, ws_ptrs, mask, cnt_ptr, tile, pid_k, slot, SPLIT_K: tl.constexpr):
     """Write acc + bias (fp32, any shape; bias broadcastable or 0.0) to out_ptrs in their dtype: directly when
-    SPLIT_K == 1, else through the workspace tile ws_ptrs (same shape) by the last of the tile's programs."""
+    SPLIT_K == 1, else through the workspace: ws_ptrs (acc's shape) address the tile in slot 0, slot k starts
+    `slot` floats later; the last of the tile's programs sums the slots in order."""
     if SPLIT_K > 1:
-        tl.atomic_add(ws_ptrs, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is issued before this program is counted
+        tl.store(ws_ptrs + pid_k * slot, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before this program is counted
         done = tl.atomic_add(cnt_ptr + tile, 1)
         if done == SPLIT_K - 1:
-            tot = tl.atomic_add(ws_ptrs, tl.zeros_like(acc), mask=mask)  # a coherent read (L2)
-            tot = tl.where(mask, tot, 0.0)  # masked lanes of an atomic return garbage
-            tl.store(ws_ptrs, tl.zeros_like(acc), mask=mask)  # nobody else touches this tile now
+            tot = tl.zeros_like(acc)
+            for k in tl.static_range(SPLIT_K):  # slot order, whoever arrived last: reproducible sums
+                part = tl.atomic_add(ws_ptrs + k * slot, tl.zeros_like(acc), mask=mask)  # a coherent read (L2)
+                tot += tl.where(mask, part, 0.0)  # masked lanes of an atomic return garbage
             tl.atomic_xchg(cnt_ptr + tile, 0)
             tl.store(out_ptrs, cast_rne(tot + bias, out_ptrs.dtype.element_ty), mask=mask)
     else:

@@ -58,6 +58,42 @@ def run_interpreted(code: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
+def assert_split_k_slot_sum(used: list, y: torch.Tensor, bias: torch.Tensor | None, name: str = ""):
+    """The last split-K launch recorded in `used` ((workspace, counters, floats requested) from
+    kernels/splitk.workspace, see `spy_split_k`) left its counters zeroed, and y (M, N) is bitwise the fp32 sum
+    of its slots in slot order 0, 1, ..., plus bias, rounded to y's dtype: the fixed order that makes split-K
+    reproducible (kernels/splitk.py)."""
+    if y.is_cuda:
+        torch.cuda.synchronize()
+    assert used, f"{name}: split-K never ran (no workspace requested): the slot-sum check would be vacuous"
+    ws, cnt, size = used[-1]
+    m, n = y.shape
+    split = size // (m * n)
+    assert split >= 2 and size == split * m * n, f"{name}: workspace of {size} floats for y {tuple(y.shape)}"
+    assert not cnt.any(), f"{name}: split-K tile counters not reset"
+    tot = torch.zeros(m, n, dtype=torch.float32, device=y.device)
+    for part in ws[:size].view(split, m, n):
+        tot = tot + part
+    want = (tot + (bias.float() if bias is not None else 0.0)).to(y.dtype)
+    assert torch.equal(y, want), (f"{name}: y is not the slot-order sum of the {split} split-K partials "
+                                  f"(max diff {(y.float() - want.float()).abs().max().item():.3g})")
+
+
+def spy_split_k(setattr_) -> list:
+    """Record (workspace, counters, floats requested) for every split-K launch from now on; setattr_ is
+    monkeypatch.setattr or plain setattr (in the interpreter's subprocesses)."""
+    from qlora_core.kernels import splitk
+    used, real = [], splitk.workspace
+
+    def spy(device, n, tiles):
+        ws, cnt = real(device, n, tiles)
+        used.append((ws, cnt, n))
+        return ws, cnt
+
+    setattr_(splitk, "workspace", spy)
+    return used
+
+
 def assert_tokens_are_argmax(model, out: torch.Tensor, prompt_len: int, rel: float = 0.03, name: str = ""):
     """Every token of out[:, prompt_len:] is an argmax of a full recompute's logits on its prefix, up to `rel` of the
     logit scale. For bf16 decoding, where the decode kernels and the prefill GEMM round differently (and split-K

@@ -17,7 +17,7 @@ from qlora_core.kernels import nf4_decode, quant4
 from qlora_core.kernels import nf4_linear as dispatch
 from qlora_core.ops.nf4_linear import kernel_tables
 from qlora_core.ops.quant4 import dequantize_as
-from tests.helpers import DTYPE_ATOL, assert_close_verbose
+from tests.helpers import DTYPE_ATOL, assert_close_verbose, assert_split_k_slot_sum, spy_split_k
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -29,27 +29,6 @@ def _ref_w(q, dtype):
 
 def _bound(torch_out, ref64, dtype):
     return 2.0 * (torch_out.double() - ref64).abs().max().item() + DTYPE_ATOL[dtype]
-
-
-def _spy_split_k(monkeypatch) -> list:
-    """Record every (workspace, counters) pair that split-K launches get from now on."""
-    from qlora_core.kernels import splitk
-    used, real = [], splitk.workspace
-
-    def spy(device, n, tiles):
-        pair = real(device, n, tiles)
-        used.append(pair)
-        return pair
-
-    monkeypatch.setattr(splitk, "workspace", spy)
-    return used
-
-
-def _split_k_ran_and_left_zeroed(used: list) -> None:
-    torch.cuda.synchronize()
-    assert used, "split-K never ran (no workspace requested): the zeroed-workspace check would be vacuous"
-    for ws, cnt in used:
-        assert not ws.any() and not cnt.any(), "split-K workspace not left zeroed"
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,11 +181,11 @@ def test_gemv1_kernels_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
         for use_asm in (True, False):
             assert_close_verbose(dispatch.gemv1(x, q, t, b, config=cfg, use_asm=use_asm), y64, atol=bound, rtol=0,
                                  name=f"gemv1 {cfg} asm={use_asm}")
-    used = _spy_split_k(monkeypatch)
-    for split in (3, 3):  # repeated: each call must leave the shared workspace zeroed for the next
-        assert_close_verbose(dispatch.gemv1(x, q, t, b, split_k=split), y64, atol=bound, rtol=0,
-                             name=f"gemv1 split_k={split}")
-    _split_k_ran_and_left_zeroed(used)
+    used = spy_split_k(monkeypatch.setattr)
+    for split in (3, 3):  # repeated: each call must leave the tile counters zeroed for the next
+        y = dispatch.gemv1(x, q, t, b, split_k=split)
+        assert_close_verbose(y, y64, atol=bound, rtol=0, name=f"gemv1 split_k={split}")
+    assert_split_k_slot_sum(used, y, b, "gemv1 split_k=3")
     assert_close_verbose(dispatch.linear_forward(x, q, t, b), y64, atol=bound, rtol=0, name="dispatch M=1")
 
 
@@ -219,7 +198,7 @@ def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
     t = kernel_tables(q)
     w = _ref_w(q, dtype)
     w64 = _ref_w(q, torch.float32).double()
-    used = _spy_split_k(monkeypatch)
+    used = spy_split_k(monkeypatch.setattr)
     for m in (2, 16, 17):
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         b = torch.randn(n, dtype=dtype, device="cuda")
@@ -231,7 +210,26 @@ def test_gemv_mma_against_float64(dtype, n, k, bs, qt, dq, monkeypatch):
                                      y64, atol=bound, rtol=0, name=f"gemv_mma M={m} {cfg} split={split}")
         if m <= 16:
             assert_close_verbose(dispatch.linear_forward(x, q, t, b), y64, atol=bound, rtol=0, name=f"dispatch M={m}")
-    _split_k_ran_and_left_zeroed(used)  # the default split (MMA_SPLIT_K, at most one per K step) is > 1 here
+    y = dispatch.gemv_mma(x, q, t, b)  # the default split (MMA_SPLIT_K, at most one per K step) is > 1 here
+    assert_split_k_slot_sum(used, y, b, f"gemv_mma M={m} default split")
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 1024, 4096), (8, 1024, 4096), (8, 4096, 4096), (8, 14336, 4096),
+                                     (16, 4096, 14336)])  # gemv1 splits K only below 2048 rows
+def test_split_k_decode_is_bitwise_reproducible(m, n, k, monkeypatch):
+    """Decode-kernel outputs of 8B shapes are bitwise equal over 30 calls with the default split-K (the slots are
+    summed in slot order whichever program arrives last; adding into one buffer in arrival order changed the last
+    bits run to run, so seeded sampling diverged)."""
+    dtype = torch.bfloat16
+    q = _q(n, k, dtype)
+    t = kernel_tables(q)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    used = spy_split_k(monkeypatch.setattr)
+    first = dispatch.linear_forward(x, q, t, None)
+    assert_split_k_slot_sum(used, first, None, f"M={m} {n}x{k}")  # split-K really ran
+    for i in range(30):
+        y = dispatch.linear_forward(x, q, t, None)
+        assert torch.equal(y, first), f"call {i}: {(y != first).sum().item()} of {y.numel()} outputs differ"
 
 
 def test_split_k_inside_a_cuda_graph_captured_on_a_fresh_stream(monkeypatch):

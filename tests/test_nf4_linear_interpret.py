@@ -13,7 +13,8 @@ blocksize >= 64, K % blocksize == 0). DECODE_CASES names the cases they must ser
 them is refused or when any other case is accepted, and asserts that every named case ran. Every case, served or
 not, also goes through nf4_linear's dispatch, which must pick the expected kernel (gemv1 / gemv_mma, else the
 generic gemv, and dequantize + matmul for fp32) and give a result within the same bound. Split-K checks assert
-that a workspace was really requested before asserting it was left zeroed.
+that a workspace was really requested, that its tile counters were reset, and that the output is bitwise the
+slot-order sum of the partials (tests.helpers.assert_split_k_slot_sum: the fixed order that makes it reproducible).
 """
 import sys
 
@@ -84,26 +85,21 @@ def _check_dispatch(x, q, w, w64, tag, served):
            torch.nn.functional.linear(x, w, b), x.dtype)
 
 
-def _split_k_ran_and_left_zeroed(used: list, name: str) -> None:
-    assert used, f"{name}: split-K never ran (no workspace requested); its zeroed-workspace check would be vacuous"
-    for ws, cnt in used:
-        assert not ws.any() and not cnt.any(), f"{name}: split-K workspace not left zeroed"
-
-
 def run_group(group: str) -> int:
     import qlora_core as qc
     from qlora_core import backend
     from qlora_core.kernels import nf4_linear, quant4, splitk
     from qlora_core.ops.nf4_linear import kernel_tables
     from qlora_core.ops.quant4 import dequantize_as
+    from tests.helpers import assert_split_k_slot_sum, spy_split_k
     assert backend.interpreting()
     torch.manual_seed(0)
-    checked = 0
-    served, workspaces, decoded = [], [], set()
+    checked = slot_sums = 0
+    served, decoded = [], set()
     for name in ("gemv1", "gemv_mma", "gemv"):
         _spy(nf4_linear, name, served, name)
     _spy(quant4, "dequantize_4bit", served, "cublas")
-    _spy(splitk, "workspace", workspaces, lambda pair: pair)
+    workspaces = spy_split_k(setattr)
     for dtype in DTYPES:
         for tag, q, w, w64 in _weights(dtype):
             n, k = q.shape
@@ -120,8 +116,12 @@ def run_group(group: str) -> int:
                     x = torch.randn(m, k, dtype=dtype)
                     b = torch.randn(n, dtype=dtype)
                     y64 = x.double() @ w64.T + b.double()
-                    _check(f"gemv M={m} split={split} {tag}", nf4_linear.gemv(x, q, t, b, split_k=split), y64,
-                           torch.nn.functional.linear(x, w, b), dtype)
+                    workspaces.clear()
+                    y = nf4_linear.gemv(x, q, t, b, split_k=split)
+                    _check(f"gemv M={m} split={split} {tag}", y, y64, torch.nn.functional.linear(x, w, b), dtype)
+                    if workspaces:  # the launcher clamps split to the K steps: (1, 2) at K = 65 runs one split
+                        assert_split_k_slot_sum(workspaces, y, b, f"gemv M={m} split={split} {tag}")
+                        slot_sums += 1
                     checked += 1
             elif group == "gemv1":
                 # the one-row decode kernel (table decode path; its PTX is checked by tests/test_nf4_linear_ptx.py)
@@ -140,12 +140,12 @@ def run_group(group: str) -> int:
                     b = torch.randn(n, dtype=dtype) if bias else None
                     y64 = x.double() @ w64.T + (b.double() if bias else 0.0)
                     workspaces.clear()
-                    for _ in range(2):  # twice: split-K must leave its workspace zeroed for the next call
-                        _check(f"gemv1 cfg={cfg} split={split} {tag}",
-                               nf4_linear.gemv1(x, q, t, b, config=cfg, split_k=split),
-                               y64, torch.nn.functional.linear(x, w, b), dtype)
+                    for _ in range(2):  # twice: split-K must leave its counters zeroed for the next call
+                        y = nf4_linear.gemv1(x, q, t, b, config=cfg, split_k=split)
+                        _check(f"gemv1 cfg={cfg} split={split} {tag}", y, y64, torch.nn.functional.linear(x, w, b),
+                               dtype)
                     if split > 1:
-                        _split_k_ran_and_left_zeroed(workspaces, f"gemv1 split={split} {tag}")
+                        assert_split_k_slot_sum(workspaces, y, b, f"gemv1 split={split} {tag}")
                     checked += 1
             elif group == "gemv_mma":
                 # the small-M tensor-core kernel (table decode path), with and without split-K
@@ -164,12 +164,12 @@ def run_group(group: str) -> int:
                     b = torch.randn(n, dtype=dtype)
                     y64 = x.double() @ w64.T + b.double()
                     workspaces.clear()
-                    for _ in range(2):  # twice: split-K must leave its workspace zeroed
-                        _check(f"gemv_mma M={m} cfg={cfg} split={split} {tag}",
-                               nf4_linear.gemv_mma(x, q, t, b, config=cfg, split_k=split), y64,
+                    for _ in range(2):  # twice: split-K must leave its counters zeroed
+                        y = nf4_linear.gemv_mma(x, q, t, b, config=cfg, split_k=split)
+                        _check(f"gemv_mma M={m} cfg={cfg} split={split} {tag}", y, y64,
                                torch.nn.functional.linear(x, w, b), dtype)
                     if split is not None:
-                        _split_k_ran_and_left_zeroed(workspaces, f"gemv_mma M={m} split={split} {tag}")
+                        assert_split_k_slot_sum(workspaces, y, b, f"gemv_mma M={m} split={split} {tag}")
                     checked += 1
             elif group == "cublas_fwd":
                 # the dequantize + matmul path
@@ -209,6 +209,8 @@ def run_group(group: str) -> int:
                     db64 = dy.double().reshape(-1, n).sum(0)
                     _check(f"nf4_linear dbias {lead} {tag}", b.grad, db64, dy.reshape(-1, n).sum(0), dtype)
                     checked += 3
+    if group == "gemv":
+        assert slot_sums >= 10, f"gemv: split-K ran in only {slot_sums} cases"
     if group in ("gemv1", "gemv_mma"):
         assert decoded == DECODE_CASES, f"{group}: named decode cases that did not run: {DECODE_CASES - decoded}"
     print(f"{group}: {checked} checks passed")
