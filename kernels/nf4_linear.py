@@ -7,11 +7,12 @@ uses W bit-exact with dequantize(q), the tensor-core paths dequantize(q)'s value
 (kernels/nf4_decode.py), the register-decode paths the table values to 2**-14. The format's tables come from the
 caller as `nf4_decode.Tables` (this folder imports nothing from qlora_core).
 
-Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
-- "gemv"   (forward, M <= GEMV_MAX_M): reads the packed weight directly. bf16/fp16 x on an aligned layout
-           (K % blocksize == 0, blocksize >= 64) decodes the codes in registers (nf4_decode.py): one row in
-           `gemv1` (CUDA cores), 2..16 rows in `gemv_mma` (tensor cores); everything else goes to `gemv`
-           (table gathers).
+Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W). The branches are named in FWD_BRANCHES and
+DX_BRANCHES and picked in one place (`fwd_branch`, `dx_branch`); `path=` forces one (tests run each on the CPU):
+- "gemv"   (forward, M <= GEMV_MAX_M, the decode family): reads the packed weight directly. bf16/fp16 x on an
+           aligned layout (K % blocksize == 0, blocksize >= 64) decodes the codes in registers (nf4_decode.py):
+           one row in "gemv1" (CUDA cores), 2..16 rows in "gemv_mma" (tensor cores); everything else goes to
+           "gemv_generic" (the `gemv` kernel, table gathers). path="gemv" lets `decode_branch` pick among the three.
 - "tiled"  (dx at small M with K >= 2N): `matmul_dx`, dequantize fused into the tiles of a transposed GEMM.
 - "cublas" (everything else, and all fp32): kernels/quant4.dequantize_4bit (the library's dequantizer,
   ~92% of copy bandwidth on an H100) into a buffer of x's dtype, then cuBLAS. At large M the GEMM is
@@ -56,9 +57,14 @@ GEMV_MAX_M = 16
 DX_TILED_MAX_M = 16
 
 
+# The kernels each direction can run (see the header); fwd_branch / dx_branch pick one, `path=` forces one.
+FWD_BRANCHES = ("gemv1", "gemv_mma", "gemv_generic", "cublas")
+DX_BRANCHES = ("tiled", "cublas")
+
+
 def choose_path(direction: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
-    """"gemv" | "tiled" | "cublas" for this direction ("fwd" or "dx"), M and (N, K). fp32 always takes "cublas":
-    Triton's ieee fp32 dot is slow and cuBLAS fp32 is the reference's own arithmetic."""
+    """"gemv" (the decode family) | "tiled" | "cublas" for this direction ("fwd" or "dx"), M and (N, K). fp32
+    always takes "cublas": Triton's ieee fp32 dot is slow and cuBLAS fp32 is the reference's own arithmetic."""
     if dtype == torch.float32:
         return "cublas"
     if direction == "fwd":
@@ -66,8 +72,27 @@ def choose_path(direction: str, m: int, n: int, k: int, dtype: torch.dtype = tor
     return "tiled" if (m <= DX_TILED_MAX_M and k >= 2 * n) else "cublas"
 
 
+def decode_branch(x: torch.Tensor, q) -> str:
+    """The decode kernel of FWD_BRANCHES that serves x (M, K): register decode where the layout allows it."""
+    if gemv1_supports(x, q):
+        return "gemv1"
+    return "gemv_mma" if mma_supports(x, q) else "gemv_generic"
+
+
+def fwd_branch(x: torch.Tensor, q) -> str:
+    """The one of FWD_BRANCHES that linear_forward runs for x (M, K) and q (N, K)."""
+    if choose_path("fwd", x.shape[0], q.shape[0], q.shape[1], x.dtype) == "cublas":
+        return "cublas"
+    return decode_branch(x, q)
+
+
+def dx_branch(dy: torch.Tensor, q) -> str:
+    """The one of DX_BRANCHES that linear_input_grad runs for dy (M, N) and q (N, K)."""
+    return choose_path("dx", dy.shape[0], q.shape[0], q.shape[1], dy.dtype)
+
+
 def _check_path(path: str | None, direction: str) -> None:
-    allowed = ("gemv", "cublas") if direction == "fwd" else ("tiled", "cublas")
+    allowed = (*FWD_BRANCHES, "gemv") if direction == "fwd" else DX_BRANCHES
     if path is not None and path not in allowed:
         raise ValueError(f"unknown {direction} path {path!r}; expected one of {allowed}")
 
@@ -80,12 +105,13 @@ def linear_forward(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, pat
     n = q.shape[0]
     if m == 0:
         return x.new_empty((0, n))
-    path = path or choose_path("fwd", m, n, k, x.dtype)
-    if path == "gemv":
-        if gemv1_supports(x, q):
-            return gemv1(x, q, t, bias)
-        if mma_supports(x, q):
-            return gemv_mma(x, q, t, bias)
+    path = fwd_branch(x, q) if path is None else decode_branch(x, q) if path == "gemv" else path
+    # a forced decode kernel that cannot serve x raises its own "needs" error
+    if path == "gemv1":
+        return gemv1(x, q, t, bias)
+    if path == "gemv_mma":
+        return gemv_mma(x, q, t, bias)
+    if path == "gemv_generic":
         return gemv(x, q, t, bias)
     w = quant4.dequantize_4bit(q, t.dequant, t.code256, dtype=x.dtype)  # (N, K), freed on return
     return torch.nn.functional.linear(x, w, bias)
@@ -98,7 +124,7 @@ def linear_input_grad(dy: torch.Tensor, q, t: Tables, path: str | None = None) -
     k = q.shape[1]
     if m == 0:
         return dy.new_zeros((0, k))
-    path = path or choose_path("dx", m, n, k, dy.dtype)
+    path = path or dx_branch(dy, q)
     if path == "tiled":
         return matmul_dx(dy, q, t)
     w = quant4.dequantize_4bit(q, t.dequant, t.code256, dtype=dy.dtype)  # (N, K), freed on return

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from .common import cast_rne, interpreting
 
-__all__ = ["quantize_4bit", "quantize_blockwise", "dequantize_4bit", "encode_8bit", "MODES"]
-MODES = ("bnb", "reference")
+__all__ = ["quantize_4bit", "quantize_blockwise", "dequantize_4bit", "encode_8bit", "MODE_BRANCHES"]
+MODE_BRANCHES = ("bnb", "reference")  # the device picks one (_resolve), mode= forces one
 RCP_NAMES = {"ieee": 0, "div": 1, "approx": 2}  # 1 = Triton's `/` (div.full.f32), kept for the measurement
 # Quantize tile on a GPU: elements per program (whole blocks) and warps; from bench_quant4.py --sweep.
 QUANT_ELEMS, QUANT_WARPS = 4096, 4
@@ -234,8 +234,8 @@ def _resolve(device: torch.device, mode: str | None, rcp: str | None, ftz: bool 
     inline asm, so "bnb" there keeps its thresholds / FTZ / -0.0 but uses the IEEE reciprocal."""
     on_gpu = device.type == "cuda"
     mode = mode or ("bnb" if on_gpu else "reference")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode not in MODE_BRANCHES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODE_BRANCHES}")
     r = rcp or ("approx" if mode == "bnb" and on_gpu else "ieee")
     if r not in RCP_NAMES or (r != "ieee" and not on_gpu):
         raise ValueError(f"rcp={r!r} is not available on {device.type}")

@@ -21,6 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(WORKER))
 
 # group -> minimum number of cases it must have run (guards against a worker that silently checks nothing)
 GROUPS = {"quant4": 288, "dequant": 288, "blockwise": 63, "pipeline": 54, "errors": 9, "bnbmode": 108}
+# kernels/quant4.MODE_BRANCHES -> the groups that run it on the CPU: "reference" is the CPU default, "bnb" (the GPU
+# default) is forced with mode="bnb" (tests/test_branches.py checks this covers every mode)
+MODE_SERVES = {"reference": ("quant4", "dequant", "blockwise", "pipeline"), "bnb": ("bnbmode",)}
 
 
 def _run(group: str) -> dict:
