@@ -36,6 +36,7 @@ issued by hand before step i is decoded.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -60,6 +61,24 @@ DX_TILED_MAX_M = 16
 # The kernels each direction can run (see the header); fwd_branch / dx_branch pick one, `path=` forces one.
 FWD_BRANCHES = ("gemv1", "gemv_mma", "gemv_generic", "cublas")
 DX_BRANCHES = ("tiled", "cublas")
+# Tile sizes of the Triton paths: the ones measured on a GPU, or small ones under the interpreter (it runs every
+# program in Python). Decided once here (triton read TRITON_INTERPRET at import); `forced_tiling("gpu")` lets the
+# interpreter tests run the GPU's tiles too (masks where BLOCK_N > N, whole K steps). Inline PTX stays off in the
+# interpreter either way (use_asm follows `interpreting()`: the interpreter cannot run it).
+TILING_BRANCHES = ("gpu", "interpreter")
+_TILING = ["interpreter" if interpreting() else "gpu"]  # the last entry rules; forced_tiling pushes onto it
+
+
+@contextlib.contextmanager
+def forced_tiling(name: str):
+    """Use the tiles of one of TILING_BRANCHES inside a `with` block (tests)."""
+    if name not in TILING_BRANCHES:
+        raise ValueError(f"unknown tiling {name!r}; expected one of {TILING_BRANCHES}")
+    _TILING.append(name)
+    try:
+        yield
+    finally:
+        _TILING.pop()
 
 
 def choose_path(direction: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -239,7 +258,7 @@ def gemv(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, block_n: int 
         raise ValueError(f"gemv handles 1..128 rows, got M={m}")
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
     aligned = k % q.blocksize == 0
-    if interpreting():
+    if _TILING[-1] == "interpreter":
         cfg = (16, 2, 4, 1)
     else:
         cfg = GEMV_TUNED.get((block_m, x.dtype), (64, 1, 4, 1))
@@ -365,10 +384,10 @@ def gemv1(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, config: Gemv
         raise ValueError(f"gemv1 needs one bf16/fp16 row, K % blocksize == 0 and blocksize >= 64; got x "
                          f"{tuple(x.shape)} {x.dtype}, q {tuple(q.shape)} blocksize {q.blocksize}")
     n, k = q.shape
-    interp = interpreting()
     if use_asm is None:
-        use_asm = not interp
-    block_n, nb, num_warps, num_stages, prefetch = config or (GEMV1_INTERPRETER_CONFIG if interp else GEMV1_CONFIG)
+        use_asm = not interpreting()  # the interpreter cannot run PTX
+    small = _TILING[-1] == "interpreter"
+    block_n, nb, num_warps, num_stages, prefetch = config or (GEMV1_INTERPRETER_CONFIG if small else GEMV1_CONFIG)
     if split_k is None:
         split_k = gemv1_split(triton.cdiv(n, block_n), triton.cdiv(k // 64, nb))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
@@ -468,10 +487,10 @@ def gemv_mma(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, config: M
     m, k = x.shape
     n = q.shape[0]
     block_m = max(16, triton.next_power_of_2(m))
-    interp = interpreting()
     if use_asm is None:
-        use_asm = not interp
-    block_n, nb, num_warps, num_stages = config or (MMA_INTERPRETER_CONFIG if interp else MMA_CONFIG[block_m])
+        use_asm = not interpreting()  # the interpreter cannot run PTX
+    small = _TILING[-1] == "interpreter"
+    block_n, nb, num_warps, num_stages = config or (MMA_INTERPRETER_CONFIG if small else MMA_CONFIG[block_m])
     if split_k is None:
         split_k = min(MMA_SPLIT_K, triton.cdiv(k // 64, nb))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -561,7 +580,7 @@ def _dx_fixed_config(m: int, dtype: torch.dtype) -> dict | None:
     """A fixed config instead of autotuning: small tiles in the interpreter and for fp32 (the ieee fp32 dot
     needs 4-byte tiles in shared memory: the bf16 table's 256-wide tiles overflow the 227 KB); the table's
     first row when QLORA_CORE_AUTOTUNE=0 (GPU tests, to keep compile time down); None = autotune."""
-    if interpreting():
+    if _TILING[-1] == "interpreter":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)

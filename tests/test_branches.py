@@ -23,6 +23,7 @@ REGISTRY = {
     "qlora_core/llama.py:SDPA_BRANCHES": test_sdpa_branches.SERVES,
     "kernels/nf4_linear.py:FWD_BRANCHES": test_nf4_linear_branches.FWD_SERVES,
     "kernels/nf4_linear.py:DX_BRANCHES": test_nf4_linear_branches.DX_SERVES,
+    "kernels/nf4_linear.py:TILING_BRANCHES": test_nf4_linear_branches.TILING_SERVES,
     "kernels/quant4.py:MODE_BRANCHES": test_quant4_interpret.MODE_SERVES,
 }
 

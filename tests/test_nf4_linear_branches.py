@@ -1,5 +1,7 @@
 """kernels/nf4_linear.py's dispatch branches (FWD_BRANCHES, DX_BRANCHES), each forced with `path=` on the CPU under
-TRITON_INTERPRET=1 (one subprocess for all cases: triton reads the variable at its first import).
+TRITON_INTERPRET=1 (one subprocess for all cases: triton reads the variable at its first import), with each of
+TILING_BRANCHES: the interpreter's small tiles and, under `forced_tiling("gpu")`, the tiles a GPU runs (with
+QLORA_CORE_AUTOTUNE=0 the tiled dx takes its table's first row, as the GPU tests do; split-K runs there).
 
 On the CPU the Triton backend is only ever forced, and the kernel a GPU would pick depends on M, the dtype and the
 layout, so each branch is forced here over the cases it serves (FWD_SERVES, DX_SERVES), whatever fwd_branch would
@@ -14,18 +16,22 @@ import json
 import pytest
 
 # weight name -> (N, K, blocksize, quant_type, double_quant): register-decodable (K % blocksize == 0) and not
-WEIGHTS = {"aligned": (24, 128, 64, "nf4", True), "odd": (19, 65, 64, "fp4", False)}
+WEIGHTS = {"aligned": (24, 128, 64, "nf4", True), "odd": (19, 65, 64, "fp4", False),
+           "long": (40, 640, 64, "nf4", True)}  # long: whole K steps of the GPU tiles (8 absmax blocks), split-K
 # branch -> the (weight, x dtype, M) cases it serves
 FWD_SERVES = {
-    "gemv1": [("aligned", "float16", 1)],
-    "gemv_mma": [("aligned", "float16", 1), ("aligned", "float16", 5)],
-    "gemv_generic": [("aligned", "float32", 1), ("aligned", "float16", 3), ("odd", "float16", 2)],
+    "gemv1": [("aligned", "float16", 1), ("long", "float16", 1)],
+    "gemv_mma": [("aligned", "float16", 1), ("aligned", "float16", 5), ("long", "float16", 3)],
+    "gemv_generic": [("aligned", "float32", 1), ("aligned", "float16", 3), ("odd", "float16", 2),
+                     ("long", "float16", 1)],
     "cublas": [("aligned", "float32", 5), ("odd", "float16", 17)],
 }
 DX_SERVES = {
-    "tiled": [("aligned", "float32", 3), ("odd", "float16", 2), ("aligned", "float16", 17)],
+    "tiled": [("aligned", "float32", 3), ("odd", "float16", 2), ("aligned", "float16", 17), ("long", "float16", 2)],
     "cublas": [("aligned", "float16", 3), ("odd", "float32", 20)],
 }
+# kernels/nf4_linear.TILING_BRANCHES -> the branch tables run under it (all of them, under each)
+TILING_SERVES = {"interpreter": ("fwd", "dx"), "gpu": ("fwd", "dx")}
 # (direction, weight, dtype, M) -> the branch the dispatch picks by itself
 CHOICES = {("fwd", "aligned", "float16", 1): "gemv1", ("fwd", "aligned", "float16", 5): "gemv_mma",
            ("fwd", "odd", "float16", 2): "gemv_generic", ("fwd", "aligned", "float32", 1): "cublas",
@@ -34,13 +40,14 @@ CHOICES = {("fwd", "aligned", "float16", 1): "gemv1", ("fwd", "aligned", "float1
            ("dx", "odd", "float16", 2): "tiled"}
 
 _SCRIPT = r'''
-import json, sys, torch
+import json, os, sys, torch
 import qlora_core as qc
 from qlora_core.kernels import nf4_linear
 from qlora_core.ops.nf4_linear import kernel_tables
 from qlora_core.ops.quant4 import dequantize_as
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
-from tests.test_nf4_linear_branches import WEIGHTS, FWD_SERVES, DX_SERVES, CHOICES
+from tests.test_nf4_linear_branches import WEIGHTS, FWD_SERVES, DX_SERVES, CHOICES, TILING_SERVES
+os.environ["QLORA_CORE_AUTOTUNE"] = "0"  # GPU tiles of the tiled dx: its table's first row, not a CPU autotune
 
 torch.manual_seed(0)
 qs = {name: qc.quantize(torch.randn(n, k), blocksize=bs, quant_type=qt, double_quant=dq)
@@ -67,15 +74,17 @@ def case(direction, branch, wname, dname, m):
         check(branch, out, dy.double() @ w64[wname], dy @ w)
 
 
-for direction, serves in (("fwd", FWD_SERVES), ("dx", DX_SERVES)):
-    for branch, cases in serves.items():
-        key = f"{direction}:{branch}"
-        try:
-            for c in cases:
-                case(direction, branch, *c)
-            result[key] = "ok"
-        except Exception as e:  # reported per branch by the test
-            result[key] = f"{type(e).__name__}: {e}"[:1500]
+for tiling, directions in TILING_SERVES.items():
+    for direction, serves in (("fwd", FWD_SERVES), ("dx", DX_SERVES)):
+        for branch, cases in serves.items() if direction in directions else ():
+            key = f"{direction}:{branch}@{tiling}"
+            try:
+                with nf4_linear.forced_tiling(tiling):
+                    for c in cases:
+                        case(direction, branch, *c)
+                result[key] = "ok"
+            except Exception as e:  # reported per branch by the test
+                result[key] = f"{type(e).__name__}: {e}"[:1500]
 for (direction, wname, dname, m), want in CHOICES.items():
     q = qs[wname]
     x = torch.randn(m, q.shape[1] if direction == "fwd" else q.shape[0], dtype=getattr(torch, dname))
@@ -100,7 +109,8 @@ def results():
     return json.loads(out.split("RESULT ", 1)[1])
 
 
-@pytest.mark.parametrize("key", [f"fwd:{b}" for b in FWD_SERVES] + [f"dx:{b}" for b in DX_SERVES])
+@pytest.mark.parametrize("key", [f"{d}:{b}@{tiling}" for tiling, ds in TILING_SERVES.items() for d in ds
+                                 for b in {"fwd": FWD_SERVES, "dx": DX_SERVES}[d]])
 def test_forced_branch_matches_float64(results, key):
     assert results[key] == "ok", f"{key}: {results[key]}"
 
