@@ -1,7 +1,7 @@
 """The one registry of dispatch branches: every device-dependent choice is a module-level tuple named `*_BRANCHES`
 in qlora_core/ or kernels/ (found here by reading the source, nothing imported), and REGISTRY names, for each, the
 table of a test that forces every branch on the CPU. A new set, or a new branch in a set, fails here until a test
-covers it. This file also forces backend.BACKEND_BRANCHES (where an op runs) on three ops.
+covers it. This file also forces backend.BACKEND_BRANCHES (where an op runs) on four ops.
 """
 import ast
 import json
@@ -16,8 +16,9 @@ from tests import test_nf4_linear_branches, test_quant4_interpret, test_sdpa_bra
 ROOT = Path(__file__).resolve().parents[1]
 
 # where the set is defined ("file:NAME") -> the test table whose keys are the branches it forces
-BACKEND_SERVES = {"reference": ("rms_norm", "swiglu", "nf4_linear"), "triton": ("rms_norm", "swiglu", "nf4_linear")}
-KERNEL_FILE = {"rms_norm": "rmsnorm", "swiglu": "swiglu", "nf4_linear": "nf4_linear"}  # op -> its kernels/ file
+OPS = ("rms_norm", "swiglu", "nf4_linear", "adamw32")  # adamw32: ops/adamw.triton_kernels' choice
+BACKEND_SERVES = {"reference": OPS, "triton": OPS}
+KERNEL_FILE = {"rms_norm": "rmsnorm", "swiglu": "swiglu", "nf4_linear": "nf4_linear", "adamw32": "adamw"}
 REGISTRY = {
     "qlora_core/backend.py:BACKEND_BRANCHES": BACKEND_SERVES,
     "qlora_core/llama.py:SDPA_BRANCHES": test_sdpa_branches.SERVES,
@@ -79,7 +80,7 @@ from qlora_core import backend
 from qlora_core.ops.rmsnorm import rms_norm
 from qlora_core.ops.swiglu import swiglu
 from tests.helpers import DTYPE_ATOL
-from tests.test_branches import BACKEND_SERVES, KERNEL_FILE, float64_cases
+from tests.test_branches import BACKEND_SERVES, KERNEL_FILE, adamw32_run, float64_cases
 
 torch.manual_seed(0)
 cases = float64_cases()
@@ -89,7 +90,7 @@ for branch in ("reference", "triton"):  # reference first: its run must not load
         args, want, own_err, dtype = cases[op]
         with backend.forced(branch):
             got = {"rms_norm": lambda: rms_norm(*args), "swiglu": lambda: swiglu(*args),
-                   "nf4_linear": lambda: qc.nf4_linear(*args)}[op]()
+                   "nf4_linear": lambda: qc.nf4_linear(*args), "adamw32": lambda: adamw32_run(*args)}[op]()
         kernel_loaded = "qlora_core.kernels." + KERNEL_FILE[op] in sys.modules
         err, bound = (got.double() - want).abs().max().item(), 2 * own_err + DTYPE_ATOL[dtype]
         bad = [] if got.dtype == dtype else [f"dtype {got.dtype}"]
@@ -98,6 +99,20 @@ for branch in ("reference", "triton"):  # reference first: its run must not load
         result[f"{branch}:{op}"] = "; ".join(bad) or "ok"
 print("RESULT " + json.dumps(result))
 '''
+
+
+def _adamw_step(p, g, m, v, t, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
+    """AdamW's published step (decoupled decay, bias corrections) in p's dtype -> new p."""
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    return p * (1 - lr * wd) - lr / (1 - b1 ** t) * m / ((v / (1 - b2 ** t)).sqrt() + eps)
+
+
+def adamw32_run(p, g, m, v, t):
+    """ops/adamw.adamw32_step on copies (it works in place) -> new p."""
+    from qlora_core.ops.adamw import adamw32_step, adamw_coeffs
+    p, m, v = p.clone(), m.clone(), v.clone()
+    adamw32_step(p, g, m, v, adamw_coeffs(t, 1e-2, 0.9, 0.999, 1e-8, 0.1, 32))
+    return p
 
 
 def float64_cases() -> dict:
@@ -114,11 +129,16 @@ def float64_cases() -> dict:
     q = qc.quantize(torch.randn(24, 128), blocksize=64)
     xl = torch.randn(3, 128, dtype=h)
     lin64 = xl.double() @ dequantize_as(q, torch.float32).double().T
+    # AdamW at step 3 from nonzero moments (at step 1 the update is ~lr * sign(g), blind to the moments), fp32
+    pa, ga, ma, va = torch.randn(300), torch.randn(300) * 0.1, torch.randn(300) * 0.01, torch.rand(300) * 1e-3
     own = {"rms_norm": (rms_own.to(h) * w), "swiglu": torch.nn.functional.silu(g) * u,
-           "nf4_linear": torch.nn.functional.linear(xl, dequantize_as(q, h))}
-    want = {"rms_norm": rms64, "swiglu": sw64, "nf4_linear": lin64}
-    args = {"rms_norm": (x, w, 1e-6), "swiglu": (g, u), "nf4_linear": (xl, q)}
-    return {op: (args[op], want[op], (own[op].double() - want[op]).abs().max().item(), h) for op in want}
+           "nf4_linear": torch.nn.functional.linear(xl, dequantize_as(q, h)), "adamw32": _adamw_step(pa, ga, ma, va, 3)}
+    want = {"rms_norm": rms64, "swiglu": sw64, "nf4_linear": lin64,
+            "adamw32": _adamw_step(*(a.double() for a in (pa, ga, ma, va)), 3)}
+    args = {"rms_norm": (x, w, 1e-6), "swiglu": (g, u), "nf4_linear": (xl, q), "adamw32": (pa, ga, ma, va, 3)}
+    dtype = {"adamw32": torch.float32}
+    return {op: (args[op], want[op], (own[op].double() - want[op]).abs().max().item(), dtype.get(op, h))
+            for op in want}
 
 
 @pytest.fixture(scope="module")
