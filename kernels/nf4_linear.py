@@ -110,8 +110,11 @@ def dx_branch(dy: torch.Tensor, q) -> str:
     return choose_path("dx", dy.shape[0], q.shape[0], q.shape[1], dy.dtype)
 
 
+_FWD_PATHS = (*FWD_BRANCHES, "gemv")  # what path= takes: a branch, or the decode family ("gemv", choose_path's name)
+
+
 def _check_path(path: str | None, direction: str) -> None:
-    allowed = (*FWD_BRANCHES, "gemv") if direction == "fwd" else DX_BRANCHES
+    allowed = _FWD_PATHS if direction == "fwd" else DX_BRANCHES
     if path is not None and path not in allowed:
         raise ValueError(f"unknown {direction} path {path!r}; expected one of {allowed}")
 
