@@ -23,7 +23,8 @@ DX_BRANCHES and picked in one place (`fwd_branch`, `dx_branch`); `path=` forces 
   NOTE: the buffer is a local of this call, dropped before returning: the caching allocator reuses its
   memory for the next layer, but no dense weight outlives the op (peak memory grows by one N*K weight of
   x's dtype only while the op runs; bench_nf4_linear.py reports kept = 0 MB).
-The thresholds are measured by benchmarks/bench_nf4_linear.py (docs/benchmarks.md); `path=` overrides for tests
+Tile sizes follow kernels/common.TILING (the GPU's measured tiles, or small ones under the interpreter; tests force
+either). The thresholds are measured by benchmarks/bench_nf4_linear.py (docs/benchmarks.md); `path=` overrides for tests
 and the benchmark. Training goes through neither: its grouped projections dequantize into one buffer and call
 cuBLAS from qlora_core/ops/nf4_linear.py (the decode kernels serve inference at M <= 16).
 
@@ -36,7 +37,6 @@ issued by hand before step i is decoded.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import quant4, splitk
-from .common import cast_rne, interpreting, mma
+from .common import TILING, cast_rne, interpreting, mma
 from .nf4_decode import (ASM, Tables, absmax_finish, decodable, decode_columns, load_code_words, load_pair_tile,
                          load_tables, q_args)
 
@@ -61,24 +61,6 @@ DX_TILED_MAX_M = 16
 # The kernels each direction can run (see the header); fwd_branch / dx_branch pick one, `path=` forces one.
 FWD_BRANCHES = ("gemv1", "gemv_mma", "gemv_generic", "cublas")
 DX_BRANCHES = ("tiled", "cublas")
-# Tile sizes of the Triton paths: the ones measured on a GPU, or small ones under the interpreter (it runs every
-# program in Python). Decided once here (triton read TRITON_INTERPRET at import); `forced_tiling("gpu")` lets the
-# interpreter tests run the GPU's tiles too (masks where BLOCK_N > N, whole K steps). Inline PTX stays off in the
-# interpreter either way (use_asm follows `interpreting()`: the interpreter cannot run it).
-TILING_BRANCHES = ("gpu", "interpreter")
-_TILING = ["interpreter" if interpreting() else "gpu"]  # the last entry rules; forced_tiling pushes onto it
-
-
-@contextlib.contextmanager
-def forced_tiling(name: str):
-    """Use the tiles of one of TILING_BRANCHES inside a `with` block (tests)."""
-    if name not in TILING_BRANCHES:
-        raise ValueError(f"unknown tiling {name!r}; expected one of {TILING_BRANCHES}")
-    _TILING.append(name)
-    try:
-        yield
-    finally:
-        _TILING.pop()
 
 
 def choose_path(direction: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -261,7 +243,7 @@ def gemv(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, block_n: int 
         raise ValueError(f"gemv handles 1..128 rows, got M={m}")
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
     aligned = k % q.blocksize == 0
-    if _TILING[-1] == "interpreter":
+    if TILING[-1] == "interpreter":
         cfg = (16, 2, 4, 1)
     else:
         cfg = GEMV_TUNED.get((block_m, x.dtype), (64, 1, 4, 1))
@@ -389,7 +371,7 @@ def gemv1(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, config: Gemv
     n, k = q.shape
     if use_asm is None:
         use_asm = not interpreting()  # the interpreter cannot run PTX
-    small = _TILING[-1] == "interpreter"
+    small = TILING[-1] == "interpreter"
     block_n, nb, num_warps, num_stages, prefetch = config or (GEMV1_INTERPRETER_CONFIG if small else GEMV1_CONFIG)
     if split_k is None:
         split_k = gemv1_split(triton.cdiv(n, block_n), triton.cdiv(k // 64, nb))
@@ -492,7 +474,7 @@ def gemv_mma(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, config: M
     block_m = max(16, triton.next_power_of_2(m))
     if use_asm is None:
         use_asm = not interpreting()  # the interpreter cannot run PTX
-    small = _TILING[-1] == "interpreter"
+    small = TILING[-1] == "interpreter"
     block_n, nb, num_warps, num_stages = config or (MMA_INTERPRETER_CONFIG if small else MMA_CONFIG[block_m])
     if split_k is None:
         split_k = min(MMA_SPLIT_K, triton.cdiv(k // 64, nb))
@@ -583,7 +565,7 @@ def _dx_fixed_config(m: int, dtype: torch.dtype) -> dict | None:
     """A fixed config instead of autotuning: small tiles in the interpreter and for fp32 (the ieee fp32 dot
     needs 4-byte tiles in shared memory: the bf16 table's 256-wide tiles overflow the 227 KB); the table's
     first row when QLORA_CORE_AUTOTUNE=0 (GPU tests, to keep compile time down); None = autotune."""
-    if _TILING[-1] == "interpreter":
+    if TILING[-1] == "interpreter":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)

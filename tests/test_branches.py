@@ -24,7 +24,10 @@ REGISTRY = {
     "qlora_core/llama.py:SDPA_BRANCHES": test_sdpa_branches.SERVES,
     "kernels/nf4_linear.py:FWD_BRANCHES": test_nf4_linear_branches.FWD_SERVES,
     "kernels/nf4_linear.py:DX_BRANCHES": test_nf4_linear_branches.DX_SERVES,
-    "kernels/nf4_linear.py:TILING_BRANCHES": test_nf4_linear_branches.TILING_SERVES,
+    # a tiling is covered when both nf4_linear's branch tests and quant4's interpreter groups run it
+    "kernels/common.py:TILING_BRANCHES": {
+        t: (test_nf4_linear_branches.TILING_SERVES[t], test_quant4_interpret.TILING_SERVES[t])
+        for t in set(test_nf4_linear_branches.TILING_SERVES) & set(test_quant4_interpret.TILING_SERVES)},
     "kernels/quant4.py:MODE_BRANCHES": test_quant4_interpret.MODE_SERVES,
 }
 
@@ -52,10 +55,12 @@ def test_every_branch_is_tested(where):
     assert set(branches) == set(REGISTRY[where]), f"{where}: {branches} vs tested {sorted(REGISTRY[where])}"
 
 
-def test_quant4_mode_groups_exist():
-    """MODE_SERVES names interpreter groups that run (a renamed group would leave a mode untested)."""
-    for groups in test_quant4_interpret.MODE_SERVES.values():
-        assert groups and set(groups) <= set(test_quant4_interpret.GROUPS), groups
+def test_quant4_groups_named_exist():
+    """MODE_SERVES and TILING_SERVES name interpreter groups that run (a renamed group would leave a branch
+    untested)."""
+    for table in (test_quant4_interpret.MODE_SERVES, test_quant4_interpret.TILING_SERVES):
+        for groups in table.values():
+            assert groups and set(groups) <= set(test_quant4_interpret.GROUPS), groups
 
 
 def test_backend_choice_rule():

@@ -1,6 +1,6 @@
 """kernels/nf4_linear.py's dispatch branches (FWD_BRANCHES, DX_BRANCHES), each forced with `path=` on the CPU under
 TRITON_INTERPRET=1 (one subprocess for all cases: triton reads the variable at its first import), with each of
-TILING_BRANCHES: the interpreter's small tiles and, under `forced_tiling("gpu")`, the tiles a GPU runs (with
+kernels/common.TILING_BRANCHES: the interpreter's small tiles and, under `forced_tiling("gpu")`, the tiles a GPU runs (with
 QLORA_CORE_AUTOTUNE=0 the tiled dx takes its table's first row, as the GPU tests do; split-K runs there).
 
 On the CPU the Triton backend is only ever forced, and the kernel a GPU would pick depends on M, the dtype and the
@@ -30,7 +30,7 @@ DX_SERVES = {
     "tiled": [("aligned", "float32", 3), ("odd", "float16", 2), ("aligned", "float16", 17), ("long", "float16", 2)],
     "cublas": [("aligned", "float16", 3), ("odd", "float32", 20)],
 }
-# kernels/nf4_linear.TILING_BRANCHES -> the branch tables run under it (all of them, under each)
+# kernels/common.TILING_BRANCHES -> the branch tables run under it (all of them, under each)
 TILING_SERVES = {"interpreter": ("fwd", "dx"), "gpu": ("fwd", "dx")}
 # (direction, weight, dtype, M) -> the branch the dispatch picks by itself
 CHOICES = {("fwd", "aligned", "float16", 1): "gemv1", ("fwd", "aligned", "float16", 5): "gemv_mma",
@@ -43,6 +43,7 @@ _SCRIPT = r'''
 import json, os, sys, torch
 import qlora_core as qc
 from qlora_core.kernels import nf4_linear
+from qlora_core.kernels.common import forced_tiling
 from qlora_core.ops.nf4_linear import kernel_tables
 from qlora_core.ops.quant4 import dequantize_as
 from tests.helpers import DTYPE_ATOL, assert_close_verbose
@@ -79,7 +80,7 @@ for tiling, directions in TILING_SERVES.items():
         for branch, cases in serves.items() if direction in directions else ():
             key = f"{direction}:{branch}@{tiling}"
             try:
-                with nf4_linear.forced_tiling(tiling):
+                with forced_tiling(tiling):
                     for c in cases:
                         case(direction, branch, *c)
                 result[key] = "ok"
