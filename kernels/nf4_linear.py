@@ -105,10 +105,8 @@ def linear_forward(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, pat
     """x (M, K) contiguous on the GPU (or CPU under TRITON_INTERPRET=1), q (N, K) with its tables t -> (M, N) in
     x's dtype."""
     _check_path(path, "fwd")
-    m, k = x.shape
-    n = q.shape[0]
-    if m == 0:
-        return x.new_empty((0, n))
+    if x.shape[0] == 0:
+        return x.new_empty((0, q.shape[0]))
     path = fwd_branch(x, q) if path is None else decode_branch(x, q) if path == "gemv" else path
     # a forced decode kernel that cannot serve x raises its own "needs" error
     if path == "gemv1":
@@ -124,10 +122,8 @@ def linear_forward(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, pat
 def linear_input_grad(dy: torch.Tensor, q, t: Tables, path: str | None = None) -> torch.Tensor:
     """dy (M, N) contiguous -> dx (M, K) = dy @ dequantize(q) in dy's dtype."""
     _check_path(path, "dx")
-    m, n = dy.shape
-    k = q.shape[1]
-    if m == 0:
-        return dy.new_zeros((0, k))
+    if dy.shape[0] == 0:
+        return dy.new_zeros((0, q.shape[1]))
     path = path or dx_branch(dy, q)
     if path == "tiled":
         return matmul_dx(dy, q, t)

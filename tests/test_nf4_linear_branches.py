@@ -1,7 +1,7 @@
 """kernels/nf4_linear.py's dispatch branches (FWD_BRANCHES, DX_BRANCHES), each forced with `path=` on the CPU under
 TRITON_INTERPRET=1 (one subprocess for all cases: triton reads the variable at its first import), with each of
-kernels/common.TILING_BRANCHES: the interpreter's small tiles and, under `forced_tiling("gpu")`, the tiles a GPU runs (with
-QLORA_CORE_AUTOTUNE=0 the tiled dx takes its table's first row, as the GPU tests do; split-K runs there).
+kernels/common.TILING_BRANCHES: the interpreter's small tiles and, under `forced_tiling("gpu")`, the tiles a GPU
+runs (with QLORA_CORE_AUTOTUNE=0 the tiled dx takes its table's first row, as the GPU tests do; split-K runs there).
 
 On the CPU the Triton backend is only ever forced, and the kernel a GPU would pick depends on M, the dtype and the
 layout, so each branch is forced here over the cases it serves (FWD_SERVES, DX_SERVES), whatever fwd_branch would
