@@ -1,10 +1,12 @@
-"""Triton helpers shared by every kernel file: the interpreter flag, a round-to-nearest-even cast and a dot.
+"""Triton helpers shared by every kernel file: the interpreter flag, the tile-size choice, a round-to-nearest-even
+cast and a dot.
 
 This folder imports nothing from `qlora_core` (tables and constants are passed in by the library's ops), so
 these helpers live here rather than in the library's `backend`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import triton
@@ -19,6 +21,26 @@ def interpreting() -> bool:
 # The CPU interpreter (TRITON_INTERPRET=1) truncates fp32 -> bf16 and computes tl.dot on bf16 operands
 # wrongly; kernels read this flag to round by hand and to upcast dot operands to fp32 there.
 INTERPRET: tl.constexpr = tl.constexpr(interpreting())
+
+# Tile sizes of the launchers (nf4_linear, quant4): the ones measured on a GPU, or small ones under the
+# interpreter, which runs every program in Python. Decided once, here, at import (triton read TRITON_INTERPRET at
+# its own import); launchers read TILING[-1]. `forced_tiling("gpu")` lets the interpreter tests run the GPU's tiles
+# too (masks where a tile is wider than the tensor, whole K steps, split-K). Inline PTX stays off in the
+# interpreter either way: that follows `interpreting()`, a capability, not a tile size.
+TILING_BRANCHES = ("gpu", "interpreter")
+TILING = ["interpreter" if interpreting() else "gpu"]  # the last entry rules; forced_tiling pushes onto it
+
+
+@contextlib.contextmanager
+def forced_tiling(name: str):
+    """Use the tiles of one of TILING_BRANCHES inside a `with` block (tests)."""
+    if name not in TILING_BRANCHES:
+        raise ValueError(f"unknown tiling {name!r}; expected one of {TILING_BRANCHES}")
+    TILING.append(name)
+    try:
+        yield
+    finally:
+        TILING.pop()
 
 
 @triton.jit

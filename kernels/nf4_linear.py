@@ -7,11 +7,12 @@ uses W bit-exact with dequantize(q), the tensor-core paths dequantize(q)'s value
 (kernels/nf4_decode.py), the register-decode paths the table values to 2**-14. The format's tables come from the
 caller as `nf4_decode.Tables` (this folder imports nothing from qlora_core).
 
-Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
-- "gemv"   (forward, M <= GEMV_MAX_M): reads the packed weight directly. bf16/fp16 x on an aligned layout
-           (K % blocksize == 0, blocksize >= 64) decodes the codes in registers (nf4_decode.py): one row in
-           `gemv1` (CUDA cores), 2..16 rows in `gemv_mma` (tensor cores); everything else goes to `gemv`
-           (table gathers).
+Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W). The branches are named in FWD_BRANCHES and
+DX_BRANCHES and picked in one place (`fwd_branch`, `dx_branch`); `path=` forces one (tests run each on the CPU):
+- "gemv"   (forward, M <= GEMV_MAX_M, the decode family): reads the packed weight directly. bf16/fp16 x on an
+           aligned layout (K % blocksize == 0, blocksize >= 64) decodes the codes in registers (nf4_decode.py):
+           one row in "gemv1" (CUDA cores), 2..16 rows in "gemv_mma" (tensor cores); everything else goes to
+           "gemv_generic" (the `gemv` kernel, table gathers). path="gemv" lets `decode_branch` pick among the three.
 - "tiled"  (dx at small M with K >= 2N): `matmul_dx`, dequantize fused into the tiles of a transposed GEMM.
 - "cublas" (everything else, and all fp32): kernels/quant4.dequantize_4bit (the library's dequantizer,
   ~92% of copy bandwidth on an H100) into a buffer of x's dtype, then cuBLAS. At large M the GEMM is
@@ -22,7 +23,8 @@ Paths (forward y = x @ W.T + bias; input gradient dx = dy @ W):
   NOTE: the buffer is a local of this call, dropped before returning: the caching allocator reuses its
   memory for the next layer, but no dense weight outlives the op (peak memory grows by one N*K weight of
   x's dtype only while the op runs; bench_nf4_linear.py reports kept = 0 MB).
-The thresholds are measured by benchmarks/bench_nf4_linear.py (docs/benchmarks.md); `path=` overrides for tests
+Tile sizes follow kernels/common.TILING (the GPU's measured tiles, or small ones under the interpreter; tests force
+either). The thresholds are measured by benchmarks/bench_nf4_linear.py (docs/benchmarks.md); `path=` overrides for tests
 and the benchmark. Training goes through neither: its grouped projections dequantize into one buffer and call
 cuBLAS from qlora_core/ops/nf4_linear.py (the decode kernels serve inference at M <= 16).
 
@@ -44,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import quant4, splitk
-from .common import cast_rne, interpreting, mma
+from .common import TILING, cast_rne, interpreting, mma
 from .nf4_decode import (ASM, Tables, absmax_finish, decodable, decode_columns, load_code_words, load_pair_tile,
                          load_tables, q_args)
 
@@ -56,9 +58,14 @@ GEMV_MAX_M = 16
 DX_TILED_MAX_M = 16
 
 
+# The kernels each direction can run (see the header); fwd_branch / dx_branch pick one, `path=` forces one.
+FWD_BRANCHES = ("gemv1", "gemv_mma", "gemv_generic", "cublas")
+DX_BRANCHES = ("tiled", "cublas")
+
+
 def choose_path(direction: str, m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
-    """"gemv" | "tiled" | "cublas" for this direction ("fwd" or "dx"), M and (N, K). fp32 always takes "cublas":
-    Triton's ieee fp32 dot is slow and cuBLAS fp32 is the reference's own arithmetic."""
+    """"gemv" (the decode family) | "tiled" | "cublas" for this direction ("fwd" or "dx"), M and (N, K). fp32
+    always takes "cublas": Triton's ieee fp32 dot is slow and cuBLAS fp32 is the reference's own arithmetic."""
     if dtype == torch.float32:
         return "cublas"
     if direction == "fwd":
@@ -66,8 +73,30 @@ def choose_path(direction: str, m: int, n: int, k: int, dtype: torch.dtype = tor
     return "tiled" if (m <= DX_TILED_MAX_M and k >= 2 * n) else "cublas"
 
 
+def decode_branch(x: torch.Tensor, q) -> str:
+    """The decode kernel of FWD_BRANCHES that serves x (M, K): register decode where the layout allows it."""
+    if gemv1_supports(x, q):
+        return "gemv1"
+    return "gemv_mma" if mma_supports(x, q) else "gemv_generic"
+
+
+def fwd_branch(x: torch.Tensor, q) -> str:
+    """The one of FWD_BRANCHES that linear_forward runs for x (M, K) and q (N, K)."""
+    if choose_path("fwd", x.shape[0], q.shape[0], q.shape[1], x.dtype) == "cublas":
+        return "cublas"
+    return decode_branch(x, q)
+
+
+def dx_branch(dy: torch.Tensor, q) -> str:
+    """The one of DX_BRANCHES that linear_input_grad runs for dy (M, N) and q (N, K)."""
+    return choose_path("dx", dy.shape[0], q.shape[0], q.shape[1], dy.dtype)
+
+
+_FWD_PATHS = (*FWD_BRANCHES, "gemv")  # what path= takes: a branch, or the decode family ("gemv", choose_path's name)
+
+
 def _check_path(path: str | None, direction: str) -> None:
-    allowed = ("gemv", "cublas") if direction == "fwd" else ("tiled", "cublas")
+    allowed = _FWD_PATHS if direction == "fwd" else DX_BRANCHES
     if path is not None and path not in allowed:
         raise ValueError(f"unknown {direction} path {path!r}; expected one of {allowed}")
 
@@ -76,16 +105,15 @@ def linear_forward(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, pat
     """x (M, K) contiguous on the GPU (or CPU under TRITON_INTERPRET=1), q (N, K) with its tables t -> (M, N) in
     x's dtype."""
     _check_path(path, "fwd")
-    m, k = x.shape
-    n = q.shape[0]
-    if m == 0:
-        return x.new_empty((0, n))
-    path = path or choose_path("fwd", m, n, k, x.dtype)
-    if path == "gemv":
-        if gemv1_supports(x, q):
-            return gemv1(x, q, t, bias)
-        if mma_supports(x, q):
-            return gemv_mma(x, q, t, bias)
+    if x.shape[0] == 0:
+        return x.new_empty((0, q.shape[0]))
+    path = fwd_branch(x, q) if path is None else decode_branch(x, q) if path == "gemv" else path
+    # a forced decode kernel that cannot serve x raises its own "needs" error
+    if path == "gemv1":
+        return gemv1(x, q, t, bias)
+    if path == "gemv_mma":
+        return gemv_mma(x, q, t, bias)
+    if path == "gemv_generic":
         return gemv(x, q, t, bias)
     w = quant4.dequantize_4bit(q, t.dequant, t.code256, dtype=x.dtype)  # (N, K), freed on return
     return torch.nn.functional.linear(x, w, bias)
@@ -94,11 +122,9 @@ def linear_forward(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, pat
 def linear_input_grad(dy: torch.Tensor, q, t: Tables, path: str | None = None) -> torch.Tensor:
     """dy (M, N) contiguous -> dx (M, K) = dy @ dequantize(q) in dy's dtype."""
     _check_path(path, "dx")
-    m, n = dy.shape
-    k = q.shape[1]
-    if m == 0:
-        return dy.new_zeros((0, k))
-    path = path or choose_path("dx", m, n, k, dy.dtype)
+    if dy.shape[0] == 0:
+        return dy.new_zeros((0, q.shape[1]))
+    path = path or dx_branch(dy, q)
     if path == "tiled":
         return matmul_dx(dy, q, t)
     w = quant4.dequantize_4bit(q, t.dequant, t.code256, dtype=dy.dtype)  # (N, K), freed on return
@@ -208,7 +234,7 @@ def gemv(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, block_n: int 
         raise ValueError(f"gemv handles 1..128 rows, got M={m}")
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
     aligned = k % q.blocksize == 0
-    if interpreting():
+    if TILING[-1] == "interpreter":
         cfg = (16, 2, 4, 1)
     else:
         cfg = GEMV_TUNED.get((block_m, x.dtype), (64, 1, 4, 1))
@@ -332,10 +358,10 @@ def gemv1(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, config: Gemv
         raise ValueError(f"gemv1 needs one bf16/fp16 row, K % blocksize == 0 and blocksize >= 64; got x "
                          f"{tuple(x.shape)} {x.dtype}, q {tuple(q.shape)} blocksize {q.blocksize}")
     n, k = q.shape
-    interp = interpreting()
     if use_asm is None:
-        use_asm = not interp
-    block_n, nb, num_warps, num_stages, prefetch = config or (GEMV1_INTERPRETER_CONFIG if interp else GEMV1_CONFIG)
+        use_asm = not interpreting()  # the interpreter cannot run PTX
+    small = TILING[-1] == "interpreter"
+    block_n, nb, num_warps, num_stages, prefetch = config or (GEMV1_INTERPRETER_CONFIG if small else GEMV1_CONFIG)
     if split_k is None:
         split_k = gemv1_split(triton.cdiv(n, block_n), triton.cdiv(k // 64, nb))
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
@@ -436,10 +462,10 @@ def gemv_mma(x: torch.Tensor, q, t: Tables, bias: torch.Tensor | None, config: M
     m, k = x.shape
     n = q.shape[0]
     block_m = max(16, triton.next_power_of_2(m))
-    interp = interpreting()
     if use_asm is None:
-        use_asm = not interp
-    block_n, nb, num_warps, num_stages = config or (MMA_INTERPRETER_CONFIG if interp else MMA_CONFIG[block_m])
+        use_asm = not interpreting()  # the interpreter cannot run PTX
+    small = TILING[-1] == "interpreter"
+    block_n, nb, num_warps, num_stages = config or (MMA_INTERPRETER_CONFIG if small else MMA_CONFIG[block_m])
     if split_k is None:
         split_k = min(MMA_SPLIT_K, triton.cdiv(k // 64, nb))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -529,7 +555,7 @@ def _dx_fixed_config(m: int, dtype: torch.dtype) -> dict | None:
     """A fixed config instead of autotuning: small tiles in the interpreter and for fp32 (the ieee fp32 dot
     needs 4-byte tiles in shared memory: the bf16 table's 256-wide tiles overflow the 227 KB); the table's
     first row when QLORA_CORE_AUTOTUNE=0 (GPU tests, to keep compile time down); None = autotune."""
-    if interpreting():
+    if TILING[-1] == "interpreter":
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, GROUP_M=2)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)

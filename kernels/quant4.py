@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast_rne, interpreting
+from .common import TILING, cast_rne, interpreting
 
-__all__ = ["quantize_4bit", "quantize_blockwise", "dequantize_4bit", "encode_8bit", "MODES"]
-MODES = ("bnb", "reference")
+__all__ = ["quantize_4bit", "quantize_blockwise", "dequantize_4bit", "encode_8bit", "MODE_BRANCHES"]
+MODE_BRANCHES = ("bnb", "reference")  # the device picks one (_resolve), mode= forces one
 RCP_NAMES = {"ieee": 0, "div": 1, "approx": 2}  # 1 = Triton's `/` (div.full.f32), kept for the measurement
 # Quantize tile on a GPU: elements per program (whole blocks) and warps; from bench_quant4.py --sweep.
 QUANT_ELEMS, QUANT_WARPS = 4096, 4
@@ -234,8 +234,8 @@ def _resolve(device: torch.device, mode: str | None, rcp: str | None, ftz: bool 
     inline asm, so "bnb" there keeps its thresholds / FTZ / -0.0 but uses the IEEE reciprocal."""
     on_gpu = device.type == "cuda"
     mode = mode or ("bnb" if on_gpu else "reference")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode not in MODE_BRANCHES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODE_BRANCHES}")
     r = rcp or ("approx" if mode == "bnb" and on_gpu else "ieee")
     if r not in RCP_NAMES or (r != "ieee" and not on_gpu):
         raise ValueError(f"rcp={r!r} is not available on {device.type}")
@@ -277,12 +277,12 @@ def quantize_4bit(w: torch.Tensor, blocksize: int, quant_type: str, thresholds: 
     nblocks = triton.cdiv(n, blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
     absmax = torch.empty((nblocks,), dtype=torch.float32, device=w.device)
-    on_gpu = w.device.type == "cuda"
-    rows = max(1, (elems or (QUANT_ELEMS if on_gpu else 512)) // blocksize)
+    gpu_tiles = TILING[-1] == "gpu"  # kernels/common.py: the interpreter's tests force the GPU's too
+    rows = max(1, (elems or (QUANT_ELEMS if gpu_tiles else 512)) // blocksize)
     _quantize_4bit_kernel[(triton.cdiv(nblocks, rows),)](
         w.reshape(-1), thresholds, packed, absmax, n, (n + 1) // 2, nblocks,
         BS=blocksize, ROWS=rows, NF4=quant_type == "nf4", RCP=rcp_id, FTZ=flush,
-        num_warps=num_warps or (QUANT_WARPS if on_gpu else 4))
+        num_warps=num_warps or (QUANT_WARPS if gpu_tiles else 4))
     return packed, absmax
 
 
@@ -301,7 +301,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, m
     nblocks = triton.cdiv(n, blocksize)
     q = torch.empty_like(x, dtype=torch.uint8)
     absmax = torch.empty((nblocks,), dtype=torch.float32, device=x.device)
-    rows = max(1, (2048 if x.device.type == "cuda" else 512) // blocksize)
+    rows = max(1, (2048 if TILING[-1] == "gpu" else 512) // blocksize)
     _quantize_8bit_kernel[(triton.cdiv(nblocks, rows),)](
         x, code.to(x.device).contiguous(), q, absmax, n, nblocks, BS=blocksize, ROWS=rows, RCP=rcp_id,
         FTZ=flush, num_warps=4)

@@ -19,7 +19,7 @@ import torch
 
 from .defaults import FLOAT_DTYPES
 
-BACKENDS = ("reference", "triton")
+BACKEND_BRANCHES = ("reference", "triton")  # where an op runs: choose picks one, forced() forces one
 _forced: list[str] = []
 _has_triton: list[bool] = []  # has_triton()'s answer, once known
 
@@ -53,8 +53,8 @@ def choose(device: torch.device, dtype: torch.dtype | None = None) -> str:
     if not choice and dtype is not None and dtype not in FLOAT_DTYPES:
         return "reference"
     if choice:
-        if choice not in BACKENDS:
-            raise ValueError(f"QLORA_CORE_BACKEND={choice!r}; expected one of {BACKENDS}")
+        if choice not in BACKEND_BRANCHES:
+            raise ValueError(f"QLORA_CORE_BACKEND={choice!r}; expected one of {BACKEND_BRANCHES}")
         if choice == "triton":
             if not has_triton():
                 raise RuntimeError("backend 'triton' was forced but triton is not importable")
@@ -69,8 +69,8 @@ def choose(device: torch.device, dtype: torch.dtype | None = None) -> str:
 @contextlib.contextmanager
 def forced(name: str):
     """Force a backend inside a `with` block (tests, benchmarks)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    if name not in BACKEND_BRANCHES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_BRANCHES}")
     _forced.append(name)
     try:
         yield

@@ -20,6 +20,7 @@ from qlora_core import backend  # noqa: E402
 from qlora_core.formats import code_table, dequant_table, dynamic_map, fp4_thresholds, nf4_thresholds  # noqa: E402
 from qlora_core.ops import quant4 as ops  # noqa: E402
 from qlora_core.kernels import quant4  # noqa: E402
+from qlora_core.kernels.common import forced_tiling  # noqa: E402
 
 warnings.filterwarnings("ignore")  # numpy's divide-by-zero / 0*inf warnings: zero blocks do that on purpose
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -269,8 +270,31 @@ class Result:
             self.failures.append(what)
 
 
+def group_gputiles(res):
+    """quantize_4bit and quantize_blockwise with the tiles a GPU runs (kernels/common.TILING: 4096 and 2048 elements
+    a program instead of 512), bit for bit against the reference as above, on shapes of more than one GPU tile with
+    a partial last one (a few cases: the interpreter tiles ran the full grid in the groups above)."""
+    seed = 400
+    with forced_tiling("gpu"):
+        for shape in ((130, 64), (33, 129)):
+            for dtype in (torch.float32, torch.float16):
+                for qt in ("nf4", "fp4"):
+                    for bs in (32, 256):
+                        seed += 1
+                        x = make_input(shape, dtype, "special", bs, seed)
+                        p, a = quant4.quantize_4bit(x, bs, qt, THR)
+                        pr, ar = ops.quantize_4bit_ref(x, bs, qt)
+                        res.check(_eq(p, pr) and _eq(a, ar), f"gpu tiles quantize {shape} {dtype} {qt} bs{bs}")
+        code = dynamic_map(True)
+        for n, bs in ((3001, 64), (5000, 256)):
+            x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+            q, a = quant4.quantize_blockwise(x, code, bs)
+            qr, ar = ops.quantize_blockwise_ref(x, code, bs)
+            res.check(_eq(q, qr) and _eq(a, ar), f"gpu tiles quantize_blockwise n{n} bs{bs}")
+
+
 GROUPS = {"quant4": group_quant4, "dequant": group_dequant, "blockwise": group_blockwise,
-          "pipeline": group_pipeline, "errors": group_errors, "bnbmode": group_bnbmode}
+          "pipeline": group_pipeline, "errors": group_errors, "bnbmode": group_bnbmode, "gputiles": group_gputiles}
 
 if __name__ == "__main__":
     res = Result(sys.argv[1])

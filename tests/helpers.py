@@ -48,14 +48,15 @@ def run_interpreter_group(script: str, group: str) -> None:
     assert not proc.stdout.strip().endswith(": 0 checks passed"), "no case ran"
 
 
-def run_interpreted(code: str) -> None:
-    """Run the Python source `code` with TRITON_INTERPRET=1 in a fresh process and assert it exited 0 (its output
-    tails in the message otherwise)."""
+def run_interpreted(code: str) -> str:
+    """Run the Python source `code` with TRITON_INTERPRET=1 in a fresh process, assert it exited 0 (its output
+    tails in the message otherwise) and return its stdout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 def assert_split_k_slot_sum(used: list, y: torch.Tensor, bias: torch.Tensor | None, name: str = ""):

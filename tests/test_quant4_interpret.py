@@ -7,7 +7,8 @@ Cases: shapes (1,), (2,), (3,5), (7,129), (130,64), (33,65); fp32/fp16/bf16; nf4
 fp32 subnormals, exact 8-bit midpoint ties. Packed bytes, absmax, nested codes, offset and dequantized
 outputs must be identical bytes. Group "bnbmode" runs mode="bnb" (the GPU default: bitsandbytes CUDA's
 fast-math semantics) against an independent torch emulation of those semantics (with an IEEE reciprocal,
-the one part the interpreter cannot run; the GPU tests cover rcp.approx against bitsandbytes itself).
+the one part the interpreter cannot run; the GPU tests cover rcp.approx against bitsandbytes itself). Group
+"gputiles" quantizes with the tiles a GPU runs (kernels/common.forced_tiling("gpu")).
 """
 import json
 import os
@@ -20,7 +21,12 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_interp_quant
 ROOT = os.path.dirname(os.path.dirname(WORKER))
 
 # group -> minimum number of cases it must have run (guards against a worker that silently checks nothing)
-GROUPS = {"quant4": 288, "dequant": 288, "blockwise": 63, "pipeline": 54, "errors": 9, "bnbmode": 108}
+GROUPS = {"quant4": 288, "dequant": 288, "blockwise": 63, "pipeline": 54, "errors": 9, "bnbmode": 108, "gputiles": 18}
+# kernels/quant4.MODE_BRANCHES -> the groups that run it on the CPU: "reference" is the CPU default, "bnb" (the GPU
+# default) is forced with mode="bnb" (tests/test_branches.py checks this covers every mode)
+MODE_SERVES = {"reference": ("quant4", "dequant", "blockwise", "pipeline"), "bnb": ("bnbmode",)}
+# kernels/common.TILING_BRANCHES -> the groups that run quantize with those tiles
+TILING_SERVES = {"interpreter": ("quant4", "blockwise"), "gpu": ("gputiles",)}
 
 
 def _run(group: str) -> dict:
