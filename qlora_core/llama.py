@@ -34,7 +34,7 @@ from torch import nn
 
 from .errors import FileLoadError, UsageError
 from .activation_checkpoint import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
-from .generation import KVCache, generate
+from .generation import KVCache, _eos_ids, generate
 from .lora import project
 from .ops.rmsnorm import rms_norm
 from .ops.rope import apply_rope_partial, apply_rope_qkv_
@@ -43,6 +43,11 @@ from .ops.swiglu import swiglu
 
 class ConfigError(FileLoadError, ValueError):
     """config.json lacks a required field or holds a value this Llama cannot run (the message names it)."""
+
+
+class LongRopeCacheError(UsageError, ValueError):
+    """A cached forward that crosses original_max_position_embeddings under LongRoPE: the cached keys were rotated
+    with short_factor and the sequence now needs long_factor everywhere (Llama.generate re-encodes there)."""
 
 
 class SlidingWindowError(UsageError, ValueError):
@@ -581,6 +586,10 @@ class LlamaModel(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used + {T} new does not fit")
         # the message is built only on failure: formatting T would pin it to one length under torch.compile
         _check_window(self.config, past + T, lambda: f"{past} cached + {T} new tokens")
+        if past and past <= longrope_switch(self.config, default=past + T) < past + T:
+            raise LongRopeCacheError(f"{past} cached + {T} new tokens cross original_max_position_embeddings "
+                                     f"{longrope_switch(self.config)}: the cache holds short-factor keys; re-encode "
+                                     f"the whole sequence without the cache")
         x = self.embed_tokens(input_ids)  # (B, T, d)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
@@ -600,6 +609,34 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.norm(x)
+
+
+def longrope_switch(cfg: LlamaConfig, default=None):
+    """LongRoPE's original_max_position_embeddings (longer sequences take long_factor), else `default`."""
+    s = cfg.rope_scaling
+    return s["original_max_position_embeddings"] if s is not None and s["rope_type"] == "longrope" else default
+
+
+def _generate_across_switch(model: "Llama", ids: torch.Tensor, n: int, switch: int, eos: tuple[int, ...],
+                            attention_mask, **kw) -> torch.Tensor:
+    """`generate` for a LongRoPE model whose prompt (B, T) fits the short factors and whose output does not, as
+    transformers' Phi3ForCausalLM does it: decode while the sequence is <= switch, then re-encode it all (long
+    factors) and go on. Rows that finished in the first part keep emitting eos[0]; the output stops after the
+    first token at which every row is done, as one call would."""
+    T = ids.shape[-1]
+    n1 = switch - T + 1  # the last token whose logits come from a sequence of <= switch tokens
+    out = generate(model, ids, n1, eos_token_id=list(eos) or None, attention_mask=attention_mask, **kw)
+    if out.shape[-1] < T + n1:  # every row finished
+        return out
+    mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask.new_ones(len(ids), n1)], 1)
+    out = generate(model, out, n - n1, eos_token_id=list(eos) or None, attention_mask=mask, **kw)
+    if not eos:
+        return out
+    eos_t = torch.tensor(eos, device=out.device)
+    new = out[:, T + n1:]
+    new[torch.isin(out[:, T:T + n1], eos_t).any(-1)] = eos[0]
+    done = (torch.isin(out[:, T:], eos_t).cumsum(1) > 0).all(0).nonzero()
+    return out[:, :T + int(done[0]) + 1] if len(done) else out
 
 
 def _check_window(cfg: LlamaConfig, length: int, what) -> None:
@@ -688,8 +725,15 @@ class Llama(nn.Module):
         temperature 0 is greedy; > 0 samples from softmax(logits / temperature) restricted to the top_k best tokens
         (0 = all) and then to the smallest set whose probability reaches top_p. Rows that emitted an eos_token_id
         keep emitting it; decoding stops early once every row has. Prompts of different lengths go in left-padded,
-        with attention_mask (B, T) marking real tokens (1); each row then decodes as it would alone.
+        with attention_mask (B, T) marking real tokens (1); each row then decodes as it would alone. LongRoPE
+        (Phi-3 long context): once the sequence outgrows original_max_position_embeddings it is re-encoded with
+        the long factors, as transformers does.
         """
         _check_window(self.config, input_ids.shape[-1] + max_new_tokens, "prompt + max_new_tokens")
-        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        eos_token_id=eos_token_id, generator=generator, attention_mask=attention_mask)
+        kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        T, switch = input_ids.shape[-1], longrope_switch(self.config)
+        if switch is not None and T <= switch <= T + max_new_tokens - 2:  # a step would cross the switch
+            return _generate_across_switch(self, input_ids, max_new_tokens, switch, _eos_ids(eos_token_id),
+                                           attention_mask, **kw)
+        return generate(self, input_ids, max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        **kw)

@@ -1,10 +1,12 @@
-"""Mistral, Qwen2 and Qwen3 checkpoints beside Llama: config fields, fp32 logits against transformers, the
+"""Mistral, Qwen2, Qwen3 and Phi-3 checkpoints beside Llama: config fields, fp32 logits against transformers, the
 sliding-window limit, NF4, LoRA grads and adapters both ways against PEFT, greedy generation, and the whole path
 (train -> adapter PEFT loads -> merge transformers loads -> bnb-4bit quantize).
 
 The folders are written by transformers itself (Mistral/Qwen2/Qwen3ForCausalLM built from a tiny random
 config, then save_pretrained), with weights rescaled so logits are O(1), and a small tokenizer beside them for
-training. Tolerances as tests/test_llama.py: our fp32 logits may be off the float64 reference (transformers, with
+training. Phi-3 (fused qkv_proj / gate_up_proj) runs one plain folder and one like Phi-4-mini (LongRoPE with
+original_max_position_embeddings 32, so the 100- and 130-token comparisons and the training run take the long
+factors while the shorter ones take the short ones; partial rotary 0.75). Tolerances as tests/test_llama.py: our fp32 logits may be off the float64 reference (transformers, with
 an adapter transformers + PEFT) by at most 2x the reference's own fp32 error plus the fp32 atol.
 """
 import json
@@ -15,7 +17,7 @@ import torch
 
 import qlora_core as qc
 from qlora_core.generation import KVCache
-from qlora_core.llama import ConfigError, LlamaConfig, SlidingWindowError
+from qlora_core.llama import ConfigError, LlamaConfig, LongRopeCacheError, SlidingWindowError, linear_names
 from qlora_core.loading import load_llama
 from qlora_core.ops.quant4 import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
@@ -51,6 +53,17 @@ FAMILIES = {
         hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
         head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=64, max_window_layers=1,
         tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # Phi-3: fused qkv_proj and gate_up_proj; Phi-3-mini's sliding_window (2047 there) and GQA of the larger ones
+    "phi3-window-gqa-untied": ("phi3", dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=64, tie_word_embeddings=False, pad_token_id=0, rope_parameters=ROPE)),
+    # Phi-4-mini's shape of RoPE: LongRoPE over the first 0.75 of each head (12 of 16 dims: 6 factors each)
+    "phi3-longrope-partial-tied": ("phi3", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        sliding_window=None, tie_word_embeddings=True, pad_token_id=0, original_max_position_embeddings=32,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                         "long_factor": [1.0, 1.8, 3.5, 6.0, 9.0, 13.0]})),
 }
 
 
@@ -109,8 +122,8 @@ def test_config_reads_the_family_fields(folder):
     assert cfg.model_type == hf.config.model_type and cfg.sliding_window == _hf_window(hf.config)
     layer = hf.model.layers[0]
     ours = load_llama(folder, quantize=None).model.layers[0]
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj"):
+    assert cfg.fused_qkv_gate_up == (cfg.model_type == "phi3")
+    for name in linear_names(cfg):  # the checkpoint's own linears (Phi-3: qkv_proj, gate_up_proj fused)
         assert (ours.get_submodule(name).bias is None) == (layer.get_submodule(name).bias is None), name
     if cfg.model_type == "qwen2":
         assert layer.self_attn.q_proj.bias is not None and layer.self_attn.o_proj.bias is None
@@ -179,7 +192,7 @@ def test_quantized_model_equals_transformers_with_dequantized_weights(folder, qu
                 if m.bias is not None:  # Qwen2's q/k/v biases stay dense and equal
                     assert torch.equal(m.bias, hf32.get_submodule(name).bias)
             n += 1
-    assert n == 7 * model_q.config.num_hidden_layers
+    assert n == len(linear_names(model_q.config)) * model_q.config.num_hidden_layers
     for name, p in model_q.named_parameters():
         if name.endswith("norm.weight"):
             assert p.dtype == torch.float32 and torch.equal(p, hf32.get_parameter(name)), name
@@ -213,7 +226,7 @@ def _peft_lora(pm) -> dict:
 
 
 def test_lora_grads_match_peft(folder, tmp_path):
-    """Our adapter (all seven projections, random A and B) saved, loaded by PEFT over transformers in fp32 and float64;
+    """Our adapter (every projection, random A and B) saved, loaded by PEFT over transformers in fp32 and float64;
     the LoRA gradients of one cross-entropy loss agree within 2x PEFT's own fp32 error plus the fp32 atol."""
     ours = load_llama(folder, quantize=None, dtype=torch.float32).eval()
     apply_lora(ours, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
@@ -229,7 +242,7 @@ def test_lora_grads_match_peft(folder, tmp_path):
     for dtype in (torch.float32, torch.float64):
         pm = peft.PeftModel.from_pretrained(_hf(folder, dtype), str(tmp_path), is_trainable=True).eval()
         layers = _peft_lora(pm)
-        assert set(layers) == set(mods) and len(mods) == 7 * ours.config.num_hidden_layers
+        assert set(layers) == set(mods) and len(mods) == len(linear_names(ours.config)) * ours.config.num_hidden_layers
         params = [w for n in mods for w in (layers[n].lora_A["default"].weight, layers[n].lora_B["default"].weight)]
         theirs.append(grads(pm(input_ids=ids).logits, params))
     mine = grads(ours(ids), [p for m in mods.values() for p in (m.lora_A, m.lora_B)])
@@ -302,16 +315,21 @@ def test_merge_loads_in_transformers(folder, trained, tmp_path):
                      "--dtype", "float32", "--base", "dense"]) == 0
     hf = _hf(tmp_path / "m")
     assert type(hf).__name__ == type(_hf(folder)).__name__  # MistralForCausalLM / Qwen2ForCausalLM
-    ours = load_llama(folder, quantize=None, dtype=torch.float32)
-    qc.load_adapter(ours, adapter, check_base=False)
-    ours.eval()
-    ids = _ids(ours.config.vocab_size, 13)
+    # reference: transformers + PEFT over the unmerged base in float64; bound: 2x its fp32 error + the fp32 atol
+    # (a fixed rtol 1e-4 failed on one near-zero logit of 7436 for Phi-3: fp32 rounding, 2.5e-5 on logits of ~50)
+    pm32 = peft.PeftModel.from_pretrained(_hf(folder), str(adapter)).eval()
+    pm64 = peft.PeftModel.from_pretrained(_hf(folder, torch.float64), str(adapter)).eval()
+    ids = _ids(hf.config.vocab_size, 13)
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-5)  # as tests/test_cli.py
+        y, y32, y64 = hf(ids).logits, pm32(input_ids=ids).logits, pm64(input_ids=ids).logits
+        base = _hf(folder)(ids).logits
+    assert (y64 - base.double()).abs().max() > 0.1  # the merged adapter matters
+    bound = 2 * (y32.double() - y64).abs().max().item() + DTYPE_ATOL[torch.float32]
+    assert_close_verbose(y, y64, atol=bound, rtol=0, name="merged folder in transformers vs transformers + PEFT")
 
 
 def test_quantize_loads_in_transformers_bitsandbytes(folder, tmp_path):
-    """`qlora quantize` -> transformers loads every decoder linear (7 a layer) as a bitsandbytes Linear4bit holding
+    """`qlora quantize` -> transformers loads every decoder linear (7 a layer, Phi-3 4) as a bitsandbytes Linear4bit holding
     our quant state byte for byte, whose values are bitsandbytes' CUDA dequantization (float64, tests/helpers.py)
     and equal ours; load_llama reads the same state back. Most of these linears have rows (in_features) of 48, 72,
     80 or 96 elements, so 64-element blocks straddle rows, where bitsandbytes' CPU dequantize is known to differ
@@ -322,21 +340,20 @@ def test_quantize_loads_in_transformers_bitsandbytes(folder, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16).eval()
     ours = load_llama(folder, quantize="nf4", dtype=torch.bfloat16)
     back = load_llama(tmp_path / "q", dtype=torch.bfloat16)
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj"]
+    names = linear_names(ours.config)  # 7, or Phi-3's 4 with qkv_proj and gate_up_proj
     for i, layer in enumerate(hf.model.layers):
         for n in names:
             assert isinstance(layer.get_submodule(n), bnb.nn.Linear4bit), f"model.layers.{i}.{n}"
     assert len(hf.model.layers) == ours.config.num_hidden_layers
-    assert assert_bnb_checkpoint_matches(ours, hf, back) == 7 * ours.config.num_hidden_layers
+    assert assert_bnb_checkpoint_matches(ours, hf, back) == len(names) * ours.config.num_hidden_layers
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text", "qwen3_moe", "mixtral", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text", "qwen3_moe", "mixtral", "phi", "gpt_neox"])
 def test_other_model_types_are_config_errors(model_type, tmp_path):
     d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
          "num_hidden_layers": 1, "num_attention_heads": 2}
-    with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported.*'llama', 'mistral', 'qwen2'"):
+    with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported.*'llama', 'mistral', 'phi3'"):
         LlamaConfig.from_hf_config(d)
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="config.json: model_type"):
