@@ -228,8 +228,8 @@ def _family_fields(model_type: str, d: dict) -> dict:
     if model_type == "phi3":  # Phi3Attention / Phi3MLP: fused qkv_proj and gate_up_proj, no bias anywhere
         rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
         return dict(attention_bias=False, mlp_bias=False, o_proj_bias=False, fused_qkv_gate_up=True,
-                    sliding_window=d.get("sliding_window"), max_position_embeddings=d.get("max_position_embeddings",
-                                                                                           4096),
+                    sliding_window=d.get("sliding_window"), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+                    max_position_embeddings=d.get("max_position_embeddings", 4096),  # Phi3Config's defaults
                     partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
     return {}
 

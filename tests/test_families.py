@@ -54,13 +54,13 @@ FAMILIES = {
         head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=64, max_window_layers=1,
         tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
     # Phi-3: fused qkv_proj and gate_up_proj; Phi-3-mini's sliding_window (2047 there) and GQA of the larger ones
-    "phi3-window-gqa-untied": ("phi3", dict(
+    "phi3-window-gqa-tied": ("phi3", dict(
         hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        sliding_window=64, tie_word_embeddings=False, pad_token_id=0, rope_parameters=ROPE)),
+        sliding_window=64, tie_word_embeddings=True, pad_token_id=0, rope_parameters=ROPE)),
     # Phi-4-mini's shape of RoPE: LongRoPE over the first 0.75 of each head (12 of 16 dims: 6 factors each)
-    "phi3-longrope-partial-tied": ("phi3", dict(
+    "phi3-longrope-partial-untied": ("phi3", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        sliding_window=None, tie_word_embeddings=True, pad_token_id=0, original_max_position_embeddings=32,
+        sliding_window=None, tie_word_embeddings=False, pad_token_id=0, original_max_position_embeddings=32,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                          "long_factor": [1.0, 1.8, 3.5, 6.0, 9.0, 13.0]})),
@@ -396,6 +396,136 @@ def test_to_hf_config_round_trips_through_transformers(folder):
     assert (hf_cfg.model_type, _hf_window(hf_cfg), hf_cfg.num_key_value_heads, hf_cfg.tie_word_embeddings) == \
         (cfg.model_type, cfg.sliding_window, cfg.num_key_value_heads, cfg.tie_word_embeddings)
     assert d["architectures"] == [type(_hf(folder)).__name__]
+
+
+# -- Phi-3: LongRoPE, partial rotary, fused targets -----------------------------------------------------------------
+LONGROPE = "phi3-longrope-partial-untied"
+
+
+@pytest.fixture(scope="module")
+def longrope_folder(tmp_path_factory):
+    return build_folder(tmp_path_factory.mktemp("longrope"), LONGROPE)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 4.0, 5.0, 6.0]},
+         original_max_position_embeddings=64, max_position_embeddings=1024),  # Phi-3-mini-128k's (old) form
+    dict(rope_parameters={"rope_type": "longrope", "rope_theta": 250000.0, "partial_rotary_factor": 0.5,
+                          "short_factor": [1.0, 1.5], "long_factor": [3.0, 5.0], "attention_factor": 1.3}),
+    dict(partial_rotary_factor=0.75, rope_theta=5e5, max_position_embeddings=64),
+], ids=["old-form", "longrope-partial-attention-factor", "partial-top-level"])
+def test_phi3_rope_fields_as_transformers_reads_them(fields):
+    """Inverse frequencies (short and long) and the cos/sin scale equal transformers' own rope init for the same
+    config.json (independent reference: ROPE_INIT_FUNCTIONS / Phi3RotaryEmbedding's default)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from qlora_core.llama import rope_inv_freq
+    d = {"model_type": "phi3", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
+         "num_attention_heads": 2, **fields}
+    cfg, hf = LlamaConfig.from_hf_config(d), transformers.Phi3Config(**d)
+    rp = hf.rope_parameters
+    assert cfg.rms_norm_eps == hf.rms_norm_eps  # Phi3Config's default 1e-5, not Llama's 1e-6
+    assert cfg.rotary_dim == int(8 * rp["partial_rotary_factor"]) and cfg.rope_theta == rp["rope_theta"]
+    if rp["rope_type"] == "default":
+        ref = transformers.models.phi3.modeling_phi3.Phi3RotaryEmbedding.compute_default_rope_parameters(hf)[0]
+        assert cfg.rope_scaling is None and torch.equal(rope_inv_freq(cfg), ref)
+    else:
+        short, scale = ROPE_INIT_FUNCTIONS["longrope"](hf, None)
+        long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf, None, seq_len=rp["original_max_position_embeddings"] + 1)
+        assert not torch.equal(short, long)
+        assert torch.equal(rope_inv_freq(cfg), short) and torch.equal(rope_inv_freq(cfg, long=True), long)
+        assert cfg.rope_scaling["attention_factor"] == scale and cfg.rope_scaling[
+            "original_max_position_embeddings"] == rp["original_max_position_embeddings"]
+    assert LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    if "rope_scaling" in d:  # the first Phi-3 long configs said "su" (transformers 4.4x read it; 5.17 fails to)
+        assert LlamaConfig.from_hf_config({**d, "rope_scaling": {**d["rope_scaling"], "type": "su"}}) == cfg
+    again = transformers.Phi3Config(**cfg.to_hf_config()).rope_parameters
+    assert all(again.get(k) == v for k, v in rp.items() if k not in ("attention_factor", "type")), (again, rp)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(partial_rotary_factor=0.1), "rotary width int\\(8 \\* 0.1\\) = 0"),
+    (dict(partial_rotary_factor=1.5), "partial_rotary_factor must be in \\(0, 1\\]"),
+    (dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 4}),
+     "short_factor has 3 entries; rotary width 8 needs 4"),
+    (dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 4}), "missing field\\(s\\) \\['long_factor'\\]"),
+])
+def test_phi3_bad_rope_fields_are_config_errors(fields, match):
+    d = {"model_type": "phi3", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
+         "num_attention_heads": 2, **fields}
+    with pytest.raises(ConfigError, match=match):
+        LlamaConfig.from_hf_config(d)
+
+
+def test_longrope_switches_factors_past_the_original_length(longrope_folder):
+    """At 32 tokens (= original_max_position_embeddings) the short factors, at 33 the long ones for every position:
+    both match transformers (float64 reference, bound as above), and the 33-token run's first 32 logits differ
+    from the 32-token run's (in a causal model only the switch can change them)."""
+    model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    assert model.config.rope_scaling["original_max_position_embeddings"] == 32
+    ids = _ids(model.config.vocab_size, 33)
+    outs = {}
+    for T in (32, 33):
+        with torch.no_grad():
+            hf32, hf64 = _hf(longrope_folder)(ids[:, :T]).logits, _hf(longrope_folder, torch.float64)(ids[:, :T]).logits
+            outs[T] = model(ids[:, :T])
+        bound = 2 * (hf32.double() - hf64).abs().max().item() + DTYPE_ATOL[torch.float32]
+        assert_close_verbose(outs[T], hf64, atol=bound, rtol=0, name=f"longrope T={T}")
+    assert (outs[33][:, :32] - outs[32]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("prompt,new", [(26, 12), (31, 3), (40, 6)], ids=["crossing", "crossing-at-last-step", "long"])
+def test_longrope_greedy_generate_equals_transformers(longrope_folder, prompt, new):
+    """Greedy decoding across original_max_position_embeddings (32) re-encodes the sequence with the long factors
+    where transformers' Phi3ForCausalLM does, so the tokens are its tokens; a prompt already past 32 decodes with
+    the long factors throughout."""
+    model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    ids = _ids(model.config.vocab_size, prompt)
+    with torch.no_grad():
+        ref = _hf(longrope_folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                            do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=new), ref)
+
+
+def test_longrope_generate_across_the_switch_keeps_eos_rows_done(longrope_folder):
+    """With eos, decoding across the switch gives transformers' tokens (its finished rows pad with pad_token_id,
+    set to eos here, as ours keep emitting eos) and length: the eos is one row 0 emits before the switch (tokens
+    26..32 come from sequences <= 32) and row 1 does not, so a row finished in the first part stays finished."""
+    model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    ids = _ids(model.config.vocab_size, 26)
+    free = model.generate(ids, max_new_tokens=12)[:, 26:]
+    eos = next(int(t) for t in free[0, :6] if t not in free[1, :7])
+    with torch.no_grad():
+        ref = _hf(longrope_folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                            do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    out = model.generate(ids, max_new_tokens=12, eos_token_id=eos)
+    assert torch.equal(out, ref), (out[:, 26:], ref[:, 26:])
+    assert (out[0, 33:] == eos).all() and out.shape[1] > 33  # row 0 done before the switch, decoding went past it
+
+
+def test_longrope_cache_crossing_is_refused(longrope_folder):
+    model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    cache = KVCache(model.config, 1, 64)
+    with torch.no_grad():
+        model(_ids(model.config.vocab_size, 30, B=1), cache=cache)
+        model(_ids(model.config.vocab_size, 2, B=1), cache=cache)  # 32: still the short factors
+        with pytest.raises(LongRopeCacheError, match="32 cached \\+ 1 new tokens cross original_max_position_embeddings 32"):
+            model(_ids(model.config.vocab_size, 1, B=1), cache=cache)
+
+
+def test_phi3_default_targets_are_the_fused_projections(folder):
+    """The default targets adapt every projection (PEFT "all-linear"'s set); an explicit part of a fused one is a
+    TargetModuleError pointing at it, as PEFT cannot adapt a third of qkv_proj either."""
+    from qlora_core.lora import TargetModuleError
+    model = load_llama(folder, quantize=None, dtype=torch.float32)
+    apply_lora(model, qc.LoraConfig(r=2))
+    names = {n.split(".")[-1] for n in lora_modules(model)}
+    pm = peft.get_peft_model(_hf(folder), peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert names == {n.split(".")[-1] for n in _peft_lora(pm)}
+    if model.config.model_type != "phi3":
+        return
+    assert names == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    with pytest.raises(TargetModuleError, match="'v_proj' \\(did you mean 'qkv_proj'\\?\\)"):
+        apply_lora(load_llama(folder, quantize=None), target_modules=["v_proj", "o_proj"])
 
 
 # -- the Triton path of Qwen3's q/k norms (CPU interpreter) ------------------------------------------------------
