@@ -475,28 +475,31 @@ def test_longrope_switches_factors_past_the_original_length(longrope_folder):
 
 @pytest.mark.parametrize("prompt,new", [(26, 12), (31, 3), (40, 6)], ids=["crossing", "crossing-at-last-step", "long"])
 def test_longrope_greedy_generate_equals_transformers(longrope_folder, prompt, new):
-    """Greedy decoding across original_max_position_embeddings (32) re-encodes the sequence with the long factors
-    where transformers' Phi3ForCausalLM does, so the tokens are its tokens; a prompt already past 32 decodes with
-    the long factors throughout."""
+    """Greedy decoding across original_max_position_embeddings (32) re-encodes the sequence with the long factors,
+    so each token is transformers' argmax over the whole sequence so far; a prompt already past 32 decodes with the
+    long factors throughout. Reference: transformers' generate without a cache (each step a full forward). Its
+    cached generate is not the reference: transformers 5.17 drops the cache at the switch (Phi3ForCausalLM.
+    prepare_inputs_for_generation) but its tokens then leave those of its own full forward (seen at 33 tokens)."""
     model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
     ids = _ids(model.config.vocab_size, prompt)
     with torch.no_grad():
         ref = _hf(longrope_folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                            do_sample=False, eos_token_id=None, pad_token_id=0)
+                                            do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=False)
     assert torch.equal(model.generate(ids, max_new_tokens=new), ref)
 
 
 def test_longrope_generate_across_the_switch_keeps_eos_rows_done(longrope_folder):
-    """With eos, decoding across the switch gives transformers' tokens (its finished rows pad with pad_token_id,
-    set to eos here, as ours keep emitting eos) and length: the eos is one row 0 emits before the switch (tokens
-    26..32 come from sequences <= 32) and row 1 does not, so a row finished in the first part stays finished."""
+    """With eos, decoding across the switch gives transformers' tokens (uncached, as above; its finished rows pad
+    with pad_token_id, set to eos here, as ours keep emitting eos) and length: the eos is one row 0 emits before
+    the switch (tokens 26..31 come from sequences < 32) and row 1 does not, so a row finished in the first part
+    stays finished."""
     model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
     ids = _ids(model.config.vocab_size, 26)
     free = model.generate(ids, max_new_tokens=12)[:, 26:]
     eos = next(int(t) for t in free[0, :6] if t not in free[1, :7])
     with torch.no_grad():
         ref = _hf(longrope_folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                            do_sample=False, eos_token_id=eos, pad_token_id=eos)
+                                            do_sample=False, eos_token_id=eos, pad_token_id=eos, use_cache=False)
     out = model.generate(ids, max_new_tokens=12, eos_token_id=eos)
     assert torch.equal(out, ref), (out[:, 26:], ref[:, 26:])
     assert (out[0, 33:] == eos).all() and out.shape[1] > 33  # row 0 done before the switch, decoding went past it
