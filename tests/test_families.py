@@ -570,12 +570,15 @@ def test_qk_norm_triton_path_equals_reference_under_interpreter():
 
 
 @pytest.mark.gpu
-def test_qwen3_lora_grads_on_cuda_fast_path_within_bf16_bound(tmp_path):
-    """On CUDA in bf16 the fast path (Triton q/k norms on the packed qkv heads, fused RoPE, grouped projections)
-    gives logits and LoRA grads within 2x the bf16 reference path's own error against float64 plus the bf16 atol."""
+@pytest.mark.parametrize("name", ["qwen3-window-bias-mqa-untied", "phi3-window-gqa-tied", LONGROPE])
+def test_lora_grads_on_cuda_fast_path_within_bf16_bound(tmp_path, name):
+    """On CUDA in bf16 the fast path (Triton q/k norms on the packed qkv heads, fused RoPE, grouped projections;
+    Phi-3: one fused qkv_proj / gate_up_proj each, LongRoPE's long factors at 48 tokens, partial rotary on the
+    reference math) gives logits and LoRA grads within 2x the bf16 reference path's own error against float64
+    plus the bf16 atol."""
     import copy
     from qlora_core import backend
-    folder = build_folder(tmp_path / "q3", "qwen3-window-bias-mqa-untied")
+    folder = build_folder(tmp_path / "f", name)
     model = load_llama(folder, quantize=None, dtype=torch.bfloat16, device="cuda").eval()
     apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
     _randomize([p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)], seed=4)
