@@ -3,7 +3,15 @@
 The same module runs the Llama family checkpoints whose blocks share Llama's math: Llama 2/3/3.1/3.2 and SmolLM
 (model_type "llama"), Mistral ("mistral": no biases; a sliding_window, which sequences must stay within),
 Qwen2 / Qwen2.5 ("qwen2": biases on q/k/v only) and dense Qwen3 ("qwen3": a per-head RMSNorm on q and k before
-RoPE, `qk_norm`; head_dim independent of hidden_size / heads). Any other model_type is a ConfigError.
+RoPE, `qk_norm`; head_dim independent of hidden_size / heads) and Phi-3 / Phi-4 ("phi3": no biases; q/k/v fused
+into one `qkv_proj` and gate/up into one `gate_up_proj` as in the checkpoint, `fused_qkv_gate_up`; LongRoPE on
+the long-context variants; partial rotary on Phi-4-mini). Any other model_type is a ConfigError.
+
+Phi-3's fused linears stay one module each, with one LoRA over the whole stacked weight, so adapters keep PEFT's
+names (`...self_attn.qkv_proj.lora_A.weight`) both ways; `lora.project` runs each as a group of one, which is the
+same dequantize + GEMM the grouped q/k/v path runs. LongRoPE divides the inverse frequencies by short_factor while
+the sequence (max position + 1) is at most original_max_position_embeddings and by long_factor beyond, and scales
+cos/sin by attention_factor, as transformers does; `Llama.generate` re-encodes the sequence where it crosses.
 
 Module names follow transformers' LlamaForCausalLM exactly (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`, ...), so HF checkpoints load key for key and PEFT
