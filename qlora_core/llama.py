@@ -76,12 +76,12 @@ LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # Phi-3's checkpoint names: q/k/v stacked along out features in qkv_proj, [gate; up] in gate_up_proj
 FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:
     """The decoder-block linears of a block of `cfg`, as module paths under model.layers.N."""
     return FUSED_LINEAR_NAMES if cfg.fused_qkv_gate_up else LINEAR_NAMES
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclasses.dataclass
@@ -632,7 +632,7 @@ def _generate_across_switch(model: "Llama", ids: torch.Tensor, n: int, switch: i
     factors) and go on. Rows that finished in the first part keep emitting eos[0]; the output stops after the
     first token at which every row is done, as one call would."""
     T = ids.shape[-1]
-    n1 = switch - T + 1  # the last token whose logits come from a sequence of <= switch tokens
+    n1 = switch - T + 1  # how many tokens come from sequences of <= switch tokens
     out = generate(model, ids, n1, eos_token_id=list(eos) or None, attention_mask=attention_mask, **kw)
     if out.shape[-1] < T + n1:  # every row finished
         return out

@@ -506,7 +506,12 @@ def test_longrope_generate_across_the_switch_keeps_eos_rows_done(longrope_folder
 
 
 def test_longrope_cache_crossing_is_refused(longrope_folder):
+    """A KV cache or the static-cache loop (the CLI's, with streaming) never mixes short- and long-factor keys."""
+    from qlora_core.generation import GenerationError, generate
     model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    with pytest.raises(GenerationError, match="prompt 26 \\+ max_new_tokens 8 cross .* 32"):
+        generate(model, _ids(model.config.vocab_size, 26), 8)
+    assert generate(model, _ids(model.config.vocab_size, 26), 7).shape == (2, 33)  # the last token: from 32
     cache = KVCache(model.config, 1, 64)
     with torch.no_grad():
         model(_ids(model.config.vocab_size, 30, B=1), cache=cache)
