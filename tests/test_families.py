@@ -536,6 +536,23 @@ def test_phi3_default_targets_are_the_fused_projections(folder):
         apply_lora(load_llama(folder, quantize=None), target_modules=["v_proj", "o_proj"])
 
 
+def test_phi3_cli_targets_preflight(tmp_path):
+    """`qlora train --target-modules` before any weight loads (preflight, on the meta-device model): the fused names
+    pass, the default passes (it names them), a Llama part of a fused linear is refused with the fused name."""
+    from qlora_core.lora import TargetModuleError
+    from qlora_core.train_config import TrainConfig, preflight
+    folder = build_folder(tmp_path / "p", "phi3-window-gqa-tied")
+    data = write_jsonl(tmp_path / "d.jsonl", swap_task(20))
+
+    def check(targets, out):
+        lora = qc.LoraConfig() if targets is None else qc.LoraConfig(target_modules=targets)
+        preflight(TrainConfig(model=str(folder), data=str(data), output=str(tmp_path / out), lora=lora))
+    check(None, "a")
+    check(("qkv_proj", "gate_up_proj"), "b")
+    with pytest.raises(TargetModuleError, match="'gate_proj' \\(did you mean 'gate_up_proj'\\?\\)"):
+        check(("qkv_proj", "gate_proj"), "c")
+
+
 # -- the Triton path of Qwen3's q/k norms (CPU interpreter) ------------------------------------------------------
 _INTERP_QK_NORM = """
 import os, torch
