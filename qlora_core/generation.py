@@ -382,6 +382,17 @@ def _check_prompt(model: nn.Module, input_ids, attention_mask) -> tuple[torch.Te
     return ids, T - mask.sum(dim=-1)
 
 
+def _check_longrope(cfg, T: int, max_new_tokens: int) -> None:
+    """GenerationError when a LongRoPE (Phi-3 long-context) decode would cross original_max_position_embeddings:
+    the cached keys hold the short factors and from there on the sequence needs the long ones everywhere."""
+    s = getattr(cfg, "rope_scaling", None)
+    switch = s["original_max_position_embeddings"] if s is not None and s["rope_type"] == "longrope" else None
+    if switch is not None and T <= switch <= T + max_new_tokens - 2:
+        raise GenerationError(f"prompt {T} + max_new_tokens {max_new_tokens} cross this checkpoint's LongRoPE "
+                              f"original_max_position_embeddings {switch}, where the whole sequence must be "
+                              f"re-encoded with the long factors: use model.generate (Llama.generate), which does")
+
+
 def _check_run(model: nn.Module, max_new_tokens, generator, sync_every, cuda_graph) -> bool:
     """Validate the loop arguments; returns whether to use a CUDA graph."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -424,6 +435,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, tem
     if max_new_tokens == 0:
         return input_ids.to(torch.long).clone()
     B, T = ids.shape
+    _check_longrope(model.config, T, max_new_tokens)
     max_len = -(-(T + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
     was_training = model.training
     model.eval()

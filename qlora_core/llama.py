@@ -3,7 +3,15 @@
 The same module runs the Llama family checkpoints whose blocks share Llama's math: Llama 2/3/3.1/3.2 and SmolLM
 (model_type "llama"), Mistral ("mistral": no biases; a sliding_window, which sequences must stay within),
 Qwen2 / Qwen2.5 ("qwen2": biases on q/k/v only) and dense Qwen3 ("qwen3": a per-head RMSNorm on q and k before
-RoPE, `qk_norm`; head_dim independent of hidden_size / heads). Any other model_type is a ConfigError.
+RoPE, `qk_norm`; head_dim independent of hidden_size / heads) and Phi-3 / Phi-4 ("phi3": no biases; q/k/v fused
+into one `qkv_proj` and gate/up into one `gate_up_proj` as in the checkpoint, `fused_qkv_gate_up`; LongRoPE on
+the long-context variants; partial rotary on Phi-4-mini). Any other model_type is a ConfigError.
+
+Phi-3's fused linears stay one module each, with one LoRA over the whole stacked weight, so adapters keep PEFT's
+names (`...self_attn.qkv_proj.lora_A.weight`) both ways; `lora.project` runs each as a group of one, which is the
+same dequantize + GEMM the grouped q/k/v path runs. LongRoPE divides the inverse frequencies by short_factor while
+the sequence (max position + 1) is at most original_max_position_embeddings and by long_factor beyond, and scales
+cos/sin by attention_factor, as transformers does; `Llama.generate` re-encodes the sequence where it crosses.
 
 Module names follow transformers' LlamaForCausalLM exactly (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`, ...), so HF checkpoints load key for key and PEFT
@@ -34,15 +42,20 @@ from torch import nn
 
 from .errors import FileLoadError, UsageError
 from .activation_checkpoint import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
-from .generation import KVCache, generate
+from .generation import KVCache, _eos_ids, generate
 from .lora import project
 from .ops.rmsnorm import rms_norm
-from .ops.rope import apply_rope_qkv_
+from .ops.rope import apply_rope_partial, apply_rope_qkv_
 from .ops.swiglu import swiglu
 
 
 class ConfigError(FileLoadError, ValueError):
     """config.json lacks a required field or holds a value this Llama cannot run (the message names it)."""
+
+
+class LongRopeCacheError(UsageError, ValueError):
+    """A cached forward that crosses original_max_position_embeddings under LongRoPE: the cached keys were rotated
+    with short_factor and the sequence now needs long_factor everywhere (Llama.generate re-encodes there)."""
 
 
 class SlidingWindowError(UsageError, ValueError):
@@ -53,15 +66,22 @@ class SlidingWindowError(UsageError, ValueError):
 # model_type -> the transformers class it names. They share the block's math; they differ in config.json fields,
 # in which projections carry a bias and in Qwen3's q/k norms (see _family_fields).
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 # LlamaConfig fields that config.json does not hold as is: _family_fields derives them per model_type
-_DERIVED = ("o_proj_bias", "sliding_window", "qk_norm")
+_DERIVED = ("o_proj_bias", "sliding_window", "qk_norm", "fused_qkv_gate_up", "partial_rotary_factor")
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Phi-3's checkpoint names: q/k/v stacked along out features in qkv_proj, [gate; up] in gate_up_proj
+FUSED_LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def linear_names(cfg: "LlamaConfig") -> tuple[str, ...]:
+    """The decoder-block linears of a block of `cfg`, as module paths under model.layers.N."""
+    return FUSED_LINEAR_NAMES if cfg.fused_qkv_gate_up else LINEAR_NAMES
 
 
 @dataclasses.dataclass
@@ -88,6 +108,8 @@ class LlamaConfig:
     o_proj_bias: bool | None = None          # bias on o_proj; None -> attention_bias (Qwen2: q/k/v only)
     sliding_window: int | None = None        # longest sequence (cache included) a forward may see; None = no limit
     qk_norm: bool | None = None              # RMSNorm (head_dim,) on each q and k head before RoPE; None -> qwen3
+    fused_qkv_gate_up: bool | None = None    # one qkv_proj and one gate_up_proj linear (Phi-3); None -> phi3
+    partial_rotary_factor: float = 1.0       # RoPE rotates the first int(head_dim * this) dims of a head (Phi-4-mini)
 
     def __post_init__(self):
         for f in REQUIRED_FIELDS:
@@ -116,9 +138,37 @@ class LlamaConfig:
             self.o_proj_bias = self.attention_bias
         if self.qk_norm is None:
             self.qk_norm = self.model_type == "qwen3"
+        if self.fused_qkv_gate_up is None:
+            self.fused_qkv_gate_up = self.model_type == "phi3"
+        self._check_rotary()
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
             raise ConfigError(f"sliding_window must be a positive int or null, got {w!r}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head RoPE rotates (transformers: int(head_dim * partial_rotary_factor)); the rest
+        pass through."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def _check_rotary(self) -> None:
+        """ConfigError for a partial_rotary_factor giving no or an odd rotary width, or LongRoPE factors that do
+        not have one entry per rotated pair; fills LongRoPE's default attention_factor."""
+        f = self.partial_rotary_factor
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {f!r}")
+        R = self.rotary_dim
+        if R < 2 or R % 2:
+            raise ConfigError(f"partial_rotary_factor {f!r} gives rotary width int({self.head_dim} * {f!r}) = {R}; "
+                              f"RoPE rotates pairs, so it must be even and >= 2")
+        s = self.rope_scaling
+        if s is None or s["rope_type"] != "longrope":
+            return
+        for k in ("short_factor", "long_factor"):
+            if len(s[k]) != R // 2:
+                raise ConfigError(f"longrope {k} has {len(s[k])} entries; rotary width {R} needs {R // 2}")
+        if s.get("attention_factor") is None:
+            s["attention_factor"] = _longrope_attention_factor(s, self.max_position_embeddings)
 
     @classmethod
     def from_hf_config(cls, d: dict) -> "LlamaConfig":
@@ -145,6 +195,8 @@ class LlamaConfig:
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
               if f.name in d and f.name not in ("rope_theta", "rope_scaling") + _DERIVED}
         kw.update(_family_fields(model_type, d))
+        if model_type == "phi3":
+            scaling = _phi3_rope_scaling(d, scaling)
         return cls(**kw, rope_theta=float(theta), rope_scaling=scaling)
 
     def to_hf_config(self) -> dict:
@@ -164,6 +216,10 @@ class LlamaConfig:
         if self.model_type in ("qwen2", "qwen3"):  # a window here applies to every layer (max_window_layers 0)
             d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
                      max_window_layers=0 if self.sliding_window is not None else self.num_hidden_layers)
+        if self.model_type == "phi3":  # Phi3Config reads these top-level, and its 4096 default would override
+            d.update(sliding_window=self.sliding_window, partial_rotary_factor=self.partial_rotary_factor)
+            if self.rope_scaling is not None:
+                d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         return d
 
 
@@ -177,7 +233,33 @@ def _family_fields(model_type: str, d: dict) -> dict:
         bias = bool(d.get("attention_bias", False))  # Qwen3Config's head_dim defaults to 128, not hidden / heads
         return dict(attention_bias=bias, mlp_bias=False, o_proj_bias=bias, sliding_window=_qwen2_window(d),
                     qk_norm=True, head_dim=d.get("head_dim", 128))
+    if model_type == "phi3":  # Phi3Attention / Phi3MLP: fused qkv_proj and gate_up_proj, no bias anywhere
+        rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+        return dict(attention_bias=False, mlp_bias=False, o_proj_bias=False, fused_qkv_gate_up=True,
+                    sliding_window=d.get("sliding_window"), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+                    max_position_embeddings=d.get("max_position_embeddings", 4096),  # Phi3Config's defaults
+                    partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
     return {}
+
+
+def _phi3_rope_scaling(d: dict, scaling: dict | None) -> dict | None:
+    """Phi3Config's reading of the rope dict: types "su" and "yarn" mean "longrope", and the top-level
+    original_max_position_embeddings (default 4096) wins over the dict's own."""
+    if not isinstance(scaling, dict):
+        return scaling
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("longrope", "su", "yarn"):
+        return scaling
+    return {**scaling, "rope_type": "longrope",
+            "original_max_position_embeddings": d.get("original_max_position_embeddings", 4096)}
+
+
+def _longrope_attention_factor(s: dict, max_position_embeddings: int) -> float:
+    """transformers' default LongRoPE cos/sin scale: sqrt(1 + ln(factor) / ln(original length)) for factor > 1,
+    factor defaulting to max_position_embeddings / original_max_position_embeddings (Phi-3's convention)."""
+    orig = s["original_max_position_embeddings"]
+    factor = s.get("factor") or max_position_embeddings / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
 def _qwen2_window(d: dict) -> int | None:
@@ -201,8 +283,10 @@ def _normalize_rope_scaling(s: dict) -> dict | None:
     kind = s.get("rope_type", s.get("type", "default"))
     if kind == "default":
         return None
+    if kind == "longrope":
+        return _normalize_longrope(s)
     if kind != "llama3":
-        raise ConfigError(f"rope type {kind!r} is not supported (only 'default' and 'llama3')")
+        raise ConfigError(f"rope type {kind!r} is not supported (only 'default', 'llama3' and Phi-3's 'longrope')")
     missing = [k for k in _LLAMA3_KEYS if k not in s]
     if missing:
         raise ConfigError(f"llama3 rope scaling is missing field(s) {missing}")
@@ -212,13 +296,34 @@ def _normalize_rope_scaling(s: dict) -> dict | None:
     return out
 
 
-def rope_inv_freq(cfg: LlamaConfig, device=None) -> torch.Tensor:
-    """(D/2,) fp32 inverse frequencies, with llama3 scaling when configured."""
-    D = cfg.head_dim
+_LONGROPE_KEYS = ("short_factor", "long_factor", "original_max_position_embeddings")
+
+
+def _normalize_longrope(s: dict) -> dict:
+    """LongRoPE (Phi-3 long-context): per-pair divisors short_factor / long_factor, the length where the long
+    ones take over, and the cos/sin scale attention_factor (None: derived in LlamaConfig._check_rotary)."""
+    missing = [k for k in _LONGROPE_KEYS if s.get(k) is None]
+    if missing:
+        raise ConfigError(f"longrope rope scaling is missing field(s) {missing}")
+    for k in ("short_factor", "long_factor"):
+        if not isinstance(s[k], list) or not all(isinstance(x, (int, float)) and x > 0 for x in s[k]):
+            raise ConfigError(f"longrope {k} must be a list of positive numbers, got {s[k]!r}")
+    out = {"rope_type": "longrope", **{k: s[k] for k in _LONGROPE_KEYS}}
+    out.update({k: s[k] for k in ("factor", "attention_factor") if s.get(k) is not None})
+    return out
+
+
+def rope_inv_freq(cfg: LlamaConfig, device=None, long: bool = False) -> torch.Tensor:
+    """(R/2,) fp32 inverse frequencies over the rotary width R = cfg.rotary_dim, with llama3 scaling when
+    configured; LongRoPE divides each by its short_factor, or long_factor when `long`."""
+    D = cfg.rotary_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
     s = cfg.rope_scaling
     if s is None:
         return inv
+    if s["rope_type"] == "longrope":  # transformers' order: 1 / (ext * base**(2j/R)), not inv / ext
+        ext = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
     # llama3: wavelengths longer than orig/low_freq_factor are slowed by `factor`, shorter than orig/high_freq_factor
     # kept, and the band between interpolated linearly in (orig / wavelen).
     factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -314,7 +419,9 @@ class Attention(nn.Module):
 
     The projections start as nn.Linear (bias per cfg.attention_bias) and may be swapped in place for QuantLinear or
     LoRALinear; layer_idx picks this layer's slot in a shared KVCache. With cfg.qk_norm (Qwen3) q_norm and k_norm,
-    RMSNorms of (head_dim,), normalize each q and k head before RoPE; without it they do not exist.
+    RMSNorms of (head_dim,), normalize each q and k head before RoPE; without it they do not exist. With
+    cfg.fused_qkv_gate_up (Phi-3) q/k/v are one qkv_proj (d -> (H + 2 KVH) D, rows [q; k; v]); RoPE rotates the
+    first cfg.rotary_dim dims of each q and k head (all of them unless partial_rotary_factor < 1).
     """
     fuse_projections = True  # q/k/v and o through lora.project groups (False: module by module, the reference path)
 
@@ -322,11 +429,17 @@ class Attention(nn.Module):
         super().__init__()
         H, KVH, D, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         kw = dict(bias=cfg.attention_bias, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(d, H * D, **kw)
-        self.k_proj = nn.Linear(d, KVH * D, **kw)
-        self.v_proj = nn.Linear(d, KVH * D, **kw)
+        if cfg.fused_qkv_gate_up:  # Phi-3: one (H + 2 KVH) D x d weight, rows [q; k; v], one LoRA over it
+            self.qkv_proj = nn.Linear(d, (H + 2 * KVH) * D, **kw)
+            self._qkv_names = ("qkv_proj",)
+        else:
+            self.q_proj = nn.Linear(d, H * D, **kw)
+            self.k_proj = nn.Linear(d, KVH * D, **kw)
+            self.v_proj = nn.Linear(d, KVH * D, **kw)
+            self._qkv_names = ("q_proj", "k_proj", "v_proj")
         self.o_proj = nn.Linear(H * D, d, **{**kw, "bias": cfg.o_proj_bias})
         self.H, self.KVH, self.D, self.layer_idx = H, KVH, D, layer_idx
+        self.rotary_dim = cfg.rotary_dim
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype)
@@ -343,10 +456,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         """x (B, T, d) -> (B, T, d): RoPE'd causal SDPA with GQA; appends K/V to `cache` when given."""
         B, T, _ = x.shape
-        qkv = project(x, (self.q_proj, self.k_proj, self.v_proj), self)  # (B, T, (H + 2 KVH) D), one GEMM
+        qkv = project(x, [getattr(self, n) for n in self._qkv_names], self)  # (B, T, (H + 2 KVH) D), one GEMM
         if self.qk_norm:
             qkv = self._norm_qk(qkv)
-        qkv = apply_rope_qkv_(qkv, self.H + self.KVH, cos, sin)  # q and k heads rotated in place
+        if self.rotary_dim == self.D:
+            qkv = apply_rope_qkv_(qkv, self.H + self.KVH, cos, sin)  # q and k heads rotated in place
+        else:  # partial rotary (Phi-4-mini): the reference math on the leading rotary_dim of each head, a new tensor
+            qkv = apply_rope_partial(qkv, self.H + self.KVH, self.D, cos, sin)
         q, k, v = qkv.split([self.H * self.D, self.KVH * self.D, self.KVH * self.D], dim=-1)
         q = q.view(B, T, self.H, self.D).transpose(1, 2)    # (B, H, T, D)
         k = k.view(B, T, self.KVH, self.D).transpose(1, 2)  # (B, KVH, T, D)
@@ -359,19 +475,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: gate_proj, up_proj (d -> intermediate_size), down_proj (back to d); bias per cfg.mlp_bias."""
+    """SwiGLU: gate_proj, up_proj (d -> intermediate_size), down_proj (back to d); bias per cfg.mlp_bias. With
+    cfg.fused_qkv_gate_up (Phi-3) gate and up are one gate_up_proj (d -> 2 * intermediate_size)."""
     fuse_projections = True  # gate/up and down through lora.project groups (False: module by module)
 
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        if cfg.fused_qkv_gate_up:  # Phi-3: one 2I x d weight, rows [gate; up] (Phi3MLP chunks its output in two)
+            self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, **kw)
+            self._gate_up_names = ("gate_up_proj",)
+        else:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+            self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+            self._gate_up_names = ("gate_proj", "up_proj")
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def forward(self, x):
         """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x))."""
-        gate_up = project(x, (self.gate_proj, self.up_proj), self)  # (B, T, 2I): [gate | up], one GEMM
+        gate_up = project(x, [getattr(self, n) for n in self._gate_up_names], self)  # (B, T, 2I): [gate | up]
         return project(swiglu(gate_up), (self.down_proj,), self)
 
 
@@ -432,15 +554,31 @@ class LlamaModel(nn.Module):
         return plan
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin in `dtype` (computed in fp32) for integer positions (T,) -> (T, D), or (B, T) -> (B, 1, T, D)."""
-        dev = positions.device
-        if dev not in self._inv_freq:
-            self._inv_freq[dev] = rope_inv_freq(self.config, dev)
-        freqs = positions.float()[..., None] * self._inv_freq[dev]   # (..., T, D/2)
+        """cos, sin in `dtype` (computed in fp32) for integer positions (T,) -> (T, R), or (B, T) -> (B, 1, T, R);
+        R = config.rotary_dim (head_dim unless partial rotary)."""
+        freqs = positions.float()[..., None] * self._rope_inv_freq(positions)   # (..., T, R/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         if emb.dim() == 3:
             emb = emb[:, None]  # broadcast over heads
+        s = self.config.rope_scaling
+        if s is not None and s["rope_type"] == "longrope":  # transformers scales in fp32 before the cast
+            return (emb.cos() * s["attention_factor"]).to(dtype), (emb.sin() * s["attention_factor"]).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _rope_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
+        """(R/2,) fp32 inverse frequencies for this forward. LongRoPE takes long_factor once the sequence (max
+        position + 1, as transformers) exceeds original_max_position_embeddings: chosen on the device with
+        torch.where, so no host sync (CUDA graphs, torch.compile)."""
+        dev = positions.device
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = rope_inv_freq(self.config, dev)
+        s = self.config.rope_scaling
+        if s is None or s["rope_type"] != "longrope":
+            return self._inv_freq[dev]
+        if ("long", dev) not in self._inv_freq:
+            self._inv_freq["long", dev] = rope_inv_freq(self.config, dev, long=True)
+        long = positions.max() + 1 > s["original_max_position_embeddings"]
+        return torch.where(long, self._inv_freq["long", dev], self._inv_freq[dev])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
@@ -456,6 +594,10 @@ class LlamaModel(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used + {T} new does not fit")
         # the message is built only on failure: formatting T would pin it to one length under torch.compile
         _check_window(self.config, past + T, lambda: f"{past} cached + {T} new tokens")
+        if past and past <= longrope_switch(self.config, default=past + T) < past + T:
+            raise LongRopeCacheError(f"{past} cached + {T} new tokens cross original_max_position_embeddings "
+                                     f"{longrope_switch(self.config)}: the cache holds short-factor keys; re-encode "
+                                     f"the whole sequence without the cache")
         x = self.embed_tokens(input_ids)  # (B, T, d)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
@@ -475,6 +617,34 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.norm(x)
+
+
+def longrope_switch(cfg: LlamaConfig, default=None):
+    """LongRoPE's original_max_position_embeddings (longer sequences take long_factor), else `default`."""
+    s = cfg.rope_scaling
+    return s["original_max_position_embeddings"] if s is not None and s["rope_type"] == "longrope" else default
+
+
+def _generate_across_switch(model: "Llama", ids: torch.Tensor, n: int, switch: int, eos: tuple[int, ...],
+                            attention_mask, **kw) -> torch.Tensor:
+    """`generate` for a LongRoPE model whose prompt (B, T) fits the short factors and whose output does not, as
+    transformers' Phi3ForCausalLM does it: decode while the sequence is <= switch, then re-encode it all (long
+    factors) and go on. Rows that finished in the first part keep emitting eos[0]; the output stops after the
+    first token at which every row is done, as one call would."""
+    T = ids.shape[-1]
+    n1 = switch - T + 1  # how many tokens come from sequences of <= switch tokens
+    out = generate(model, ids, n1, eos_token_id=list(eos) or None, attention_mask=attention_mask, **kw)
+    if out.shape[-1] < T + n1:  # every row finished
+        return out
+    mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask.new_ones(len(ids), n1)], 1)
+    out = generate(model, out, n - n1, eos_token_id=list(eos) or None, attention_mask=mask, **kw)
+    if not eos:
+        return out
+    eos_t = torch.tensor(eos, device=out.device)
+    new = out[:, T + n1:]
+    new[torch.isin(out[:, T:T + n1], eos_t).any(-1)] = eos[0]
+    done = (torch.isin(out[:, T:], eos_t).cumsum(1) > 0).all(0).nonzero()
+    return out[:, :T + int(done[0]) + 1] if len(done) else out
 
 
 def _check_window(cfg: LlamaConfig, length: int, what) -> None:
@@ -563,8 +733,15 @@ class Llama(nn.Module):
         temperature 0 is greedy; > 0 samples from softmax(logits / temperature) restricted to the top_k best tokens
         (0 = all) and then to the smallest set whose probability reaches top_p. Rows that emitted an eos_token_id
         keep emitting it; decoding stops early once every row has. Prompts of different lengths go in left-padded,
-        with attention_mask (B, T) marking real tokens (1); each row then decodes as it would alone.
+        with attention_mask (B, T) marking real tokens (1); each row then decodes as it would alone. LongRoPE
+        (Phi-3 long context): once the sequence outgrows original_max_position_embeddings it is re-encoded with
+        the long factors, as transformers does.
         """
         _check_window(self.config, input_ids.shape[-1] + max_new_tokens, "prompt + max_new_tokens")
-        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        eos_token_id=eos_token_id, generator=generator, attention_mask=attention_mask)
+        kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        T, switch = input_ids.shape[-1], longrope_switch(self.config)
+        if switch is not None and T <= switch <= T + max_new_tokens - 2:  # a step would cross the switch
+            return _generate_across_switch(self, input_ids, max_new_tokens, switch, _eos_ids(eos_token_id),
+                                           attention_mask, **kw)
+        return generate(self, input_ids, max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        **kw)

@@ -1,6 +1,6 @@
 """`load_llama`: an HF Llama-family folder (or hub repo id) -> our `Llama`, quantizing tensor by tensor while
-streaming. model_type "llama" (Llama 2/3/3.x, SmolLM), "mistral", "qwen2" and "qwen3" (llama.py MODEL_TYPES); any
-other is a ConfigError.
+streaming. model_type "llama" (Llama 2/3/3.x, SmolLM), "mistral", "qwen2", "qwen3" and "phi3" (Phi-3, Phi-4; its
+fused qkv_proj / gate_up_proj load as one linear each) (llama.py MODEL_TYPES); any other is a ConfigError.
 
 Design: the model is built on the meta device (no memory), then filled one tensor at a time from safetensors'
 memory-mapped `safe_open`. A decoder-block linear weight is read (one dense tensor on the host), moved to the
@@ -29,7 +29,7 @@ from torch import nn
 from .defaults import BLOCKSIZE, DOUBLE_QUANT, FLOAT_DTYPES, QUANT_TYPE, default_dtype
 from .errors import FileLoadError, NonFiniteError
 from .formats import QUANT_TYPES
-from .llama import LINEAR_NAMES, ConfigError, Llama, LlamaConfig, RMSNorm
+from .llama import ConfigError, Llama, LlamaConfig, RMSNorm, linear_names
 from .qlinear import QuantLinear
 from .ops.quant4 import QuantizedTensor, QuantStateError
 
@@ -312,7 +312,7 @@ def _fill(cfg: LlamaConfig, reader: _Reader, quantize, double_quant, blocksize, 
         for norm, m in layer.named_modules():  # input/post_attention_layernorm; self_attn.q_norm/k_norm (qk_norm)
             if isinstance(m, RMSNorm):
                 _set_param(m, "weight", _take(reader, used, f"{p}{norm}.weight", m.weight.shape, dtype, device))
-        for name in LINEAR_NAMES:
+        for name in linear_names(cfg):
             parent_name, child = name.split(".")
             parent = getattr(layer, parent_name)
             setattr(parent, child, _linear(reader, used, f"{p}{name}", getattr(parent, child), quantize,

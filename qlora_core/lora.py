@@ -38,7 +38,7 @@ from .errors import UsageError
 from .ops.nf4_linear import LinearGroup, Member, group_linear
 from .ops.quant4 import QuantizedTensor, dequantize, quantize
 from .qlinear import QuantLinear
-from .targets import output_layer, target_matches, unmatched_targets
+from .targets import fuse_targets, fused_name, output_layer, target_matches, unmatched_targets
 
 LLAMA_TARGETS = LORA_TARGETS  # the default target_modules (defaults.py): all seven Llama projections
 LORA_DTYPES = (torch.float32, torch.bfloat16)
@@ -306,7 +306,8 @@ def check_targets(model: nn.Module, target_modules: Sequence[str] | str) -> list
     missing = unmatched_targets(model, target_modules)
     if missing:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
-        hints = {t: difflib.get_close_matches(t, leaves, n=1) for t in missing}
+        hints = {t: [fused_name(model, t)] if fused_name(model, t) else difflib.get_close_matches(t, leaves, n=1)
+                 for t in missing}
         hint = "; ".join(f"{t!r} (did you mean {h[0]!r}?)" if h else repr(t) for t, h in hints.items())
         raise TargetModuleError(f"target_modules entry {hint} matches no module of {type(model).__name__}; "
                                 f"every entry must name a module (linear layers here: "
@@ -338,6 +339,23 @@ def _resolve_config(config: LoraConfig | None, kw: dict) -> LoraConfig:
     return dataclasses.replace(config, **kw)
 
 
+def resolve_targets(model: nn.Module, target_modules: Sequence[str] | str) -> Sequence[str] | str:
+    """target_modules as apply_lora applies it to `model`: the default (LLAMA_TARGETS) names Phi-3's fused
+    qkv_proj / gate_up_proj in place of their parts, and becomes "all-linear" on a model with none of the Llama
+    names; "all-linear" becomes all_linear_names(model) (TargetModuleError when that is empty); else as given."""
+    if target_modules == LLAMA_TARGETS:
+        target_modules = fuse_targets(model, LLAMA_TARGETS)
+        if len(unmatched_targets(model, LLAMA_TARGETS)) == len(LLAMA_TARGETS):
+            target_modules = "all-linear"
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        names = all_linear_names(model)
+        if not names:
+            raise TargetModuleError(f"target_modules='all-linear': {type(model).__name__} has no linear layer "
+                                    f"besides its output layer")
+        return names
+    return target_modules
+
+
 def apply_lora(model: nn.Module, config: LoraConfig | None = None, *, r: int | None = None,
                alpha: float | None = None, dropout: float | None = None,
                target_modules: Sequence[str] | str | None = None, use_rslora: bool | None = None,
@@ -349,8 +367,11 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *, r: int | N
     `apply_lora(model, r=8, alpha=16, dropout=0.05, target_modules=[...])`; keywords given with a config override
     its fields; unset values take qlora_core/defaults.py's. target_modules="all-linear" is expanded as PEFT does
     (all_linear_names: every linear but the output layer) before matching and saving; the default targets (the
-    seven Llama projections) become "all-linear" on a model that has none of those names (an MLP, any module). Freezes every other parameter (bias "none", as PEFT), stores
-    the LoraConfig as `model.lora_config` (used by save_adapter) and returns LoraParamCount(trainable, total).
+    seven Llama projections) become "all-linear" on a model that has none of those names (an MLP, any module), and
+    name Phi-3's fused qkv_proj / gate_up_proj in place of q/k/v and gate/up (resolve_targets); an explicit
+    list is taken as given (PEFT's rule: "q_proj" cannot select a third of qkv_proj). Freezes every other parameter
+    (bias "none", as PEFT), stores the LoraConfig as `model.lora_config` (used by save_adapter) and returns
+    LoraParamCount(trainable, total).
     Raises LoraConfigError for bad r / alpha / dropout / dtype, TargetModuleError when an entry of a
     target_modules list (or the regex) matches no module (the message names it: a typo such as "vproj" is
     not silently left out), when a match is not a linear layer, or when the model already carries adapters.
@@ -358,14 +379,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None, *, r: int | N
     cfg = _resolve_config(config, dict(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
                                        use_rslora=use_rslora, dtype=dtype, lora_alpha=lora_alpha,
                                        lora_dropout=lora_dropout))
-    if cfg.target_modules == LLAMA_TARGETS and len(unmatched_targets(model, LLAMA_TARGETS)) == len(LLAMA_TARGETS):
-        cfg = dataclasses.replace(cfg, target_modules="all-linear")  # the default on a model with no Llama names
-    if isinstance(cfg.target_modules, str) and cfg.target_modules == "all-linear":
-        names = all_linear_names(model)
-        if not names:
-            raise TargetModuleError(f"target_modules='all-linear': {type(model).__name__} has no linear layer "
-                                    f"besides its output layer")
-        cfg = dataclasses.replace(cfg, target_modules=names)
+    cfg = dataclasses.replace(cfg, target_modules=resolve_targets(model, cfg.target_modules))
     if lora_modules(model):
         raise TargetModuleError("model already has LoRA adapters; merge/unload them or load into them instead")
     matches = check_targets(model, cfg.target_modules)

@@ -11,6 +11,28 @@ from torch import nn
 from .ops.quant4 import QuantizedTensor
 
 
+# Phi-3's fused projections and the Llama projections each stacks (rows in this order): PEFT targets the fused
+# module as one linear (one LoRA A/B over the stacked weight), so a Llama name cannot select a part of it.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_name(model: nn.Module, name: str) -> str | None:
+    """The fused module of `model` that holds projection `name` ("q_proj" -> "qkv_proj" on Phi-3), else None."""
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    return next((f for f, parts in FUSED_PARTS.items() if name in parts and f in leaves), None)
+
+
+def fuse_targets(model: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
+    """names (a target list) with each projection `model` holds only inside a fused module replaced by that
+    module's name, once: the seven Llama projections become qkv_proj, o_proj, gate_up_proj, down_proj on Phi-3."""
+    out: list[str] = []
+    for n in names:
+        f = fused_name(model, n) if unmatched_targets(model, (n,)) else None
+        if (f or n) not in out:
+            out.append(f or n)
+    return tuple(out)
+
+
 def target_matches(target_modules: Sequence[str] | str, name: str) -> bool:
     """PEFT's rule (tuners_utils.check_target_module_exists): a str is a regex that must fullmatch the module
     path; a list matches a path equal to an entry or ending in '.' + entry."""

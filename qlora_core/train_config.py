@@ -25,7 +25,7 @@ from .errors import UsageError
 from .formats import QUANT_TYPES
 from .llama import Llama
 from .loading import read_config, resolve_folder
-from .lora import LoraConfig, check_targets
+from .lora import LoraConfig, check_targets, resolve_targets
 from .train_checkpoint import METRICS, check_metrics, load_checkpoint
 
 
@@ -202,4 +202,4 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.lora.target_modules != "all-linear":
         with torch.device("meta"):
             skeleton = Llama(config)
-        check_targets(skeleton, cfg.lora.target_modules)
+        check_targets(skeleton, resolve_targets(skeleton, cfg.lora.target_modules))  # Phi-3: fused names

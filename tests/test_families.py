@@ -1,10 +1,12 @@
-"""Mistral, Qwen2 and Qwen3 checkpoints beside Llama: config fields, fp32 logits against transformers, the
+"""Mistral, Qwen2, Qwen3 and Phi-3 checkpoints beside Llama: config fields, fp32 logits against transformers, the
 sliding-window limit, NF4, LoRA grads and adapters both ways against PEFT, greedy generation, and the whole path
 (train -> adapter PEFT loads -> merge transformers loads -> bnb-4bit quantize).
 
 The folders are written by transformers itself (Mistral/Qwen2/Qwen3ForCausalLM built from a tiny random
 config, then save_pretrained), with weights rescaled so logits are O(1), and a small tokenizer beside them for
-training. Tolerances as tests/test_llama.py: our fp32 logits may be off the float64 reference (transformers, with
+training. Phi-3 (fused qkv_proj / gate_up_proj) runs one plain folder and one like Phi-4-mini (LongRoPE with
+original_max_position_embeddings 32, so the 100- and 130-token comparisons and the training run take the long
+factors while the shorter ones take the short ones; partial rotary 0.75). Tolerances as tests/test_llama.py: our fp32 logits may be off the float64 reference (transformers, with
 an adapter transformers + PEFT) by at most 2x the reference's own fp32 error plus the fp32 atol.
 """
 import json
@@ -15,7 +17,7 @@ import torch
 
 import qlora_core as qc
 from qlora_core.generation import KVCache
-from qlora_core.llama import ConfigError, LlamaConfig, SlidingWindowError
+from qlora_core.llama import ConfigError, LlamaConfig, LongRopeCacheError, SlidingWindowError, linear_names
 from qlora_core.loading import load_llama
 from qlora_core.ops.quant4 import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
@@ -51,6 +53,17 @@ FAMILIES = {
         hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
         head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=64, max_window_layers=1,
         tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # Phi-3: fused qkv_proj and gate_up_proj; Phi-3-mini's sliding_window (2047 there) and GQA of the larger ones
+    "phi3-window-gqa-tied": ("phi3", dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        sliding_window=64, tie_word_embeddings=True, pad_token_id=0, rope_parameters=ROPE)),
+    # Phi-4-mini's shape of RoPE: LongRoPE over the first 0.75 of each head (12 of 16 dims: 6 factors each)
+    "phi3-longrope-partial-untied": ("phi3", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        sliding_window=None, tie_word_embeddings=False, pad_token_id=0, original_max_position_embeddings=32,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                         "long_factor": [1.0, 1.8, 3.5, 6.0, 9.0, 13.0]})),
 }
 
 
@@ -109,8 +122,8 @@ def test_config_reads_the_family_fields(folder):
     assert cfg.model_type == hf.config.model_type and cfg.sliding_window == _hf_window(hf.config)
     layer = hf.model.layers[0]
     ours = load_llama(folder, quantize=None).model.layers[0]
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj"):
+    assert cfg.fused_qkv_gate_up == (cfg.model_type == "phi3")
+    for name in linear_names(cfg):  # the checkpoint's own linears (Phi-3: qkv_proj, gate_up_proj fused)
         assert (ours.get_submodule(name).bias is None) == (layer.get_submodule(name).bias is None), name
     if cfg.model_type == "qwen2":
         assert layer.self_attn.q_proj.bias is not None and layer.self_attn.o_proj.bias is None
@@ -179,7 +192,7 @@ def test_quantized_model_equals_transformers_with_dequantized_weights(folder, qu
                 if m.bias is not None:  # Qwen2's q/k/v biases stay dense and equal
                     assert torch.equal(m.bias, hf32.get_submodule(name).bias)
             n += 1
-    assert n == 7 * model_q.config.num_hidden_layers
+    assert n == len(linear_names(model_q.config)) * model_q.config.num_hidden_layers
     for name, p in model_q.named_parameters():
         if name.endswith("norm.weight"):
             assert p.dtype == torch.float32 and torch.equal(p, hf32.get_parameter(name)), name
@@ -213,7 +226,7 @@ def _peft_lora(pm) -> dict:
 
 
 def test_lora_grads_match_peft(folder, tmp_path):
-    """Our adapter (all seven projections, random A and B) saved, loaded by PEFT over transformers in fp32 and float64;
+    """Our adapter (every projection, random A and B) saved, loaded by PEFT over transformers in fp32 and float64;
     the LoRA gradients of one cross-entropy loss agree within 2x PEFT's own fp32 error plus the fp32 atol."""
     ours = load_llama(folder, quantize=None, dtype=torch.float32).eval()
     apply_lora(ours, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
@@ -229,7 +242,7 @@ def test_lora_grads_match_peft(folder, tmp_path):
     for dtype in (torch.float32, torch.float64):
         pm = peft.PeftModel.from_pretrained(_hf(folder, dtype), str(tmp_path), is_trainable=True).eval()
         layers = _peft_lora(pm)
-        assert set(layers) == set(mods) and len(mods) == 7 * ours.config.num_hidden_layers
+        assert set(layers) == set(mods) and len(mods) == len(linear_names(ours.config)) * ours.config.num_hidden_layers
         params = [w for n in mods for w in (layers[n].lora_A["default"].weight, layers[n].lora_B["default"].weight)]
         theirs.append(grads(pm(input_ids=ids).logits, params))
     mine = grads(ours(ids), [p for m in mods.values() for p in (m.lora_A, m.lora_B)])
@@ -302,16 +315,21 @@ def test_merge_loads_in_transformers(folder, trained, tmp_path):
                      "--dtype", "float32", "--base", "dense"]) == 0
     hf = _hf(tmp_path / "m")
     assert type(hf).__name__ == type(_hf(folder)).__name__  # MistralForCausalLM / Qwen2ForCausalLM
-    ours = load_llama(folder, quantize=None, dtype=torch.float32)
-    qc.load_adapter(ours, adapter, check_base=False)
-    ours.eval()
-    ids = _ids(ours.config.vocab_size, 13)
+    # reference: transformers + PEFT over the unmerged base in float64; bound: 2x its fp32 error + the fp32 atol
+    # (a fixed rtol 1e-4 failed on one near-zero logit of 7436 for Phi-3: fp32 rounding, 2.5e-5 on logits of ~50)
+    pm32 = peft.PeftModel.from_pretrained(_hf(folder), str(adapter)).eval()
+    pm64 = peft.PeftModel.from_pretrained(_hf(folder, torch.float64), str(adapter)).eval()
+    ids = _ids(hf.config.vocab_size, 13)
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-5)  # as tests/test_cli.py
+        y, y32, y64 = hf(ids).logits, pm32(input_ids=ids).logits, pm64(input_ids=ids).logits
+        base = _hf(folder)(ids).logits
+    assert (y64 - base.double()).abs().max() > 0.1  # the merged adapter matters
+    bound = 2 * (y32.double() - y64).abs().max().item() + DTYPE_ATOL[torch.float32]
+    assert_close_verbose(y, y64, atol=bound, rtol=0, name="merged folder in transformers vs transformers + PEFT")
 
 
 def test_quantize_loads_in_transformers_bitsandbytes(folder, tmp_path):
-    """`qlora quantize` -> transformers loads every decoder linear (7 a layer) as a bitsandbytes Linear4bit holding
+    """`qlora quantize` -> transformers loads every decoder linear (7 a layer, Phi-3 4) as a bitsandbytes Linear4bit holding
     our quant state byte for byte, whose values are bitsandbytes' CUDA dequantization (float64, tests/helpers.py)
     and equal ours; load_llama reads the same state back. Most of these linears have rows (in_features) of 48, 72,
     80 or 96 elements, so 64-element blocks straddle rows, where bitsandbytes' CPU dequantize is known to differ
@@ -322,21 +340,20 @@ def test_quantize_loads_in_transformers_bitsandbytes(folder, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16).eval()
     ours = load_llama(folder, quantize="nf4", dtype=torch.bfloat16)
     back = load_llama(tmp_path / "q", dtype=torch.bfloat16)
-    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-             "mlp.up_proj", "mlp.down_proj"]
+    names = linear_names(ours.config)  # 7, or Phi-3's 4 with qkv_proj and gate_up_proj
     for i, layer in enumerate(hf.model.layers):
         for n in names:
             assert isinstance(layer.get_submodule(n), bnb.nn.Linear4bit), f"model.layers.{i}.{n}"
     assert len(hf.model.layers) == ours.config.num_hidden_layers
-    assert assert_bnb_checkpoint_matches(ours, hf, back) == 7 * ours.config.num_hidden_layers
+    assert assert_bnb_checkpoint_matches(ours, hf, back) == len(names) * ours.config.num_hidden_layers
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text", "qwen3_moe", "mixtral", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text", "qwen3_moe", "mixtral", "phi", "gpt_neox"])
 def test_other_model_types_are_config_errors(model_type, tmp_path):
     d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
          "num_hidden_layers": 1, "num_attention_heads": 2}
-    with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported.*'llama', 'mistral', 'qwen2'"):
+    with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported.*'llama', 'mistral', 'phi3'"):
         LlamaConfig.from_hf_config(d)
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="config.json: model_type"):
@@ -381,6 +398,161 @@ def test_to_hf_config_round_trips_through_transformers(folder):
     assert d["architectures"] == [type(_hf(folder)).__name__]
 
 
+# -- Phi-3: LongRoPE, partial rotary, fused targets -----------------------------------------------------------------
+LONGROPE = "phi3-longrope-partial-untied"
+
+
+@pytest.fixture(scope="module")
+def longrope_folder(tmp_path_factory):
+    return build_folder(tmp_path_factory.mktemp("longrope"), LONGROPE)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 4.0, 5.0, 6.0]},
+         original_max_position_embeddings=64, max_position_embeddings=1024),  # Phi-3-mini-128k's (old) form
+    dict(rope_parameters={"rope_type": "longrope", "rope_theta": 250000.0, "partial_rotary_factor": 0.5,
+                          "short_factor": [1.0, 1.5], "long_factor": [3.0, 5.0], "attention_factor": 1.3}),
+    dict(partial_rotary_factor=0.75, rope_theta=5e5, max_position_embeddings=64),
+], ids=["old-form", "longrope-partial-attention-factor", "partial-top-level"])
+def test_phi3_rope_fields_as_transformers_reads_them(fields):
+    """Inverse frequencies (short and long) and the cos/sin scale equal transformers' own rope init for the same
+    config.json (independent reference: ROPE_INIT_FUNCTIONS / Phi3RotaryEmbedding's default)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from qlora_core.llama import rope_inv_freq
+    d = {"model_type": "phi3", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
+         "num_attention_heads": 2, **fields}
+    cfg, hf = LlamaConfig.from_hf_config(d), transformers.Phi3Config(**d)
+    rp = hf.rope_parameters
+    assert cfg.rms_norm_eps == hf.rms_norm_eps  # Phi3Config's default 1e-5, not Llama's 1e-6
+    assert cfg.rotary_dim == int(8 * rp["partial_rotary_factor"]) and cfg.rope_theta == rp["rope_theta"]
+    if rp["rope_type"] == "default":
+        ref = transformers.models.phi3.modeling_phi3.Phi3RotaryEmbedding.compute_default_rope_parameters(hf)[0]
+        assert cfg.rope_scaling is None and torch.equal(rope_inv_freq(cfg), ref)
+    else:
+        short, scale = ROPE_INIT_FUNCTIONS["longrope"](hf, None)
+        long, _ = ROPE_INIT_FUNCTIONS["longrope"](hf, None, seq_len=rp["original_max_position_embeddings"] + 1)
+        assert not torch.equal(short, long)
+        assert torch.equal(rope_inv_freq(cfg), short) and torch.equal(rope_inv_freq(cfg, long=True), long)
+        assert cfg.rope_scaling["attention_factor"] == scale and cfg.rope_scaling[
+            "original_max_position_embeddings"] == rp["original_max_position_embeddings"]
+    assert LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    if "rope_scaling" in d:  # the first Phi-3 long configs said "su" (transformers 4.4x read it; 5.17 fails to)
+        assert LlamaConfig.from_hf_config({**d, "rope_scaling": {**d["rope_scaling"], "type": "su"}}) == cfg
+    again = transformers.Phi3Config(**cfg.to_hf_config()).rope_parameters
+    assert all(again.get(k) == v for k, v in rp.items() if k not in ("attention_factor", "type")), (again, rp)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(partial_rotary_factor=0.1), "rotary width int\\(8 \\* 0.1\\) = 0"),
+    (dict(partial_rotary_factor=1.5), "partial_rotary_factor must be in \\(0, 1\\]"),
+    (dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 4}),
+     "short_factor has 3 entries; rotary width 8 needs 4"),
+    (dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 4}), "missing field\\(s\\) \\['long_factor'\\]"),
+])
+def test_phi3_bad_rope_fields_are_config_errors(fields, match):
+    d = {"model_type": "phi3", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
+         "num_attention_heads": 2, **fields}
+    with pytest.raises(ConfigError, match=match):
+        LlamaConfig.from_hf_config(d)
+
+
+def test_longrope_switches_factors_past_the_original_length(longrope_folder):
+    """At 32 tokens (= original_max_position_embeddings) the short factors, at 33 the long ones for every position:
+    both match transformers (float64 reference, bound as above), and the 33-token run's first 32 logits differ
+    from the 32-token run's (in a causal model only the switch can change them)."""
+    model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    assert model.config.rope_scaling["original_max_position_embeddings"] == 32
+    ids = _ids(model.config.vocab_size, 33)
+    outs = {}
+    for T in (32, 33):
+        with torch.no_grad():
+            hf32, hf64 = _hf(longrope_folder)(ids[:, :T]).logits, _hf(longrope_folder, torch.float64)(ids[:, :T]).logits
+            outs[T] = model(ids[:, :T])
+        bound = 2 * (hf32.double() - hf64).abs().max().item() + DTYPE_ATOL[torch.float32]
+        assert_close_verbose(outs[T], hf64, atol=bound, rtol=0, name=f"longrope T={T}")
+    assert (outs[33][:, :32] - outs[32]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("prompt,new", [(26, 12), (31, 3), (40, 6)], ids=["crossing", "crossing-at-last-step", "long"])
+def test_longrope_greedy_generate_equals_transformers(longrope_folder, prompt, new):
+    """Greedy decoding across original_max_position_embeddings (32) re-encodes the sequence with the long factors,
+    so each token is transformers' argmax over the whole sequence so far; a prompt already past 32 decodes with the
+    long factors throughout. Reference: transformers' generate without a cache (each step a full forward). Its
+    cached generate is not the reference: transformers 5.17 drops the cache at the switch (Phi3ForCausalLM.
+    prepare_inputs_for_generation) but its tokens then leave those of its own full forward (seen at 33 tokens)."""
+    model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    ids = _ids(model.config.vocab_size, prompt)
+    with torch.no_grad():
+        ref = _hf(longrope_folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                            do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=new), ref)
+
+
+def test_longrope_generate_across_the_switch_keeps_eos_rows_done(longrope_folder):
+    """With eos, decoding across the switch gives transformers' tokens (uncached, as above; its finished rows pad
+    with pad_token_id, set to eos here, as ours keep emitting eos) and length: the eos is one row 0 emits before
+    the switch (tokens 26..31 come from sequences < 32) and row 1 does not, so a row finished in the first part
+    stays finished."""
+    model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    ids = _ids(model.config.vocab_size, 26)
+    free = model.generate(ids, max_new_tokens=12)[:, 26:]
+    eos = next(int(t) for t in free[0, :6] if t not in free[1, :7])
+    with torch.no_grad():
+        ref = _hf(longrope_folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                            do_sample=False, eos_token_id=eos, pad_token_id=eos, use_cache=False)
+    out = model.generate(ids, max_new_tokens=12, eos_token_id=eos)
+    assert torch.equal(out, ref), (out[:, 26:], ref[:, 26:])
+    assert (out[0, 33:] == eos).all() and out.shape[1] > 33  # row 0 done before the switch, decoding went past it
+
+
+def test_longrope_cache_crossing_is_refused(longrope_folder):
+    """A KV cache or the static-cache loop (the CLI's, with streaming) never mixes short- and long-factor keys."""
+    from qlora_core.generation import GenerationError, generate
+    model = load_llama(longrope_folder, quantize=None, dtype=torch.float32)
+    with pytest.raises(GenerationError, match="prompt 26 \\+ max_new_tokens 8 cross .* 32"):
+        generate(model, _ids(model.config.vocab_size, 26), 8)
+    assert generate(model, _ids(model.config.vocab_size, 26), 7).shape == (2, 33)  # the last token: from 32
+    cache = KVCache(model.config, 1, 64)
+    with torch.no_grad():
+        model(_ids(model.config.vocab_size, 30, B=1), cache=cache)
+        model(_ids(model.config.vocab_size, 2, B=1), cache=cache)  # 32: still the short factors
+        with pytest.raises(LongRopeCacheError, match="32 cached \\+ 1 new tokens cross original_max_position_embeddings 32"):
+            model(_ids(model.config.vocab_size, 1, B=1), cache=cache)
+
+
+def test_phi3_default_targets_are_the_fused_projections(folder):
+    """The default targets adapt every projection (PEFT "all-linear"'s set); an explicit part of a fused one is a
+    TargetModuleError pointing at it, as PEFT cannot adapt a third of qkv_proj either."""
+    from qlora_core.lora import TargetModuleError
+    model = load_llama(folder, quantize=None, dtype=torch.float32)
+    apply_lora(model, qc.LoraConfig(r=2))
+    names = {n.split(".")[-1] for n in lora_modules(model)}
+    pm = peft.get_peft_model(_hf(folder), peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert names == {n.split(".")[-1] for n in _peft_lora(pm)}
+    if model.config.model_type != "phi3":
+        return
+    assert names == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    with pytest.raises(TargetModuleError, match="'v_proj' \\(did you mean 'qkv_proj'\\?\\)"):
+        apply_lora(load_llama(folder, quantize=None), target_modules=["v_proj", "o_proj"])
+
+
+def test_phi3_cli_targets_preflight(tmp_path):
+    """`qlora train --target-modules` before any weight loads (preflight, on the meta-device model): the fused names
+    pass, the default passes (it names them), a Llama part of a fused linear is refused with the fused name."""
+    from qlora_core.lora import TargetModuleError
+    from qlora_core.train_config import TrainConfig, preflight
+    folder = build_folder(tmp_path / "p", "phi3-window-gqa-tied")
+    data = write_jsonl(tmp_path / "d.jsonl", swap_task(20))
+
+    def check(targets, out):
+        lora = qc.LoraConfig() if targets is None else qc.LoraConfig(target_modules=targets)
+        preflight(TrainConfig(model=str(folder), data=str(data), output=str(tmp_path / out), lora=lora))
+    check(None, "a")
+    check(("qkv_proj", "gate_up_proj"), "b")
+    with pytest.raises(TargetModuleError, match="'gate_proj' \\(did you mean 'gate_up_proj'\\?\\)"):
+        check(("qkv_proj", "gate_proj"), "c")
+
+
 # -- the Triton path of Qwen3's q/k norms (CPU interpreter) ------------------------------------------------------
 _INTERP_QK_NORM = """
 import os, torch
@@ -420,12 +592,15 @@ def test_qk_norm_triton_path_equals_reference_under_interpreter():
 
 
 @pytest.mark.gpu
-def test_qwen3_lora_grads_on_cuda_fast_path_within_bf16_bound(tmp_path):
-    """On CUDA in bf16 the fast path (Triton q/k norms on the packed qkv heads, fused RoPE, grouped projections)
-    gives logits and LoRA grads within 2x the bf16 reference path's own error against float64 plus the bf16 atol."""
+@pytest.mark.parametrize("name", ["qwen3-window-bias-mqa-untied", "phi3-window-gqa-tied", LONGROPE])
+def test_lora_grads_on_cuda_fast_path_within_bf16_bound(tmp_path, name):
+    """On CUDA in bf16 the fast path (Triton q/k norms on the packed qkv heads, fused RoPE, grouped projections;
+    Phi-3: one fused qkv_proj / gate_up_proj each, LongRoPE's long factors at 48 tokens, partial rotary on the
+    reference math) gives logits and LoRA grads within 2x the bf16 reference path's own error against float64
+    plus the bf16 atol."""
     import copy
     from qlora_core import backend
-    folder = build_folder(tmp_path / "q3", "qwen3-window-bias-mqa-untied")
+    folder = build_folder(tmp_path / "f", name)
     model = load_llama(folder, quantize=None, dtype=torch.bfloat16, device="cuda").eval()
     apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
     _randomize([p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)], seed=4)

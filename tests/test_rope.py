@@ -6,7 +6,8 @@
     backward against float64 (tests/_block_cases.py), and the custom op the Triton path takes under torch.compile
     (`qlora_core::rope`, functional: see ops/rope.py): `torch.library.opcheck` per dtype, fp32 or same-dtype,
     shared (T, D) or per-row (B, T, D) tables, and compiled `apply_rope_qkv_` / `apply_rope_` == eager bit for bit.
-    tests/test_gpu_rope.py runs the 8B shapes.
+    tests/test_gpu_rope.py runs the 8B shapes;
+  * `apply_rope_partial` (partial rotary, Phi-4-mini) against transformers' Phi-3 apply_rotary_pos_emb.
 """
 import sys
 
@@ -86,3 +87,23 @@ def test_kernel_under_interpreter():
 if __name__ == "__main__":
     torch.set_num_threads(1)
     sys.exit(0 if run_group(sys.argv[1]) > 0 else 1)
+
+
+@pytest.mark.parametrize("cos_shape", ["shared", "per-row"])
+def test_apply_rope_partial_is_transformers_phi3(cos_shape):
+    """Partial rotary (12 of 16 dims) on a fused qkv buffer (4 q, 2 k, 2 v heads) equals transformers' Phi-3
+    apply_rotary_pos_emb on q and k with v untouched, bit for bit in fp32, and so do the input gradients."""
+    phi3 = pytest.importorskip("transformers.models.phi3.modeling_phi3", reason="transformers is the reference")
+    g = torch.Generator().manual_seed(0)
+    B, T, D, R = 2, 7, 16, 12
+    qkv = torch.randn(B, T, 8 * D, generator=g, requires_grad=True)
+    ang = torch.randn((T, R // 2) if cos_shape == "shared" else (B, 1, T, R // 2), generator=g)
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    got = rope.apply_rope_partial(qkv, 6, D, cos, sin)
+    heads = qkv.unflatten(-1, (8, D)).transpose(1, 2)  # (B, heads, T, D), transformers' layout
+    c, s = (cos[None], sin[None]) if cos.dim() == 2 else (cos.squeeze(1), sin.squeeze(1))  # its (B|1, T, R)
+    q, k = phi3.apply_rotary_pos_emb(heads[:, :4], heads[:, 4:6], c, s)
+    want = torch.cat((q, k, heads[:, 6:]), 1).transpose(1, 2).flatten(-2)
+    assert torch.equal(got, want) and not torch.equal(got, qkv)
+    dy = torch.randn(got.shape, generator=g)
+    assert torch.equal(*(torch.autograd.grad(y, qkv, dy)[0] for y in (got, want)))

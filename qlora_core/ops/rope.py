@@ -130,6 +130,22 @@ def apply_rope_qkv_(qkv: torch.Tensor, rotary_heads: int, cos: torch.Tensor, sin
     return RoPEFunction.apply(qkv, None, cos, sin, (rotary_heads,), impl)
 
 
+def apply_rope_partial(qkv: torch.Tensor, rotary_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor
+                       ) -> torch.Tensor:
+    """Partial rotary (transformers' partial_rotary_factor, Phi-4-mini): qkv (B, T, n*head_dim) -> a new tensor
+    like it, the first R = cos.shape[-1] dims of each of the first `rotary_heads` heads rotated by `rope_ref`
+    (rotate-half within those R dims), every other element as is. cos, sin (T, R) or (B, 1, T, R).
+
+    Functional and on the reference math only: the in-place kernels take R as the head stride, and this path
+    serves the few checkpoints with R < head_dim (it costs one extra copy of qkv). Differentiable.
+    """
+    R = cos.shape[-1]
+    heads = qkv.unflatten(-1, (-1, head_dim))  # (B, T, n, head_dim)
+    rot = rope_ref(heads[..., :rotary_heads, :R].flatten(-2), cos, sin).unflatten(-1, (rotary_heads, R))
+    qk = torch.cat((rot, heads[..., :rotary_heads, R:]), dim=-1)  # (B, T, rotary_heads, head_dim)
+    return torch.cat((qk, heads[..., rotary_heads:, :]), dim=-2).flatten(-2)
+
+
 # -- torch.library custom op: what torch.compile sees (docs/backends.md, "torch.compile: the custom ops") ------
 _T = torch.Tensor
 
