@@ -228,30 +228,32 @@ def op_rope(B, T, H, KVH, D, dtype, device, per_row: bool, table_dtype=None) -> 
 
 
 # -- SwiGLU -------------------------------------------------------------------------------------------------------
-def case_swiglu(M, I, dtype, device, fused: bool, inplace: bool) -> int:
+def case_swiglu(M, I, dtype, device, fused: bool, inplace: bool, activation: str = "silu") -> int:
+    """activation "gelu_tanh": GeGLU, against F.gelu(approximate="tanh") (PyTorch's own, float64 included)."""
     from qlora_core.ops import swiglu
+    act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
     gu = torch.randn(M, 2 * I, device=device).mul_(3.0)
     gu[0, :min(I, 6)] = torch.tensor([-100.0, -30.0, -0.0, 30.0, 100.0, 1e-3], device=device)[:min(I, 6)]
     gu = gu.to(dtype).requires_grad_()
     dy = torch.randn(M, I, device=device).to(dtype)
     with poisoned() as seen, backend.forced("triton"):
         x = gu * 1  # owned by this test, so backward may overwrite it (inplace)
-        y = swiglu.swiglu(x, inplace_grad=inplace) if fused else \
-            swiglu.swiglu(x[:, :I], x[:, I:], inplace_grad=inplace)
+        y = swiglu.swiglu(x, inplace_grad=inplace, activation=activation) if fused else \
+            swiglu.swiglu(x[:, :I], x[:, I:], inplace_grad=inplace, activation=activation)
         (g,) = torch.autograd.grad(y, gu, dy)
     assert seen["calls"] >= 1 + (not inplace), "swiglu: the poisoned allocator was not used"
     split = lambda t: (t[:, :I], t[:, I:])  # noqa: E731
-    y_t, g_t = _grads(lambda a: F.silu(split(a)[0]) * split(a)[1], (gu.detach().clone().requires_grad_(),), dy)
-    y64, g64 = _grads(lambda a: F.silu(split(a)[0]) * split(a)[1], (gu.detach().double().requires_grad_(),),
+    y_t, g_t = _grads(lambda a: act(split(a)[0]) * split(a)[1], (gu.detach().clone().requires_grad_(),), dy)
+    y64, g64 = _grads(lambda a: act(split(a)[0]) * split(a)[1], (gu.detach().double().requires_grad_(),),
                       dy.double())
-    tag = f"swiglu M={M} I={I} {dtype} fused={fused} inplace={inplace}"
+    tag = f"{activation} M={M} I={I} {dtype} fused={fused} inplace={inplace}"
     check(f"{tag} out", y, y64, y_t, dtype)
     check(f"{tag} dgate", g[:, :I], g64[0][:, :I], g_t[0][:, :I], dtype)
     check(f"{tag} dup", g[:, I:], g64[0][:, I:], g_t[0][:, I:], dtype)
     return 3
 
 
-def op_swiglu(M, I, dtype, device, fused: bool) -> int:
+def op_swiglu(M, I, dtype, device, fused: bool, activation: str = "silu") -> int:
     """The Triton path's custom ops: opcheck of swiglu and swiglu_backward, and swiglu compiled == eager, on the
     fused gu (M, 2I) or on gate and up (M, I)."""
     from qlora_core.ops import swiglu
@@ -260,12 +262,13 @@ def op_swiglu(M, I, dtype, device, fused: bool) -> int:
     args = [t.requires_grad_() for t in args]
     dy = torch.randn(M, I, device=device).to(dtype)
     up = None if fused else args[1]
-    torch.library.opcheck(torch.ops.qlora_core.swiglu.default, (args[0], up))
+    torch.library.opcheck(torch.ops.qlora_core.swiglu.default, (args[0], up, activation))
     torch.library.opcheck(torch.ops.qlora_core.swiglu_backward.default,
-                          (dy, args[0].detach(), None if fused else up.detach()))
+                          (dy, args[0].detach(), None if fused else up.detach(), activation))
     with backend.forced("triton"):
-        return 2 + compiled_matches_eager(f"swiglu op M={M} I={I} {dtype} fused={fused}",
-                                          lambda *t: swiglu.swiglu(*t), args, dy, {"swiglu", "swiglu_backward"})
+        return 2 + compiled_matches_eager(f"swiglu op M={M} I={I} {dtype} fused={fused} {activation}",
+                                          lambda *t: swiglu.swiglu(*t, activation=activation), args, dy,
+                                          {"swiglu", "swiglu_backward"})
 
 
 # -- fused lm_head + cross entropy --------------------------------------------------------------------------------
