@@ -191,7 +191,7 @@ class LlamaConfig:
             d.pop("rope_scaling", None)
         if self.model_type != "llama":  # biases are fixed by the family's code, not read from config.json
             d.pop("mlp_bias", None)
-            if self.model_type != "qwen3":  # Qwen3 reads attention_bias (q/k/v/o alike)
+            if self.model_type not in ("qwen3", "gemma3_text"):  # these read attention_bias (q/k/v/o alike)
                 d.pop("attention_bias", None)
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window

@@ -1,10 +1,12 @@
-"""Mistral, Qwen2 and Qwen3 checkpoints beside Llama: config fields, fp32 logits against transformers, the
-sliding-window limit, NF4, LoRA grads and adapters both ways against PEFT, greedy generation, and the whole path
+"""Mistral, Qwen2, Qwen3 and Gemma 3 (text) checkpoints beside Llama: config fields, fp32 logits against
+transformers, sliding-window attention past the window (one forward, KV-cache decoding, generation, LoRA grads,
+training), NF4, LoRA grads and adapters both ways against PEFT, greedy generation, and the whole path
 (train -> adapter PEFT loads -> merge transformers loads -> bnb-4bit quantize).
 
-The folders are written by transformers itself (Mistral/Qwen2/Qwen3ForCausalLM built from a tiny random
+The folders are written by transformers itself (Mistral/Qwen2/Qwen3/Gemma3ForCausalLM built from a tiny random
 config, then save_pretrained), with weights rescaled so logits are O(1), and a small tokenizer beside them for
-training. Tolerances as tests/test_llama.py: our fp32 logits may be off the float64 reference (transformers, with
+training. Windows are 12 keys: shorter than the 17- and 21-token test inputs, the 17 tokens of generation and the
+64 of training. Tolerances as tests/test_llama.py: our fp32 logits may be off the float64 reference (transformers, with
 an adapter transformers + PEFT) by at most 2x the reference's own fp32 error plus the fp32 atol.
 """
 import json
@@ -15,7 +17,8 @@ import torch
 
 import qlora_core as qc
 from qlora_core.generation import KVCache
-from qlora_core.llama import ConfigError, LlamaConfig, SlidingWindowError
+from qlora_core import llama
+from qlora_core.llama import ConfigError, LlamaConfig
 from qlora_core.loading import load_llama
 from qlora_core.ops.quant4 import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
@@ -28,11 +31,12 @@ peft = pytest.importorskip("peft", reason="test extra: peft")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
-# name -> (model_type, transformers config fields). sliding windows of 64 = the training seq_len below.
+W = 12  # sliding windows: shorter than every test sequence below
+# name -> (model_type, transformers config fields)
 FAMILIES = {
     "mistral-window-gqa-untied": ("mistral", dict(
         hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, sliding_window=64, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters=ROPE)),
+        head_dim=16, sliding_window=W, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters=ROPE)),
     "mistral-nowindow-mha-tied": ("mistral", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
         sliding_window=None, tie_word_embeddings=True, rope_parameters=ROPE)),
@@ -41,7 +45,7 @@ FAMILIES = {
         tie_word_embeddings=True, use_sliding_window=False, rope_parameters=ROPE)),
     "qwen2-window-mqa-untied": ("qwen2", dict(
         hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
-        use_sliding_window=True, sliding_window=64, max_window_layers=1, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=W, max_window_layers=1, tie_word_embeddings=False,
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     # Qwen3: q_norm / k_norm per head, head_dim not hidden / heads (64 / 4 = 16 and 48 / 6 = 8)
     "qwen3-gqa-tied-headdim": ("qwen3", dict(
@@ -49,9 +53,18 @@ FAMILIES = {
         head_dim=24, tie_word_embeddings=True, use_sliding_window=False, rope_parameters=ROPE)),
     "qwen3-window-bias-mqa-untied": ("qwen3", dict(
         hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
-        head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=64, max_window_layers=1,
+        head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=W, max_window_layers=1,
         tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # Gemma 3: sliding and full layers with their own RoPE (linear scaling on the full ones, as the 4B+ models),
+    # attention scale query_pre_attn_scalar^-0.5 with the scalar != head_dim, (1 + w) norms, GeGLU
+    "gemma3-sliding-full-gqa-tied": ("gemma3_text", dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=W, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
+GEMMA = ("gemma3_text",)  # (1 + w) RMSNorms: weights centred on 0
 
 
 def build_folder(dest, name, seed=0):
@@ -68,7 +81,7 @@ def build_folder(dest, name, seed=0):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(float(model_type not in GEMMA) + 0.2 * torch.randn(p.shape, generator=g))
             elif n.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in n:
@@ -91,6 +104,14 @@ def _hf(folder, dtype=torch.float32):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
 
+def _hf_layer_windows(hf):
+    """The window each of transformers' layers applies (None: full attention)."""
+    cfg = hf.config
+    if cfg.model_type == "mistral":
+        return [cfg.sliding_window] * cfg.num_hidden_layers
+    return [layer.self_attn.sliding_window for layer in hf.model.layers]
+
+
 def _hf_window(hf_cfg):
     """The window transformers applies to some layer, or None (Qwen2: only on "sliding_attention" layers)."""
     types = getattr(hf_cfg, "layer_types", None)
@@ -107,14 +128,16 @@ def test_config_reads_the_family_fields(folder):
     cfg = load_llama(folder, quantize=None).config
     hf = _hf(folder)
     assert cfg.model_type == hf.config.model_type and cfg.sliding_window == _hf_window(hf.config)
+    model = load_llama(folder, quantize=None)
+    assert [layer.self_attn.window for layer in model.model.layers] == _hf_layer_windows(hf)
     layer = hf.model.layers[0]
-    ours = load_llama(folder, quantize=None).model.layers[0]
+    ours = model.model.layers[0]
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                  "mlp.up_proj", "mlp.down_proj"):
         assert (ours.get_submodule(name).bias is None) == (layer.get_submodule(name).bias is None), name
     if cfg.model_type == "qwen2":
         assert layer.self_attn.q_proj.bias is not None and layer.self_attn.o_proj.bias is None
-    assert cfg.qk_norm == (cfg.model_type == "qwen3") == hasattr(ours.self_attn, "q_norm")
+    assert cfg.qk_norm == (cfg.model_type in ("qwen3", "gemma3_text")) == hasattr(ours.self_attn, "q_norm")
     if cfg.qk_norm:  # per-head norms of head_dim, which is not hidden / heads here
         assert cfg.head_dim == hf.config.head_dim != cfg.hidden_size // cfg.num_attention_heads
         for n in ("q_norm", "k_norm"):
@@ -127,11 +150,12 @@ def test_state_dict_keys_are_transformers_keys(folder):
     model.load_state_dict({k: v for k, v in hf.state_dict().items() if "rotary_emb" not in k}, strict=True)
 
 
-@pytest.mark.parametrize("length", ["short", "window"])
+@pytest.mark.parametrize("length", ["short", "long"])
 def test_dense_logits_match_transformers(folder, length):
+    """short: 21 tokens (past a window of 12 already); long: 100, eight windows, where a band mask that slid
+    wrongly by one key would show."""
     model = load_llama(folder, quantize=None, dtype=torch.float32)
-    w = model.config.sliding_window
-    T = 21 if length == "short" else (w or 100)  # at exactly the window the mask is still the full causal one
+    T = 21 if length == "short" else 100
     ids = _ids(model.config.vocab_size, T)
     with torch.no_grad():
         ours = model(ids)
@@ -141,27 +165,68 @@ def test_dense_logits_match_transformers(folder, length):
     assert_close_verbose(ours, hf64, atol=bound, rtol=0, name=f"logits {folder.name} T={T}")
 
 
-def test_sequences_beyond_the_window_are_refused(folder):
-    model = load_llama(folder, quantize=None, dtype=torch.float32)
-    w = model.config.sliding_window
-    vocab = model.config.vocab_size
-    if w is None:  # no window: long sequences run (and match transformers, bound as above)
-        ids = _ids(vocab, 130, B=1)
-        with torch.no_grad():
-            hf32, hf64 = _hf(folder)(ids).logits, _hf(folder, torch.float64)(ids).logits
-            bound = 2 * (hf32.double() - hf64).abs().max().item() + DTYPE_ATOL[torch.float32]
-            assert_close_verbose(model(ids), hf64, atol=bound, rtol=0, name="long sequence")
-        return
-    with pytest.raises(SlidingWindowError, match=f"65 positions exceed this {model.config.model_type} .*window {w}"):
-        model(_ids(vocab, w + 1, B=1))
-    cache = KVCache(model.config, 1, w + 8)
+def test_kv_cache_decoding_past_the_window_matches_transformers(folder):
+    """A prompt of 10 tokens, then chunks of 5, 1 and 14 through a KVCache (30 positions, past the window of 12 on
+    the sliding layers): each chunk's logits equal transformers' logits of the whole sequence at those positions
+    (bound as above: the band falls on cached keys here, the queries being the chunk's)."""
+    model = load_llama(folder, quantize=None, dtype=torch.float32).eval()
+    ids = _ids(model.config.vocab_size, 30)
     with torch.no_grad():
-        model(_ids(vocab, w - 2, B=1), cache=cache)
-        with pytest.raises(SlidingWindowError, match="62 cached \\+ 3 new"):
-            model(_ids(vocab, 3, B=1), cache=cache)
-    with pytest.raises(SlidingWindowError, match="prompt \\+ max_new_tokens"):
-        model.generate(_ids(vocab, 60, B=1), max_new_tokens=5)
-    assert model.generate(_ids(vocab, 60, B=1), max_new_tokens=4).shape == (1, 64)
+        hf32, hf64 = _hf(folder)(ids).logits, _hf(folder, torch.float64)(ids).logits
+        cache = KVCache(model.config, 2, 30)
+        ours = torch.cat([model(ids[:, a:b], cache=cache) for a, b in ((0, 10), (10, 15), (15, 16), (16, 30))], 1)
+    bound = 2 * (hf32.double() - hf64).abs().max().item() + DTYPE_ATOL[torch.float32]
+    assert_close_verbose(ours, hf64, atol=bound, rtol=0, name=f"cached chunks {folder.name}")
+
+
+def _flex_vs_band(model, ids, monkeypatch, grads: bool):
+    """(outputs with sdpa's flex_window forced wherever it applies, outputs of the band-mask path): the logits,
+    and with grads the LoRA grads of a loss; asserts every sliding layer took flex_window."""
+    params = [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+
+    def run():
+        with torch.set_grad_enabled(grads):
+            y = model(ids)
+            return [y.detach()] + (list(torch.autograd.grad(y.float().square().mean(), params)) if grads else [])
+    band = run()
+    taken, real = [], llama._flex_window
+    monkeypatch.setattr(llama, "_flex_ok", lambda q, k, mask, w: w is not None and mask is None and k.shape[2] > w)
+    monkeypatch.setattr(llama, "_flex_window", lambda *a: taken.append(1) or real(*a))
+    flex = run()
+    assert len(taken) == sum(layer.self_attn.window is not None for layer in model.model.layers)
+    return flex, band
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_window_path_equals_the_band_mask_path(folder, monkeypatch):
+    """The CUDA training path (sdpa's flex_window, forced here on the CPU, where flex has no backward) gives the
+    band-mask path's logits on a 40-token sequence (both fp32: within 4x the fp32 atol), on every sliding layer."""
+    model = load_llama(folder, quantize=None, dtype=torch.float32).eval()
+    if model.config.sliding_window is None:
+        pytest.skip("no sliding layer")
+    flex, band = _flex_vs_band(model, _ids(model.config.vocab_size, 40), monkeypatch, grads=False)
+    assert_close_verbose(flex[0], band[0], atol=4 * DTYPE_ATOL[torch.float32], rtol=1e-5, name="flex vs band")
+
+
+@pytest.mark.gpu
+def test_flex_window_lora_grads_on_cuda_within_bf16_bound(tmp_path, monkeypatch):
+    """On CUDA in bf16, compiled flex_window (what sdpa_branch picks for training past the window) gives logits
+    and LoRA grads within 2x the band-mask path's own bf16 error against float64 plus the bf16 atol."""
+    import copy
+    folder = build_folder(tmp_path / "g3", "gemma3-sliding-full-gqa-tied")
+    model = load_llama(folder, quantize=None, dtype=torch.bfloat16, device="cuda").eval()
+    apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    _randomize([p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)], seed=4)
+    model64 = copy.deepcopy(model).double()
+    ids = _ids(model.config.vocab_size, 128).cuda()
+    assert llama.sdpa_branch(torch.empty(1, 4, 128, 16, device="cuda"), torch.empty(1, 2, 128, 16, device="cuda"),
+                             None, W) == "flex_window"
+    exact = _flex_vs_band(model64, ids, monkeypatch, grads=True)[1]
+    monkeypatch.undo()
+    flex, band = _flex_vs_band(model, ids, monkeypatch, grads=True)
+    for i, (f, b, e) in enumerate(zip(flex, band, exact, strict=True)):
+        bound = 2 * (b.double() - e).abs().max().item() + DTYPE_ATOL[torch.bfloat16]
+        assert_close_verbose(f, e, atol=bound, rtol=0, name="logits" if i == 0 else f"grad {i}")
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
@@ -332,7 +397,7 @@ def test_quantize_loads_in_transformers_bitsandbytes(folder, tmp_path):
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text", "qwen3_moe", "mixtral", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "qwen3_moe", "mixtral", "phi3", "gpt_neox"])
 def test_other_model_types_are_config_errors(model_type, tmp_path):
     d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
          "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -355,7 +420,11 @@ def test_other_model_types_are_config_errors(model_type, tmp_path):
 def test_qwen_sliding_window_is_derived_as_transformers_does(fields, model_type):
     d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
          "num_hidden_layers": 3, "num_attention_heads": 2, **fields}
-    assert LlamaConfig.from_hf_config(d).sliding_window == _hf_window(transformers.AutoConfig.for_model(**d))
+    cfg, hf = LlamaConfig.from_hf_config(d), transformers.AutoConfig.for_model(**d)
+    assert cfg.sliding_window == _hf_window(hf)
+    # which layers slide: transformers' Qwen2Attention.sliding_window per layer, as the config derives it
+    assert [cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types] == \
+        [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
 
 
 @pytest.mark.parametrize("fields", [{}, dict(head_dim=6, attention_bias=True)], ids=["defaults", "set"])
@@ -378,7 +447,44 @@ def test_to_hf_config_round_trips_through_transformers(folder):
     hf_cfg = transformers.AutoConfig.for_model(**d)
     assert (hf_cfg.model_type, _hf_window(hf_cfg), hf_cfg.num_key_value_heads, hf_cfg.tie_word_embeddings) == \
         (cfg.model_type, cfg.sliding_window, cfg.num_key_value_heads, cfg.tie_word_embeddings)
+    if cfg.sliding_window is not None and cfg.model_type != "mistral":
+        assert hf_cfg.layer_types == cfg.layer_types
     assert d["architectures"] == [type(_hf(folder)).__name__]
+
+
+GEMMA3 = {"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+          "num_hidden_layers": 7, "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("fields", [
+    {},  # Gemma3TextConfig's defaults: head_dim 256, window 4096 on 5 layers of 6, RoPE bases 1e6 / 1e4, tied
+    dict(head_dim=6, query_pre_attn_scalar=144, sliding_window=32, sliding_window_pattern=2, attention_bias=True,
+         tie_word_embeddings=False, rope_theta=5e5, rope_local_base_freq=2e4,
+         rope_scaling={"rope_type": "linear", "factor": 8.0}),  # the transformers 4 names (hub Gemma 3 configs)
+], ids=["defaults", "v4-names"])
+def test_gemma3_config_fields_as_transformers_reads_them(fields):
+    d = {**GEMMA3, **fields}
+    cfg, hf = LlamaConfig.from_hf_config(d), transformers.Gemma3TextConfig(**d)
+    assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.sliding_window, cfg.layer_types, cfg.tie_word_embeddings,
+            cfg.attention_bias, cfg.o_proj_bias) == (hf.head_dim, hf.query_pre_attn_scalar, hf.sliding_window,
+                                                     hf.layer_types, hf.tie_word_embeddings, hf.attention_bias,
+                                                     hf.attention_bias)
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (hf.rope_parameters["full_attention"]["rope_theta"],
+                                                      hf.rope_parameters["sliding_attention"]["rope_theta"])
+    assert (cfg.rope_scaling or {}).get("factor", 1.0) == hf.rope_parameters["full_attention"].get("factor", 1.0)
+    assert cfg.hidden_act == hf.hidden_activation and cfg.norm_unit_offset and cfg.embed_scale and cfg.qk_norm
+    assert LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(final_logit_softcapping=30.0), "final_logit_softcapping"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    (dict(hidden_activation="gelu"), "hidden_activation 'gelu'"),
+])
+def test_gemma3_fields_we_do_not_run_are_config_errors(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        LlamaConfig.from_hf_config({**GEMMA3, **fields})
 
 
 # -- the Triton path of Qwen3's q/k norms (CPU interpreter) ------------------------------------------------------
