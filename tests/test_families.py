@@ -495,13 +495,18 @@ from qlora_core import backend
 from qlora_core.llama import LlamaConfig
 assert backend.interpreting()
 torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=12, attention_bias=True, model_type="qwen3")
+shape = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=12, attention_bias=True, model_type=MODEL_TYPE)
+if MODEL_TYPE == "gemma3_text":  # (1 + w) norms, GeGLU, a window of 4 on layer 0 (9 tokens below)
+    cfg = LlamaConfig.from_hf_config(dict(shape, sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
+else:
+    cfg = LlamaConfig(**shape)
 assert cfg.qk_norm
 model = qc.Llama(cfg)
 with torch.no_grad():
     for n, p in model.named_parameters():
-        p.copy_(1 + 0.3 * torch.randn(p.shape) if n.endswith("norm.weight") else torch.randn(p.shape) * 0.3)
+        one = float(not cfg.norm_unit_offset)
+        p.copy_(one + 0.3 * torch.randn(p.shape) if n.endswith("norm.weight") else torch.randn(p.shape) * 0.3)
 ids = torch.randint(0, 40, (2, 9))
 def run(which):
     os.environ["QLORA_CORE_BACKEND"] = which
@@ -519,10 +524,12 @@ print("qk norm triton == reference")
 """
 
 
-def test_qk_norm_triton_path_equals_reference_under_interpreter():
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
+def test_qk_norm_triton_path_equals_reference_under_interpreter(model_type):
     """The fast path (Triton rms_norm on the strided head views of the packed qkv buffer, then the in-place RoPE
-    kernel) gives the reference path's logits and gradients, q_norm/k_norm weight gradients included."""
-    run_interpreted(_INTERP_QK_NORM)
+    kernel; for Gemma 3 also the (1 + w) norms and the GeGLU kernel) gives the reference path's logits and
+    gradients, q_norm/k_norm weight gradients included."""
+    run_interpreted(f"MODEL_TYPE = {model_type!r}\n" + _INTERP_QK_NORM)
 
 
 @pytest.mark.gpu
