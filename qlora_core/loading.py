@@ -1,6 +1,6 @@
 """`load_llama`: an HF Llama-family folder (or hub repo id) -> our `Llama`, quantizing tensor by tensor while
-streaming. model_type "llama" (Llama 2/3/3.x, SmolLM), "mistral", "qwen2" and "qwen3" (llama.py MODEL_TYPES); any
-other is a ConfigError.
+streaming. model_type "llama" (Llama 2/3/3.x, SmolLM), "mistral", "qwen2", "qwen3" and "gemma3_text" (llama.py
+MODEL_TYPES); any other is a ConfigError.
 
 Design: the model is built on the meta device (no memory), then filled one tensor at a time from safetensors'
 memory-mapped `safe_open`. A decoder-block linear weight is read (one dense tensor on the host), moved to the
