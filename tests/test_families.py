@@ -67,11 +67,12 @@ FAMILIES = {
 GEMMA = ("gemma3_text",)  # (1 + w) RMSNorms: weights centred on 0
 
 
-def build_folder(dest, name, seed=0):
-    """transformers' own model of FAMILIES[name], rescaled random weights, saved with a tokenizer."""
+def build_folder(dest, name, seed=0, extra_text=()):
+    """transformers' own model of FAMILIES[name], rescaled random weights, saved with a tokenizer (trained on the
+    swap task, role names and extra_text)."""
     model_type, spec = FAMILIES[name]
     tok = make_tokenizer([r["instruction"] + "\n" + r["response"] for r in swap_task(200, seed=99)]
-                         + ["user assistant system\n"] * 5)
+                         + ["user assistant system\n"] * 5 + list(extra_text))
     eos = tok.token_to_id("<|im_end|>")
     cfg = transformers.AutoConfig.for_model(model_type, vocab_size=tok.get_vocab_size(), max_position_embeddings=256,
                                             bos_token_id=tok.token_to_id("<|im_start|>"), eos_token_id=eos, **spec)
@@ -558,3 +559,48 @@ def test_qwen3_lora_grads_on_cuda_fast_path_within_bf16_bound(tmp_path):
     for i, (f, r, e) in enumerate(zip(fast, ref, exact, strict=True)):
         bound = 2 * (r.double() - e).abs().max().item() + DTYPE_ATOL[torch.bfloat16]
         assert_close_verbose(f, e, atol=bound, rtol=0, name="logits" if i == 0 else f"grad {i}")
+
+
+# -- Gemma 3's chat template through `qlora generate` --------------------------------------------------------------
+# google/gemma-3-1b-it's template (text part): the system message folded into the first user turn, "model" turns
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + "
+    "'\\n\\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\\n'}}{%- endif -%}")
+
+
+def test_gemma3_chat_template_through_the_generate_cli(tmp_path, capsys):
+    """A Gemma 3 folder whose tokenizer_config holds Gemma 3's chat template: our tokenizer renders and encodes the
+    prompt as transformers' apply_chat_template does, and `qlora generate` (dense, CPU, greedy) prints what
+    transformers' greedy generation from that prompt decodes to (this random model favours newlines: the text
+    check is weak, the prompt check is the point)."""
+    from qlora_core import cli
+    from qlora_core.data import TextTokenizer
+    folder = build_folder(tmp_path / "g3", "gemma3-sliding-full-gqa-tied",
+                          extra_text=["<start_of_turn>model\nSwap the words.<end_of_turn>\n"] * 5)
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    # tokenizer_class: else AutoTokenizer picks Gemma's tokenizer for this model_type, which wants its own vocab
+    tc.update(chat_template=GEMMA3_TEMPLATE, bos_token="<|im_start|>", tokenizer_class="PreTrainedTokenizerFast")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    msgs = [{"role": "system", "content": "Swap the words."}, {"role": "user", "content": "user assistant"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    text = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|><start_of_turn>user\nSwap the words.\n\nuser assistant<end_of_turn>\n")
+    assert TextTokenizer.from_folder(folder).render(msgs, add_generation_prompt=True) == text
+    ids = torch.tensor([hf_tok(text, add_special_tokens=False).input_ids])
+    assert TextTokenizer.from_folder(folder).prompt_ids(msgs) == ids[0].tolist()
+    with torch.no_grad():
+        out = _hf(folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                   eos_token_id=hf_tok.eos_token_id, pad_token_id=0)
+    want = hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert cli.main(["generate", "--model", str(folder), "--prompt", msgs[1]["content"], "--system",
+                     msgs[0]["content"], "--quant", "none", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == want + "\n", (printed, want)  # the reply, then the CLI's newline
