@@ -124,7 +124,8 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor | None = None, activatio
 
 
 def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None = None,
-                    inplace: bool = False, activation: str = "silu") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                    inplace: bool = False,
+                    activation: str = "silu") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launcher. dout (..., I) and the forward's inputs -> dgu (..., 2I) for a fused gu (up=None), else
     (dgate, dup) (..., I), in the inputs' dtype. inplace=True writes the gradient over the inputs' memory."""
     gelu = _gelu(activation)

@@ -414,7 +414,7 @@ def _flex_window(q, k, v, window: int, scale) -> torch.Tensor:
         _FLEX[key] = create_block_mask(band, None, None, T, S, device=dev)
     fn = flex_attention
     if dev.type == "cuda":
-        fn = _FLEX.setdefault("attention", torch.compile(flex_attention, dynamic=False))
+        fn = _FLEX.setdefault("attention", torch.compile(flex_attention))
     return fn(q, k, v, block_mask=_FLEX[key], scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -434,14 +434,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: boo
     """
     B, H, T, D = q.shape
     KVH, S = k.shape[1], k.shape[2]
+    # within the window the band is the causal mask itself; past it, the band joins the mask before a branch is
+    # chosen (a masked call keeps its own fast kernel on CUDA: see _sdpa_gqa_ok)
+    if window is not None and S > window and (branch or sdpa_branch(q, k, mask, window)) != "flex_window":
+        band = _band(T, S, window, q.device)
+        mask, is_causal = (band if mask is None else mask & band), False
     branch = branch or sdpa_branch(q, k, mask, window)
     if branch == "flex_window":
         if mask is not None or not is_causal or window is None or T != S:
             raise ValueError("sdpa: flex_window is for causal self-attention with a window and no other mask")
         return _flex_window(q, k, v, window, scale)
-    if window is not None and S > window:  # within the window the band is the causal mask itself
-        band = _band(T, S, window, q.device)
-        mask, is_causal = (band if mask is None else mask & band), False
     if branch == "mha":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
     if branch == "gqa_native":

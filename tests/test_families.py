@@ -180,22 +180,19 @@ def test_kv_cache_decoding_past_the_window_matches_transformers(folder):
     assert_close_verbose(ours, hf64, atol=bound, rtol=0, name=f"cached chunks {folder.name}")
 
 
-def _flex_vs_band(model, ids, monkeypatch, grads: bool):
-    """(outputs with sdpa's flex_window forced wherever it applies, outputs of the band-mask path): the logits,
-    and with grads the LoRA grads of a loss; asserts every sliding layer took flex_window."""
+def _run_path(model, ids, monkeypatch, flex: bool, grads: bool):
+    """The logits (and with grads the LoRA grads of a loss) with sdpa's flex_window forced wherever it applies
+    (asserting every sliding layer took it), or never taken (flex=False: the band-mask path, on CUDA too)."""
     params = [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
-
-    def run():
+    taken, real = [], llama._flex_window
+    with monkeypatch.context() as mp:
+        mp.setattr(llama, "_flex_ok", lambda q, k, mask, w: flex and w is not None and mask is None and k.shape[2] > w)
+        mp.setattr(llama, "_flex_window", lambda *a: taken.append(1) or real(*a))
         with torch.set_grad_enabled(grads):
             y = model(ids)
-            return [y.detach()] + (list(torch.autograd.grad(y.float().square().mean(), params)) if grads else [])
-    band = run()
-    taken, real = [], llama._flex_window
-    monkeypatch.setattr(llama, "_flex_ok", lambda q, k, mask, w: w is not None and mask is None and k.shape[2] > w)
-    monkeypatch.setattr(llama, "_flex_window", lambda *a: taken.append(1) or real(*a))
-    flex = run()
-    assert len(taken) == sum(layer.self_attn.window is not None for layer in model.model.layers)
-    return flex, band
+            out = [y.detach()] + (list(torch.autograd.grad(y.float().square().mean(), params)) if grads else [])
+    assert len(taken) == flex * sum(layer.self_attn.window is not None for layer in model.model.layers)
+    return out
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -205,7 +202,8 @@ def test_flex_window_path_equals_the_band_mask_path(folder, monkeypatch):
     model = load_llama(folder, quantize=None, dtype=torch.float32).eval()
     if model.config.sliding_window is None:
         pytest.skip("no sliding layer")
-    flex, band = _flex_vs_band(model, _ids(model.config.vocab_size, 40), monkeypatch, grads=False)
+    ids = _ids(model.config.vocab_size, 40)
+    flex, band = (_run_path(model, ids, monkeypatch, f, grads=False) for f in (True, False))
     assert_close_verbose(flex[0], band[0], atol=4 * DTYPE_ATOL[torch.float32], rtol=1e-5, name="flex vs band")
 
 
@@ -222,9 +220,8 @@ def test_flex_window_lora_grads_on_cuda_within_bf16_bound(tmp_path, monkeypatch)
     ids = _ids(model.config.vocab_size, 128).cuda()
     assert llama.sdpa_branch(torch.empty(1, 4, 128, 16, device="cuda"), torch.empty(1, 2, 128, 16, device="cuda"),
                              None, W) == "flex_window"
-    exact = _flex_vs_band(model64, ids, monkeypatch, grads=True)[1]
-    monkeypatch.undo()
-    flex, band = _flex_vs_band(model, ids, monkeypatch, grads=True)
+    exact = _run_path(model64, ids, monkeypatch, False, grads=True)
+    flex, band = (_run_path(model, ids, monkeypatch, f, grads=True) for f in (True, False))
     for i, (f, b, e) in enumerate(zip(flex, band, exact, strict=True)):
         bound = 2 * (b.double() - e).abs().max().item() + DTYPE_ATOL[torch.bfloat16]
         assert_close_verbose(f, e, atol=bound, rtol=0, name="logits" if i == 0 else f"grad {i}")

@@ -64,9 +64,10 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, inplace_grad: bool = False,
            activation: str = "silu") -> torch.Tensor:
     """silu(gate) * up (activation="gelu_tanh": GeGLU, gelu_tanh(gate) * up). gate (..., 2I) holding [gate | up]
-    with up=None (one fused GEMM output), or gate and up (..., I); fp32/fp16/bf16 -> (..., I) in that dtype. Triton where backend.choose(gate.device, gate.dtype) says
-    so, else `swiglu_ref` (differentiable either way). inplace_grad=True (eager Triton path) lets backward overwrite
-    the saved input with the gradient: only when nothing else uses it afterwards.
+    with up=None (one fused GEMM output), or gate and up (..., I); fp32/fp16/bf16 -> (..., I) in that dtype.
+    Triton where backend.choose(gate.device, gate.dtype) says so, else `swiglu_ref` (differentiable either way).
+    inplace_grad=True (eager Triton path) lets backward overwrite the saved input with the gradient: only when
+    nothing else uses it afterwards.
     """
     if backend.choose(gate.device, gate.dtype) != "triton":
         if up is None:
