@@ -254,12 +254,20 @@ def test_quantized_model_equals_transformers_with_dequantized_weights(folder, qu
 
 
 def test_greedy_generate_equals_transformers(folder):
+    """7 prompt tokens + 10 new (past the windows of 12); then row 1 left-padded by 3, where transformers counts
+    the window over cache positions, padding included, as our decoder's slots do."""
     model = load_llama(folder, quantize=None, dtype=torch.float32)
     ids = _ids(model.config.vocab_size, 7)
     with torch.no_grad():
         ref = _hf(folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)
     assert torch.equal(model.generate(ids, max_new_tokens=10), ref)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = _hf(folder).generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=10, attention_mask=mask), ref)
 
 
 def _randomize(params, seed):
