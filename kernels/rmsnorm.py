@@ -4,6 +4,8 @@ The spec (`rms_norm_ref`), the autograd Function and the routing are in qlora_co
 the two launchers, `rms_norm_forward` and `rms_norm_backward`. The mean square, rstd and the normalized row are
 fp32, that row is rounded to x's dtype, then multiplied by the weight in PyTorch's promotion of (x.dtype,
 weight.dtype), which is also the output dtype (bf16 x with an fp32 weight gives fp32).
+With unit_offset (Gemma's RMSNorm, weights stored centred on 0) y = cast(xhat * (1 + weight)) with the product in
+fp32 and the output in x's dtype: transformers' Gemma3RMSNorm rounds once, after the weight, not before it.
 
 Design:
   * Forward: one program per row holds the whole row in registers (BLOCK = next_pow2(d)) and writes y and
@@ -31,26 +33,32 @@ MAX_D = 65536  # the widest row a program holds in registers (Llama widths are 2
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, d, eps, BLOCK: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, d, eps, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < d
     x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / d + eps)
-    xn = cast_rne(xf * rstd, x.dtype).to(tl.float32)  # rounded to x's dtype before the weight, as llama.py
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:  # Gemma: fp32 xhat * (1 + w), rounded once
+        xn = xf * rstd
+        w = w + 1.0
+    else:
+        xn = cast_rne(xf * rstd, x.dtype).to(tl.float32)  # rounded to x's dtype before the weight, as llama.py
     tl.store(y_ptr + row * d + cols, cast_rne(xn * w, y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_rows, d, rows_per_program,
-                         COMPUTE_DW: tl.constexpr, BLOCK: tl.constexpr):
+                         COMPUTE_DW: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < d
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w = w + 1.0
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
@@ -60,7 +68,10 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, n_
         rstd = tl.load(rstd_ptr + row)
         xhat = x.to(tl.float32) * rstd
         if COMPUTE_DW:
-            dw += dy * cast_rne(xhat, x.dtype).to(tl.float32)  # the weight saw the rounded row
+            if UNIT_OFFSET:
+                dw += dy * xhat  # Gemma's weight saw the fp32 row
+            else:
+                dw += dy * cast_rne(xhat, x.dtype).to(tl.float32)  # the weight saw the rounded row
         g = dy * w
         dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / d))
         tl.store(dx_ptr + row * d + cols, cast_rne(dx, dx_ptr.dtype.element_ty), mask=mask)
@@ -91,27 +102,33 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
     return d
 
 
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher. x (..., d), weight (d,) -> (y (..., d) in promote(x, weight) dtype, rstd (rows,) fp32).
+def out_dtype(x: torch.Tensor, weight: torch.Tensor, unit_offset: bool) -> torch.dtype:
+    """y's dtype: x's with unit_offset (Gemma's type_as(x)), else PyTorch's promotion of x's and weight's."""
+    return x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher. x (..., d), weight (d,) -> (y (..., d) in out_dtype(x, weight, unit_offset), rstd (rows,) fp32).
 
     x is made contiguous once; y has x's shape.
     """
     d = _check(x, weight)
     x2 = x.reshape(-1, d).contiguous()
     rows = x2.shape[0]
-    y = torch.empty((rows, d), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    y = torch.empty((rows, d), dtype=out_dtype(x, weight, unit_offset), device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         block = triton.next_power_of_2(d)
-        _rms_norm_fwd_kernel[(rows,)](x2, weight.contiguous(), y, rstd, d, eps, BLOCK=block,
-                                      num_warps=_num_warps(block))
+        _rms_norm_fwd_kernel[(rows,)](x2, weight.contiguous(), y, rstd, d, eps, UNIT_OFFSET=unit_offset,
+                                      BLOCK=block, num_warps=_num_warps(block))
     return y.view(x.shape), rstd
 
 
 def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      compute_dw: bool, unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launcher. dy, x (..., d), weight (d,), rstd (rows,) fp32 -> (dx (..., d) in x's dtype,
-    dweight (d,) in weight's dtype, or None when not compute_dw)."""
+    dweight (d,) in weight's dtype, or None when not compute_dw); unit_offset as in rms_norm_forward."""
     d = _check(x, weight)
     x2 = x.reshape(-1, d).contiguous()
     dy2 = dy.reshape(-1, d).contiguous()
@@ -127,7 +144,8 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     if rows:
         block = triton.next_power_of_2(d)
         _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), rstd, dx, dw_part, rows, d, per_program,
-                                          COMPUTE_DW=compute_dw, BLOCK=block, num_warps=_num_warps(block))
+                                          COMPUTE_DW=compute_dw, UNIT_OFFSET=unit_offset,
+                                          BLOCK=block, num_warps=_num_warps(block))
     dw = None
     if compute_dw:
         dw = dw_part.sum(0).to(weight.dtype) if rows else torch.zeros_like(weight)

@@ -158,8 +158,11 @@ class StaticKVCache:
     """Keys and values (L, B, KVH, S, D) written in place at `slots`, a device tensor of T positions.
 
     `update` (called by Attention.forward, like KVCache.update) returns the whole buffers: the caller's mask
-    hides unwritten and padded slots, so the shapes never change and the step can be captured.
+    hides unwritten and padded slots, so the shapes never change and the step can be captured. Its keys are not
+    the queries' last positions, so the caller's mask for sliding layers holds the window band too
+    (`mask_has_window`: Attention then passes no window to sdpa).
     """
+    mask_has_window = True
 
     def __init__(self, cfg, batch: int, max_len: int, device, dtype: torch.dtype):
         self.k, self.v = _kv_buffers(cfg, batch, max_len, device, dtype)
@@ -193,18 +196,19 @@ def _unfused(model: nn.Module):
                 m.fuse_projections = b
 
 
-def _forward_last(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+def _forward_last(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor, masks: dict,
                   cache: StaticKVCache) -> torch.Tensor:
-    """ids (B, T), RoPE positions (B, T), additive mask (B, 1, T, S) -> logits (B, V) of the last position.
+    """ids (B, T), RoPE positions (B, T), additive masks (B, 1, T, S) per layer type ("full_attention",
+    "sliding_attention") -> logits (B, V) of the last position.
 
     LlamaModel.forward without its host-side cache bookkeeping (cache.pos, mask from a 2-D attention_mask),
     which a captured step cannot have; lm_head runs on the last position only.
     """
     m = model.model
-    x = m.embed_tokens(ids)  # (B, T, d)
-    cos, sin = m.rope(pos, x.dtype)  # (B, 1, T, D)
-    for layer in m.layers:
-        x = layer(x, cos, sin, mask, cache)
+    x = m.embed(ids)  # (B, T, d)
+    ropes = m.ropes(pos, x.dtype)  # (cos, sin) (B, 1, T, D) per layer
+    for layer, rope, kind in zip(m.layers, ropes, model.config.layer_types):
+        x = layer(x, *rope, masks[kind], cache)
     return model.lm_head(m.norm(x[:, -1]))
 
 
@@ -217,6 +221,7 @@ class _Decoder:
         self.device, self.dtype, self.key = w.device, w.dtype, key
         self._model = weakref.ref(model)  # the registry maps model -> decoder: no strong cycle
         self.cfg, self.generator = cfg, generator
+        self.window = model.config.sliding_window  # None: no sliding layer
         self.cache = StaticKVCache(model.config, batch, max_len, w.device, w.dtype)
         dev = dict(device=w.device, dtype=torch.long)
         self.seq = torch.zeros(batch, max_len, **dev)  # prompt, then one generated token per step
@@ -228,13 +233,18 @@ class _Decoder:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # The step and the prefill share these three pieces.
-    def _mask(self, q: torch.Tensor) -> torch.Tensor:
-        """Query slots q (T,) -> additive mask (B, 1, T, S) in the cache dtype: 0 where a row's query may look (its
-        real prompt tokens and generated slots up to the query's), -inf elsewhere. A padding query sees itself,
-        so no row is all -inf (SDPA would give NaN, and NaN keys would poison later rows)."""
-        j = self.arange
+    def _mask(self, q: torch.Tensor) -> dict:
+        """Query slots q (T,) -> additive masks (B, 1, T, S) in the cache dtype per layer type: 0 where a row's
+        query may look (its real prompt tokens and generated slots up to the query's; on sliding layers only the
+        last `sliding_window` slots, as transformers counts them, padding included), -inf elsewhere. A padding
+        query sees itself, so no row is all -inf (SDPA would give NaN, and NaN keys would poison later rows)."""
+        j, w = self.arange, self.window
         ok = (j <= q[:, None]) & (j >= self.pad[:, :, None]) | (j == q[:, None])  # (B, T, S)
-        return torch.zeros(ok.shape, dtype=self.dtype, device=self.device).masked_fill_(~ok, float("-inf"))[:, None]
+        masks = {"full_attention": ok}
+        if w is not None:
+            masks["sliding_attention"] = ok & (j > q[:, None] - w)
+        return {kind: torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, float("-inf"))
+                [:, None] for kind, m in masks.items()}
 
     def _emit(self, logits: torch.Tensor) -> None:
         """Sample from logits (B, V), turn finished rows' tokens into eos[0], write seq[:, slot + 1], advance."""

@@ -1,17 +1,25 @@
 """Our Llama: `LlamaConfig` (reads HF config.json in both rope forms) and the `Llama` nn.Module.
 
 The same module runs the Llama family checkpoints whose blocks share Llama's math: Llama 2/3/3.1/3.2 and SmolLM
-(model_type "llama"), Mistral ("mistral": no biases; a sliding_window, which sequences must stay within),
-Qwen2 / Qwen2.5 ("qwen2": biases on q/k/v only) and dense Qwen3 ("qwen3": a per-head RMSNorm on q and k before
-RoPE, `qk_norm`; head_dim independent of hidden_size / heads) and Phi-3 / Phi-4 ("phi3": no biases; q/k/v fused
-into one `qkv_proj` and gate/up into one `gate_up_proj` as in the checkpoint, `fused_qkv_gate_up`; LongRoPE on
-the long-context variants; partial rotary on Phi-4-mini). Any other model_type is a ConfigError.
+(model_type "llama"), Mistral ("mistral": no biases; a sliding window on every layer), Qwen2 / Qwen2.5 ("qwen2":
+biases on q/k/v only; windows on the layers `layer_types` names), dense Qwen3 ("qwen3": a per-head RMSNorm on q
+and k before RoPE, `qk_norm`; head_dim independent of hidden_size / heads), Phi-3 / Phi-4 ("phi3": no biases; q/k/v
+fused into one `qkv_proj` and gate/up into one `gate_up_proj` as in the checkpoint, `fused_qkv_gate_up`; LongRoPE
+on the long-context variants; partial rotary on Phi-4-mini; a window on every layer), and Gemma 3's text model
+("gemma3_text"), whose differences are named LlamaConfig switches (see _family_fields): RMSNorm times (1 + w)
+(`norm_unit_offset`), embeddings times sqrt(d) (`embed_scale`), four norms a block (`sandwich_norms`), GeGLU
+(`hidden_act`), q/k norms, scale query_pre_attn_scalar^-0.5, sliding layers with their own RoPE base
+(`rope_local_theta`). Any other model_type is a ConfigError.
 
 Phi-3's fused linears stay one module each, with one LoRA over the whole stacked weight, so adapters keep PEFT's
 names (`...self_attn.qkv_proj.lora_A.weight`) both ways; `lora.project` runs each as a group of one, which is the
 same dequantize + GEMM the grouped q/k/v path runs. LongRoPE divides the inverse frequencies by short_factor while
 the sequence (max position + 1) is at most original_max_position_embeddings and by long_factor beyond, and scales
 cos/sin by attention_factor, as transformers does; `Llama.generate` re-encodes the sequence where it crosses.
+
+Sliding-window attention (a query at i sees keys i - window < j <= i, as transformers' sliding_window_overlay):
+`sdpa` folds the band into a bool mask (the reference; memory T*S bools, shared by every head), or on CUDA in eager
+mode runs flex_attention with a block-sparse band mask (no (T, S) tensor; blocks outside the band are skipped).
 
 Module names follow transformers' LlamaForCausalLM exactly (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`, ...), so HF checkpoints load key for key and PEFT
@@ -40,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FileLoadError, UsageError
+from .errors import FileLoadError
 from .activation_checkpoint import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
 from .generation import KVCache, _eos_ids, generate
 from .lora import project
@@ -58,19 +66,18 @@ class LongRopeCacheError(UsageError, ValueError):
     with short_factor and the sequence now needs long_factor everywhere (Llama.generate re-encodes there)."""
 
 
-class SlidingWindowError(UsageError, ValueError):
-    """A sequence longer than the checkpoint's sliding_window: sliding-window attention is not implemented, and
-    within the window it equals full causal attention, so shorter sequences are exact."""
-
-
 # model_type -> the transformers class it names. They share the block's math; they differ in config.json fields,
-# in which projections carry a bias and in Qwen3's q/k norms (see _family_fields).
+# in which projections carry a bias, in Qwen3's q/k norms and in Gemma 3's switches (see _family_fields).
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 # LlamaConfig fields that config.json does not hold as is: _family_fields derives them per model_type
-_DERIVED = ("o_proj_bias", "sliding_window", "qk_norm", "fused_qkv_gate_up", "partial_rotary_factor")
+_DERIVED = ("o_proj_bias", "sliding_window", "qk_norm", "fused_qkv_gate_up", "partial_rotary_factor", "layer_types",
+            "rope_local_theta", "hidden_act", "norm_unit_offset", "embed_scale", "sandwich_norms",
+            "query_pre_attn_scalar")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names of the two attention kinds
+HIDDEN_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config name -> ops/swiglu.py activation
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -104,12 +111,20 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    model_type: str = "llama"                # "llama", "mistral", "qwen2" or "qwen3" (MODEL_TYPES)
+    model_type: str = "llama"                # "llama", "mistral", "qwen2", "qwen3" or "gemma3_text" (MODEL_TYPES)
     o_proj_bias: bool | None = None          # bias on o_proj; None -> attention_bias (Qwen2: q/k/v only)
-    sliding_window: int | None = None        # longest sequence (cache included) a forward may see; None = no limit
+    sliding_window: int | None = None        # keys a query of a sliding layer sees (itself included); None = none
     qk_norm: bool | None = None              # RMSNorm (head_dim,) on each q and k head before RoPE; None -> qwen3
     fused_qkv_gate_up: bool | None = None    # one qkv_proj and one gate_up_proj linear (Phi-3); None -> phi3
     partial_rotary_factor: float = 1.0       # RoPE rotates the first int(head_dim * this) dims of a head (Phi-4-mini)
+    # per-layer attention and the Gemma 3 switches (all off for the Llama-shaped families)
+    layer_types: list[str] | None = None     # LAYER_TYPES per layer; None -> all sliding with a window, else all full
+    rope_local_theta: float | None = None    # RoPE base of sliding layers, unscaled (Gemma 3); None -> as full layers
+    hidden_act: str = "silu"                 # MLP gate activation, HIDDEN_ACTS: silu (SwiGLU), gelu_pytorch_tanh
+    norm_unit_offset: bool = False           # RMSNorms scale by (1 + weight), in fp32, output in x's dtype (Gemma)
+    embed_scale: bool = False                # embeddings times sqrt(hidden_size) rounded to their dtype (Gemma)
+    sandwich_norms: bool = False             # also norm the attention and MLP outputs, and the MLP input (Gemma 3)
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar^-0.5; None -> head_dim^-0.5
 
     def __post_init__(self):
         for f in REQUIRED_FIELDS:
@@ -144,6 +159,25 @@ class LlamaConfig:
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
             raise ConfigError(f"sliding_window must be a positive int or null, got {w!r}")
+        self._derive_layer_types()
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (supported: {sorted(HIDDEN_ACTS)})")
+
+    def _derive_layer_types(self) -> None:
+        """layer_types as one LAYER_TYPES entry per layer. As transformers: a "sliding_attention" layer without a
+        window attends fully; and a window no layer uses is dropped (sliding_window None)."""
+        L, w = self.num_hidden_layers, self.sliding_window
+        types = self.layer_types
+        if types is None:
+            types = ["sliding_attention" if w is not None else "full_attention"] * L
+        types = list(types)
+        if len(types) != L or any(t not in LAYER_TYPES for t in types):
+            raise ConfigError(f"layer_types must list {L} entries of {LAYER_TYPES}, got {self.layer_types!r}")
+        if w is None:
+            types = ["full_attention"] * L
+        if "sliding_attention" not in types:
+            self.sliding_window = None
+        self.layer_types = types
 
     @property
     def rotary_dim(self) -> int:
@@ -183,7 +217,7 @@ class LlamaConfig:
         missing = [f for f in REQUIRED_FIELDS if d.get(f) is None]
         if missing:
             raise ConfigError(f"config is missing required field(s) {missing}")
-        if d.get("hidden_act", "silu") != "silu":
+        if model_type != "gemma3_text" and d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu', SwiGLU)")
         rope = d.get("rope_parameters")
         if isinstance(rope, dict):  # transformers 5: {"rope_type", "rope_theta", and the scaling fields}
@@ -194,10 +228,11 @@ class LlamaConfig:
             scaling = d.get("rope_scaling")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
               if f.name in d and f.name not in ("rope_theta", "rope_scaling") + _DERIVED}
+        kw.update(rope_theta=float(theta), rope_scaling=scaling)
         kw.update(_family_fields(model_type, d))
         if model_type == "phi3":
-            scaling = _phi3_rope_scaling(d, scaling)
-        return cls(**kw, rope_theta=float(theta), rope_scaling=scaling)
+            kw["rope_scaling"] = _phi3_rope_scaling(d, kw["rope_scaling"])
+        return cls(**kw)
 
     def to_hf_config(self) -> dict:
         """A config.json dict that transformers (4.45+ and 5) reads as the model_type's *ForCausalLM."""
@@ -209,29 +244,47 @@ class LlamaConfig:
             d.pop("rope_scaling", None)
         if self.model_type != "llama":  # biases are fixed by the family's code, not read from config.json
             d.pop("mlp_bias", None)
-            if self.model_type != "qwen3":  # Qwen3 reads attention_bias (q/k/v/o alike)
+            if self.model_type not in ("qwen3", "gemma3_text"):  # these read attention_bias (q/k/v/o alike)
                 d.pop("attention_bias", None)
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
-        if self.model_type in ("qwen2", "qwen3"):  # a window here applies to every layer (max_window_layers 0)
+        if self.model_type in ("qwen2", "qwen3"):  # layer_types names the sliding layers (transformers 4.5x+)
             d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
-                     max_window_layers=0 if self.sliding_window is not None else self.num_hidden_layers)
+                     max_window_layers=_first_sliding(self.layer_types), layer_types=self.layer_types)
         if self.model_type == "phi3":  # Phi3Config reads these top-level, and its 4096 default would override
             d.update(sliding_window=self.sliding_window, partial_rotary_factor=self.partial_rotary_factor)
             if self.rope_scaling is not None:
                 d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
+        if self.model_type == "gemma3_text":
+            _gemma3_hf_fields(self, d)
         return d
+
+
+def _first_sliding(layer_types: list[str]) -> int:
+    """max_window_layers for transformers before layer_types: the index of the first sliding layer (or L)."""
+    return next((i for i, t in enumerate(layer_types) if t == "sliding_attention"), len(layer_types))
+
+
+def _gemma3_hf_fields(cfg: LlamaConfig, d: dict) -> None:
+    """Gemma3TextConfig's own names in d: hidden_activation, RoPE per layer type, window, layer_types."""
+    for k in ("hidden_act", "rope_theta", "rope_scaling", "mlp_bias"):
+        d.pop(k, None)
+    full = dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+    d.update(hidden_activation=cfg.hidden_act, sliding_window=cfg.sliding_window, layer_types=cfg.layer_types,
+             query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+             rope_parameters={"full_attention": full, "sliding_attention": local})
 
 
 def _family_fields(model_type: str, d: dict) -> dict:
     """The LlamaConfig fields a family's transformers code fixes or derives instead of reading them as is."""
-    if model_type == "mistral":  # MistralAttention / MistralMLP: no bias anywhere
+    if model_type == "mistral":  # MistralAttention / MistralMLP: no bias anywhere; the window on every layer
         return dict(attention_bias=False, mlp_bias=False, o_proj_bias=False, sliding_window=d.get("sliding_window"))
     if model_type == "qwen2":  # Qwen2Attention: bias on q/k/v, none on o_proj; Qwen2MLP: no bias
-        return dict(attention_bias=True, mlp_bias=False, o_proj_bias=False, sliding_window=_qwen2_window(d))
+        return dict(attention_bias=True, mlp_bias=False, o_proj_bias=False, **_qwen2_window(d))
     if model_type == "qwen3":  # Qwen3Attention: attention_bias on q/k/v/o, q_norm/k_norm; Qwen3MLP: no bias;
         bias = bool(d.get("attention_bias", False))  # Qwen3Config's head_dim defaults to 128, not hidden / heads
-        return dict(attention_bias=bias, mlp_bias=False, o_proj_bias=bias, sliding_window=_qwen2_window(d),
+        return dict(attention_bias=bias, mlp_bias=False, o_proj_bias=bias, **_qwen2_window(d),
                     qk_norm=True, head_dim=d.get("head_dim", 128))
     if model_type == "phi3":  # Phi3Attention / Phi3MLP: fused qkv_proj and gate_up_proj, no bias anywhere
         rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
@@ -239,6 +292,8 @@ def _family_fields(model_type: str, d: dict) -> dict:
                     sliding_window=d.get("sliding_window"), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
                     max_position_embeddings=d.get("max_position_embeddings", 4096),  # Phi3Config's defaults
                     partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    if model_type == "gemma3_text":
+        return _gemma3_fields(d)
     return {}
 
 
@@ -262,18 +317,49 @@ def _longrope_attention_factor(s: dict, max_position_embeddings: int) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
-def _qwen2_window(d: dict) -> int | None:
-    """Qwen2's (and Qwen3's) sliding window as transformers' Qwen2Config / Qwen3Config derive it: sliding_window
-    counts only with use_sliding_window, and then only if a layer is "sliding_attention" (layer_types, or by
-    default the layers from max_window_layers on). The limit is enforced model-wide (SlidingWindowError), so
-    which layers slide does not matter."""
+def _qwen2_window(d: dict) -> dict:
+    """sliding_window and layer_types as transformers' Qwen2Config / Qwen3Config derive them: sliding_window
+    counts only with use_sliding_window; the sliding layers are those layer_types names, by default the layers
+    from max_window_layers on."""
     window = d.get("sliding_window") if d.get("use_sliding_window") else None
-    if window is None:
-        return None
-    layer_types = d.get("layer_types")
-    if layer_types is not None:
-        return window if "sliding_attention" in layer_types else None
-    return window if d["num_hidden_layers"] > d.get("max_window_layers", 28) else None
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", 28)
+        types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                 for i in range(d["num_hidden_layers"])]
+    return dict(sliding_window=window, layer_types=types)
+
+
+def _gemma3_fields(d: dict) -> dict:
+    """Gemma3TextConfig as transformers reads it (its defaults where config.json is silent): GeGLU, (1 + w) norms,
+    scaled embeddings, four norms a block, q/k norms, bias on q/k/v/o or none, head_dim 256, window 4096 on five
+    layers of six, a RoPE base of 1e6 on full layers (the rope scaling too) and 1e4 on sliding ones."""
+    for k in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if d.get(k) is not None:
+            raise ConfigError(f"{k} {d[k]!r} is not supported (Gemma 3 has none; tanh soft-capping is Gemma 2's)")
+    if d.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention is not supported (a causal LM only)")
+    act = d.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ConfigError(f"hidden_activation {act!r} is not supported (only 'gelu_pytorch_tanh', GeGLU)")
+    L, pattern = d["num_hidden_layers"], d.get("sliding_window_pattern", 6)
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(L)]
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and ("full_attention" in rope or "sliding_attention" in rope):  # transformers 5
+        full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        scaling, local_theta = full, local.get("rope_theta", 10000.0)
+        if _normalize_rope_scaling(local) is not None:
+            raise ConfigError(f"sliding_attention rope {local!r} is not supported (only plain RoPE)")
+        theta = full.get("rope_theta", 1e6)
+    else:  # transformers 4: rope_theta / rope_scaling for full layers, rope_local_base_freq for sliding ones
+        theta, scaling = d.get("rope_theta", 1e6), d.get("rope_scaling")
+        local_theta = d.get("rope_local_base_freq", 10000.0)
+    bias = bool(d.get("attention_bias", False))
+    return dict(attention_bias=bias, o_proj_bias=bias, mlp_bias=False, qk_norm=True, head_dim=d.get("head_dim", 256),
+                sliding_window=d.get("sliding_window", 4096), layer_types=types, rope_theta=float(theta),
+                rope_scaling=scaling, rope_local_theta=float(local_theta), hidden_act=act, norm_unit_offset=True,
+                embed_scale=True, sandwich_norms=True, query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+                tie_word_embeddings=d.get("tie_word_embeddings", True))
 
 
 def _normalize_rope_scaling(s: dict) -> dict | None:
@@ -285,8 +371,13 @@ def _normalize_rope_scaling(s: dict) -> dict | None:
         return None
     if kind == "longrope":
         return _normalize_longrope(s)
+    if kind == "linear":  # positions divided by factor (Gemma 3 4B+ full layers): inv_freq / factor
+        if not s.get("factor", 0) > 0:
+            raise ConfigError(f"linear rope scaling needs factor > 0, got {s!r}")
+        return {"rope_type": "linear", "factor": float(s["factor"])}
     if kind != "llama3":
-        raise ConfigError(f"rope type {kind!r} is not supported (only 'default', 'llama3' and Phi-3's 'longrope')")
+        raise ConfigError(f"rope type {kind!r} is not supported (only 'default', 'linear', 'llama3' and Phi-3's "
+                          f"'longrope')")
     missing = [k for k in _LLAMA3_KEYS if k not in s]
     if missing:
         raise ConfigError(f"llama3 rope scaling is missing field(s) {missing}")
@@ -313,17 +404,23 @@ def _normalize_longrope(s: dict) -> dict:
     return out
 
 
-def rope_inv_freq(cfg: LlamaConfig, device=None, long: bool = False) -> torch.Tensor:
-    """(R/2,) fp32 inverse frequencies over the rotary width R = cfg.rotary_dim, with llama3 scaling when
-    configured; LongRoPE divides each by its short_factor, or long_factor when `long`."""
+def rope_inv_freq(cfg: LlamaConfig, device=None, local: bool = False, long: bool = False) -> torch.Tensor:
+    """(R/2,) fp32 inverse frequencies over the rotary width R = cfg.rotary_dim, with llama3 or linear scaling when
+    configured. local=True: those of the sliding layers, plain RoPE of base cfg.rope_local_theta when set (Gemma 3),
+    else the same as the full layers. LongRoPE divides each by its short_factor, or long_factor when `long`."""
     D = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
-    s = cfg.rope_scaling
+    own = local and cfg.rope_local_theta is not None
+    theta = cfg.rope_local_theta if own else cfg.rope_theta
+    base = theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D)
+    inv = 1.0 / base
+    s = None if own else cfg.rope_scaling
     if s is None:
         return inv
+    if s["rope_type"] == "linear":
+        return inv / s["factor"]
     if s["rope_type"] == "longrope":  # transformers' order: 1 / (ext * base**(2j/R)), not inv / ext
         ext = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
-        return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+        return 1.0 / (ext * base)
     # llama3: wavelengths longer than orig/low_freq_factor are slowed by `factor`, shorter than orig/high_freq_factor
     # kept, and the band between interpolated linearly in (orig / wavelen).
     factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -345,18 +442,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """weight * x / sqrt(mean(x^2) + eps) over the last dim; weight (dim,) starts at ones.
 
-    Normalized in fp32 and cast back to x's dtype before the weight multiply, as HF does.
+    Normalized in fp32 and cast back to x's dtype before the weight multiply, as HF does. unit_offset (Gemma):
+    (1 + weight) * x / rms in fp32, cast to x's dtype after the multiply; weight starts at zeros.
     """
 
-    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.eps = eps
+        init = torch.zeros if unit_offset else torch.ones  # the identity either way
+        self.weight = nn.Parameter(init(dim, device=device, dtype=dtype))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d) any float dtype -> (..., d): the norm in fp32, cast back to x's dtype, times the weight (so
-        the result takes PyTorch's promotion of x's and the weight's dtypes, as transformers' LlamaRMSNorm does)."""
-        return rms_norm(x, self.weight, self.eps)
+        the result takes PyTorch's promotion of x's and the weight's dtypes, as transformers' LlamaRMSNorm does;
+        with unit_offset x's dtype, as Gemma3RMSNorm)."""
+        return rms_norm(x, self.weight, self.eps, self.unit_offset)
 
 
 _TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -373,13 +473,18 @@ def _sdpa_gqa_ok(q: torch.Tensor, mask) -> bool:
     return True
 
 
-SDPA_BRANCHES = ("mha", "gqa_native", "gqa_fold_one_query", "gqa_repeat_kv")  # sdpa's ways, see sdpa_branch
+# sdpa's ways, see sdpa_branch
+SDPA_BRANCHES = ("mha", "gqa_native", "gqa_fold_one_query", "gqa_repeat_kv", "flex_window")
 
 
-def sdpa_branch(q: torch.Tensor, k: torch.Tensor, mask) -> str:
-    """Which of SDPA_BRANCHES sdpa takes for q (B, H, T, D), k (B, KVH, S, D) and mask: "mha" (H == KVH), else
-    "gqa_native" (SDPA's enable_gqa, where it keeps a fast kernel: _sdpa_gqa_ok), else "gqa_fold_one_query"
-    (T == 1) or "gqa_repeat_kv". On the CPU only the first two are chosen; tests force the others."""
+def sdpa_branch(q: torch.Tensor, k: torch.Tensor, mask, window: int | None = None) -> str:
+    """Which of SDPA_BRANCHES sdpa takes for q (B, H, T, D), k (B, KVH, S, D), mask and window: "flex_window"
+    (flex_attention, _flex_ok: CUDA, eager, causal self-attention longer than the window, no other mask), else
+    "mha" (H == KVH), else "gqa_native" (SDPA's enable_gqa, where it keeps a fast kernel: _sdpa_gqa_ok), else
+    "gqa_fold_one_query" (T == 1) or "gqa_repeat_kv". On the CPU only "mha" and "gqa_native" are chosen; tests
+    force the others."""
+    if _flex_ok(q, k, mask, window):
+        return "flex_window"
     if q.shape[1] == k.shape[1]:
         return "mha"
     if _sdpa_gqa_ok(q, mask):
@@ -387,9 +492,47 @@ def sdpa_branch(q: torch.Tensor, k: torch.Tensor, mask) -> str:
     return "gqa_fold_one_query" if q.shape[2] == 1 else "gqa_repeat_kv"
 
 
+def _flex_ok(q: torch.Tensor, k: torch.Tensor, mask, window: int | None) -> bool:
+    """flex_attention pays off where the band is narrower than the sequence; it runs compiled (torch.compile of
+    the kernel alone) in eager CUDA code only: under an outer torch.compile the band mask keeps one graph."""
+    T, S = q.shape[2], k.shape[2]
+    return (window is not None and S > window and mask is None and T == S > 1 and q.device.type == "cuda"
+            and not torch.compiler.is_compiling())
+
+
+def _band(T: int, S: int, window: int, device) -> torch.Tensor:
+    """(T, S) bool: query i (the last T of S positions) sees key j iff i - window < j <= i."""
+    i = torch.arange(S - T, S, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+_FLEX: dict = {}  # "attention": the compiled flex_attention; (T, S, window, device): its block masks
+
+
+def _flex_window(q, k, v, window: int, scale) -> torch.Tensor:
+    """Causal sliding-window attention by flex_attention (GQA without K/V copies). On the CPU (tests) flex runs
+    unfused; on CUDA compiled once, block masks cached per shape (one per training seq_len)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    T, S, dev = q.shape[2], k.shape[2], q.device
+    key = (T, S, window, str(dev))
+    if key not in _FLEX:
+        def band(b, h, i, j):
+            return (j <= i) & (j > i - window)
+        _FLEX[key] = create_block_mask(band, None, None, T, S, device=dev)
+    fn = flex_attention
+    if dev.type == "cuda":
+        fn = _FLEX.setdefault("attention", torch.compile(flex_attention))
+    return fn(q, k, v, block_mask=_FLEX[key], scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: bool,
-         branch: str | None = None) -> torch.Tensor:
+         branch: str | None = None, *, scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """q (B, H, T, D) over k, v (B, KVH, S, D) -> (B, H, T, D); query head h reads K/V head h // (H / KVH).
+
+    scale: of q k^T (None: D^-0.5). window: keys more than window - 1 positions before a query are hidden, the
+    queries being the last T of the S positions (no cache, or KVCache); "flex_window" does it block-sparse, the
+    other branches fold the band into the mask (`_band`, combined with mask or with is_causal).
 
     Where SDPA's enable_gqa would lose the fast kernel (see _sdpa_gqa_ok): a single query (T == 1, decoding)
     folds each K/V head's H / KVH query heads into query rows of that head, so no K/V is copied and the mask
@@ -398,20 +541,30 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, is_causal: boo
     `branch` (one of SDPA_BRANCHES) forces a way instead of sdpa_branch's choice (tests run each on the CPU).
     """
     B, H, T, D = q.shape
-    KVH = k.shape[1]
-    branch = branch or sdpa_branch(q, k, mask)
+    KVH, S = k.shape[1], k.shape[2]
+    # within the window the band is the causal mask itself; past it, the band joins the mask before a branch is
+    # chosen (a masked call keeps its own fast kernel on CUDA: see _sdpa_gqa_ok)
+    if window is not None and S > window and (branch or sdpa_branch(q, k, mask, window)) != "flex_window":
+        band = _band(T, S, window, q.device)
+        mask, is_causal = (band if mask is None else mask & band), False
+    branch = branch or sdpa_branch(q, k, mask, window)
+    if branch == "flex_window":
+        if mask is not None or not is_causal or window is None or T != S:
+            raise ValueError("sdpa: flex_window is for causal self-attention with a window and no other mask")
+        return _flex_window(q, k, v, window, scale)
     if branch == "mha":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
     if branch == "gqa_native":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True,
+                                              scale=scale)
     if branch == "gqa_fold_one_query":
-        y = F.scaled_dot_product_attention(q.reshape(B, KVH, H // KVH, D), k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q.reshape(B, KVH, H // KVH, D), k, v, attn_mask=mask, scale=scale)
         return y.reshape(B, H, 1, D)
     if branch != "gqa_repeat_kv":
         raise ValueError(f"sdpa: branch must be one of {SDPA_BRANCHES}, got {branch!r}")
     k = k.repeat_interleave(H // KVH, dim=1)  # (B, H, S, D)
     v = v.repeat_interleave(H // KVH, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
 class Attention(nn.Module):
@@ -421,7 +574,9 @@ class Attention(nn.Module):
     LoRALinear; layer_idx picks this layer's slot in a shared KVCache. With cfg.qk_norm (Qwen3) q_norm and k_norm,
     RMSNorms of (head_dim,), normalize each q and k head before RoPE; without it they do not exist. With
     cfg.fused_qkv_gate_up (Phi-3) q/k/v are one qkv_proj (d -> (H + 2 KVH) D, rows [q; k; v]); RoPE rotates the
-    first cfg.rotary_dim dims of each q and k head (all of them unless partial_rotary_factor < 1).
+    first cfg.rotary_dim dims of each q and k head (all of them unless partial_rotary_factor < 1). A
+    "sliding_attention" layer (cfg.layer_types) keeps `window` = cfg.sliding_window; scale per
+    cfg.query_pre_attn_scalar.
     """
     fuse_projections = True  # q/k/v and o through lora.project groups (False: module by module, the reference path)
 
@@ -442,8 +597,10 @@ class Attention(nn.Module):
         self.rotary_dim = cfg.rotary_dim
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype)
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, device, dtype, cfg.norm_unit_offset)
+        self.window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
 
     def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv (B, T, (H + 2 KVH) D) -> a new one whose q and k heads went through q_norm / k_norm (per head, over
@@ -470,13 +627,16 @@ class Attention(nn.Module):
         is_causal = True if mask is None and T > 1 else False  # a plain bool for SDPA even when T is symbolic
         if cache is not None:  # KVCache, or generation.StaticKVCache (written in place at device positions)
             k, v, is_causal = cache.update(self.layer_idx, k, v, is_causal)
-        y = sdpa(q, k, v, mask, is_causal)  # (B, H, T, D)
+        # a StaticKVCache's keys are not the queries' last positions: its caller's mask holds the band instead
+        window = None if getattr(cache, "mask_has_window", False) else self.window
+        y = sdpa(q, k, v, mask, is_causal, scale=self.scale, window=window)  # (B, H, T, D)
         return project(y.transpose(1, 2).reshape(B, T, self.H * self.D), (self.o_proj,), self)
 
 
 class MLP(nn.Module):
-    """SwiGLU: gate_proj, up_proj (d -> intermediate_size), down_proj (back to d); bias per cfg.mlp_bias. With
-    cfg.fused_qkv_gate_up (Phi-3) gate and up are one gate_up_proj (d -> 2 * intermediate_size)."""
+    """SwiGLU (GeGLU with cfg.hidden_act gelu_pytorch_tanh): gate_proj, up_proj (d -> intermediate_size), down_proj
+    (back to d); bias per cfg.mlp_bias. With cfg.fused_qkv_gate_up (Phi-3) gate and up are one gate_up_proj
+    (d -> 2 * intermediate_size)."""
     fuse_projections = True  # gate/up and down through lora.project groups (False: module by module)
 
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
@@ -490,26 +650,39 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
             self._gate_up_names = ("gate_proj", "up_proj")
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.activation = HIDDEN_ACTS[cfg.hidden_act]
 
     def forward(self, x):
-        """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x))."""
+        """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x)) (or gelu_tanh for GeGLU)."""
         gate_up = project(x, [getattr(self, n) for n in self._gate_up_names], self)  # (B, T, 2I): [gate | up]
-        return project(swiglu(gate_up), (self.down_proj,), self)
+        return project(swiglu(gate_up, activation=self.activation), (self.down_proj,), self)
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm Llama block: x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.))."""
+    """One pre-norm Llama block: x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.)).
+
+    With cfg.sandwich_norms (Gemma 3) post_attention_layernorm norms the attention output instead, and
+    pre_feedforward_layernorm / post_feedforward_layernorm the MLP's input and output.
+    """
 
     def __init__(self, cfg: LlamaConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx, device, dtype)
         self.mlp = MLP(cfg, device, dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        norms = ("input_layernorm", "post_attention_layernorm")
+        if cfg.sandwich_norms:
+            norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        for n in norms:
+            setattr(self, n, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype, cfg.norm_unit_offset))
+        self.sandwich_norms = cfg.sandwich_norms
 
     def forward(self, x, cos, sin, mask=None, cache=None):  # cos, sin: (T, D) or (B, 1, T, D)
         """x (B, T, d) -> (B, T, d): pre-norm attention and MLP residual blocks."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if self.sandwich_norms:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -521,7 +694,7 @@ class LlamaModel(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype, cfg.norm_unit_offset)
         # per-block checkpointing: a policy of activation_checkpoint.POLICIES, a list of one per block, or an
         # activation_checkpoint.MemoryBudget that plans itself; applies in train mode, grad enabled, no KV cache
         self.checkpoint_policy: str | list[str] | MemoryBudget = "none"
@@ -553,10 +726,10 @@ class LlamaModel(nn.Module):
                              f"got {p!r}")
         return plan
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype, local: bool = False):
         """cos, sin in `dtype` (computed in fp32) for integer positions (T,) -> (T, R), or (B, T) -> (B, 1, T, R);
-        R = config.rotary_dim (head_dim unless partial rotary)."""
-        freqs = positions.float()[..., None] * self._rope_inv_freq(positions)   # (..., T, R/2)
+        R = config.rotary_dim (head_dim unless partial rotary); local: the sliding layers' (rope_inv_freq)."""
+        freqs = positions.float()[..., None] * self._rope_inv_freq(positions, local)   # (..., T, R/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         if emb.dim() == 3:
             emb = emb[:, None]  # broadcast over heads
@@ -565,20 +738,36 @@ class LlamaModel(nn.Module):
             return (emb.cos() * s["attention_factor"]).to(dtype), (emb.sin() * s["attention_factor"]).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _rope_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
+    def _rope_inv_freq(self, positions: torch.Tensor, local: bool = False) -> torch.Tensor:
         """(R/2,) fp32 inverse frequencies for this forward. LongRoPE takes long_factor once the sequence (max
         position + 1, as transformers) exceeds original_max_position_embeddings: chosen on the device with
         torch.where, so no host sync (CUDA graphs, torch.compile)."""
         dev = positions.device
-        if dev not in self._inv_freq:
-            self._inv_freq[dev] = rope_inv_freq(self.config, dev)
+        if (dev, local) not in self._inv_freq:
+            self._inv_freq[dev, local] = rope_inv_freq(self.config, dev, local)
         s = self.config.rope_scaling
         if s is None or s["rope_type"] != "longrope":
-            return self._inv_freq[dev]
+            return self._inv_freq[dev, local]
         if ("long", dev) not in self._inv_freq:
             self._inv_freq["long", dev] = rope_inv_freq(self.config, dev, long=True)
         long = positions.max() + 1 > s["original_max_position_embeddings"]
-        return torch.where(long, self._inv_freq["long", dev], self._inv_freq[dev])
+        return torch.where(long, self._inv_freq["long", dev], self._inv_freq[dev, local])
+
+    def ropes(self, positions: torch.Tensor, dtype: torch.dtype) -> list:
+        """(cos, sin) per layer (see rope): the sliding layers' own only where cfg.rope_local_theta is set."""
+        full = self.rope(positions, dtype)
+        if self.config.rope_local_theta is None:
+            return [full] * len(self.layers)
+        local = self.rope(positions, dtype, local=True)
+        return [local if t == "sliding_attention" else full for t in self.config.layer_types]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> (B, T, d) in the embedding dtype; times sqrt(d) with cfg.embed_scale, the factor
+        rounded to that dtype first (Gemma's Gemma3TextScaledWordEmbedding: sqrt(3072) is 55.5 in bf16)."""
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype)
+        return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
@@ -592,16 +781,14 @@ class LlamaModel(nn.Module):
         past = cache.pos if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past} used + {T} new does not fit")
-        # the message is built only on failure: formatting T would pin it to one length under torch.compile
-        _check_window(self.config, past + T, lambda: f"{past} cached + {T} new tokens")
         if past and past <= longrope_switch(self.config, default=past + T) < past + T:
             raise LongRopeCacheError(f"{past} cached + {T} new tokens cross original_max_position_embeddings "
                                      f"{longrope_switch(self.config)}: the cache holds short-factor keys; re-encode "
                                      f"the whole sequence without the cache")
-        x = self.embed_tokens(input_ids)  # (B, T, d)
+        x = self.embed(input_ids)  # (B, T, d)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
-        cos, sin = self.rope(position_ids, x.dtype)
+        ropes = self.ropes(position_ids, x.dtype)  # (cos, sin) per layer
         mask = _attn_mask(B, T, past, attention_mask, x.device)
         if document_ids is not None:
             mask = _document_mask(document_ids, mask, cache)
@@ -611,9 +798,9 @@ class LlamaModel(nn.Module):
         offload = HostOffload(x.device) if plan and "offload" in plan else None
         for i, layer in enumerate(self.layers):
             if plan:
-                x = run_block(layer, plan[i], x, cos, sin, mask, offload=offload)
+                x = run_block(layer, plan[i], x, *ropes[i], mask, offload=offload)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, *ropes[i], mask, cache)
         if cache is not None:
             cache.pos += T
         return self.norm(x)
@@ -645,16 +832,6 @@ def _generate_across_switch(model: "Llama", ids: torch.Tensor, n: int, switch: i
     new[torch.isin(out[:, T:T + n1], eos_t).any(-1)] = eos[0]
     done = (torch.isin(out[:, T:], eos_t).cumsum(1) > 0).all(0).nonzero()
     return out[:, :T + int(done[0]) + 1] if len(done) else out
-
-
-def _check_window(cfg: LlamaConfig, length: int, what) -> None:
-    """SlidingWindowError when `length` exceeds the window; `what` (a str, or a callable giving one) names it."""
-    if cfg.sliding_window is not None and length > cfg.sliding_window:
-        what = what() if callable(what) else what
-        raise SlidingWindowError(
-            f"{what} = {length} positions exceed this {cfg.model_type} checkpoint's sliding_window "
-            f"{cfg.sliding_window}: sliding-window attention is not implemented, so keep sequences (training "
-            f"seq_len, prompt + max_new_tokens) within {cfg.sliding_window} tokens")
 
 
 def _document_mask(document_ids: torch.Tensor, mask, cache) -> torch.Tensor:
@@ -737,7 +914,6 @@ class Llama(nn.Module):
         (Phi-3 long context): once the sequence outgrows original_max_position_embeddings it is re-encoded with
         the long factors, as transformers does.
         """
-        _check_window(self.config, input_ids.shape[-1] + max_new_tokens, "prompt + max_new_tokens")
         kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
         T, switch = input_ids.shape[-1], longrope_switch(self.config)
         if switch is not None and T <= switch <= T + max_new_tokens - 2:  # a step would cross the switch

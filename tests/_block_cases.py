@@ -90,54 +90,58 @@ def compiled_matches_eager(name: str, fn, inputs, dy, ops: set[str]) -> int:
 
 
 # -- RMSNorm ------------------------------------------------------------------------------------------------------
-def case_rmsnorm(shape, dtype, device, weight_grad: bool, weight_dtype=None) -> int:
+def case_rmsnorm(shape, dtype, device, weight_grad: bool, weight_dtype=None, unit_offset=False) -> int:
+    """unit_offset: Gemma's norm, y = cast(xhat * (1 + w)); its weights are centred on 0 (w ~ 0.2 N(0, 1))."""
     from qlora_core.kernels import rmsnorm as kernels
     from qlora_core.ops import rmsnorm
     d = shape[-1]
     x = torch.randn(shape, device=device).mul_(3.0).to(dtype).requires_grad_()
-    w = (1.0 + 0.2 * torch.randn(d, device=device)).to(weight_dtype or dtype).requires_grad_(weight_grad)
-    dy = torch.randn(shape, device=device).to(torch.promote_types(dtype, w.dtype))
+    w = (float(not unit_offset) + 0.2 * torch.randn(d, device=device)).to(weight_dtype or dtype)
+    w.requires_grad_(weight_grad)
+    dy = torch.randn(shape, device=device).to(dtype if unit_offset else torch.promote_types(dtype, w.dtype))
+    norm = lambda a, b: rmsnorm.rms_norm(a, b, EPS, unit_offset)  # noqa: E731
     real_backward, dw_flags = kernels.rms_norm_backward, []
     kernels.rms_norm_backward = lambda *a, **k: dw_flags.append(k["compute_dw"]) or real_backward(*a, **k)
     try:
         with poisoned() as seen, backend.forced("triton"):
-            y, g = _grads(lambda a, b: rmsnorm.rms_norm(a, b, EPS), (x, w), dy)
+            y, g = _grads(norm, (x, w), dy)
     finally:
         kernels.rms_norm_backward = real_backward
     assert seen["calls"] >= 2, "rmsnorm: the poisoned allocator was not used"
     assert dw_flags == [weight_grad], f"rmsnorm: backward asked for dweight {dw_flags}, weight_grad={weight_grad}"
-    y_t, g_t = _grads(lambda a, b: rmsnorm.rms_norm_ref(a, b, EPS), (x, w), dy)
+    y_t, g_t = _grads(lambda a, b: rmsnorm.rms_norm_ref(a, b, EPS, unit_offset), (x, w), dy)
 
     def f64(a, b):
         a = a.double()
-        return b.double() * a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + EPS)
+        return (b.double() + unit_offset) * a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + EPS)
 
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_(weight_grad)
     y64, g64 = _grads(f64, (x64, w64), dy.double())
-    tag = f"rmsnorm {tuple(shape)} {dtype} w={w.dtype} dw={weight_grad}"
+    tag = f"rmsnorm {tuple(shape)} {dtype} w={w.dtype} dw={weight_grad} unit_offset={unit_offset}"
     check(f"{tag} y", y, y64, y_t, dtype)
     check(f"{tag} dx", g[0], g64[0], g_t[0], dtype)
     if weight_grad:
         check(f"{tag} dw", g[1], g64[1], g_t[1], w.dtype)
         with backend.forced("triton"):  # the dweight reduction has a fixed order: bitwise equal on a rerun
-            _, again = _grads(lambda a, b: rmsnorm.rms_norm(a, b, EPS), (x, w), dy)
+            _, again = _grads(norm, (x, w), dy)
         assert torch.equal(again[1], g[1]), f"{tag}: dweight differs between two identical runs"
     return 3 if weight_grad else 2
 
 
-def op_rmsnorm(shape, dtype, device, weight_grad: bool, weight_dtype=None) -> int:
+def op_rmsnorm(shape, dtype, device, weight_grad: bool, weight_dtype=None, unit_offset=False) -> int:
     """The Triton path's custom ops: opcheck of rms_norm and rms_norm_backward, and rms_norm compiled == eager."""
     from qlora_core.ops import rmsnorm
     x = torch.randn(shape, device=device).mul_(3.0).to(dtype).requires_grad_()
     w = (1.0 + 0.2 * torch.randn(shape[-1], device=device)).to(weight_dtype or dtype).requires_grad_(weight_grad)
-    dy = torch.randn(shape, device=device).to(torch.promote_types(dtype, w.dtype))
-    torch.library.opcheck(torch.ops.qlora_core.rms_norm.default, (x, w, EPS))
-    _, rstd = torch.ops.qlora_core.rms_norm(x.detach(), w.detach(), EPS)
+    dy = torch.randn(shape, device=device).to(dtype if unit_offset else torch.promote_types(dtype, w.dtype))
+    torch.library.opcheck(torch.ops.qlora_core.rms_norm.default, (x, w, EPS, unit_offset))
+    _, rstd = torch.ops.qlora_core.rms_norm(x.detach(), w.detach(), EPS, unit_offset)
     torch.library.opcheck(torch.ops.qlora_core.rms_norm_backward.default,
-                          (dy, x.detach(), w.detach(), rstd, weight_grad))
+                          (dy, x.detach(), w.detach(), rstd, weight_grad, unit_offset))
     with backend.forced("triton"):
-        return 2 + compiled_matches_eager(f"rms_norm op {tuple(shape)} {dtype} w={w.dtype} dw={weight_grad}",
-                                          lambda a, b: rmsnorm.rms_norm(a, b, EPS), (x, w), dy,
+        return 2 + compiled_matches_eager(f"rms_norm op {tuple(shape)} {dtype} w={w.dtype} dw={weight_grad} "
+                                          f"unit_offset={unit_offset}",
+                                          lambda a, b: rmsnorm.rms_norm(a, b, EPS, unit_offset), (x, w), dy,
                                           {"rms_norm", "rms_norm_backward"})
 
 
@@ -224,30 +228,32 @@ def op_rope(B, T, H, KVH, D, dtype, device, per_row: bool, table_dtype=None) -> 
 
 
 # -- SwiGLU -------------------------------------------------------------------------------------------------------
-def case_swiglu(M, I, dtype, device, fused: bool, inplace: bool) -> int:
+def case_swiglu(M, I, dtype, device, fused: bool, inplace: bool, activation: str = "silu") -> int:
+    """activation "gelu_tanh": GeGLU, against F.gelu(approximate="tanh") (PyTorch's own, float64 included)."""
     from qlora_core.ops import swiglu
+    act = F.silu if activation == "silu" else (lambda t: F.gelu(t, approximate="tanh"))
     gu = torch.randn(M, 2 * I, device=device).mul_(3.0)
     gu[0, :min(I, 6)] = torch.tensor([-100.0, -30.0, -0.0, 30.0, 100.0, 1e-3], device=device)[:min(I, 6)]
     gu = gu.to(dtype).requires_grad_()
     dy = torch.randn(M, I, device=device).to(dtype)
     with poisoned() as seen, backend.forced("triton"):
         x = gu * 1  # owned by this test, so backward may overwrite it (inplace)
-        y = swiglu.swiglu(x, inplace_grad=inplace) if fused else \
-            swiglu.swiglu(x[:, :I], x[:, I:], inplace_grad=inplace)
+        y = swiglu.swiglu(x, inplace_grad=inplace, activation=activation) if fused else \
+            swiglu.swiglu(x[:, :I], x[:, I:], inplace_grad=inplace, activation=activation)
         (g,) = torch.autograd.grad(y, gu, dy)
     assert seen["calls"] >= 1 + (not inplace), "swiglu: the poisoned allocator was not used"
     split = lambda t: (t[:, :I], t[:, I:])  # noqa: E731
-    y_t, g_t = _grads(lambda a: F.silu(split(a)[0]) * split(a)[1], (gu.detach().clone().requires_grad_(),), dy)
-    y64, g64 = _grads(lambda a: F.silu(split(a)[0]) * split(a)[1], (gu.detach().double().requires_grad_(),),
+    y_t, g_t = _grads(lambda a: act(split(a)[0]) * split(a)[1], (gu.detach().clone().requires_grad_(),), dy)
+    y64, g64 = _grads(lambda a: act(split(a)[0]) * split(a)[1], (gu.detach().double().requires_grad_(),),
                       dy.double())
-    tag = f"swiglu M={M} I={I} {dtype} fused={fused} inplace={inplace}"
+    tag = f"{activation} M={M} I={I} {dtype} fused={fused} inplace={inplace}"
     check(f"{tag} out", y, y64, y_t, dtype)
     check(f"{tag} dgate", g[:, :I], g64[0][:, :I], g_t[0][:, :I], dtype)
     check(f"{tag} dup", g[:, I:], g64[0][:, I:], g_t[0][:, I:], dtype)
     return 3
 
 
-def op_swiglu(M, I, dtype, device, fused: bool) -> int:
+def op_swiglu(M, I, dtype, device, fused: bool, activation: str = "silu") -> int:
     """The Triton path's custom ops: opcheck of swiglu and swiglu_backward, and swiglu compiled == eager, on the
     fused gu (M, 2I) or on gate and up (M, I)."""
     from qlora_core.ops import swiglu
@@ -256,12 +262,13 @@ def op_swiglu(M, I, dtype, device, fused: bool) -> int:
     args = [t.requires_grad_() for t in args]
     dy = torch.randn(M, I, device=device).to(dtype)
     up = None if fused else args[1]
-    torch.library.opcheck(torch.ops.qlora_core.swiglu.default, (args[0], up))
+    torch.library.opcheck(torch.ops.qlora_core.swiglu.default, (args[0], up, activation))
     torch.library.opcheck(torch.ops.qlora_core.swiglu_backward.default,
-                          (dy, args[0].detach(), None if fused else up.detach()))
+                          (dy, args[0].detach(), None if fused else up.detach(), activation))
     with backend.forced("triton"):
-        return 2 + compiled_matches_eager(f"swiglu op M={M} I={I} {dtype} fused={fused}",
-                                          lambda *t: swiglu.swiglu(*t), args, dy, {"swiglu", "swiglu_backward"})
+        return 2 + compiled_matches_eager(f"swiglu op M={M} I={I} {dtype} fused={fused} {activation}",
+                                          lambda *t: swiglu.swiglu(*t, activation=activation), args, dy,
+                                          {"swiglu", "swiglu_backward"})
 
 
 # -- fused lm_head + cross entropy --------------------------------------------------------------------------------

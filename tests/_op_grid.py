@@ -91,12 +91,17 @@ def _block_cases():
             dy = torch.randn(2, 5, 64).to(torch.promote_types(xd, wd))
             for dw in (True, False):
                 out["rms_norm_backward"].append((f"x {xd} w {wd} dw={dw}", (dy, x, w, rstd, dw)))
+            # Gemma's (1 + w) norm: the output in x's dtype, whatever the weight's
+            out["rms_norm"].append((f"x {xd} w {wd} unit_offset", (x, w, 1e-6, True)))
+            out["rms_norm_backward"].append((f"x {xd} w {wd} unit_offset", (dy.to(xd), x, w, rstd, True, True)))
         gu = torch.randn(7, 96).to(xd)
         out["swiglu"] += [(f"{xd} fused", (gu, None)), (f"{xd} split", (gu[:, :48].contiguous(),
-                                                                      gu[:, 48:].contiguous()))]
+                                                                      gu[:, 48:].contiguous())),
+                          (f"{xd} fused gelu_tanh", (gu, None, "gelu_tanh"))]
         dy = torch.randn(7, 48).to(xd)
         out["swiglu_backward"] += [(f"{xd} fused", (dy, gu, None)),
-                                   (f"{xd} split", (dy, gu[:, :48].contiguous(), gu[:, 48:].contiguous()))]
+                                   (f"{xd} split", (dy, gu[:, :48].contiguous(), gu[:, 48:].contiguous())),
+                                   (f"{xd} fused gelu_tanh", (dy, gu, None, "gelu_tanh"))]
         for td in (xd, torch.float32):
             cos, sin = rope_tables(torch.arange(5), 16, td)
             for bw in (False, True):

@@ -1,11 +1,13 @@
-"""Mistral, Qwen2, Qwen3 and Phi-3 checkpoints beside Llama: config fields, fp32 logits against transformers, the
-sliding-window limit, NF4, LoRA grads and adapters both ways against PEFT, greedy generation, and the whole path
+"""Mistral, Qwen2, Qwen3, Phi-3 and Gemma 3 (text) checkpoints beside Llama: config fields, fp32 logits against
+transformers, sliding-window attention past the window (one forward, KV-cache decoding, generation, LoRA grads,
+training), NF4, LoRA grads and adapters both ways against PEFT, greedy generation, and the whole path
 (train -> adapter PEFT loads -> merge transformers loads -> bnb-4bit quantize).
 
-The folders are written by transformers itself (Mistral/Qwen2/Qwen3ForCausalLM built from a tiny random
+The folders are written by transformers itself (Mistral/Qwen2/Qwen3/Gemma3ForCausalLM built from a tiny random
 config, then save_pretrained), with weights rescaled so logits are O(1), and a small tokenizer beside them for
-training. Phi-3 (fused qkv_proj / gate_up_proj) runs one plain folder and one like Phi-4-mini (LongRoPE with
-original_max_position_embeddings 32, so the 100- and 130-token comparisons and the training run take the long
+training. Windows are 12 keys: shorter than the 17- and 21-token test inputs, the 17 tokens of generation and the
+64 of training. Phi-3 (fused qkv_proj / gate_up_proj) runs one windowed folder and one like Phi-4-mini (LongRoPE
+with original_max_position_embeddings 32, so the 100- and 130-token comparisons and the training run take the long
 factors while the shorter ones take the short ones; partial rotary 0.75). Tolerances as tests/test_llama.py: our fp32 logits may be off the float64 reference (transformers, with
 an adapter transformers + PEFT) by at most 2x the reference's own fp32 error plus the fp32 atol.
 """
@@ -17,7 +19,8 @@ import torch
 
 import qlora_core as qc
 from qlora_core.generation import KVCache
-from qlora_core.llama import ConfigError, LlamaConfig, LongRopeCacheError, SlidingWindowError, linear_names
+from qlora_core import llama
+from qlora_core.llama import ConfigError, LlamaConfig, LongRopeCacheError, linear_names
 from qlora_core.loading import load_llama
 from qlora_core.ops.quant4 import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
@@ -30,11 +33,12 @@ peft = pytest.importorskip("peft", reason="test extra: peft")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
-# name -> (model_type, transformers config fields). sliding windows of 64 = the training seq_len below.
+W = 12  # sliding windows: shorter than every test sequence below
+# name -> (model_type, transformers config fields)
 FAMILIES = {
     "mistral-window-gqa-untied": ("mistral", dict(
         hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, sliding_window=64, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters=ROPE)),
+        head_dim=16, sliding_window=W, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters=ROPE)),
     "mistral-nowindow-mha-tied": ("mistral", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
         sliding_window=None, tie_word_embeddings=True, rope_parameters=ROPE)),
@@ -43,7 +47,7 @@ FAMILIES = {
         tie_word_embeddings=True, use_sliding_window=False, rope_parameters=ROPE)),
     "qwen2-window-mqa-untied": ("qwen2", dict(
         hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
-        use_sliding_window=True, sliding_window=64, max_window_layers=1, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=W, max_window_layers=1, tie_word_embeddings=False,
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     # Qwen3: q_norm / k_norm per head, head_dim not hidden / heads (64 / 4 = 16 and 48 / 6 = 8)
     "qwen3-gqa-tied-headdim": ("qwen3", dict(
@@ -51,12 +55,12 @@ FAMILIES = {
         head_dim=24, tie_word_embeddings=True, use_sliding_window=False, rope_parameters=ROPE)),
     "qwen3-window-bias-mqa-untied": ("qwen3", dict(
         hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
-        head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=64, max_window_layers=1,
+        head_dim=12, attention_bias=True, use_sliding_window=True, sliding_window=W, max_window_layers=1,
         tie_word_embeddings=False, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
-    # Phi-3: fused qkv_proj and gate_up_proj; Phi-3-mini's sliding_window (2047 there) and GQA of the larger ones
+    # Phi-3: fused qkv_proj and gate_up_proj; Phi-3-mini's sliding_window (2047 there; W here) and GQA of the larger ones
     "phi3-window-gqa-tied": ("phi3", dict(
         hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        sliding_window=64, tie_word_embeddings=True, pad_token_id=0, rope_parameters=ROPE)),
+        sliding_window=W, tie_word_embeddings=True, pad_token_id=0, rope_parameters=ROPE)),
     # Phi-4-mini's shape of RoPE: LongRoPE over the first 0.75 of each head (12 of 16 dims: 6 factors each)
     "phi3-longrope-partial-untied": ("phi3", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -64,14 +68,24 @@ FAMILIES = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                          "long_factor": [1.0, 1.8, 3.5, 6.0, 9.0, 13.0]})),
+    # Gemma 3: sliding and full layers with their own RoPE (linear scaling on the full ones, as the 4B+ models),
+    # attention scale query_pre_attn_scalar^-0.5 with the scalar != head_dim, (1 + w) norms, GeGLU
+    "gemma3-sliding-full-gqa-tied": ("gemma3_text", dict(
+        hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=W, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
 }
+GEMMA = ("gemma3_text",)  # (1 + w) RMSNorms: weights centred on 0
 
 
-def build_folder(dest, name, seed=0):
-    """transformers' own model of FAMILIES[name], rescaled random weights, saved with a tokenizer."""
+def build_folder(dest, name, seed=0, extra_text=()):
+    """transformers' own model of FAMILIES[name], rescaled random weights, saved with a tokenizer (trained on the
+    swap task, role names and extra_text)."""
     model_type, spec = FAMILIES[name]
     tok = make_tokenizer([r["instruction"] + "\n" + r["response"] for r in swap_task(200, seed=99)]
-                         + ["user assistant system\n"] * 5)
+                         + ["user assistant system\n"] * 5 + list(extra_text))
     eos = tok.token_to_id("<|im_end|>")
     cfg = transformers.AutoConfig.for_model(model_type, vocab_size=tok.get_vocab_size(), max_position_embeddings=256,
                                             bos_token_id=tok.token_to_id("<|im_start|>"), eos_token_id=eos, **spec)
@@ -81,7 +95,7 @@ def build_folder(dest, name, seed=0):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(float(model_type not in GEMMA) + 0.2 * torch.randn(p.shape, generator=g))
             elif n.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in n:
@@ -104,6 +118,14 @@ def _hf(folder, dtype=torch.float32):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
 
 
+def _hf_layer_windows(hf):
+    """The window each of transformers' layers applies (None: full attention)."""
+    cfg = hf.config
+    if cfg.model_type == "mistral":
+        return [cfg.sliding_window] * cfg.num_hidden_layers
+    return [layer.self_attn.sliding_window for layer in hf.model.layers]
+
+
 def _hf_window(hf_cfg):
     """The window transformers applies to some layer, or None (Qwen2: only on "sliding_attention" layers)."""
     types = getattr(hf_cfg, "layer_types", None)
@@ -120,14 +142,16 @@ def test_config_reads_the_family_fields(folder):
     cfg = load_llama(folder, quantize=None).config
     hf = _hf(folder)
     assert cfg.model_type == hf.config.model_type and cfg.sliding_window == _hf_window(hf.config)
+    model = load_llama(folder, quantize=None)
+    assert [layer.self_attn.window for layer in model.model.layers] == _hf_layer_windows(hf)
     layer = hf.model.layers[0]
-    ours = load_llama(folder, quantize=None).model.layers[0]
+    ours = model.model.layers[0]
     assert cfg.fused_qkv_gate_up == (cfg.model_type == "phi3")
     for name in linear_names(cfg):  # the checkpoint's own linears (Phi-3: qkv_proj, gate_up_proj fused)
         assert (ours.get_submodule(name).bias is None) == (layer.get_submodule(name).bias is None), name
     if cfg.model_type == "qwen2":
         assert layer.self_attn.q_proj.bias is not None and layer.self_attn.o_proj.bias is None
-    assert cfg.qk_norm == (cfg.model_type == "qwen3") == hasattr(ours.self_attn, "q_norm")
+    assert cfg.qk_norm == (cfg.model_type in ("qwen3", "gemma3_text")) == hasattr(ours.self_attn, "q_norm")
     if cfg.qk_norm:  # per-head norms of head_dim, which is not hidden / heads here
         assert cfg.head_dim == hf.config.head_dim != cfg.hidden_size // cfg.num_attention_heads
         for n in ("q_norm", "k_norm"):
@@ -140,11 +164,12 @@ def test_state_dict_keys_are_transformers_keys(folder):
     model.load_state_dict({k: v for k, v in hf.state_dict().items() if "rotary_emb" not in k}, strict=True)
 
 
-@pytest.mark.parametrize("length", ["short", "window"])
+@pytest.mark.parametrize("length", ["short", "long"])
 def test_dense_logits_match_transformers(folder, length):
+    """short: 21 tokens (past a window of 12 already); long: 100, eight windows, where a band mask that slid
+    wrongly by one key would show."""
     model = load_llama(folder, quantize=None, dtype=torch.float32)
-    w = model.config.sliding_window
-    T = 21 if length == "short" else (w or 100)  # at exactly the window the mask is still the full causal one
+    T = 21 if length == "short" else 100
     ids = _ids(model.config.vocab_size, T)
     with torch.no_grad():
         ours = model(ids)
@@ -154,27 +179,64 @@ def test_dense_logits_match_transformers(folder, length):
     assert_close_verbose(ours, hf64, atol=bound, rtol=0, name=f"logits {folder.name} T={T}")
 
 
-def test_sequences_beyond_the_window_are_refused(folder):
-    model = load_llama(folder, quantize=None, dtype=torch.float32)
-    w = model.config.sliding_window
-    vocab = model.config.vocab_size
-    if w is None:  # no window: long sequences run (and match transformers, bound as above)
-        ids = _ids(vocab, 130, B=1)
-        with torch.no_grad():
-            hf32, hf64 = _hf(folder)(ids).logits, _hf(folder, torch.float64)(ids).logits
-            bound = 2 * (hf32.double() - hf64).abs().max().item() + DTYPE_ATOL[torch.float32]
-            assert_close_verbose(model(ids), hf64, atol=bound, rtol=0, name="long sequence")
-        return
-    with pytest.raises(SlidingWindowError, match=f"65 positions exceed this {model.config.model_type} .*window {w}"):
-        model(_ids(vocab, w + 1, B=1))
-    cache = KVCache(model.config, 1, w + 8)
+def test_kv_cache_decoding_past_the_window_matches_transformers(folder):
+    """A prompt of 10 tokens, then chunks of 5, 1 and 14 through a KVCache (30 positions, past the window of 12 on
+    the sliding layers): each chunk's logits equal transformers' logits of the whole sequence at those positions
+    (bound as above: the band falls on cached keys here, the queries being the chunk's)."""
+    model = load_llama(folder, quantize=None, dtype=torch.float32).eval()
+    ids = _ids(model.config.vocab_size, 30)
     with torch.no_grad():
-        model(_ids(vocab, w - 2, B=1), cache=cache)
-        with pytest.raises(SlidingWindowError, match="62 cached \\+ 3 new"):
-            model(_ids(vocab, 3, B=1), cache=cache)
-    with pytest.raises(SlidingWindowError, match="prompt \\+ max_new_tokens"):
-        model.generate(_ids(vocab, 60, B=1), max_new_tokens=5)
-    assert model.generate(_ids(vocab, 60, B=1), max_new_tokens=4).shape == (1, 64)
+        hf32, hf64 = _hf(folder)(ids).logits, _hf(folder, torch.float64)(ids).logits
+        cache = KVCache(model.config, 2, 30)
+        ours = torch.cat([model(ids[:, a:b], cache=cache) for a, b in ((0, 10), (10, 15), (15, 16), (16, 30))], 1)
+    bound = 2 * (hf32.double() - hf64).abs().max().item() + DTYPE_ATOL[torch.float32]
+    assert_close_verbose(ours, hf64, atol=bound, rtol=0, name=f"cached chunks {folder.name}")
+
+
+def _run_path(model, ids, monkeypatch, flex: bool, grads: bool):
+    """The logits (and with grads the LoRA grads of a loss) with sdpa's flex_window forced wherever it applies
+    (asserting every sliding layer took it), or never taken (flex=False: the band-mask path, on CUDA too)."""
+    params = [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
+    taken, real = [], llama._flex_window
+    with monkeypatch.context() as mp:
+        mp.setattr(llama, "_flex_ok", lambda q, k, mask, w: flex and w is not None and mask is None and k.shape[2] > w)
+        mp.setattr(llama, "_flex_window", lambda *a: taken.append(1) or real(*a))
+        with torch.set_grad_enabled(grads):
+            y = model(ids)
+            out = [y.detach()] + (list(torch.autograd.grad(y.float().square().mean(), params)) if grads else [])
+    assert len(taken) == flex * sum(layer.self_attn.window is not None for layer in model.model.layers)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_window_path_equals_the_band_mask_path(folder, monkeypatch):
+    """The CUDA training path (sdpa's flex_window, forced here on the CPU, where flex has no backward) gives the
+    band-mask path's logits on a 40-token sequence (both fp32: within 4x the fp32 atol), on every sliding layer;
+    a family without a window never takes it (_run_path counts the layers that did)."""
+    model = load_llama(folder, quantize=None, dtype=torch.float32).eval()
+    ids = _ids(model.config.vocab_size, 40)
+    flex, band = (_run_path(model, ids, monkeypatch, f, grads=False) for f in (True, False))
+    assert_close_verbose(flex[0], band[0], atol=4 * DTYPE_ATOL[torch.float32], rtol=1e-5, name="flex vs band")
+
+
+@pytest.mark.gpu
+def test_flex_window_lora_grads_on_cuda_within_bf16_bound(tmp_path, monkeypatch):
+    """On CUDA in bf16, compiled flex_window (what sdpa_branch picks for training past the window) gives logits
+    and LoRA grads within 2x the band-mask path's own bf16 error against float64 plus the bf16 atol."""
+    import copy
+    folder = build_folder(tmp_path / "g3", "gemma3-sliding-full-gqa-tied")
+    model = load_llama(folder, quantize=None, dtype=torch.bfloat16, device="cuda").eval()
+    apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    _randomize([p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)], seed=4)
+    model64 = copy.deepcopy(model).double()
+    ids = _ids(model.config.vocab_size, 128).cuda()
+    assert llama.sdpa_branch(torch.empty(1, 4, 128, 16, device="cuda"), torch.empty(1, 2, 128, 16, device="cuda"),
+                             None, W) == "flex_window"
+    exact = _run_path(model64, ids, monkeypatch, False, grads=True)
+    flex, band = (_run_path(model, ids, monkeypatch, f, grads=True) for f in (True, False))
+    for i, (f, b, e) in enumerate(zip(flex, band, exact, strict=True)):
+        bound = 2 * (b.double() - e).abs().max().item() + DTYPE_ATOL[torch.bfloat16]
+        assert_close_verbose(f, e, atol=bound, rtol=0, name="logits" if i == 0 else f"grad {i}")
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
@@ -204,12 +266,20 @@ def test_quantized_model_equals_transformers_with_dequantized_weights(folder, qu
 
 
 def test_greedy_generate_equals_transformers(folder):
+    """7 prompt tokens + 10 new (past the windows of 12); then row 1 left-padded by 3, where transformers counts
+    the window over cache positions, padding included, as our decoder's slots do."""
     model = load_llama(folder, quantize=None, dtype=torch.float32)
     ids = _ids(model.config.vocab_size, 7)
     with torch.no_grad():
         ref = _hf(folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)
     assert torch.equal(model.generate(ids, max_new_tokens=10), ref)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = _hf(folder).generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=10, attention_mask=mask), ref)
 
 
 def _randomize(params, seed):
@@ -349,7 +419,7 @@ def test_quantize_loads_in_transformers_bitsandbytes(folder, tmp_path):
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text", "qwen3_moe", "mixtral", "phi", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "qwen3_moe", "mixtral", "phi", "gpt_neox"])
 def test_other_model_types_are_config_errors(model_type, tmp_path):
     d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
          "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -372,7 +442,11 @@ def test_other_model_types_are_config_errors(model_type, tmp_path):
 def test_qwen_sliding_window_is_derived_as_transformers_does(fields, model_type):
     d = {"model_type": model_type, "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
          "num_hidden_layers": 3, "num_attention_heads": 2, **fields}
-    assert LlamaConfig.from_hf_config(d).sliding_window == _hf_window(transformers.AutoConfig.for_model(**d))
+    cfg, hf = LlamaConfig.from_hf_config(d), transformers.AutoConfig.for_model(**d)
+    assert cfg.sliding_window == _hf_window(hf)
+    # which layers slide: transformers' Qwen2Attention.sliding_window per layer, as the config derives it
+    assert [cfg.sliding_window if t == "sliding_attention" else None for t in cfg.layer_types] == \
+        [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
 
 
 @pytest.mark.parametrize("fields", [{}, dict(head_dim=6, attention_bias=True)], ids=["defaults", "set"])
@@ -395,6 +469,8 @@ def test_to_hf_config_round_trips_through_transformers(folder):
     hf_cfg = transformers.AutoConfig.for_model(**d)
     assert (hf_cfg.model_type, _hf_window(hf_cfg), hf_cfg.num_key_value_heads, hf_cfg.tie_word_embeddings) == \
         (cfg.model_type, cfg.sliding_window, cfg.num_key_value_heads, cfg.tie_word_embeddings)
+    if cfg.sliding_window is not None and cfg.model_type != "mistral":
+        assert hf_cfg.layer_types == cfg.layer_types
     assert d["architectures"] == [type(_hf(folder)).__name__]
 
 
@@ -553,6 +629,41 @@ def test_phi3_cli_targets_preflight(tmp_path):
         check(("qkv_proj", "gate_proj"), "c")
 
 
+GEMMA3 = {"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+          "num_hidden_layers": 7, "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("fields", [
+    {},  # Gemma3TextConfig's defaults: head_dim 256, window 4096 on 5 layers of 6, RoPE bases 1e6 / 1e4, tied
+    dict(head_dim=6, query_pre_attn_scalar=144, sliding_window=32, sliding_window_pattern=2, attention_bias=True,
+         tie_word_embeddings=False, rope_theta=5e5, rope_local_base_freq=2e4,
+         rope_scaling={"rope_type": "linear", "factor": 8.0}),  # the transformers 4 names (hub Gemma 3 configs)
+], ids=["defaults", "v4-names"])
+def test_gemma3_config_fields_as_transformers_reads_them(fields):
+    d = {**GEMMA3, **fields}
+    cfg, hf = LlamaConfig.from_hf_config(d), transformers.Gemma3TextConfig(**d)
+    assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.sliding_window, cfg.layer_types, cfg.tie_word_embeddings,
+            cfg.attention_bias, cfg.o_proj_bias) == (hf.head_dim, hf.query_pre_attn_scalar, hf.sliding_window,
+                                                     hf.layer_types, hf.tie_word_embeddings, hf.attention_bias,
+                                                     hf.attention_bias)
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (hf.rope_parameters["full_attention"]["rope_theta"],
+                                                      hf.rope_parameters["sliding_attention"]["rope_theta"])
+    assert (cfg.rope_scaling or {}).get("factor", 1.0) == hf.rope_parameters["full_attention"].get("factor", 1.0)
+    assert cfg.hidden_act == hf.hidden_activation and cfg.norm_unit_offset and cfg.embed_scale and cfg.qk_norm
+    assert LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(final_logit_softcapping=30.0), "final_logit_softcapping"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+    (dict(hidden_activation="gelu"), "hidden_activation 'gelu'"),
+])
+def test_gemma3_fields_we_do_not_run_are_config_errors(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        LlamaConfig.from_hf_config({**GEMMA3, **fields})
+
+
 # -- the Triton path of Qwen3's q/k norms (CPU interpreter) ------------------------------------------------------
 _INTERP_QK_NORM = """
 import os, torch
@@ -561,13 +672,18 @@ from qlora_core import backend
 from qlora_core.llama import LlamaConfig
 assert backend.interpreting()
 torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=12, attention_bias=True, model_type="qwen3")
+shape = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=12, attention_bias=True, model_type=MODEL_TYPE)
+if MODEL_TYPE == "gemma3_text":  # (1 + w) norms, GeGLU, a window of 4 on layer 0 (9 tokens below)
+    cfg = LlamaConfig.from_hf_config(dict(shape, sliding_window=4, layer_types=["sliding_attention", "full_attention"]))
+else:
+    cfg = LlamaConfig(**shape)
 assert cfg.qk_norm
 model = qc.Llama(cfg)
 with torch.no_grad():
     for n, p in model.named_parameters():
-        p.copy_(1 + 0.3 * torch.randn(p.shape) if n.endswith("norm.weight") else torch.randn(p.shape) * 0.3)
+        one = float(not cfg.norm_unit_offset)
+        p.copy_(one + 0.3 * torch.randn(p.shape) if n.endswith("norm.weight") else torch.randn(p.shape) * 0.3)
 ids = torch.randint(0, 40, (2, 9))
 def run(which):
     os.environ["QLORA_CORE_BACKEND"] = which
@@ -585,10 +701,12 @@ print("qk norm triton == reference")
 """
 
 
-def test_qk_norm_triton_path_equals_reference_under_interpreter():
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
+def test_qk_norm_triton_path_equals_reference_under_interpreter(model_type):
     """The fast path (Triton rms_norm on the strided head views of the packed qkv buffer, then the in-place RoPE
-    kernel) gives the reference path's logits and gradients, q_norm/k_norm weight gradients included."""
-    run_interpreted(_INTERP_QK_NORM)
+    kernel; for Gemma 3 also the (1 + w) norms and the GeGLU kernel) gives the reference path's logits and
+    gradients, q_norm/k_norm weight gradients included."""
+    run_interpreted(f"MODEL_TYPE = {model_type!r}\n" + _INTERP_QK_NORM)
 
 
 @pytest.mark.gpu
@@ -620,3 +738,48 @@ def test_lora_grads_on_cuda_fast_path_within_bf16_bound(tmp_path, name):
     for i, (f, r, e) in enumerate(zip(fast, ref, exact, strict=True)):
         bound = 2 * (r.double() - e).abs().max().item() + DTYPE_ATOL[torch.bfloat16]
         assert_close_verbose(f, e, atol=bound, rtol=0, name="logits" if i == 0 else f"grad {i}")
+
+
+# -- Gemma 3's chat template through `qlora generate` --------------------------------------------------------------
+# google/gemma-3-1b-it's template (text part): the system message folded into the first user turn, "model" turns
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + "
+    "'\\n\\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = \"\" -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = \"model\" -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else \"\") }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{'<start_of_turn>model\\n'}}{%- endif -%}")
+
+
+def test_gemma3_chat_template_through_the_generate_cli(tmp_path, capsys):
+    """A Gemma 3 folder whose tokenizer_config holds Gemma 3's chat template: our tokenizer renders and encodes the
+    prompt as transformers' apply_chat_template does, and `qlora generate` (dense, CPU, greedy) prints what
+    transformers' greedy generation from that prompt decodes to (this random model favours newlines: the text
+    check is weak, the prompt check is the point)."""
+    from qlora_core import cli
+    from qlora_core.data import TextTokenizer
+    folder = build_folder(tmp_path / "g3", "gemma3-sliding-full-gqa-tied",
+                          extra_text=["<start_of_turn>model\nSwap the words.<end_of_turn>\n"] * 5)
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    # tokenizer_class: else AutoTokenizer picks Gemma's tokenizer for this model_type, which wants its own vocab
+    tc.update(chat_template=GEMMA3_TEMPLATE, bos_token="<|im_start|>", tokenizer_class="PreTrainedTokenizerFast")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    msgs = [{"role": "system", "content": "Swap the words."}, {"role": "user", "content": "user assistant"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    text = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|><start_of_turn>user\nSwap the words.\n\nuser assistant<end_of_turn>\n")
+    assert TextTokenizer.from_folder(folder).render(msgs, add_generation_prompt=True) == text
+    ids = torch.tensor([hf_tok(text, add_special_tokens=False).input_ids])
+    assert TextTokenizer.from_folder(folder).prompt_ids(msgs) == ids[0].tolist()
+    with torch.no_grad():
+        out = _hf(folder).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                   eos_token_id=hf_tok.eos_token_id, pad_token_id=0)
+    want = hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert cli.main(["generate", "--model", str(folder), "--prompt", msgs[1]["content"], "--system",
+                     msgs[0]["content"], "--quant", "none", "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == want + "\n", (printed, want)  # the reply, then the CLI's newline

@@ -46,6 +46,20 @@ def test_rms_norm_ref_is_llama_rmsnorm(dtype, wdtype):
     assert x.grad is not None and norm.weight.grad is None
 
 
+@pytest.mark.parametrize("dtype,wdtype", DTYPE_PAIRS)
+def test_unit_offset_ref_is_transformers_gemma3_rmsnorm(dtype, wdtype):
+    """unit_offset=True is transformers' Gemma3RMSNorm (x * (1 + w) in fp32, cast to x's dtype) bit for bit."""
+    gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3", reason="test extra: transformers")
+    norm = gemma3.Gemma3RMSNorm(96, eps=1e-5).to(wdtype)
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.2)
+    x = torch.randn(3, 7, 96).mul_(4).to(dtype)
+    want = norm(x)
+    assert want.dtype == dtype and (want - rmsnorm.rms_norm_ref(x, norm.weight, 1e-5)).abs().max() > 0
+    assert torch.equal(rmsnorm.rms_norm_ref(x, norm.weight, 1e-5, unit_offset=True), want)
+    assert torch.equal(rmsnorm.rms_norm(x, norm.weight, 1e-5, unit_offset=True), want)  # CPU routing
+
+
 def test_launcher_names_bad_inputs():
     from qlora_core.kernels import rmsnorm as kernels
     with pytest.raises(ValueError, match=r"rmsnorm.py: weight shape \(8,\) != \(16,\)"):
@@ -73,9 +87,13 @@ def run_group(group: str) -> int:
     n += C.case_rmsnorm((3, 41, 64), torch.bfloat16, "cpu", True)  # 123 rows, several per program
     n += C.case_rmsnorm((5, 576), torch.float16, "cpu", False)
     n += C.case_rmsnorm((7, 96), torch.bfloat16, "cpu", True, weight_dtype=torch.float32)  # fp32 output
+    for dtype in C.DTYPES:  # Gemma's (1 + w) norm, output in x's dtype
+        n += C.case_rmsnorm((7, 96), dtype, "cpu", True, unit_offset=True)
+    n += C.case_rmsnorm((3, 41, 64), torch.bfloat16, "cpu", False, weight_dtype=torch.float32, unit_offset=True)
     for dtype, wdtype in DTYPE_PAIRS:  # the custom ops the Triton path takes under torch.compile
         n += C.op_rmsnorm((2, 5, 64), dtype, "cpu", True, weight_dtype=wdtype)
     n += C.op_rmsnorm((7, 96), torch.float16, "cpu", False)
+    n += C.op_rmsnorm((2, 5, 64), torch.bfloat16, "cpu", True, weight_dtype=torch.float32, unit_offset=True)
     print(f"{group}: {n} checks passed")
     return n
 

@@ -30,6 +30,19 @@ def test_swiglu_ref_is_llama_mlp_activation(dtype):
     assert torch.equal(swiglu.swiglu(gu[:, :40], gu[:, 40:]), want)
 
 
+@pytest.mark.parametrize("dtype", C.DTYPES)
+def test_gelu_tanh_ref_is_transformers_gelu_pytorch_tanh(dtype):
+    """activation="gelu_tanh" is Gemma 3's MLP activation (transformers' ACT2FN["gelu_pytorch_tanh"]) times up."""
+    activations = pytest.importorskip("transformers.activations", reason="test extra: transformers")
+    gu = torch.randn(5, 2 * 40).mul_(4).to(dtype)
+    want = activations.ACT2FN["gelu_pytorch_tanh"](gu[:, :40]) * gu[:, 40:]
+    assert not torch.equal(swiglu.swiglu_ref(gu[:, :40], gu[:, 40:]), want)  # not silu's
+    assert torch.equal(swiglu.swiglu_ref(gu[:, :40], gu[:, 40:], "gelu_tanh"), want)
+    assert torch.equal(swiglu.swiglu(gu, activation="gelu_tanh"), want)  # CPU routing, fused input
+    with pytest.raises(ValueError, match="activation must be one of"):
+        swiglu.swiglu(gu, activation="relu")
+
+
 def test_launcher_names_bad_inputs():
     from qlora_core.kernels import swiglu as kernels
     with pytest.raises(ValueError, match="swiglu.py: gate"):
@@ -54,9 +67,12 @@ def run_group(group: str) -> int:
             n += C.case_swiglu(7, 96, dtype, "cpu", fused, inplace)
         n += C.case_swiglu(1, 64, dtype, "cpu", True, False)
         n += C.case_swiglu(2, 1100, dtype, "cpu", False, False)  # two column tiles, the second masked
+        for fused, inplace in ((True, True), (False, False)):  # GeGLU (Gemma 3)
+            n += C.case_swiglu(7, 96, dtype, "cpu", fused, inplace, activation="gelu_tanh")
     for dtype in C.DTYPES:  # the custom ops the Triton path takes under torch.compile
         n += C.op_swiglu(5, 40, dtype, "cpu", fused=True)
         n += C.op_swiglu(5, 40, dtype, "cpu", fused=False)
+    n += C.op_swiglu(5, 40, torch.bfloat16, "cpu", fused=True, activation="gelu_tanh")
     print(f"{group}: {n} checks passed")
     return n
 
