@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FileLoadError
+from .errors import FileLoadError, UsageError
 from .activation_checkpoint import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
 from .generation import KVCache, _eos_ids, generate
 from .lora import project
