@@ -121,7 +121,7 @@ def _hf(folder, dtype=torch.float32):
 def _hf_layer_windows(hf):
     """The window each of transformers' layers applies (None: full attention)."""
     cfg = hf.config
-    if cfg.model_type == "mistral":
+    if cfg.model_type in ("mistral", "phi3"):  # every layer: Phi3Attention reads config.sliding_window
         return [cfg.sliding_window] * cfg.num_hidden_layers
     return [layer.self_attn.sliding_window for layer in hf.model.layers]
 
