@@ -44,6 +44,7 @@ from .errors import FileLoadError, UsageError
 from .activation_checkpoint import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
 from .generation import KVCache, _eos_ids, generate
 from .lora import project
+from .seq_chunks import chunked_rows
 from .ops.rmsnorm import rms_norm
 from .ops.rope import apply_rope_partial, apply_rope_qkv_
 from .ops.swiglu import swiglu
@@ -478,6 +479,7 @@ class MLP(nn.Module):
     """SwiGLU: gate_proj, up_proj (d -> intermediate_size), down_proj (back to d); bias per cfg.mlp_bias. With
     cfg.fused_qkv_gate_up (Phi-3) gate and up are one gate_up_proj (d -> 2 * intermediate_size)."""
     fuse_projections = True  # gate/up and down through lora.project groups (False: module by module)
+    chunk_tokens = 0  # > 0: long-context mode, forward in sequence chunks of this many tokens (seq_chunks.py)
 
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
         super().__init__()
@@ -493,6 +495,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x))."""
+        if 0 < self.chunk_tokens < x.numel() // x.shape[-1]:  # the (B*T, 3I) intermediates only per chunk
+            return chunked_rows(self.forward, x, self.chunk_tokens, self.parameters())
         gate_up = project(x, [getattr(self, n) for n in self._gate_up_names], self)  # (B, T, 2I): [gate | up]
         return project(swiglu(gate_up), (self.down_proj,), self)
 
