@@ -529,6 +529,7 @@ class LlamaModel(nn.Module):
         # per-block checkpointing: a policy of activation_checkpoint.POLICIES, a list of one per block, or an
         # activation_checkpoint.MemoryBudget that plans itself; applies in train mode, grad enabled, no KV cache
         self.checkpoint_policy: str | list[str] | MemoryBudget = "none"
+        self.offload_every = 1  # "offload" blocks keep one host input per this many (activation_checkpoint.py)
         self._inv_freq: dict = {}
 
     @property
@@ -549,7 +550,7 @@ class LlamaModel(nn.Module):
             shape = BlockShape(tokens=batch * seq, seq=seq, hidden=c.hidden_size, heads=c.num_attention_heads,
                                kv_heads=c.num_key_value_heads, head_dim=c.head_dim, intermediate=c.intermediate_size,
                                elem=self.embed_tokens.weight.element_size())
-            p = p.plan(shape, len(self.layers), device or self.embed_tokens.weight.device)
+            p = p.plan(shape, len(self.layers), device or self.embed_tokens.weight.device, self)
         plan = [p] * len(self.layers) if isinstance(p, str) else list(p)
         bad = [q for q in plan if q not in POLICIES]
         if bad or len(plan) != len(self.layers):
@@ -612,7 +613,7 @@ class LlamaModel(nn.Module):
         plan = None
         if self.training and torch.is_grad_enabled() and cache is None:
             plan = self.checkpoint_plan(B, T, x.device)
-        offload = HostOffload(x.device) if plan and "offload" in plan else None
+        offload = HostOffload(x.device, self.offload_every) if plan and "offload" in plan else None
         for i, layer in enumerate(self.layers):
             if plan:
                 x = run_block(layer, plan[i], x, cos, sin, mask, offload=offload)
