@@ -280,6 +280,10 @@ def plan_for_budget(s: BlockShape, layers: int, budget_bytes: float, fixed_bytes
 # k inputs on the GPU in backward, so k stays a power of two
 CHUNKS = (0, 32768, 16384, 8192, 4096, 2048, 1024)
 EVERY = (1, 2, 4, 8, 16, 32, 64, 128)
+# What one MLP chunk costs beyond its FLOPs, as FLOPs, per block and step (forward, recompute, backward): ~10
+# launches and the Python around them, ~50 us each pass at ~400 TFLOP/s (an estimate, not a measurement). Without
+# it the planner would shrink chunks to 1024 rows for one more un-recomputed block
+CHUNK_OVERHEAD_FLOPS = 3 * 2e10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +326,8 @@ def _candidate(s: BlockShape, layers: int, every: int, gpu: float, host: float, 
     hbytes = host_bytes(s, plan, every)
     rerun = block_recompute_flops(dataclasses.replace(s, chunk=0), "full") * (every - 1) / every
     flops = sum(block_recompute_flops(s, p) + (rerun if p == "offload" else 0.0) for p in plan)
+    if s.chunked:
+        flops += layers * -(-s.tokens // s.chunk) * CHUNK_OVERHEAD_FLOPS
     return LongPlan(tuple(plan), s.chunk if s.chunked else 0, every, gpu_bytes, hbytes, flops,
                     gpu_bytes <= gpu and hbytes <= host)
 
