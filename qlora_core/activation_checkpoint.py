@@ -11,9 +11,13 @@ Policies, fastest first:
                checkpointing. On the CPU the "host copy" is a plain clone (same code path, nothing saved).
                Like reentrant checkpointing, it backpropagates into the parameters inside its own backward, so
                their grads arrive through `.backward()` (accumulated into .grad), not through autograd.grad.
+               With a stride k (`HostOffload(every=k)`, for short host memory) only one input per k consecutive
+               blocks goes to the host; the others are re-run from it in backward.
 A plan is one policy per block. `plan_for_budget` picks, greedily by time saved per byte, the fastest plan (of
 offload, full and none) whose estimated peak fits the budget; the estimates are simple byte counts of what each
-policy keeps (see `block_bytes`), not measurements. `apply_policy` sets a Llama's policy (or budget) in one call.
+policy keeps (see `block_bytes`), not measurements. `plan_long_context` adds the long-context choices around it:
+the MLP's sequence chunk (seq_chunks.py) and the host-copy stride, under a GPU and a host budget. `apply_policy`
+sets a Llama's policy (or budget) in one call. docs/memory.md explains the modes and the planner's line.
 """
 from __future__ import annotations
 
