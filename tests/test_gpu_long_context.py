@@ -2,6 +2,8 @@
 intermediates dominate as on an 8B): under "offload" the MLP in 4096-token chunks gives the unchunked loss and
 LoRA grads within bf16's own error (bf16 unchunked against fp32 unchunked), and its peak memory drops by at least
 half of the MLP's (T, 3I) bf16 intermediates. Runs in a few seconds on an H100."""
+import copy
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ T, CHUNK = 32768, 4096
 
 
 def _model(dtype):
+    """2 blocks, d 256, I 2048 (8 d: the MLP dominates as on an 8B), NF4, LoRA r 8 on every projection."""
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=2048, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -52,10 +55,10 @@ def test_chunked_mlp_32k_matches_and_saves_memory(packed):
     if packed:  # three documents: attention stays inside each, the MLP chunks cross their borders
         pos = torch.cat([torch.arange(10000), torch.arange(12345), torch.arange(T - 22345)]).cuda()[None]
         docs = (pos, (pos == 0).long().cumsum(1))
-    m32 = _model(torch.float32)
+    m = _model(torch.bfloat16)
+    m32 = copy.deepcopy(m).float()  # the same NF4 codes and LoRA; fp32 activations (QuantLinear keeps its dtype)
     l32, g32, _ = _step(m32, ids, 0, docs)
     del m32
-    m = _model(torch.bfloat16)
     _step(m, ids, CHUNK, docs)  # warm-up: kernels compiled, the pinned pool filled, before peaks are compared
     l0, g0, peak0 = _step(m, ids, 0, docs)
     l1, g1, peak1 = _step(m, ids, CHUNK, docs)

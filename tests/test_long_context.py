@@ -96,7 +96,7 @@ def _packed(B, T):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("policy,every", [("none", 1), ("full", 1), ("offload", 1), ("offload", 2),
+@pytest.mark.parametrize("policy,every", [("none", 1), ("full", 1), ("save_attn", 1), ("offload", 1), ("offload", 2),
                                           (["offload", "full", "none"], 1)])
 def test_chunked_blocks_match_float64(tiny, policy, every, packed, monkeypatch):
     """fp32 chunked (10-token chunks: a tail of 8 on 2 x 49 rows) is no further from the float64 unchunked
