@@ -1,7 +1,8 @@
 """GPU check of the long-context mode at T = 32k on a narrow bf16 NF4 Llama whose MLP is wide (I = 8 d, so its
 intermediates dominate as on an 8B): under "offload" the MLP in 4096-token chunks gives the unchunked loss and
-LoRA grads within bf16's own error (bf16 unchunked against fp32 unchunked), and its peak memory drops by at least
-half of the MLP's (T, 3I) bf16 intermediates. Runs in a few seconds on an H100."""
+LoRA grads within bf16's own error (bf16 unchunked against fp32 unchunked of the same NF4 model), plain and in packed
+rows, and (plain) its peak memory drops by at least half of the MLP's (T, 3I) bf16 intermediates (384 MiB). Tens of
+seconds on an H100, most of it the first Triton compiles."""
 import copy
 
 import pytest
@@ -66,5 +67,6 @@ def test_chunked_mlp_32k_matches_and_saves_memory(packed):
     for i, (a, b, r) in enumerate(zip(g1, g0, g32)):
         tol = 2 * (b - r).abs().max().item() + 1e-2 * r.abs().max().item()
         assert (a - b).abs().max().item() <= tol, f"grad {i}"
-    mlp = T * 3 * 2048 * 2  # gate/up and SwiGLU out, bf16
-    assert peak0 - peak1 >= mlp / 2, (peak0, peak1, mlp)
+    if not packed:  # packed rows peak while building the (T, T) document mask (GiBs), in both runs alike
+        mlp = T * 3 * 2048 * 2  # gate/up and SwiGLU out, bf16
+        assert peak0 - peak1 >= mlp / 2, (peak0, peak1, mlp)
