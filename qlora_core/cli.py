@@ -343,6 +343,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# The caching allocator's settings: torch >= 2.9 reads PYTORCH_ALLOC_CONF (PYTORCH_CUDA_ALLOC_CONF, the older
+# name, still wins when set); older torch only the CUDA one
+ALLOC_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+EXPANDABLE = "expandable_segments:True"
+
+
+def set_allocator_env(environ=os.environ) -> str | None:
+    """Ask the CUDA caching allocator for expandable segments unless the user set either of ALLOC_ENVS; returns
+    the variable it set (None: left alone).
+
+    Why: at long context the block recompute's tensors change size every block and the allocator's fixed
+    segments fragment: an 8B at batch 1 under "offload" measured 0.21 MiB/token allocated but 0.35 MiB/token
+    reserved on an H100 (Unsloth sets the same). The allocator reads the variable once, when CUDA initialises, so
+    this must run before any CUDA call; importing torch does not initialise CUDA."""
+    if any(environ.get(n) for n in ALLOC_ENVS):
+        return None
+    name = ALLOC_ENVS[0] if torch.torch_version.TorchVersion(torch.__version__) >= "2.9" else ALLOC_ENVS[1]
+    environ[name] = EXPANDABLE
+    return name
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("QLORA_DEBUG", "").lower() in ("1", "true", "yes")
 
@@ -353,7 +374,8 @@ def main(argv=None) -> int:
     `demo ...` goes untouched to finetune_demo.main (then 0); a bad flag exits with status 2 (one error line). A
     QloraError (or an OSError: a file that cannot be read or written) prints one `error: <message>` line to stderr
     and returns its category's code (errors.EXIT_CODES); any other exception is a bug and keeps its traceback.
-    `--debug` anywhere in argv, or QLORA_DEBUG=1, re-raises every error with its traceback.
+    `--debug` anywhere in argv, or QLORA_DEBUG=1, re-raises every error with its traceback. The CUDA allocator
+    gets expandable segments unless the user configured it (set_allocator_env).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
@@ -361,6 +383,7 @@ def main(argv=None) -> int:
     before = os.environ.get("QLORA_DEBUG")
     if debug:
         os.environ["QLORA_DEBUG"] = "1"  # torchrun's worker processes (train --nproc) inherit it
+    alloc = set_allocator_env()  # before any command touches CUDA; torchrun's workers inherit it too
     try:
         if argv[:1] == ["demo"]:
             from .finetune_demo import main as demo  # deferred: it imports the training loop (see above)
@@ -374,7 +397,9 @@ def main(argv=None) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return exit_code(e)
-    finally:  # an in-process caller's environment is left as it was
+    finally:  # an in-process caller's environment is left as it was (CUDA, if it started, keeps the setting)
+        if alloc:
+            os.environ.pop(alloc, None)
         if before is None:
             os.environ.pop("QLORA_DEBUG", None)
         else:

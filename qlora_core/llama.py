@@ -52,6 +52,7 @@ from .errors import FileLoadError, UsageError
 from .activation_checkpoint import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
 from .generation import KVCache, _eos_ids, generate
 from .lora import project
+from .seq_chunks import chunked_rows
 from .ops.rmsnorm import rms_norm
 from .ops.rope import apply_rope_partial, apply_rope_qkv_
 from .ops.swiglu import swiglu
@@ -638,6 +639,7 @@ class MLP(nn.Module):
     (back to d); bias per cfg.mlp_bias. With cfg.fused_qkv_gate_up (Phi-3) gate and up are one gate_up_proj
     (d -> 2 * intermediate_size)."""
     fuse_projections = True  # gate/up and down through lora.project groups (False: module by module)
+    chunk_tokens = 0  # > 0: long-context mode, forward in sequence chunks of this many tokens (seq_chunks.py)
 
     def __init__(self, cfg: LlamaConfig, device=None, dtype=None):
         super().__init__()
@@ -654,6 +656,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         """x (B, T, d) -> (B, T, d): SwiGLU, down(silu(gate(x)) * up(x)) (or gelu_tanh for GeGLU)."""
+        if 0 < self.chunk_tokens < x.numel() // x.shape[-1]:  # the (B*T, 3I) intermediates only per chunk
+            return chunked_rows(self.forward, x, self.chunk_tokens, self.parameters())
         gate_up = project(x, [getattr(self, n) for n in self._gate_up_names], self)  # (B, T, 2I): [gate | up]
         return project(swiglu(gate_up, activation=self.activation), (self.down_proj,), self)
 
@@ -698,6 +702,7 @@ class LlamaModel(nn.Module):
         # per-block checkpointing: a policy of activation_checkpoint.POLICIES, a list of one per block, or an
         # activation_checkpoint.MemoryBudget that plans itself; applies in train mode, grad enabled, no KV cache
         self.checkpoint_policy: str | list[str] | MemoryBudget = "none"
+        self.offload_every = 1  # "offload" blocks keep one host input per this many (activation_checkpoint.py)
         self._inv_freq: dict = {}
 
     @property
@@ -718,7 +723,7 @@ class LlamaModel(nn.Module):
             shape = BlockShape(tokens=batch * seq, seq=seq, hidden=c.hidden_size, heads=c.num_attention_heads,
                                kv_heads=c.num_key_value_heads, head_dim=c.head_dim, intermediate=c.intermediate_size,
                                elem=self.embed_tokens.weight.element_size())
-            p = p.plan(shape, len(self.layers), device or self.embed_tokens.weight.device)
+            p = p.plan(shape, len(self.layers), device or self.embed_tokens.weight.device, self)
         plan = [p] * len(self.layers) if isinstance(p, str) else list(p)
         bad = [q for q in plan if q not in POLICIES]
         if bad or len(plan) != len(self.layers):
@@ -795,7 +800,7 @@ class LlamaModel(nn.Module):
         plan = None
         if self.training and torch.is_grad_enabled() and cache is None:
             plan = self.checkpoint_plan(B, T, x.device)
-        offload = HostOffload(x.device) if plan and "offload" in plan else None
+        offload = HostOffload(x.device, self.offload_every) if plan and "offload" in plan else None
         for i, layer in enumerate(self.layers):
             if plan:
                 x = run_block(layer, plan[i], x, *ropes[i], mask, offload=offload)

@@ -70,6 +70,12 @@ class TrainConfig:
                                              "(docs: activation_checkpoint.py)")
     memory_budget_gib: float = setting(0.0, "> 0: per-block policies planned to fit this GPU budget in GiB "
                                             "(overrides the policy)")
+    host_memory_budget_gib: float = setting(0.0, "with memory_budget_gib: pinned host memory in GiB for offloaded "
+                                                 "block inputs (0 = unlimited)")
+    mlp_chunk_tokens: int = setting(0, "long context: each block's MLP in sequence chunks of this many tokens "
+                                       "(0 = off; a memory budget picks it itself)")
+    offload_every: int = setting(1, "policy offload: one host copy of a block input per this many blocks, the rest "
+                                    "recomputed (host memory short; a memory budget picks it itself)")
     fused: bool = setting(True, "grouped LoRA projections (ops/nf4_linear.py); off = module by module, the reference "
                                 "path")
     pack: bool = setting(True, "concatenate short samples into rows of up to seq_len tokens")
@@ -108,6 +114,10 @@ class TrainConfig:
                                    f"got {self.checkpoint_policy!r}")
         if self.memory_budget_gib < 0:
             raise TrainConfigError(f"memory_budget_gib must be >= 0, got {self.memory_budget_gib}")
+        if self.host_memory_budget_gib < 0 or self.mlp_chunk_tokens < 0 or self.offload_every < 1:
+            raise TrainConfigError(f"host_memory_budget_gib and mlp_chunk_tokens must be >= 0 and offload_every "
+                                   f">= 1, got {self.host_memory_budget_gib}, {self.mlp_chunk_tokens}, "
+                                   f"{self.offload_every}")
         # 0 is allowed as torch.optim allows it (a run that only evaluates, or reads the initial adapter)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
             raise TrainConfigError(f"lr must be a finite number >= 0, got {self.lr!r}")

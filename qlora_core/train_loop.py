@@ -80,7 +80,8 @@ def load_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
     lc = cfg.lora
     counts = apply_lora(model, lc)
     plan = apply_policy(model, cfg.checkpoint_policy if cfg.gradient_checkpointing else "none",
-                        cfg.memory_budget_gib or None)
+                        cfg.memory_budget_gib or None, cfg.host_memory_budget_gib or None, cfg.mlp_chunk_tokens,
+                        cfg.offload_every)
     if int(os.environ.get("RANK", "0")) == 0:
         print(plan)
     for m in model.modules():
