@@ -97,9 +97,10 @@ SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
     "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                           num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    # --smoke only: the plumbing on the CPU, never a measurement
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    # --smoke only: the plumbing on the CPU, never a measurement. Hidden 256, not 64: LoRA moves the logits in
+    # proportion to the width, and at 64 the loss fell ~1% in 10 steps at LR (too close to the train check's bar)
+    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
 }
 # The peers build the dense bf16 model first (hf, liger: on the GPU; unsloth: a checkpoint in host RAM), which
 # at 70B (140 GB) fits neither, so 70B rows are ours alone.
@@ -480,7 +481,9 @@ def measure(step, batch: int, seq: int, vocab: int, iters: int, device: str, war
     train check ("failed": why, or None, from loss_first vs loss_after)."""
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    pool = [ids.to(device) for ids in learnable_stream(warmup + iters, batch, seq, vocab)]
+    # a new seed per shape also draws a new Zipf ranking: the frequent ids of the previous shape (same process,
+    # same LoRA) turn rare, so this shape's loss starts high and must fall again rather than sit near the entropy
+    pool = [ids.to(device) for ids in learnable_stream(warmup + iters, batch, seq, vocab, seed=batch * 100_003 + seq)]
     rss0 = rss_bytes() or 0
     losses = []  # every step's loss tensor: read once, after the timed steps (no sync of its own)
     with Sampler(cuda) as mem:
