@@ -5,6 +5,7 @@
     python benchmarks/bench_generate.py --stacks ours --batches 1 --prompts 128  # quick
     python benchmarks/bench_generate.py --lora                                 # unmerged LoRA r=16 on both
     python benchmarks/bench_generate.py --batches 1 --prompts 128 --profile    # + where the device time goes
+    python benchmarks/bench_generate.py --stacks ours hf hf-static --batches 1 8 --prompts 128   # + static cache
 
 Both stacks: random weights built directly on the GPU (bench_train.ours_model / hf_model: NF4 + double quant
 decoder linears, bf16 embeddings, norms and lm_head), random prompts of one length (no padding), greedy,
@@ -17,7 +18,12 @@ the graph; its time is reported as cold_s; HF: a 4-token call), then `--repeats`
 Time to first token: from the call to the first token on the host (ours: the stream callback after the
 prefill; HF: a streamer's second put). tok/s per row = new tokens / call time; decode tok/s per row =
 (new - 1) / (call time - TTFT). Peak = torch.cuda.max_memory_allocated over the shape's calls (model included).
-The last line printed is one JSON object with every row.
+Checks (docs/benchmarks.md): both stacks hold the same weights (_checks.init_param), so per shape the first
+`--check` greedy tokens of every row are compared with ours (fraction of rows equal, first position where one
+parts); `--stacks ... hf-static` adds transformers with a static cache and its auto torch.compile of the decode
+step; ours is also checked against its weights dequantized to bf16 and decoded by `generate_reference` with the
+reference ops (>= 95% of rows equal or parting at a near tie, else FAILED and a non-zero exit; `--no-ref`).
+The last line printed is one JSON object with every row (tokens left out) and the checks.
 """
 from __future__ import annotations
 
@@ -169,7 +175,8 @@ def dense_copy_swap(model) -> None:
                 if child.bias is not None:
                     lin.bias = torch.nn.Parameter(child.bias.to(torch.bfloat16), requires_grad=False)
                 setattr(parent, name, lin)
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def last_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -188,12 +195,13 @@ def reference_rows(model, shapes: list[tuple[int, int]], ours: dict, first: dict
 
     release(model)
     dense_copy_swap(model)
+    dev = model.lm_head.weight.device
     rows = []
     for prompt, b in shapes:
         t0 = time.perf_counter()
         row = {"stack": "ref", "prompt": prompt, "batch": b}
         try:
-            ids, mine = prompt_ids(b, prompt, "cuda"), ours[prompt, b].cuda()
+            ids, mine = prompt_ids(b, prompt, dev), ours[prompt, b].to(dev)
             n = mine.shape[1]
             with backend.forced("reference"):
                 ref = generate_reference(model, ids, n)[:, prompt:]  # (B, N)
@@ -203,7 +211,8 @@ def reference_rows(model, shapes: list[tuple[int, int]], ours: dict, first: dict
             row.update(reference_verdict(logits, mine.cpu(), ref.cpu()))
         except Exception as e:  # noqa: BLE001  (the timed rows stand; this row says why it has no check)
             row["error"] = failure(e)
-            torch.cuda.empty_cache()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         row["check_s"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
     return rows
@@ -237,7 +246,7 @@ def worker(stack: str, batches: list[int], prompts: list[int], new: int, repeats
             if stack == "ours" and ref and "tokens" in row:
                 tokens[prompt, b] = torch.tensor(row["tokens"])
                 with torch.no_grad():  # the quantized model's first-step logits: the swap below drops it
-                    first[prompt, b] = last_logits(model, prompt_ids(b, prompt, "cuda"))
+                    first[prompt, b] = last_logits(model, prompt_ids(b, prompt, model.lm_head.weight.device))
             if prof and b == batches[0] and prompt == prompts[0]:
                 profile(run, b, prompt, new, sync_every)
     if tokens:

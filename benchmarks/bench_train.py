@@ -8,8 +8,13 @@ bitsandbytes ("hf"), Unsloth ("unsloth") and HF + Liger-Kernel ("liger"), all me
     python3 benchmarks/bench_train.py --stacks ours --packed-docs 8   # cost of per-document attention in packed rows
     python3 benchmarks/bench_train.py --smoke                # CPU: the plumbing on a tiny model (no measurement)
 
-A step is what `qlora_core.train` does per optimizer step: forward over (B, T) random tokens with every position
-labelled, backward, grad-norm clipping (1.0), paged 8-bit AdamW, zero_grad. Every stack: random weights, decoder
+A step is what `qlora_core.train` does per optimizer step: forward over (B, T) tokens with every position
+labelled, backward, grad-norm clipping (1.0), paged 8-bit AdamW (lr 1e-3), zero_grad. The tokens are a learnable
+stream (_checks.learnable_stream: Zipf tokens, each row's second half repeating its first), the same for every
+stack, and each row is checked to train (_checks.train_failure: the loss of the first timed batch falls by 1% over
+the timed steps, every LoRA grad of the last step finite and nonzero; else the row is FAILED, a "FAILED train
+check" line is printed and the exit status is non-zero). Every stack: random weights (_checks.init_param: the
+same in every stack), decoder
 linears NF4 + double quant (blocksize 64), bf16 elsewhere, LoRA r=16 alpha=32 dropout 0 on all 7 projections,
 gradient checkpointing per block, bf16 autocast.
 - ours: qlora_core Llama built block by block on the GPU + QuantLinear (Triton NF4 kernels) + apply_lora (fp32
@@ -807,7 +812,7 @@ def find(rows: list[dict], stack: str, model: str, batch: int) -> dict | None:
 
 def detail_table(rows: list[dict]) -> None:
     head = ["stack", "point", "model", "B x T", "steps", "step s", "tok/s", "GPU GiB", "reserved", "dev used",
-            "pinned GiB", "pinned act", "RSS GiB", "RSS +GiB", "loss", "LoRA |g|", "trains", "note"]
+            "pinned GiB", "pinned act", "RSS GiB", "RSS +GiB", "loss", "LoRA gnorm", "trains", "note"]
     body = []
     for r in rows:
         note = r.get("error") or r.get("failed") or (r.get("notes") or {}).get("plan") or \
@@ -821,7 +826,7 @@ def detail_table(rows: list[dict]) -> None:
                      cell(r, "grad_norm", ".3g"), verdict(r), str(note)[:60]])
     print_table(head, body)
     print("loss = the first timed step's batch before > after the timed steps (the learnable stream: it must fall "
-          f"by {MIN_DROP:.0%}); LoRA |g| = the last step's global LoRA grad norm before clipping; trains = the "
+          f"by {MIN_DROP:.0%}); LoRA gnorm = the last step's global LoRA grad norm before clipping; trains = the "
           "train check (_checks.train_failure)")
 
 
