@@ -175,6 +175,8 @@ def dense_copy_swap(model) -> None:
                 if child.bias is not None:
                     lin.bias = torch.nn.Parameter(child.bias.to(torch.bfloat16), requires_grad=False)
                 setattr(parent, name, lin)
+    for layer in model.model.layers:  # lora.project's module-by-module path: no grouped GEMM in the reference
+        layer.self_attn.fuse_projections = layer.mlp.fuse_projections = False
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
