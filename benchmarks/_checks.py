@@ -62,8 +62,8 @@ def clip_grads(params: list[torch.Tensor], max_norm: float = 1.0) -> torch.Tenso
     total = torch.linalg.vector_norm(norms)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grad_norm_'s epsilon
     real = [p.grad for p in params if p.grad is not None]
-    if real:
-        torch._foreach_mul_(real, coef.to(real[0].dtype))
+    if real:  # as torch.nn.utils.clip_grads_with_norm_: one fp32 0-dim factor for grads of any dtype
+        torch._foreach_mul_(real, coef)
     return norms
 
 

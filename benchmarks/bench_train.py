@@ -186,7 +186,8 @@ def ours_model(name: str, device: str = "cuda"):
 
 def build_ours(name: str, policy: str = "full", budget_gib: float | None = None, packed_docs: int = 0,
                device: str = "cuda"):
-    """(step(ids, labels, train=True) -> (loss, LoRA grad norms), notes) of our stack on SHAPES[name], built one block at a time on `device`."""
+    """(step(ids, labels, train=True) -> (loss, LoRA grad norms), notes) of our stack on SHAPES[name], built one
+    block at a time on `device`; train=False: the forward alone, without autograd -> (loss, None)."""
     use_checkout()  # before the first qlora_core import: the device image has no installed copy
     from qlora_core.lora import apply_lora
     from qlora_core.optim import PagedAdamW
