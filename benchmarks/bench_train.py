@@ -112,6 +112,7 @@ SHAPES = {
 PEER_MODELS = ("llama-3.2-1b", "llama-3.1-8b", "tiny")
 ROPE = dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+RMS_EPS = 1e-5  # Llama 3's rms_norm_eps, in every stack
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STACKS = ("ours", "hf", "unsloth", "liger")
 LABEL = {"ours": "ours", "hf": "HF", "unsloth": "Unsloth", "liger": "HF+Liger"}
@@ -162,7 +163,8 @@ def ours_model(name: str, device: str = "cuda"):
     from qlora_core.llama import Llama, LlamaConfig
     from qlora_core.qlinear import QuantLinear
 
-    cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072)
+    # Llama 3's eps, as hf_config (LlamaConfig's default 1e-6 made the two stacks' first losses differ by 0.04)
+    cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=RMS_EPS)
     with torch.device("meta"):
         model = Llama(cfg, dtype=torch.bfloat16)
     # materialize one block at a time: peak = quantized model + one dense block (never a 70B model in bf16)
@@ -235,7 +237,7 @@ def hf_config(name: str):
     from transformers import LlamaConfig
 
     ids = special_ids(SHAPES[name]["vocab_size"])
-    return LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    return LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=RMS_EPS,
                        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], use_cache=False)
 
 

@@ -82,9 +82,6 @@ def test_smoke_rows_and_json(smoke):
             assert r["failed"] is None and r["loss_after"] < 0.99 * r["loss_first"], r
             assert r["grad_norm"] > 0 and r["grad_zero"] == r["grad_nonfinite"] == 0 and r["n_lora"] == 28
             assert r["rss_peak_gib"] > 0.05
-        # the same weights (_checks.init_param) and tokens: both stacks start from the same loss (bf16 arithmetic
-        # apart: 6.223 vs 6.220 measured at hidden 64)
-        assert rows["ours", b]["loss_start"] == pytest.approx(rows["hf", b]["loss_start"], abs=0.03)
     assert rows["ours", 1]["point"] == "full" and rows["ours", 1]["notes"]["policy"] == "full"
     # Unsloth needs an NVIDIA GPU: on the CPU it is never measured, and says why
     assert all("error" in rows["unsloth", b] for b in (1, 2))
