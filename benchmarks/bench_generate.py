@@ -244,6 +244,8 @@ def worker(stack: str, batches: list[int], prompts: list[int], new: int, repeats
                 row = {"batch": b, "prompt": prompt, "new": new, "error": failure(e)}
                 torch.cuda.empty_cache()
             row.update(stack=stack, model=MODEL, lora=lora)
+            if stack == "hf-static":  # did generate's auto-compile run (PreTrainedModel.get_compiled_call)?
+                row["compiled"] = any(hasattr(m, "_compiled_call") for m in model.modules())
             print("ROW " + json.dumps(row), flush=True)
             if stack == "ours" and ref and "tokens" in row:
                 tokens[prompt, b] = torch.tensor(row["tokens"])
