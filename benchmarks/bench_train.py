@@ -8,8 +8,13 @@ bitsandbytes ("hf"), Unsloth ("unsloth") and HF + Liger-Kernel ("liger"), all me
     python3 benchmarks/bench_train.py --stacks ours --packed-docs 8   # cost of per-document attention in packed rows
     python3 benchmarks/bench_train.py --smoke                # CPU: the plumbing on a tiny model (no measurement)
 
-A step is what `qlora_core.train` does per optimizer step: forward over (B, T) random tokens with every position
-labelled, backward, grad-norm clipping (1.0), paged 8-bit AdamW, zero_grad. Every stack: random weights, decoder
+A step is what `qlora_core.train` does per optimizer step: forward over (B, T) tokens with every position
+labelled, backward, grad-norm clipping (1.0), paged 8-bit AdamW (lr 1e-3), zero_grad. The tokens are a learnable
+stream (_checks.learnable_stream: Zipf tokens, each row's second half repeating its first), the same for every
+stack, and each row is checked to train (_checks.train_failure: the loss of the first timed batch falls by 1% over
+the timed steps, every LoRA grad of the last step finite and nonzero; else the row is FAILED, a "FAILED train
+check" line is printed and the exit status is non-zero). Every stack: random weights (_checks.init_param: the
+same in every stack), decoder
 linears NF4 + double quant (blocksize 64), bf16 elsewhere, LoRA r=16 alpha=32 dropout 0 on all 7 projections,
 gradient checkpointing per block, bf16 autocast.
 - ours: qlora_core Llama built block by block on the GPU + QuantLinear (Triton NF4 kernels) + apply_lora (fp32
@@ -87,6 +92,8 @@ import torch
 
 SCRIPT = os.path.abspath(__file__)  # workers chdir to WORKDIR, so resolved now
 ROOT = os.path.dirname(os.path.dirname(SCRIPT))
+sys.path.insert(0, os.path.dirname(SCRIPT))  # _checks beside this file (also when a test loads it by path)
+from _checks import MIN_DROP, clip_grads, grad_summary, init_param, learnable_stream, train_failure  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -95,15 +102,17 @@ SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
     "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                           num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    # --smoke only: the plumbing on the CPU, never a measurement
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    # --smoke only: the plumbing on the CPU, never a measurement. Hidden 256, not 64: LoRA moves the logits in
+    # proportion to the width, and at 64 the loss fell ~1% in 10 steps at LR (too close to the train check's bar)
+    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
 }
 # The peers build the dense bf16 model first (hf, liger: on the GPU; unsloth: a checkpoint in host RAM), which
 # at 70B (140 GB) fits neither, so 70B rows are ours alone.
 PEER_MODELS = ("llama-3.2-1b", "llama-3.1-8b", "tiny")
 ROPE = dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+RMS_EPS = 1e-5  # Llama 3's rms_norm_eps, in every stack
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STACKS = ("ours", "hf", "unsloth", "liger")
 LABEL = {"ours": "ours", "hf": "HF", "unsloth": "Unsloth", "liger": "HF+Liger"}
@@ -112,12 +121,15 @@ REQUIRES = {"ours": (), "hf": ("transformers", "peft", "bitsandbytes"),  # check
             "unsloth": ("unsloth", "unsloth_zoo", "bitsandbytes")}
 # --policy choices (qlora_core.activation_checkpoint.apply_policy)
 OUR_POLICIES = ("none", "save_attn", "full", "offload")
-LR = 2e-4
+# Every stack: AdamW (8-bit paged on CUDA), this lr, no schedule. 1e-3 (not the 2e-4 of a long run) so the loss
+# visibly falls within the warm-up + timed steps of an 8B row: the row's train check needs it to.
+LR = 1e-3
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 WORKDIR = os.environ.get("QLORA_BENCH_WORK", "/tmp/qlora_bench_work")  # workers' cwd: Unsloth writes its cache here
 GIB = 2**30
+DONE = ".complete-named-init"  # a checkpoint's last file; renamed when its weights changed (older folders rebuild)
 
 
 def log(*a) -> None:
@@ -151,21 +163,21 @@ def ours_model(name: str, device: str = "cuda"):
     from qlora_core.llama import Llama, LlamaConfig
     from qlora_core.qlinear import QuantLinear
 
-    cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072)
+    # Llama 3's eps, as hf_config (LlamaConfig's default 1e-6 made the two stacks' first losses differ by 0.04)
+    cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=RMS_EPS)
     with torch.device("meta"):
         model = Llama(cfg, dtype=torch.bfloat16)
     # materialize one block at a time: peak = quantized model + one dense block (never a 70B model in bf16)
-    for mod in [model.model.embed_tokens, model.model.norm] + ([] if cfg.tie_word_embeddings else [model.lm_head]):
+    tops = [("model.embed_tokens", model.model.embed_tokens), ("model.norm", model.model.norm)]
+    for prefix, mod in tops + ([] if cfg.tie_word_embeddings else [("lm_head", model.lm_head)]):
         mod.to_empty(device=device)
-        with torch.no_grad():
-            mod.weight.normal_(0, 0.02) if mod.weight.dim() == 2 else mod.weight.fill_(1.0)
+        init_param(prefix + ".weight", mod.weight)  # the peers' weights too (hf_model): same names, same values
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         layer.to_empty(device=device)
-        for p in layer.parameters():
-            with torch.no_grad():
-                p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+        for n, p in layer.named_parameters():
+            init_param(f"model.layers.{i}.{n}", p)
         for parent in (layer.self_attn, layer.mlp):
             for child, lin in list(parent.named_children()):
                 setattr(parent, child, QuantLinear.from_linear(lin, "nf4", 64, True))
@@ -176,7 +188,8 @@ def ours_model(name: str, device: str = "cuda"):
 
 def build_ours(name: str, policy: str = "full", budget_gib: float | None = None, packed_docs: int = 0,
                device: str = "cuda"):
-    """(step(ids, labels) -> loss, notes) of our stack on SHAPES[name], built one block at a time on `device`."""
+    """(step(ids, labels, train=True) -> (loss, LoRA grad norms), notes) of our stack on SHAPES[name], built one
+    block at a time on `device`; train=False: the forward alone, without autograd -> (loss, None)."""
     use_checkout()  # before the first qlora_core import: the device image has no installed copy
     from qlora_core.lora import apply_lora
     from qlora_core.optim import PagedAdamW
@@ -199,16 +212,18 @@ def build_ours(name: str, policy: str = "full", budget_gib: float | None = None,
         pos = (torch.arange(T, device=device) % L).expand(B, T)
         return pos, (torch.arange(T, device=device) // L).expand(B, T)
 
-    def step(ids, labels):
+    def step(ids, labels, train: bool = True):
         pos, doc = packing(*ids.shape)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16), torch.set_grad_enabled(train):
             s, n = batch_loss(model, ids, labels, pos, doc)
         loss = s / n
+        if not train:
+            return loss, None
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norms = clip_grads(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach(), norms
     return step, notes
 
 
@@ -222,7 +237,7 @@ def hf_config(name: str):
     from transformers import LlamaConfig
 
     ids = special_ids(SHAPES[name]["vocab_size"])
-    return LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    return LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=RMS_EPS,
                        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], use_cache=False)
 
 
@@ -252,6 +267,8 @@ def hf_model(name: str, device: str = "cuda"):
     with torch.device(device):
         model = LlamaForCausalLM(hf_config(name))
     torch.set_default_dtype(torch.float32)
+    for n, p in model.named_parameters():  # ours_model's weights (tied lm_head: listed once, as the embedding)
+        init_param(n, p)
     if device == "cuda":
         quantize_hf_linears(model, device)
     return model
@@ -286,8 +303,9 @@ def build_hf(name: str, device: str = "cuda", liger: bool = False):
 
 
 def peer_step(model, device: str):
-    """step(ids, labels) -> loss of a transformers-style model: bf16 autocast forward with labels, backward, clip,
-    bnb PagedAdamW8bit (torch AdamW on the CPU), zero_grad."""
+    """step(ids, labels, train=True) -> (loss, LoRA grad norms) of a transformers-style model: bf16 autocast
+    forward with labels, backward, clip, bnb PagedAdamW8bit (torch AdamW on the CPU), zero_grad. train=False:
+    the forward alone, without autograd -> (loss, None) (the row's check after the timed steps)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if device == "cuda":
         import bitsandbytes as bnb
@@ -296,14 +314,16 @@ def peer_step(model, device: str):
     else:
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 
-    def step(ids, labels):
-        with torch.autocast(device, dtype=torch.bfloat16):
+    def step(ids, labels, train: bool = True):
+        with torch.autocast(device, dtype=torch.bfloat16), torch.set_grad_enabled(train):
             loss = model(input_ids=ids, labels=labels).loss
+        if not train:
+            return loss, None
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norms = clip_grads(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach(), norms
     return step
 
 
@@ -327,7 +347,7 @@ def ckpt_dir(name: str) -> str:
         roomy = shutil.disk_usage("/dev/shm").free > 1.25 * param_bytes(name) + 2 * GIB
     except OSError:
         roomy = False
-    if roomy or os.path.exists(os.path.join(shm, ".complete")):
+    if roomy or os.path.exists(os.path.join(shm, DONE)):
         return shm
     return os.path.join("/tmp/qlora_bench_ckpt", name)
 
@@ -349,8 +369,8 @@ def save_tokenizer(folder: str, vocab: int) -> None:
 
 
 def make_checkpoint(name: str, folder: str, device: str) -> None:
-    """Write a random-weight bf16 HF folder for SHAPES[name] (HF init: normal(0, 0.02), norms 1) plus a tokenizer
-    into `folder` once (its .complete marker is written last); a second builder waits on the folder's lock."""
+    """Write a random-weight bf16 HF folder for SHAPES[name] (_checks.init_param: ours_model's weights) plus a tokenizer
+    into `folder` once (its DONE marker is written last); a second builder waits on the folder's lock."""
     import fcntl
 
     from transformers import LlamaForCausalLM
@@ -358,16 +378,18 @@ def make_checkpoint(name: str, folder: str, device: str) -> None:
     os.makedirs(folder, exist_ok=True)
     lock = open(os.path.join(folder, ".lock"), "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.exists(os.path.join(folder, ".complete")):
+    if not os.path.exists(os.path.join(folder, DONE)):
         t0 = time.perf_counter()
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)
         with torch.device(device):
             model = LlamaForCausalLM(hf_config(name))
         torch.set_default_dtype(torch.float32)
+        for n, p in model.named_parameters():  # ours_model's weights
+            init_param(n, p)
         model.save_pretrained(folder, max_shard_size="5GB")
         save_tokenizer(folder, SHAPES[name]["vocab_size"])
-        open(os.path.join(folder, ".complete"), "w").write("ok\n")
+        open(os.path.join(folder, DONE), "w").write("ok\n")
         log(f"checkpoint {folder}: {time.perf_counter() - t0:.1f} s")
 
 
@@ -459,42 +481,63 @@ def pinned_stats() -> dict:
 
 def measure(step, batch: int, seq: int, vocab: int, iters: int, device: str, warmup: int = 2,
             min_seconds: float = 0.0, max_steps: int = 200) -> dict:
-    """Warm up, then time >= iters and >= min_seconds synchronized steps on fresh random tokens (every position
-    labelled); the row: median step time, tok/s, GPU / pinned / RSS peaks over the timed steps, first and last loss."""
+    """Warm up, then time >= iters and >= min_seconds synchronized steps on the learnable stream (every position
+    labelled; `_checks.learnable_stream`, the same tokens for every stack); the row: median step time, tok/s, GPU /
+    pinned / RSS peaks over the timed steps, the loss of the first step (loss_start, before any update), of the
+    first and last timed steps, loss_after (after the timed steps, a forward alone on the first timed step's
+    tokens: the same batch as loss_first, so no batch-to-batch noise), the last step's LoRA grad norms and the
+    train check ("failed": why, or None, from loss_first vs loss_after)."""
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    g = torch.Generator(device=device).manual_seed(0)
-    pool = [torch.randint(0, vocab, (batch, seq), device=device, generator=g) for _ in range(warmup + iters)]
+    # a new seed per shape also draws a new Zipf ranking: the frequent ids of the previous shape (same process,
+    # same LoRA) turn rare, so this shape's loss starts high and must fall again rather than sit near the entropy
+    pool = [ids.to(device) for ids in learnable_stream(warmup + iters, batch, seq, vocab, seed=batch * 100_003 + seq)]
     rss0 = rss_bytes() or 0
+    losses = []  # every step's loss tensor: read once, after the timed steps (no sync of its own)
     with Sampler(cuda) as mem:
         warm = []
         for ids in pool[:warmup]:
             t0 = time.perf_counter()
-            step(ids, ids)
+            losses.append(step(ids, ids)[0])
             sync()
             warm.append(round(time.perf_counter() - t0, 3))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             getattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)()
         mem.reset()
-        times, losses = [], []
+        times = []
         while len(times) < max_steps and (len(times) < iters or sum(times) < min_seconds):
             ids = pool[warmup + len(times) % iters]
             t0 = time.perf_counter()
-            loss = step(ids, ids)
+            loss, norms = step(ids, ids)
             sync()
             times.append(time.perf_counter() - t0)
             losses.append(loss)
             mem.poll()
     med = statistics.median(times)
+    loss = torch.stack(losses).float().cpu().tolist()
+    grads = grad_summary(norms)
     row = {"batch": batch, "seq": seq, "steps": len(times), "step_s": med, "tok_s": batch * seq / med,
-           "times_s": [round(t, 4) for t in times], "warmup_s": warm,
-           "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
+           "times_s": [round(t, 4) for t in times], "warmup_s": warm, "loss_start": loss[0],
+           "loss_first": loss[warmup], "loss_last": loss[-1], **grads,
            "rss_peak_gib": mem.rss_peak / GIB, "rss_growth_gib": (mem.rss_peak - rss0) / GIB}
-    if cuda:
+    if cuda:  # read before the check's forward below, which is not part of the timed steps
         row.update(gpu_gib=torch.cuda.max_memory_allocated() / GIB, reserved_gib=torch.cuda.max_memory_reserved() / GIB,
                    device_used_gib=mem.dev_peak / GIB, **pinned_stats())
+    row["loss_after"] = loss_after(step, pool[warmup], row)
+    row["failed"] = train_failure(loss[warmup], row["loss_after"] if row["loss_after"] is not None else loss[-1],
+                                  grads)
     return row
+
+
+def loss_after(step, ids: torch.Tensor, row: dict) -> float | None:
+    """The loss of `ids` (the first timed step's tokens) after the timed steps: one forward without autograd,
+    outside the timed region. None (and row["eval_error"]) when the stack's forward refuses to run that way."""
+    try:
+        return float(step(ids, ids, train=False)[0])
+    except Exception as e:  # the timing stands; the check then falls back to the last timed step's loss
+        row["eval_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        return None
 
 
 def profile(step, batch: int, seq: int, vocab: int, top: int = 18) -> None:
@@ -772,17 +815,39 @@ def find(rows: list[dict], stack: str, model: str, batch: int) -> dict | None:
 
 def detail_table(rows: list[dict]) -> None:
     head = ["stack", "point", "model", "B x T", "steps", "step s", "tok/s", "GPU GiB", "reserved", "dev used",
-            "pinned GiB", "pinned act", "RSS GiB", "RSS +GiB", "loss", "note"]
+            "pinned GiB", "pinned act", "RSS GiB", "RSS +GiB", "loss", "LoRA gnorm", "trains", "note"]
     body = []
     for r in rows:
-        note = r.get("error") or (r.get("notes") or {}).get("plan") or ("reused" if r.get("reused") else "")
-        loss = f"{r['loss_first']:.3f}>{r['loss_last']:.3f}" if "loss_first" in r else "-"
+        note = r.get("error") or r.get("failed") or (r.get("notes") or {}).get("plan") or \
+            ("reused" if r.get("reused") else "")
+        loss = f"{r['loss_first']:.3f}>{r['loss_after'] or r['loss_last']:.3f}" if "loss_after" in r else "-"
         body.append([LABEL[r["stack"]], r.get("point") or "", r["model"], f"{r['batch']}x{r['seq']}",
                      cell(r, "steps", "d"), cell(r, "step_s", ".3f"), cell(r, "tok_s", ",.0f"),
                      cell(r, "gpu_gib", ".2f"), cell(r, "reserved_gib", ".2f"), cell(r, "device_used_gib", ".2f"),
                      cell(r, "pinned_gib", ".2f"), cell(r, "pinned_active_gib", ".2f"),
-                     cell(r, "rss_peak_gib", ".2f"), cell(r, "rss_growth_gib", ".2f"), loss, str(note)[:60]])
+                     cell(r, "rss_peak_gib", ".2f"), cell(r, "rss_growth_gib", ".2f"), loss,
+                     cell(r, "grad_norm", ".3g"), verdict(r), str(note)[:60]])
     print_table(head, body)
+    print("loss = the first timed step's batch before > after the timed steps (the learnable stream: it must fall "
+          f"by {MIN_DROP:.0%}); LoRA gnorm = the last step's global LoRA grad norm before clipping; trains = the "
+          "train check (_checks.train_failure)")
+
+
+def verdict(row: dict) -> str:
+    """The train check's cell: "ok", "FAILED", or "-" for a row not measured (error) or measured without it
+    (a row reused from a JSON written before the check existed)."""
+    if "error" in row or "failed" not in row:
+        return "-"
+    return "FAILED" if row["failed"] else "ok"
+
+
+def report_failures(rows: list[dict]) -> int:
+    """Print one FAILED line per measured row whose train check failed; return how many."""
+    bad = [r for r in rows if r.get("failed")]
+    for r in bad:
+        print(f"FAILED train check: {r['stack']} {r['model']} {r['batch']}x{r['seq']} {r.get('point') or ''}: "
+              f"{r['failed']}", flush=True)
+    return len(bad)
 
 
 def comparison_table(rows: list[dict], plan, stacks: list[str], seq: int) -> None:
@@ -917,14 +982,14 @@ def parse_args(argv=None):
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "MODEL"),
                     help="profile one step of STACK on MODEL at the first --batches value (in this process)")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check on a tiny model (seq 64, batches "
-                    "1 2, 2 timed steps): no measurement")
+                    "1 2, 2 warm-up + 8 timed steps: the loss must fall): no measurement")
     ap.add_argument("--offline-wheels", action="store_true", help="print benchmarks/device_setup.sh and exit")
     ap.add_argument("--worker", nargs=2, metavar=("STACK", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--mkckpt", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.smoke:
-        a.device, a.models, a.batches, a.seq, a.iters, a.warmup, a.min_seconds = "cpu", ["tiny"], [1, 2], 64, 2, 1, 0
+        a.device, a.models, a.batches, a.seq, a.iters, a.warmup, a.min_seconds = "cpu", ["tiny"], [1, 2], 64, 8, 2, 0
     return a
 
 
@@ -955,12 +1020,15 @@ def main(argv=None) -> None:
         frontier_table(rows, plan, a.seq)
         plot_frontier(rows, plan, a.seq, a.png)
     info["gpu"] = next((r["gpu"] for r in rows if "gpu" in r), None)
+    untrained = report_failures(rows)
     result = rounded({"bench": "train_step", "argv": sys.argv[1:], "versions": info, "seq": a.seq,
                       "points": [point_label(p) for p in a.points], "rows": rows, "failures": failures})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f)
     print(json.dumps(result))
+    if untrained:
+        sys.exit(f"bench_train.py: {untrained} row(s) FAILED the train check (lines 'FAILED train check' above)")
 
 
 if __name__ == "__main__":

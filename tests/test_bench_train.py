@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_train.py"
@@ -73,11 +74,13 @@ def test_smoke_rows_and_json(smoke):
         for b in (1, 2):
             r = rows[stack, b]
             assert "error" not in r, r
-            assert r["model"] == "tiny" and r["seq"] == 64 and r["steps"] == 2 == len(r["times_s"])
+            assert r["model"] == "tiny" and r["seq"] == 64 and r["steps"] == 8 == len(r["times_s"])
             assert r["tok_s"] == pytest.approx(b * 64 / r["step_s"], rel=1e-4)  # the JSON keeps 5 digits
-            # random N(0, 0.02) weights predict a near-uniform distribution: loss ~ ln(vocab 512) = 6.24
-            for loss in (r["loss_first"], r["loss_last"]):
-                assert abs(loss - math.log(512)) < 0.15, r
+            # random N(0, 0.02) weights predict a near-uniform distribution: loss ~ ln(vocab 512) = 6.24 ...
+            assert abs(r["loss_start"] - math.log(512)) < 0.15, r
+            # ... and the learnable stream lowers it: the train check passed, every LoRA grad was nonzero
+            assert r["failed"] is None and r["loss_after"] < 0.99 * r["loss_first"], r
+            assert r["grad_norm"] > 0 and r["grad_zero"] == r["grad_nonfinite"] == 0 and r["n_lora"] == 28
             assert r["rss_peak_gib"] > 0.05
     assert rows["ours", 1]["point"] == "full" and rows["ours", 1]["notes"]["policy"] == "full"
     # Unsloth needs an NVIDIA GPU: on the CPU it is never measured, and says why
@@ -103,8 +106,11 @@ def test_smoke_tables(smoke):
         assert float(got["ours/HF tok/s"][:-1]) == pytest.approx(rows["ours", b]["tok_s"] / rows["hf", b]["tok_s"],
                                                                  abs=0.0051)
         assert got["Unsloth tok/s"] == got["ours/Unsloth tok/s"] == got["ours GPU GiB"] == "-"
-    _, detail = table(stdout, "stack")
+    dhead, detail = table(stdout, "stack")
     assert len(detail) == 8
+    trains = [dict(zip(dhead, ln))["trains"] for ln in detail]
+    assert trains == ["ok"] * 4 + ["-"] * 4  # ours, HF measured; Unsloth, Liger not here
+    assert "FAILED" not in stdout
     fhead, frontier = table(stdout, "model", "B x T", "stack")
     assert [(ln[2], ln[3]) for ln in frontier if ln[1] == "1x64"] == [("ours", "full"), ("HF", ""), ("Unsloth", ""),
                                                                       ("HF+Liger", "")]
@@ -164,3 +170,18 @@ def test_run_worker_kills_the_whole_group_on_timeout():
     while not process_gone(rows[0]["child"]) and time.time() < deadline:
         time.sleep(0.1)
     assert process_gone(rows[0]["child"]), "the worker's child outlived the timeout"
+
+
+@pytest.mark.parametrize("stack", ["ours", "hf"])
+def test_planted_bug_fails_the_train_check(stack, monkeypatch):
+    """A stack whose optimizer step is lost (planted: the step does nothing) trains no more: its row says why."""
+    bt = bench_module()
+    bt.use_checkout()
+    from qlora_core.optim import PagedAdamW
+
+    monkeypatch.setattr(PagedAdamW if stack == "ours" else torch.optim.AdamW, "step", lambda self, *a, **k: None)
+    step, _ = bt.build_ours("tiny", device="cpu") if stack == "ours" else bt.build_hf("tiny", "cpu")
+    row = bt.measure(step, 1, 32, bt.SHAPES["tiny"]["vocab_size"], 3, "cpu", warmup=1)
+    assert row["loss_after"] == pytest.approx(row["loss_first"], abs=1e-4)  # same batch, same weights
+    # B stays 0, so every lora_A grad is 0 (2 blocks x 7 projections)
+    assert row["failed"] == "14 of 28 LoRA grads zero" and bt.verdict(row) == "FAILED"
