@@ -498,7 +498,17 @@ def _flex_ok(q: torch.Tensor, k: torch.Tensor, mask, window: int | None) -> bool
     the kernel alone) in eager CUDA code only: under an outer torch.compile the band mask keeps one graph."""
     T, S = q.shape[2], k.shape[2]
     return (window is not None and S > window and mask is None and T == S > 1 and q.device.type == "cuda"
-            and not torch.compiler.is_compiling())
+            and flex_supports(q.shape[-1], q.dtype) and not torch.compiler.is_compiling())
+
+
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def flex_supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether inductor's flex_attention kernel compiles for this head size and dtype: it refuses head_dim < 16
+    ("NYI: embedding dimension ... must be at least 16") and float64 (its tl.dot has no fp64), both seen on an
+    H100 with torch 2.11; the band-mask SDPA path serves those."""
+    return head_dim >= 16 and dtype in FLEX_DTYPES
 
 
 def _band(T: int, S: int, window: int, device) -> torch.Tensor:

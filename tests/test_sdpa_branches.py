@@ -102,3 +102,16 @@ def test_cpu_choice():
         llama.sdpa(q, k, k, None, True, branch="flash")
     with pytest.raises(ValueError, match="flex_window is for causal self-attention"):
         llama.sdpa(q, k, k, torch.ones(5, 5, dtype=torch.bool), False, branch="flex_window", window=3)
+
+
+def test_flex_window_only_where_inductor_compiles_it():
+    """flex_window is chosen only for head sizes and dtypes inductor's flex kernel compiles (head_dim >= 16; no
+    float64): the H100 run of 2026-12-07 failed at head_dim 12 and in float64 before this rule. Checked with
+    _flex_ok's device test stubbed, since the CPU never takes the branch."""
+    assert llama.flex_supports(16, torch.bfloat16) and llama.flex_supports(256, torch.float32)
+    assert not llama.flex_supports(12, torch.bfloat16) and not llama.flex_supports(64, torch.float64)
+    cases = {(16, torch.bfloat16): True, (12, torch.bfloat16): False, (64, torch.float64): False}
+    for (d, dtype), want in cases.items():
+        q = torch.randn(1, 4, 8, d, dtype=dtype)
+        cuda_like = type("T", (), {"shape": q.shape, "dtype": dtype, "device": torch.device("cuda")})()
+        assert llama._flex_ok(cuda_like, q, None, 3) is want, (d, dtype)
