@@ -392,15 +392,27 @@ def _check_prompt(model: nn.Module, input_ids, attention_mask) -> tuple[torch.Te
     return ids, T - mask.sum(dim=-1)
 
 
+def longrope_switch(cfg, default=None):
+    """LongRoPE's original_max_position_embeddings (longer sequences take long_factor), else `default`."""
+    s = getattr(cfg, "rope_scaling", None)
+    return s["original_max_position_embeddings"] if s is not None and s["rope_type"] == "longrope" else default
+
+
+def crosses_longrope(cfg, T: int, max_new_tokens: int) -> bool:
+    """Whether decoding max_new_tokens after a T-token prompt takes a step from a sequence of <= switch tokens to
+    a longer one (the LongRoPE switch, `longrope_switch`): the last token comes from T + max_new_tokens - 1."""
+    switch = longrope_switch(cfg)
+    return switch is not None and T <= switch <= T + max_new_tokens - 2
+
+
 def _check_longrope(cfg, T: int, max_new_tokens: int) -> None:
     """GenerationError when a LongRoPE (Phi-3 long-context) decode would cross original_max_position_embeddings:
     the cached keys hold the short factors and from there on the sequence needs the long ones everywhere."""
-    s = getattr(cfg, "rope_scaling", None)
-    switch = s["original_max_position_embeddings"] if s is not None and s["rope_type"] == "longrope" else None
-    if switch is not None and T <= switch <= T + max_new_tokens - 2:
+    if crosses_longrope(cfg, T, max_new_tokens):
         raise GenerationError(f"prompt {T} + max_new_tokens {max_new_tokens} cross this checkpoint's LongRoPE "
-                              f"original_max_position_embeddings {switch}, where the whole sequence must be "
-                              f"re-encoded with the long factors: use model.generate (Llama.generate), which does")
+                              f"original_max_position_embeddings {longrope_switch(cfg)}, where the whole sequence "
+                              f"must be re-encoded with the long factors: use model.generate (Llama.generate), "
+                              f"which does")
 
 
 def _check_run(model: nn.Module, max_new_tokens, generator, sync_every, cuda_graph) -> bool:

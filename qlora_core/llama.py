@@ -50,7 +50,7 @@ from torch import nn
 
 from .errors import FileLoadError, UsageError
 from .activation_checkpoint import POLICIES, BlockShape, HostOffload, MemoryBudget, run_block
-from .generation import KVCache, _eos_ids, generate
+from .generation import KVCache, _eos_ids, crosses_longrope, generate, longrope_switch
 from .lora import project
 from .seq_chunks import chunked_rows
 from .ops.rmsnorm import rms_norm
@@ -112,7 +112,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
-    model_type: str = "llama"                # "llama", "mistral", "qwen2", "qwen3" or "gemma3_text" (MODEL_TYPES)
+    model_type: str = "llama"                # "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"
     o_proj_bias: bool | None = None          # bias on o_proj; None -> attention_bias (Qwen2: q/k/v only)
     sliding_window: int | None = None        # keys a query of a sliding layer sees (itself included); None = none
     qk_norm: bool | None = None              # RMSNorm (head_dim,) on each q and k head before RoPE; None -> qwen3
@@ -821,12 +821,6 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-def longrope_switch(cfg: LlamaConfig, default=None):
-    """LongRoPE's original_max_position_embeddings (longer sequences take long_factor), else `default`."""
-    s = cfg.rope_scaling
-    return s["original_max_position_embeddings"] if s is not None and s["rope_type"] == "longrope" else default
-
-
 def _generate_across_switch(model: "Llama", ids: torch.Tensor, n: int, switch: int, eos: tuple[int, ...],
                             attention_mask, **kw) -> torch.Tensor:
     """`generate` for a LongRoPE model whose prompt (B, T) fits the short factors and whose output does not, as
@@ -930,9 +924,8 @@ class Llama(nn.Module):
         the long factors, as transformers does.
         """
         kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
-        T, switch = input_ids.shape[-1], longrope_switch(self.config)
-        if switch is not None and T <= switch <= T + max_new_tokens - 2:  # a step would cross the switch
-            return _generate_across_switch(self, input_ids, max_new_tokens, switch, _eos_ids(eos_token_id),
-                                           attention_mask, **kw)
+        if crosses_longrope(self.config, input_ids.shape[-1], max_new_tokens):
+            return _generate_across_switch(self, input_ids, max_new_tokens, longrope_switch(self.config),
+                                           _eos_ids(eos_token_id), attention_mask, **kw)
         return generate(self, input_ids, max_new_tokens, eos_token_id=eos_token_id, attention_mask=attention_mask,
                         **kw)
