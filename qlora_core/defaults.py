@@ -21,6 +21,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 OPTIM_BITS = 8  # PagedAdamW state bits: 8 (bitsandbytes-style blockwise) or 32
 WEIGHT_DECAY = 0.0  # PagedAdamW decoupled weight decay
+ADAM_BETAS = (0.9, 0.999)  # PagedAdamW (beta1, beta2), torch.optim.AdamW's
 
 QUANT_TYPE = "nf4"  # 4-bit data type of quantized weights
 BLOCKSIZE = 64  # elements per absmax block

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .defaults import OPTIM_BITS, WEIGHT_DECAY
+from .defaults import ADAM_BETAS, OPTIM_BITS, WEIGHT_DECAY
 from .formats import dynamic_map
 from .ops.adamw import BLOCKSIZE, adamw8bit_ref, adamw32_ref, adamw_coeffs, triton_kernels
 from .paging import PageStore, layout
@@ -55,14 +55,14 @@ class PagedAdamW(torch.optim.Optimizer):
     Raises ValueError naming the argument for lr < 0, optim_bits not in (8, 32),
     betas outside [0, 1), eps < 0, weight_decay < 0, a negative budget, page_bytes < 4096 or batch_pages < 1.
     """
-    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = ADAM_BETAS,
                  eps: float = 1e-8, weight_decay: float = WEIGHT_DECAY, optim_bits: int = OPTIM_BITS,
                  gpu_budget_bytes: int | None = None, page_bytes: int | None = None, batch_pages: int | None = None):
-        _check_lr(lr)
         if optim_bits not in (8, 32):
             raise ValueError(f"Invalid optim_bits: {optim_bits} (must be 8 or 32)")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Invalid betas: {betas} (each must be in [0, 1))")
+        _check_lr(lr, betas[0])
         if eps < 0.0:
             raise ValueError(f"Invalid epsilon value: {eps} (must be >= 0)")
         if weight_decay < 0.0:
@@ -460,8 +460,15 @@ class PagedAdamW(torch.optim.Optimizer):
             self._store.write(page, data)
 
 
-def _check_lr(lr) -> None:
-    """ValueError unless lr is a number or a one-element float tensor (as torch.optim takes it), >= 0."""
+def max_lr(beta1: float) -> float:
+    """The largest lr whose first step size, lr / (1 - beta1) (bias correction at step 1), is a finite float32:
+    the kernels and the reference take step sizes as float32 scalars."""
+    return float(torch.finfo(torch.float32).max) * (1.0 - beta1)
+
+
+def _check_lr(lr, beta1: float = ADAM_BETAS[0]) -> None:
+    """ValueError unless lr is a number or a one-element float tensor (as torch.optim takes it), in
+    [0, max_lr(beta1)]."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"Invalid learning rate: a tensor lr must hold one float, got {lr.dtype} "
@@ -473,6 +480,9 @@ def _check_lr(lr) -> None:
         raise ValueError(f"Invalid learning rate: {lr!r} (must be a number or a one-element tensor)")
     if not value >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr} (must be >= 0)")
+    if value > max_lr(beta1):
+        raise ValueError(f"Invalid learning rate: {lr} (must be <= {max_lr(beta1):.3g}: the first step, "
+                         f"lr / (1 - beta1) with beta1 = {beta1}, must fit in float32)")
 
 
 class PagedAdamW8bit(PagedAdamW):

@@ -20,12 +20,14 @@ from . import data as D
 from . import distributed
 from .activation_checkpoint import POLICIES
 from .adapter import read_adapter
-from .defaults import DOUBLE_QUANT, DTYPE_NAMES, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype, setting
+from .defaults import (ADAM_BETAS, DOUBLE_QUANT, DTYPE_NAMES, OPTIM_BITS, QUANT_TYPE, WEIGHT_DECAY, default_dtype,
+                       setting)
 from .errors import UsageError
 from .formats import QUANT_TYPES
 from .llama import Llama
 from .loading import read_config, resolve_folder
 from .lora import LoraConfig, check_targets, resolve_targets
+from .optim import max_lr
 from .train_checkpoint import METRICS, check_metrics, load_checkpoint
 
 
@@ -121,6 +123,9 @@ class TrainConfig:
         # 0 is allowed as torch.optim allows it (a run that only evaluates, or reads the initial adapter)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
             raise TrainConfigError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        if self.lr > max_lr(ADAM_BETAS[0]):
+            raise TrainConfigError(f"lr must be <= {max_lr(ADAM_BETAS[0]):.3g} (AdamW's first step, "
+                                   f"lr / (1 - {ADAM_BETAS[0]}), must fit in float32), got {self.lr!r}")
         if not 0 <= self.eval_fraction < 1:
             raise TrainConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:

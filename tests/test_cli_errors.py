@@ -89,6 +89,9 @@ def _cases(world, base: Path) -> dict:
     (d / "out" / "checkpoint.json").write_text('{"step": 1, "path": "checkpoints/step-00000001"}\n')
     (d / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
     case("train-lr-nan", train + ["--output", "{d}/out", "--lr", "nan"], USAGE, "lr must be", files=[m, dj])
+    # finite, but AdamW's first step (10 x lr) overflows float32: refused up front, not a traceback mid-step
+    case("train-lr-overflow", train + ["--output", "{d}/out", "--lr", "1e38"], USAGE, "must fit in float32",
+         files=[m, dj])
     case("train-target", train + ["--output", "{d}/out", "--target-modules", "q_prj"], USAGE, "q_prj",
          files=[m, dj])
     d = case("train-not-utf8", train + ["--output", "{d}/out"], DATA, "data.jsonl:2: not UTF-8", files=[m])

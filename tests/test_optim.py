@@ -8,7 +8,8 @@ import torch
 
 from qlora_core.formats import dynamic_map
 from qlora_core.ops.quant4 import dequantize_blockwise_ref
-from qlora_core.optim import PagedAdamW
+from qlora_core import backend
+from qlora_core.optim import PagedAdamW, max_lr
 from tests import _adamw64 as R
 from tests.helpers import run_interpreted
 
@@ -365,6 +366,8 @@ def test_params_without_grad_and_partial_steps():
 # ---- bad input ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=-1e-3), "learning rate"),
+    (dict(lr=1e38), "fit in float32"),  # 10 x lr, the first step, overflows float32
+    (dict(lr=3.5e36, betas=(0.99, 0.999)), "beta1 = 0.99"),  # 100 x lr does too
     (dict(optim_bits=16), "optim_bits"),
     (dict(betas=(1.0, 0.999)), "betas"),
     (dict(betas=(0.9, -0.1)), "betas"),
@@ -377,6 +380,19 @@ def test_params_without_grad_and_partial_steps():
 def test_bad_input_raises_named_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PagedAdamW(_params()[:1], **kwargs)
+
+
+def test_largest_lr_steps_finitely():
+    """max_lr's bound is tight: an lr just inside takes a finite first step in the reference (a float32 step size),
+    one just outside is refused, so the bound neither refuses a usable lr nor lets an overflow through."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.ones(4)
+    lr = max_lr(0.9) * 0.999
+    with backend.forced("reference"):
+        PagedAdamW([p], lr=lr, optim_bits=32).step()
+    assert torch.isfinite(p).all() and p.abs().min() > 1e37
+    with pytest.raises(ValueError, match="fit in float32"):
+        PagedAdamW([p], lr=max_lr(0.9) * 1.001, optim_bits=32)
 
 
 def test_bad_state_dict_raises():
@@ -397,7 +413,8 @@ import os, sys
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
 import torch
 from qlora_core import backend
-from qlora_core.optim import PagedAdamW
+from qlora_core import backend
+from qlora_core.optim import PagedAdamW, max_lr
 
 torch.manual_seed(0)
 fails = []
