@@ -160,7 +160,8 @@ def ours_model(name: str, device: str = "cuda"):
     """Our Llama of SHAPES[name], random weights built one block at a time on `device`: NF4 + double quant decoder
     linears, bf16 elsewhere (also bench_generate.py's model)."""
     use_checkout()
-    from qlora_core.llama import Llama, LlamaConfig
+    from qlora_core.llama import Llama
+    from qlora_core.model_config import LlamaConfig
     from qlora_core.qlinear import QuantLinear
 
     # Llama 3's eps, as hf_config (LlamaConfig's default 1e-6 made the two stacks' first losses differ by 0.04)

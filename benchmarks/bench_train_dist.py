@@ -52,7 +52,8 @@ def _init(t: torch.Tensor) -> None:
 def build(name: str, world, device: torch.device):
     """(loss module as train() runs it, the model, trainable params): built block by block, sharded as it goes."""
     from qlora_core import distributed
-    from qlora_core.llama import Llama, LlamaConfig
+    from qlora_core.llama import Llama
+    from qlora_core.model_config import LlamaConfig
     from qlora_core.lora import apply_lora
     from qlora_core.qlinear import QuantLinear
     from qlora_core.train_loop import LossModule

@@ -30,7 +30,7 @@ _LAZY = {
     "save_merged": "export", "save_quantized": "export", "merge_adapter": "export",
     "save_gguf": "export",
     "PagedAdamW": "optim", "PagedAdamW8bit": "optim", "PagedAdamW32bit": "optim",
-    "Llama": "llama", "LlamaConfig": "llama", "generate": "generation",
+    "Llama": "llama", "LlamaConfig": "model_config", "generate": "generation",
     "load_llama": "loading",
     "train": "train_loop", "TrainConfig": "train_config",
 }

@@ -30,7 +30,8 @@ from torch import nn
 from .defaults import BLOCKSIZE, DOUBLE_QUANT, FLOAT_DTYPES, QUANT_TYPE, default_dtype
 from .errors import FileLoadError, NonFiniteError
 from .formats import QUANT_TYPES
-from .llama import ConfigError, Llama, LlamaConfig, RMSNorm, linear_names
+from .llama import Llama, RMSNorm
+from .model_config import ConfigError, LlamaConfig, linear_names
 from .qlinear import QuantLinear
 from .ops.quant4 import QuantizedTensor, QuantStateError
 

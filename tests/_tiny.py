@@ -45,7 +45,8 @@ def make_model_folder(folder: Path, chat_template: bool = True, hidden: int = 64
     """A random Llama (fp32, GQA 4/2 heads, head_dim 16) with a tokenizer trained on the swap task's text."""
     from safetensors.torch import save_file
 
-    from qlora_core.llama import Llama, LlamaConfig
+    from qlora_core.llama import Llama
+    from qlora_core.model_config import LlamaConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,8 @@ def nf4_lora_llama(layers: int = 2, model_type: str = "llama"):
     """A tiny random Llama (hidden 64, 4/2 heads, q/k/v biases) with NF4 linears and LoRA r=4/alpha=8 on every
     projection, B drawn N(0, 0.1) so the adapters matter (a fresh B is zero); in train mode, on the CPU, fp32.
     model_type "qwen3" adds the per-head q/k norms (weights ones, as built)."""
-    from qlora_core.llama import Llama, LlamaConfig
+    from qlora_core.llama import Llama
+    from qlora_core.model_config import LlamaConfig
     from qlora_core.qlinear import quantize_model
     from qlora_core.lora import apply_lora
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,

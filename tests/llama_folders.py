@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qlora_core.llama import Llama, LlamaConfig
+from qlora_core.llama import Llama
+from qlora_core.model_config import LlamaConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                # small on purpose: with head_dim 8-16 this puts RoPE frequencies in all three llama3 bands

@@ -20,7 +20,8 @@ import torch
 import qlora_core as qc
 from qlora_core.generation import KVCache
 from qlora_core import llama
-from qlora_core.llama import ConfigError, LlamaConfig, LongRopeCacheError, linear_names
+from qlora_core.llama import LongRopeCacheError
+from qlora_core.model_config import ConfigError, LlamaConfig, linear_names
 from qlora_core.loading import load_llama
 from qlora_core.ops.quant4 import dequantize
 from tests._tiny import CHATML, make_tokenizer, swap_task, write_jsonl
@@ -494,7 +495,7 @@ def test_phi3_rope_fields_as_transformers_reads_them(fields):
     """Inverse frequencies (short and long) and the cos/sin scale equal transformers' own rope init for the same
     config.json (independent reference: ROPE_INIT_FUNCTIONS / Phi3RotaryEmbedding's default)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from qlora_core.llama import rope_inv_freq
+    from qlora_core.model_config import rope_inv_freq
     d = {"model_type": "phi3", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
          "num_attention_heads": 2, **fields}
     cfg, hf = LlamaConfig.from_hf_config(d), transformers.Phi3Config(**d)
@@ -669,7 +670,7 @@ _INTERP_QK_NORM = """
 import os, torch
 import qlora_core as qc
 from qlora_core import backend
-from qlora_core.llama import LlamaConfig
+from qlora_core.model_config import LlamaConfig
 assert backend.interpreting()
 torch.manual_seed(0)
 shape = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

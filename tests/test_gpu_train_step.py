@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qlora_core import activation_checkpoint as C
-from qlora_core.llama import Llama, LlamaConfig
+from qlora_core.llama import Llama
+from qlora_core.model_config import LlamaConfig
 from qlora_core.lora import apply_lora, linear_group
 from qlora_core.ops.nf4_linear import group_linear
 from qlora_core.qlinear import quantize_model

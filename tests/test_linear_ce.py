@@ -35,7 +35,8 @@ def ce_matches_batch_loss(impl: str) -> int:
     """fused_linear_cross_entropy on a tiny Llama's hidden states (several chunks) equals the full-logits loss
     (F.cross_entropy over model(ids), what transformers computes) in loss and in the lm_head / embedding gradients,
     to fp32 rounding."""
-    from qlora_core.llama import Llama, LlamaConfig
+    from qlora_core.llama import Llama
+    from qlora_core.model_config import LlamaConfig
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)

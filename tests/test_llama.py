@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from qlora_core.generation import KVCache, sample_next
-from qlora_core.llama import Llama, LlamaConfig, LlamaModel, rope_inv_freq
+from qlora_core.llama import Llama, LlamaModel
+from qlora_core.model_config import LlamaConfig, rope_inv_freq
 from qlora_core.loading import load_llama
 from qlora_core.ops.quant4 import dequantize, dequantize_as
 from qlora_core.qlinear import QuantLinear, quantize_model

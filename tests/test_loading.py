@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_core.llama import ConfigError, LlamaConfig
+from qlora_core.model_config import ConfigError, LlamaConfig
 from qlora_core.loading import (CorruptCheckpointError, HubUnavailableError, LoadError, MissingShardError,
                                 MissingWeightError, NonFiniteWeightError, ShapeMismatchError, UnexpectedWeightError,
                                 UnsupportedCheckpointError, load_llama)

@@ -11,7 +11,8 @@ import torch
 
 from qlora_core import activation_checkpoint as C
 from qlora_core import seq_chunks as S
-from qlora_core.llama import Llama, LlamaConfig
+from qlora_core.llama import Llama
+from qlora_core.model_config import LlamaConfig
 from qlora_core.lora import apply_lora
 from qlora_core.qlinear import quantize_model
 from qlora_core.train_loop import batch_loss

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 def test_rope_ref_is_llama_formula(dtype):
     """rope_ref evaluates llama.py's formula in fp32 and rounds once: bitwise equal in fp32, within the float64
     bound in half precision (llama.py rounds three times there)."""
-    from qlora_core.llama import Llama, LlamaConfig
+    from qlora_core.llama import Llama
+    from qlora_core.model_config import LlamaConfig
     cfg = LlamaConfig(vocab_size=16, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2)
     cos, sin = Llama(cfg).model.rope(torch.arange(9), dtype)
