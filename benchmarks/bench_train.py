@@ -27,8 +27,8 @@ gradient checkpointing per block, bf16 autocast.
   A/B) + PagedAdamW(optim_bits=8) + train.batch_loss (label-only, chunked lm_head / cross entropy); the
   checkpointing policy is `--policy` / `--budget` (below).
 - hf: transformers AutoModelForCausalLM (Llama/Qwen3/Gemma3ForCausalLM) with bnb Linear4bit, PEFT
-  get_peft_model, bnb PagedAdamW8bit, model(input_ids, labels=labels).loss (full fp32 logits). prepare_model_for_kbit_training is NOT called (it
-  upcasts norms/embeddings to fp32, which only adds memory).
+  get_peft_model, bnb PagedAdamW8bit, model(input_ids, labels=labels).loss (full fp32 logits).
+  prepare_model_for_kbit_training is NOT called (it upcasts norms/embeddings to fp32, which only adds memory).
 - liger: the hf stack after liger_kernel's apply_liger_kernel_to_llama (RoPE, RMSNorm, SwiGLU, fused linear
   cross entropy: no logits tensor), applied before the model exists. Llama models only (LLAMA_ONLY_STACKS).
 - unsloth: `import unsloth` first (before transformers / peft), FastLanguageModel.from_pretrained of a random
@@ -1009,7 +1009,8 @@ def rounded(obj):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=None,
-                    help=f"models in run order, each NAME or NAME:B,B to override --batches ({', '.join(SHAPES)})")
+                    help=f"models in run order, each NAME or NAME:B,B to override --batches ({', '.join(SHAPES)}); "
+                    "default llama-3.2-1b llama-3.1-8b (--smoke: tiny)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=5, help="timed steps per shape at least (median reported)")
