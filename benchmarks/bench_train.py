@@ -6,7 +6,13 @@ bitsandbytes ("hf"), Unsloth ("unsloth") and HF + Liger-Kernel ("liger"), all me
     python3 benchmarks/bench_train.py --stacks ours hf --models llama-3.2-1b --iters 3        # quick
     python3 benchmarks/bench_train.py --frontier --models llama-3.1-8b:4 --policy full --budget 10 14 20
     python3 benchmarks/bench_train.py --stacks ours --packed-docs 8   # cost of per-document attention in packed rows
+    python3 benchmarks/bench_train.py --stacks ours hf --models qwen3-8b:1,4 gemma-3-12b:1,4   # other families
     python3 benchmarks/bench_train.py --smoke                # CPU: the plumbing on a tiny model (no measurement)
+    python3 benchmarks/bench_train.py --smoke --models tiny-qwen3 tiny-gemma3   # the same on tiny Qwen3, Gemma 3
+
+Models (SHAPES): Llama 3.2 1B, 3.1 8B, 3.1 70B, Qwen3-8B and Gemma-3-12B (text) at their published shapes, each
+entry the config.json fields of its family (model_type, RoPE, eps, ...): ours reads them with the loader
+(LlamaConfig.from_hf_config), the peers with transformers' config class of that model_type.
 
 A step is what `qlora_core.train` does per optimizer step: forward over (B, T) tokens with every position
 labelled, backward, grad-norm clipping (1.0), paged 8-bit AdamW (lr 1e-3), zero_grad. The tokens are a learnable
@@ -20,17 +26,17 @@ gradient checkpointing per block, bf16 autocast.
 - ours: qlora_core Llama built block by block on the GPU + QuantLinear (Triton NF4 kernels) + apply_lora (fp32
   A/B) + PagedAdamW(optim_bits=8) + train.batch_loss (label-only, chunked lm_head / cross entropy); the
   checkpointing policy is `--policy` / `--budget` (below).
-- hf: transformers LlamaForCausalLM with bnb Linear4bit, PEFT get_peft_model, bnb PagedAdamW8bit,
-  model(input_ids, labels=labels).loss (full fp32 logits). prepare_model_for_kbit_training is NOT called (it
-  upcasts norms/embeddings to fp32, which only adds memory).
+- hf: transformers AutoModelForCausalLM (Llama/Qwen3/Gemma3ForCausalLM) with bnb Linear4bit, PEFT
+  get_peft_model, bnb PagedAdamW8bit, model(input_ids, labels=labels).loss (full fp32 logits).
+  prepare_model_for_kbit_training is NOT called (it upcasts norms/embeddings to fp32, which only adds memory).
 - liger: the hf stack after liger_kernel's apply_liger_kernel_to_llama (RoPE, RMSNorm, SwiGLU, fused linear
-  cross entropy: no logits tensor), applied before the model exists.
+  cross entropy: no logits tensor), applied before the model exists. Llama models only (LLAMA_ONLY_STACKS).
 - unsloth: `import unsloth` first (before transformers / peft), FastLanguageModel.from_pretrained of a random
   bf16 checkpoint folder (built by a subprocess into /dev/shm while Unsloth imports; QLORA_BENCH_CKPT moves it)
   with load_in_4bit (its bnb NF4 + double quant), get_peft_model(r=16, alpha=32, dropout 0, 7 projections,
   use_gradient_checkpointing="unsloth"), bnb PagedAdamW8bit, model(input_ids, labels).loss. Its defaults stay on:
   it compiles each decoder block (the warm-up steps pay 20-45 s), sets PYTORCH_ALLOC_CONF=expandable_segments,
-  and its "unsloth" checkpointing offloads block inputs to pinned host memory (the "pinned" column).
+  and its "unsloth" checkpointing offloads block inputs to pinned host memory (the "pinned" column). Llama only.
 Each (stack, model) runs in its own subprocess (ours: one per policy point), so one's allocations, caches and
 patches never touch another's numbers; they run one after another, never at the same time.
 
@@ -95,24 +101,58 @@ ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 sys.path.insert(0, os.path.dirname(SCRIPT))  # _checks beside this file (also when a test loads it by path)
 from _checks import MIN_DROP, clip_grads, grad_summary, init_param, learnable_stream, train_failure  # noqa: E402
 
+# Each family's config.json fields besides the shape: what its published checkpoints set (the Llama entries keep
+# the values every earlier row was measured with: Llama 3.2's llama3 rope scaling, Llama 3's eps 1e-5).
+LLAMA3 = dict(model_type="llama", rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+              rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192})
+QWEN3 = dict(model_type="qwen3", rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960,
+             attention_bias=False, tie_word_embeddings=False)  # q/k RMSNorm: the family's code, no field
+# Gemma 3 (text): per layer type RoPE (transformers 5 form, as the loader reads it): full layers base 1e6 with
+# linear scaling x8 (4B and up), sliding layers base 1e4 unscaled; GeGLU; tied embeddings
+GEMMA3 = dict(model_type="gemma3_text", rms_norm_eps=1e-6, max_position_embeddings=131072,
+              hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+
+
+def gemma3_layer_types(layers: int, pattern: int = 6) -> list[str]:
+    """Gemma3TextConfig's default layer_types: every `pattern`-th layer full attention, the others sliding."""
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+
+
+# config.json fields of each benchmarked model (family fields above + its shape): ours reads them with the loader's
+# LlamaConfig.from_hf_config, the peers with transformers' config class of the model_type (hf_config)
 SHAPES = {
-    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    "llama-3.2-1b": dict(LLAMA3, vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    "llama-3.1-8b": dict(LLAMA3, vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
-    "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+    "llama-3.1-70b": dict(LLAMA3, vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                           num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "qwen3-8b": dict(QWEN3, vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "gemma-3-12b": dict(GEMMA3, vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=1024, layer_types=gemma3_layer_types(48)),
     # --smoke only: the plumbing on the CPU, never a measurement. Hidden 256, not 64: LoRA moves the logits in
     # proportion to the width, and at 64 the loss fell ~1% in 10 steps at LR (too close to the train check's bar)
-    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    "tiny": dict(LLAMA3, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
+    "tiny-qwen3": dict(QWEN3, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+    # one sliding layer (window 16 < --smoke's seq 64) and one full layer: both attention kinds and RoPE bases run;
+    # query_pre_attn_scalar 256 (the family's default) != head_dim 64, so a scale read from the wrong field shows
+    "tiny-gemma3": dict(GEMMA3, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=256,
+                        sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
 }
 # The peers build the dense bf16 model first (hf, liger: on the GPU; unsloth: a checkpoint in host RAM), which
-# at 70B (140 GB) fits neither, so 70B rows are ours alone.
-PEER_MODELS = ("llama-3.2-1b", "llama-3.1-8b", "tiny")
-ROPE = dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-RMS_EPS = 1e-5  # Llama 3's rms_norm_eps, in every stack
+# at 70B (140 GB) fits neither, so 70B rows are ours alone. 8B (16 GB) and 12B (24 GB) fit an 80 GB card.
+PEER_MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen3-8b", "gemma-3-12b", "tiny", "tiny-qwen3", "tiny-gemma3")
+# Unsloth and Liger are wired for Llama here (apply_liger_kernel_to_llama, the Llama checkpoint writer): other
+# families' rows are HF and ours alone
+LLAMA_ONLY_STACKS = ("unsloth", "liger")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STACKS = ("ours", "hf", "unsloth", "liger")
 LABEL = {"ours": "ours", "hf": "HF", "unsloth": "Unsloth", "liger": "HF+Liger"}
@@ -156,18 +196,27 @@ def apply_our_policy(model, policy: str, budget_gib: float | None) -> str | None
     return None if plan is None else str(plan)
 
 
-def ours_model(name: str, device: str = "cuda"):
-    """Our Llama of SHAPES[name], random weights built one block at a time on `device`: NF4 + double quant decoder
-    linears, bf16 elsewhere (also bench_generate.py's model)."""
+def ours_config(name: str):
+    """Our LlamaConfig of SHAPES[name]: the loader's reading of its config.json fields (LlamaConfig.from_hf_config,
+    as load_llama reads a checkpoint's), so each family's switches come from the same code as for real weights.
+    The special token ids stay None (hf_config sets them): bench_generate's rows never stop at an eos."""
+    use_checkout()
+    from qlora_core.model_config import LlamaConfig
+
+    return LlamaConfig.from_hf_config(SHAPES[name])
+
+
+def ours_model(name: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, quantize: bool = True):
+    """Our model of SHAPES[name] (any family of qlora_core.llama), random weights built one block at a time on
+    `device`: NF4 + double quant decoder linears, `dtype` elsewhere (also bench_generate.py's model).
+    quantize=False keeps the linears dense in `dtype` (tests compare it with dense_hf_model)."""
     use_checkout()
     from qlora_core.llama import Llama
-    from qlora_core.model_config import LlamaConfig
     from qlora_core.qlinear import QuantLinear
 
-    # Llama 3's eps, as hf_config (LlamaConfig's default 1e-6 made the two stacks' first losses differ by 0.04)
-    cfg = LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=RMS_EPS)
+    cfg = ours_config(name)
     with torch.device("meta"):
-        model = Llama(cfg, dtype=torch.bfloat16)
+        model = Llama(cfg, dtype=dtype)
     # materialize one block at a time: peak = quantized model + one dense block (never a 70B model in bf16)
     tops = [("model.embed_tokens", model.model.embed_tokens), ("model.norm", model.model.norm)]
     for prefix, mod in tops + ([] if cfg.tie_word_embeddings else [("lm_head", model.lm_head)]):
@@ -179,9 +228,10 @@ def ours_model(name: str, device: str = "cuda"):
         layer.to_empty(device=device)
         for n, p in layer.named_parameters():
             init_param(f"model.layers.{i}.{n}", p)
-        for parent in (layer.self_attn, layer.mlp):
+        for parent in (layer.self_attn, layer.mlp) if quantize else ():
             for child, lin in list(parent.named_children()):
-                setattr(parent, child, QuantLinear.from_linear(lin, "nf4", 64, True))
+                if isinstance(lin, torch.nn.Linear):  # not q_norm / k_norm (Qwen3, Gemma 3)
+                    setattr(parent, child, QuantLinear.from_linear(lin, "nf4", 64, True))
         if device == "cuda":
             torch.cuda.empty_cache()
     return model
@@ -235,11 +285,13 @@ def special_ids(vocab: int) -> dict[str, int]:
 
 
 def hf_config(name: str):
-    from transformers import LlamaConfig
+    """transformers' config of SHAPES[name] (LlamaConfig, Qwen3Config or Gemma3TextConfig, by its model_type) with
+    special_ids placed in its vocabulary and the KV cache off (training)."""
+    from transformers import AutoConfig
 
     ids = special_ids(SHAPES[name]["vocab_size"])
-    return LlamaConfig(**SHAPES[name], **ROPE, max_position_embeddings=131072, rms_norm_eps=RMS_EPS,
-                       bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], use_cache=False)
+    return AutoConfig.for_model(**SHAPES[name], bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                                pad_token_id=ids["pad"], use_cache=False)
 
 
 def quantize_hf_linears(model, device: str) -> None:
@@ -259,17 +311,24 @@ def quantize_hf_linears(model, device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def hf_model(name: str, device: str = "cuda"):
-    """transformers LlamaForCausalLM of SHAPES[name], random weights built on `device` in bf16; on CUDA the
-    decoder linears become bnb Linear4bit (quantize_hf_linears). Also bench_generate.py's peer model."""
-    from transformers import LlamaForCausalLM
+def dense_hf_model(name: str, device: str, dtype: torch.dtype = torch.bfloat16):
+    """transformers' *ForCausalLM of hf_config(name) (AutoModelForCausalLM), built on `device` in `dtype` with
+    _checks.init_param weights: ours_model's values under the same parameter names."""
+    from transformers import AutoModelForCausalLM
 
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     with torch.device(device):
-        model = LlamaForCausalLM(hf_config(name))
+        model = AutoModelForCausalLM.from_config(hf_config(name))
     torch.set_default_dtype(torch.float32)
-    for n, p in model.named_parameters():  # ours_model's weights (tied lm_head: listed once, as the embedding)
+    for n, p in model.named_parameters():  # tied lm_head: listed once, as the embedding
         init_param(n, p)
+    return model
+
+
+def hf_model(name: str, device: str = "cuda"):
+    """dense_hf_model of SHAPES[name]; on CUDA the decoder linears become bnb Linear4bit (quantize_hf_linears).
+    Also bench_generate.py's peer model."""
+    model = dense_hf_model(name, device)
     if device == "cuda":
         quantize_hf_linears(model, device)
     return model
@@ -374,20 +433,13 @@ def make_checkpoint(name: str, folder: str, device: str) -> None:
     into `folder` once (its DONE marker is written last); a second builder waits on the folder's lock."""
     import fcntl
 
-    from transformers import LlamaForCausalLM
-
     os.makedirs(folder, exist_ok=True)
     lock = open(os.path.join(folder, ".lock"), "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(os.path.join(folder, DONE)):
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(device):
-            model = LlamaForCausalLM(hf_config(name))
-        torch.set_default_dtype(torch.float32)
-        for n, p in model.named_parameters():  # ours_model's weights
-            init_param(n, p)
+        model = dense_hf_model(name, device)
         model.save_pretrained(folder, max_shard_size="5GB")
         save_tokenizer(folder, SHAPES[name]["vocab_size"])
         open(os.path.join(folder, DONE), "w").write("ok\n")
@@ -733,6 +785,8 @@ def skip_reason(stack: str, name: str, left: float, deadline: float) -> str | No
     missing = [m for m in REQUIRES[stack] if importlib.util.find_spec(m) is None]
     if stack != "ours" and name not in PEER_MODELS:
         return "not run: the peers build the dense bf16 model first, which does not fit at this size"
+    if stack in LLAMA_ONLY_STACKS and SHAPES[name]["model_type"] != "llama":
+        return f"not run: {LABEL[stack]} is wired for Llama here, not {SHAPES[name]['model_type']}"
     if missing:
         return f"not installed: {', '.join(missing)} (carry .whl and .peerwhl, source benchmarks/device_setup.sh)"
     if left < 30:
@@ -954,8 +1008,9 @@ def rounded(obj):
 # -- command line -------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"],
-                    help=f"models in run order, each NAME or NAME:B,B to override --batches ({', '.join(SHAPES)})")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help=f"models in run order, each NAME or NAME:B,B to override --batches ({', '.join(SHAPES)}); "
+                    "default llama-3.2-1b llama-3.1-8b (--smoke: tiny)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=5, help="timed steps per shape at least (median reported)")
@@ -983,14 +1038,16 @@ def parse_args(argv=None):
     ap.add_argument("--profile", nargs=2, metavar=("STACK", "MODEL"),
                     help="profile one step of STACK on MODEL at the first --batches value (in this process)")
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check on a tiny model (seq 64, batches "
-                    "1 2, 2 warm-up + 8 timed steps: the loss must fall): no measurement")
+                    "1 2, 2 warm-up + 8 timed steps: the loss must fall): no measurement. Model 'tiny' unless "
+                    "--models names others (tiny-qwen3 tiny-gemma3)")
     ap.add_argument("--offline-wheels", action="store_true", help="print benchmarks/device_setup.sh and exit")
     ap.add_argument("--worker", nargs=2, metavar=("STACK", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--mkckpt", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.smoke:
-        a.device, a.models, a.batches, a.seq, a.iters, a.warmup, a.min_seconds = "cpu", ["tiny"], [1, 2], 64, 8, 2, 0
+        a.device, a.batches, a.seq, a.iters, a.warmup, a.min_seconds = "cpu", [1, 2], 64, 8, 2, 0
+    a.models = a.models or (["tiny"] if a.smoke else ["llama-3.2-1b", "llama-3.1-8b"])  # an explicit --models wins
     return a
 
 

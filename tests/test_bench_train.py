@@ -7,6 +7,7 @@ that outlives its timeout is killed with everything it started.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -185,3 +186,90 @@ def test_planted_bug_fails_the_train_check(stack, monkeypatch):
     assert row["loss_after"] == pytest.approx(row["loss_first"], abs=1e-4)  # same batch, same weights
     # B stays 0, so every lora_A grad is 0 (2 blocks x 7 projections)
     assert row["failed"] == "14 of 28 LoRA grads zero" and bt.verdict(row) == "FAILED"
+
+
+# -- model families: Qwen3 and Gemma 3 rows (issue #26) -----------------------------------------------------------
+FAMILY_TINY = ["tiny", "tiny-qwen3", "tiny-gemma3"]
+HF_CONFIG_CLASS = {"llama": "LlamaConfig", "qwen3": "Qwen3Config", "gemma3_text": "Gemma3TextConfig"}
+
+
+@pytest.mark.parametrize("name", list(bench_module().SHAPES))
+def test_both_stacks_see_one_config(name):
+    """Ours reads SHAPES[name] with the loader; the peers get transformers' config of it. Read back by the same
+    loader, transformers' config gives ours' config: no field was dropped or defaulted on either side. Ours leaves
+    the special token ids out (bench_generate never stops at an eos), the peers get special_ids."""
+    bt = bench_module()
+    from qlora_core.llama import LlamaConfig
+
+    hf = bt.hf_config(name)
+    assert type(hf).__name__ == HF_CONFIG_CLASS[bt.SHAPES[name]["model_type"]]
+    ids = bt.special_ids(bt.SHAPES[name]["vocab_size"])
+    ours = dataclasses.replace(bt.ours_config(name), bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                               pad_token_id=ids["pad"])
+    assert LlamaConfig.from_hf_config(hf.to_dict()) == ours
+
+
+def test_family_shapes_are_the_published_ones():
+    """The switches the loader derives from the two new entries: Qwen3-8B's q/k norms and untied head; Gemma-3-12B's
+    window, 5:1 layer pattern (transformers' default), RoPE bases and linear x8 scaling on full layers."""
+    bt = bench_module()
+    from transformers import Gemma3TextConfig
+
+    qwen = bt.ours_config("qwen3-8b")
+    assert (qwen.qk_norm, qwen.tie_word_embeddings, qwen.attention_bias, qwen.sliding_window) == (True, False, False,
+                                                                                                   None)
+    assert (qwen.head_dim, qwen.rope_theta, qwen.rms_norm_eps, qwen.rope_scaling) == (128, 1e6, 1e-6, None)
+    gemma = bt.ours_config("gemma-3-12b")
+    assert gemma.layer_types == Gemma3TextConfig(num_hidden_layers=48).layer_types
+    assert gemma.layer_types.count("full_attention") == 8 and gemma.sliding_window == 1024
+    assert (gemma.rope_theta, gemma.rope_local_theta, gemma.rope_scaling) == (1e6, 1e4, {"rope_type": "linear",
+                                                                                          "factor": 8.0})
+    assert gemma.tie_word_embeddings and gemma.sandwich_norms and gemma.norm_unit_offset and gemma.embed_scale
+    assert (gemma.head_dim, gemma.query_pre_attn_scalar, gemma.hidden_act) == (256, 256, "gelu_pytorch_tanh")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", FAMILY_TINY)
+def test_ours_matches_transformers_on_the_same_weights(name):
+    """Dense fp32 on the CPU, the same init_param weights under the same names: ours and transformers' model of
+    hf_config(name) give the same logits and loss (Gemma 3's four norms, q/k norms, window, RoPE bases included)."""
+    bt = bench_module()
+    from qlora_core.train_loop import batch_loss
+
+    ours = bt.ours_model(name, "cpu", torch.float32, quantize=False)
+    hf = bt.dense_hf_model(name, "cpu", torch.float32)
+    assert {n for n, _ in ours.named_parameters()} == {n for n, _ in hf.named_parameters()}
+    ids = bt.learnable_stream(1, 2, 64, bt.SHAPES[name]["vocab_size"], seed=1)[0]
+    with torch.no_grad():
+        out = hf(input_ids=ids, labels=ids)
+        logits = ours.lm_head(ours.model(ids))
+        total, n = batch_loss(ours, ids, ids)
+    scale = out.logits.abs().max()
+    assert (logits - out.logits).abs().max() <= 1e-4 * scale, (logits - out.logits).abs().max() / scale
+    assert float(total / n) == pytest.approx(float(out.loss), rel=1e-4)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("stack", ["ours", "hf"])
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-gemma3"])
+def test_family_smoke_row_trains(name, stack):
+    """The --smoke row of a tiny family model (ours: NF4 + LoRA + PagedAdamW; HF: dense bf16 + PEFT on the CPU)
+    passes the train check: the loss falls, every LoRA grad is finite and nonzero."""
+    bt = bench_module()
+    step, _ = bt.build_ours(name, device="cpu") if stack == "ours" else bt.build_hf(name, "cpu")
+    row = bt.measure(step, 1, 64, bt.SHAPES[name]["vocab_size"], 8, "cpu", warmup=2)
+    assert row["failed"] is None and row["n_lora"] == 28, row
+    assert row["loss_after"] < 0.99 * row["loss_first"]
+
+
+def test_smoke_models_and_llama_only_peers():
+    """--smoke runs `tiny` unless --models names others; Unsloth and Liger rows of other families say why not."""
+    bt = bench_module()
+    assert bt.parse_args(["--smoke"]).models == ["tiny"]
+    assert bt.parse_args(["--smoke", "--models", "tiny-qwen3", "tiny-gemma3"]).models == ["tiny-qwen3", "tiny-gemma3"]
+    assert bt.parse_args([]).models == ["llama-3.2-1b", "llama-3.1-8b"]
+    for stack in ("unsloth", "liger"):
+        assert bt.skip_reason(stack, "gemma-3-12b", math.inf, 0).startswith("not run")
+        assert not (bt.skip_reason(stack, "llama-3.1-8b", math.inf, 0) or "").startswith("not run")
+    why = bt.skip_reason("hf", "qwen3-8b", math.inf, 0)  # a peer model: HF runs it wherever it is installed
+    assert why is None or why.startswith("not installed"), why
