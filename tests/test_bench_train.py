@@ -199,7 +199,7 @@ def test_both_stacks_see_one_config(name):
     loader, transformers' config gives ours' config: no field was dropped or defaulted on either side. Ours leaves
     the special token ids out (bench_generate never stops at an eos), the peers get special_ids."""
     bt = bench_module()
-    from qlora_core.llama import LlamaConfig
+    from qlora_core.model_config import LlamaConfig
 
     hf = bt.hf_config(name)
     assert type(hf).__name__ == HF_CONFIG_CLASS[bt.SHAPES[name]["model_type"]]
