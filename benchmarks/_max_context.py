@@ -177,7 +177,8 @@ def plan_of(step, T: int) -> str | None:
 def step_once(step, ids: torch.Tensor, device: str, mem) -> dict:
     """One synchronized training step on ids (1, T) with memory peaks; raises what the step raises."""
     cuda = device == "cuda"
-    if cuda:
+    if cuda:  # the cache of earlier probes out: this probe's reserved and device-used peaks are its own
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         getattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)()
     mem.reset()
