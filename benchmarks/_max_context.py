@@ -161,6 +161,7 @@ def release(step, device: str) -> None:
         p.grad = None
     gc.collect()
     if device == "cuda":
+        torch.cuda.synchronize()  # side streams (host offload copies) may still hold blocks of the failed step
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         getattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)()
@@ -332,7 +333,8 @@ def max_context_rows(rows: list[dict], labels: dict) -> tuple[list[str], list[li
         loss = f"{b['loss_before']:.2f}>{fmt(after, '.2f')}" if b else "-"
         body.append([model, f"{budget:g}", labels[stack], f"{s['max_T']:,}" if s["max_T"] else "none",
                      s["stop"] or "ceiling", fmt(b.get("tok_s"), ",.0f"), fmt(b.get("step_s"), ".2f"),
-                     fmt(b.get("gpu_gib"), ".2f"), fmt(b.get("device_used_gib"), ".2f"), fmt(b.get("pinned_gib"), ".2f"),
+                     fmt(b.get("gpu_gib"), ".2f"), fmt(b.get("device_used_gib"), ".2f"),
+                     fmt(b.get("pinned_gib"), ".2f"),
                      fmt(b.get("rss_peak_gib"), ".2f"), loss, vs])
     return head, body
 

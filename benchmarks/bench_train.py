@@ -7,6 +7,9 @@ bitsandbytes ("hf"), Unsloth ("unsloth") and HF + Liger-Kernel ("liger"), all me
     python3 benchmarks/bench_train.py --frontier --models llama-3.1-8b:4 --policy full --budget 10 14 20
     python3 benchmarks/bench_train.py --stacks ours --packed-docs 8   # cost of per-document attention in packed rows
     python3 benchmarks/bench_train.py --smoke                # CPU: the plumbing on a tiny model (no measurement)
+    python3 benchmarks/bench_train.py --stacks ours unsloth --models llama-3.1-8b:1 --max-context 22  # longest T
+    python3 benchmarks/bench_train.py --stacks ours unsloth --models llama-3.1-8b:1 --context-table   # tok/s by T
+    python3 benchmarks/bench_train.py --smoke --stacks ours --max-context 0.625 --context-table  # CPU plumbing
 
 A step is what `qlora_core.train` does per optimizer step: forward over (B, T) tokens with every position
 labelled, backward, grad-norm clipping (1.0), paged 8-bit AdamW (lr 1e-3), zero_grad. The tokens are a learnable
@@ -54,6 +57,15 @@ median is reported. Memory, per batch shape, over the timed steps:
 Output: the detail table (every row), the comparison table (one row per model and B x T: each stack's tok/s,
 GPU GiB, pinned GiB, then ours/HF and ours/Unsloth), the frontier table with --frontier, and one JSON line last.
 A stack that fails or times out prints its stderr tail and shows "-" (or "OOM").
+
+Long context (_max_context.py; docs/benchmarks.md has the device commands): `--max-context GIB ...` runs one
+worker per (stack, budget) that caps the GPU at the budget and searches the longest T at batch 1 whose training
+step completes within it (doubling from --mc-start, then bisection to --mc-step tokens; a probe that would not
+finish in the worker's time is not started); ours plans per T for 90% of the budget unless --policy / --budget
+say otherwise. `--context-table [T ...]` times one step after one warm-up at each T (no cap). Every probe is a
+ROW line printed and appended to --log as it happens; the tables (every probe, max T per stack and budget with
+tok/s and host memory there, tok/s by T) and the JSON come at the end. No train check on these rows (one step
+at lr 1e-3 may raise a long batch's loss): their losses before and after the update are printed instead.
 
 Offline wheels (benchmarks/device_setup.sh does this: `source` it; `--offline-wheels` prints it): the device
 machine has torch, triton, transformers and peft but no internet; carry `.whl` (bitsandbytes) and `.peerwhl`
@@ -574,8 +586,12 @@ def worker(stack: str, name: str, a) -> None:
         torch.set_num_threads(1)  # tiny smoke shapes: extra threads only wait on each other (tests/conftest.py)
     cap = None
     if a.mc_budget:  # before the stack allocates anything: the cap holds the caching allocator from the start
+        if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+            # the cap initialises CUDA before Unsloth's import could set this (as it does otherwise): same for all
+            os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
         cap = mc.GpuCap(a.mc_budget, a.device)
-        cap_notes = cap.apply()
+        cap_notes = dict(cap.apply(), alloc_conf=os.environ.get("PYTORCH_ALLOC_CONF")
+                         or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     if a.mc_budget or a.context_table:
         a.seq = max([a.mc_ceiling] + a.context_table)  # Unsloth's max_seq_length: the longest T it may see
     t0 = time.perf_counter()

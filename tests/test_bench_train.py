@@ -265,7 +265,8 @@ def test_gpu_cap_stand_in_and_oom_classification():
     gpu = mc.GpuCap(22, "cuda")  # checked against both reserved and device used (memory outside torch's cache)
     assert gpu.over({"reserved_gib": 21.0, "device_used_gib": 21.9}) is None
     assert "22.40 GiB" in gpu.over({"reserved_gib": 18.0, "device_used_gib": 22.4})
-    assert mc.is_oom(torch.OutOfMemoryError("CUDA out of memory")) and mc.is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
+    assert mc.is_oom(torch.OutOfMemoryError("CUDA out of memory"))
+    assert mc.is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
     assert not mc.is_oom(ValueError("bad shape"))
 
 
