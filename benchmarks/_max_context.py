@@ -327,12 +327,15 @@ def max_context_rows(rows: list[dict], labels: dict) -> tuple[list[str], list[li
     body = []
     for (model, budget, stack), s in found.items():
         b = s["best"] or {}
+        killed = next((r for r in probes if (r["model"], r["budget_gib"], r["stack"]) == (model, budget, stack)
+                       and r["outcome"] == "killed"), None)
+        stop = s["stop"] or (f"worker: {killed['error']}"[:40] if killed else "ceiling")
         un = found.get((model, budget, "unsloth"))
         vs = f"{s['max_T'] / un['max_T']:.2f}x" if stack == "ours" and un and un["max_T"] else "-"
         after = b.get("loss_after")
         loss = f"{b['loss_before']:.2f}>{fmt(after, '.2f')}" if b else "-"
         body.append([model, f"{budget:g}", labels[stack], f"{s['max_T']:,}" if s["max_T"] else "none",
-                     s["stop"] or "ceiling", fmt(b.get("tok_s"), ",.0f"), fmt(b.get("step_s"), ".2f"),
+                     stop, fmt(b.get("tok_s"), ",.0f"), fmt(b.get("step_s"), ".2f"),
                      fmt(b.get("gpu_gib"), ".2f"), fmt(b.get("device_used_gib"), ".2f"),
                      fmt(b.get("pinned_gib"), ".2f"),
                      fmt(b.get("rss_peak_gib"), ".2f"), loss, vs])
@@ -370,8 +373,9 @@ def probe_rows(rows: list[dict], labels: dict) -> tuple[list[str], list[list[str
         loss = f"{r['loss_before']:.3f}>{fmt(r.get('loss_after'), '.3f')}" if "loss_before" in r else "-"
         note = r.get("error") or r.get("over") or (f"est. {r['estimate_s']:.0f} s > {r['left_s']:.0f} s left"
                                                     if r["outcome"] == "slow" else r.get("plan") or "")
-        body.append([labels[r["stack"]], f"{r['budget_gib']:g}", f"{r['T']:,}" + (" (warm-up)" if r.get("warmup")
-                     else ""), r["outcome"], "yes" if r.get("first_at_T") else "no", fmt(r.get("step_s"), ".2f"),
+        T = "-" if r["T"] is None else f"{r['T']:,}" + (" (warm-up)" if r.get("warmup") else "")
+        first = "-" if "first_at_T" not in r else "yes" if r["first_at_T"] else "no"
+        body.append([labels[r["stack"]], f"{r['budget_gib']:g}", T, r["outcome"], first, fmt(r.get("step_s"), ".2f"),
                      fmt(r.get("tok_s"), ",.0f"), fmt(r.get("gpu_gib"), ".2f"), fmt(r.get("reserved_gib"), ".2f"),
                      fmt(r.get("device_used_gib"), ".2f"), fmt(r.get("pinned_gib"), ".2f"),
                      fmt(r.get("rss_peak_gib"), ".2f"), loss, str(note)[:70]])

@@ -877,6 +877,9 @@ def run_long_context(a, plan) -> tuple[list[dict], list[dict]]:
                 got, why, stderr, wall = run_worker(cmd, worker_env(stack), timeout, a.log)
                 rows += [dict(r, point=point_label(point)) for r in got]
                 print(f"# {tag}: {wall:.0f} s, {len(got)} rows", flush=True)
+                if why and budget:  # the search's table says the worker was cut, not that T reached the ceiling
+                    rows.append({"kind": "probe", "stack": stack, "model": name, "budget_gib": budget, "T": None,
+                                 "outcome": "killed", "error": why, "point": point_label(point)})
                 if why:
                     failures.append({"stack": stack, "model": name, "budget_gib": budget, "error": why})
                     print(f"# {tag} failed: {why}\n#   stderr tail:\n" +

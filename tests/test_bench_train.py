@@ -316,3 +316,28 @@ def test_max_context_smoke(tmp_path):
     live = [ln for ln in log.read_text().splitlines() if ln.startswith("LIVE ROW ")]
     assert len(live) == 5 + 2  # every probe and table row, written as it happened
     assert "FAILED" not in p.stdout
+
+
+def test_max_context_table_ratio_and_a_killed_worker():
+    """The summary table: ours' max T over Unsloth's at the same budget; a worker cut mid-probe says so instead
+    of claiming the ceiling; tok/s and host memory come from the longest completed probe."""
+    bt = bench_module()
+
+    def row(stack, T, outcome, **kw):
+        return dict({"kind": "probe", "model": "llama-3.1-8b", "budget_gib": 22.0, "stack": stack, "T": T,
+                     "outcome": outcome, "wall_s": 1.0}, **kw)
+    rows = [row("ours", 16384, "ok", tok_s=900.0, loss_before=12.5, loss_after=12.0, pinned_gib=3.0),
+            row("ours", 32768, "ok", tok_s=800.0, loss_before=12.6, loss_after=None, pinned_gib=6.0,
+                rss_peak_gib=9.5),
+            row("ours", None, "killed", error="timeout after 250 s"),
+            row("unsloth", 16384, "ok", tok_s=700.0, loss_before=12.5, loss_after=12.2),
+            row("unsloth", 32768, "oom", error="OutOfMemoryError")]
+    head, body = bt.mc.max_context_rows(rows, bt.LABEL)
+    got = {ln[2]: dict(zip(head, ln)) for ln in body}
+    assert got["ours"]["max T"] == "32,768" and got["ours"]["tok/s at T"] == "800"
+    assert got["ours"]["pinned GiB"] == "6.00" and got["ours"]["RSS GiB"] == "9.50"
+    assert got["ours"]["loss before>after"] == "12.60>-"
+    assert got["ours"]["stopped by"].startswith("worker: timeout") and got["Unsloth"]["stopped by"] == "oom at 32768"
+    assert got["ours"]["ours/Unsloth T"] == "2.00x" and got["Unsloth"]["ours/Unsloth T"] == "-"
+    _, probes = bt.mc.probe_rows(rows, bt.LABEL)
+    assert [ln[2] for ln in probes] == ["16,384", "32,768", "-", "16,384", "32,768"]
