@@ -9,6 +9,9 @@ bitsandbytes ("hf"), Unsloth ("unsloth") and HF + Liger-Kernel ("liger"), all me
     python3 benchmarks/bench_train.py --stacks ours hf --models qwen3-8b:1,4 gemma-3-12b:1,4   # other families
     python3 benchmarks/bench_train.py --smoke                # CPU: the plumbing on a tiny model (no measurement)
     python3 benchmarks/bench_train.py --smoke --models tiny-qwen3 tiny-gemma3   # the same on tiny Qwen3, Gemma 3
+    python3 benchmarks/bench_train.py --stacks ours unsloth --models llama-3.1-8b:1 --max-context 22  # longest T
+    python3 benchmarks/bench_train.py --stacks ours unsloth --models llama-3.1-8b:1 --context-table   # tok/s by T
+    python3 benchmarks/bench_train.py --smoke --stacks ours --max-context 0.625 --context-table  # CPU plumbing
 
 Models (SHAPES): Llama 3.2 1B, 3.1 8B, 3.1 70B, Qwen3-8B and Gemma-3-12B (text) at their published shapes, each
 entry the config.json fields of its family (model_type, RoPE, eps, ...): ours reads them with the loader
@@ -61,6 +64,15 @@ Output: the detail table (every row), the comparison table (one row per model an
 GPU GiB, pinned GiB, then ours/HF and ours/Unsloth), the frontier table with --frontier, and one JSON line last.
 A stack that fails or times out prints its stderr tail and shows "-" (or "OOM").
 
+Long context (_max_context.py; docs/benchmarks.md has the device commands): `--max-context GIB ...` runs one
+worker per (stack, budget) that caps the GPU at the budget and searches the longest T at batch 1 whose training
+step completes within it (doubling from --mc-start, then bisection to --mc-step tokens; a probe that would not
+finish in the worker's time is not started); ours plans per T for 90% of the budget unless --policy / --budget
+say otherwise. `--context-table [T ...]` times one step after one warm-up at each T (no cap). Every probe is a
+ROW line printed and appended to --log as it happens; the tables (every probe, max T per stack and budget with
+tok/s and host memory there, tok/s by T) and the JSON come at the end. No train check on these rows (one step
+at lr 1e-3 may raise a long batch's loss): their losses before and after the update are printed instead.
+
 Offline wheels (benchmarks/device_setup.sh does this: `source` it; `--offline-wheels` prints it): the device
 machine has torch, triton, transformers and peft but no internet; carry `.whl` (bitsandbytes) and `.peerwhl`
 (unsloth, unsloth_zoo, liger_kernel, trl, datasets, dill, multiprocess: ../shared/peer-wheels copied into an
@@ -100,6 +112,7 @@ SCRIPT = os.path.abspath(__file__)  # workers chdir to WORKDIR, so resolved now
 ROOT = os.path.dirname(os.path.dirname(SCRIPT))
 sys.path.insert(0, os.path.dirname(SCRIPT))  # _checks beside this file (also when a test loads it by path)
 from _checks import MIN_DROP, clip_grads, grad_summary, init_param, learnable_stream, train_failure  # noqa: E402
+import _max_context as mc  # noqa: E402
 
 # Each family's config.json fields besides the shape: what its published checkpoints set (the Llama entries keep
 # the values every earlier row was measured with: Llama 3.2's llama3 rope scaling, Llama 3's eps 1e-5).
@@ -169,6 +182,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 WORKDIR = os.environ.get("QLORA_BENCH_WORK", "/tmp/qlora_bench_work")  # workers' cwd: Unsloth writes its cache here
 GIB = 2**30
+LONG_MARGIN_S = 10  # a long-context worker stops starting probes this long before its timeout (exit, teardown)
 DONE = ".complete-named-init"  # a checkpoint's last file; renamed when its weights changed (older folders rebuild)
 
 
@@ -533,13 +547,14 @@ def pinned_stats() -> dict:
 
 
 def measure(step, batch: int, seq: int, vocab: int, iters: int, device: str, warmup: int = 2,
-            min_seconds: float = 0.0, max_steps: int = 200) -> dict:
+            min_seconds: float = 0.0, max_steps: int = 200, check: bool = True) -> dict:
     """Warm up, then time >= iters and >= min_seconds synchronized steps on the learnable stream (every position
     labelled; `_checks.learnable_stream`, the same tokens for every stack); the row: median step time, tok/s, GPU /
     pinned / RSS peaks over the timed steps, the loss of the first step (loss_start, before any update), of the
     first and last timed steps, loss_after (after the timed steps, a forward alone on the first timed step's
     tokens: the same batch as loss_first, so no batch-to-batch noise), the last step's LoRA grad norms and the
-    train check ("failed": why, or None, from loss_first vs loss_after)."""
+    train check ("failed": why, or None, from loss_first vs loss_after; check=False: no verdict, for
+    --context-table's single timed step at long T, where one update can raise the loss)."""
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # a new seed per shape also draws a new Zipf ranking: the frequent ids of the previous shape (same process,
@@ -578,6 +593,8 @@ def measure(step, batch: int, seq: int, vocab: int, iters: int, device: str, war
         row.update(gpu_gib=torch.cuda.max_memory_allocated() / GIB, reserved_gib=torch.cuda.max_memory_reserved() / GIB,
                    device_used_gib=mem.dev_peak / GIB, **pinned_stats())
     row["loss_after"] = loss_after(step, pool[warmup], row)
+    if not check:
+        return row
     row["failed"] = train_failure(loss[warmup], row["loss_after"] if row["loss_after"] is not None else loss[-1],
                                   grads)
     return row
@@ -620,6 +637,16 @@ def worker(stack: str, name: str, a) -> None:
     """Build one stack in this process and print one `ROW {json}` line per batch size (an OOM is a row too)."""
     if a.device == "cpu":
         torch.set_num_threads(1)  # tiny smoke shapes: extra threads only wait on each other (tests/conftest.py)
+    cap = None
+    if a.mc_budget:  # before the stack allocates anything: the cap holds the caching allocator from the start
+        if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+            # the cap initialises CUDA before Unsloth's import could set this (as it does otherwise): same for all
+            os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+        cap = mc.GpuCap(a.mc_budget, a.device)
+        cap_notes = dict(cap.apply(), alloc_conf=os.environ.get("PYTORCH_ALLOC_CONF")
+                         or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    if a.mc_budget or a.context_table:
+        a.seq = max([a.mc_ceiling] + a.context_table)  # Unsloth's max_seq_length: the longest T it may see
     t0 = time.perf_counter()
     try:
         step, notes = build(stack, name, a)
@@ -627,7 +654,11 @@ def worker(stack: str, name: str, a) -> None:
         log(f"bench_train worker: {stack} cannot be imported: {type(e).__name__}: {e}")
         sys.exit(3)
     notes["build_s"] = round(time.perf_counter() - t0, 1)
+    notes.update(cap_notes if cap else {})
     vocab = SHAPES[name]["vocab_size"]
+    if a.mc_budget or a.context_table:
+        long_context_worker(step, stack, name, a, notes, cap)
+        return
     if a.profile:
         measure(step, a.batches[0], a.seq, vocab, 1, a.device, a.warmup)
         profile(step, a.batches[0], a.seq, vocab)
@@ -641,6 +672,18 @@ def worker(stack: str, name: str, a) -> None:
         row.update(stack=stack, model=name, notes=notes,
                    gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
         print("ROW " + json.dumps(row), flush=True)
+
+
+def long_context_worker(step, stack: str, name: str, a, notes: dict, cap) -> None:
+    """--max-context (a.mc_budget: one budget per worker) or --context-table in a worker whose stack is built:
+    rows are printed (and appended to a.live_log) as they come, so a killed run keeps what it measured."""
+    gpu = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    tag = {"kind": "probe" if a.mc_budget else "table", "stack": stack, "model": name, "notes": notes, "gpu": gpu}
+    if a.mc_budget:
+        emit = mc.emitter(dict(tag, budget_gib=a.mc_budget), a.live_log)
+        mc.max_context_worker(step, SHAPES[name]["vocab_size"], a, cap, emit, Sampler, pinned_stats)
+    else:
+        mc.table_worker(step, SHAPES[name]["vocab_size"], a, mc.emitter(tag, a.live_log), measure)
 
 
 # -- driver -------------------------------------------------------------------------------------------------------
@@ -695,6 +738,18 @@ def our_points(policies: list[str] | None, budgets: list[float], frontier: bool)
         raise SystemExit(f"bench_train.py: {len(points)} --policy/--budget points need --frontier "
                          "(one point otherwise)")
     return points
+
+
+def check_long_context(a) -> None:
+    """Refuse --max-context / --context-table settings before any worker starts."""
+    if a.frontier or a.profile:
+        raise SystemExit("bench_train.py: --max-context / --context-table take no --frontier or --profile")
+    if any(b <= 0 for b in a.max_context or []) or any(t < 2 for t in a.context_table):
+        raise SystemExit("bench_train.py: --max-context budgets must be > 0 GiB and --context-table T >= 2")
+    try:
+        mc.Ladder(a.mc_start, a.mc_step, a.mc_ceiling, mc.ALIGN if a.device == "cuda" else 64)
+    except ValueError as e:
+        raise SystemExit(f"bench_train.py: {e}")
 
 
 def point_label(point: tuple[str, float | None] | None) -> str | None:
@@ -836,6 +891,78 @@ def run_all(a, plan: list[tuple[str, list[int]]]) -> tuple[list[dict], list[dict
                     rows += got
                     failures += [failure] if failure else []
     return rows, failures
+
+
+def long_context_jobs(a, stack: str) -> list[tuple[float | None, tuple | None]]:
+    """(budget GiB or None for the --context-table worker, ours' point or None) of one stack's workers. Ours
+    takes --policy / --budget as given; with neither, under --max-context it plans per T (MemoryBudget) for
+    mc.PLAN_SHARE of the probe's budget, and the table uses the default point."""
+    point = a.points[0] if stack == "ours" else None
+    jobs = [(b, ("full", round(mc.PLAN_SHARE * b, 2)) if stack == "ours" and not a.user_point else point)
+            for b in a.max_context or []]
+    return jobs + ([(None, point)] if a.context_table else [])
+
+
+def long_context_cmd(a, stack: str, name: str, budget: float | None, point, timeout: float) -> list[str]:
+    """A worker's command line: --mc-budget (one budget) or --context-table, its stop time and the live log."""
+    cmd = worker_cmd(a, stack, name, [1], point) + [
+        "--mc-start", str(a.mc_start), "--mc-step", str(a.mc_step), "--mc-ceiling", str(a.mc_ceiling),
+        "--stop-at", str(time.time() + timeout - LONG_MARGIN_S)]
+    cmd += ["--mc-budget", str(budget)] if budget else ["--context-table", *map(str, a.context_table)]
+    return cmd + (["--live-log", os.path.abspath(a.log)] if a.log else [])
+
+
+def run_long_context(a, plan) -> tuple[list[dict], list[dict]]:
+    """--max-context / --context-table: per model, per stack, one worker per budget, then the table's worker;
+    all rows (every probe) and the workers that failed."""
+    rows, failures = [], []
+    t_start = time.perf_counter()
+    for name, _ in plan:
+        for stack in a.stacks:
+            for budget, point in long_context_jobs(a, stack):
+                tag = f"{stack} {name} " + (f"max context {budget:g} GiB" if budget else "context table")
+                left = a.deadline - (time.perf_counter() - t_start) if a.deadline else math.inf
+                why = skip_reason(stack, name, left, a.deadline)
+                if why:
+                    failures.append({"stack": stack, "model": name, "budget_gib": budget, "error": why})
+                    print(f"# {tag}: {why}", flush=True)
+                    continue
+                timeout = min(a.timeout[stack], left)
+                cmd = long_context_cmd(a, stack, name, budget, point, timeout)
+                got, why, stderr, wall = run_worker(cmd, worker_env(stack), timeout, a.log)
+                rows += [dict(r, point=point_label(point)) for r in got]
+                print(f"# {tag}: {wall:.0f} s, {len(got)} rows", flush=True)
+                if why and budget:  # the search's table says the worker was cut, not that T reached the ceiling
+                    rows.append({"kind": "probe", "stack": stack, "model": name, "budget_gib": budget, "T": None,
+                                 "outcome": "killed", "error": why, "point": point_label(point)})
+                if why:
+                    failures.append({"stack": stack, "model": name, "budget_gib": budget, "error": why})
+                    print(f"# {tag} failed: {why}\n#   stderr tail:\n" +
+                          "\n".join("#   " + ln for ln in stderr[-a.tail:].splitlines()), flush=True)
+    return rows, failures
+
+
+def long_context_report(a, rows: list[dict], failures: list[dict], info: dict) -> None:
+    """The probe, max-context and context tables, the losses' note and the JSON (every probe)."""
+    if a.max_context:
+        print_table(*mc.probe_rows(rows, LABEL))
+        print_table(*mc.max_context_rows(rows, LABEL))
+        print("max T = the longest T (batch 1) whose one training step completed with reserved and device-used "
+              "peaks within the budget; stopped by = the shortest T that failed (oom / over the budget) or was not "
+              "started (slow: its estimate exceeded the worker's time). One step per probe says nothing about "
+              "training: the losses are the probe batch's before > after its update, no train check.")
+    if a.context_table:
+        print_table(*mc.context_rows(rows, LABEL, a.stacks))
+        print("tok/s of one timed step after one warm-up step at each T, batch 1, no GPU cap; GPU GiB = "
+              "max_memory_allocated, pinned GiB = pinned host memory held at its peak.")
+    info["gpu"] = next((r["gpu"] for r in rows if "gpu" in r), None)
+    result = rounded({"bench": "train_long_context", "argv": sys.argv[1:], "versions": info,
+                      "budgets_gib": a.max_context, "context_table": a.context_table, "rows": rows,
+                      "failures": failures})
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f)
+    print(json.dumps(result))
 
 
 # -- tables -------------------------------------------------------------------------------------------------------
@@ -1040,7 +1167,18 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU plumbing check on a tiny model (seq 64, batches "
                     "1 2, 2 warm-up + 8 timed steps: the loss must fall): no measurement. Model 'tiny' unless "
                     "--models names others (tiny-qwen3 tiny-gemma3)")
+    ap.add_argument("--max-context", nargs="+", type=float, metavar="GIB", help="per stack and budget (GiB of "
+                    "GPU memory, one worker each): the longest T at batch 1 whose training step fits (doubling from "
+                    "--mc-start, then bisection to --mc-step); ours without --policy/--budget plans per T")
+    ap.add_argument("--context-table", nargs="*", type=int, metavar="T", help="tok/s per stack at each T, batch 1, "
+                    f"one warm-up + one timed step (default {' '.join(map(str, mc.CONTEXT_TABLE))})")
+    ap.add_argument("--mc-start", type=int, help="--max-context's first T (default 16384; --smoke 256)")
+    ap.add_argument("--mc-step", type=int, help="--max-context's bisection granularity in tokens (default 8192)")
+    ap.add_argument("--mc-ceiling", type=int, help="--max-context's largest T (default 262144)")
     ap.add_argument("--offline-wheels", action="store_true", help="print benchmarks/device_setup.sh and exit")
+    ap.add_argument("--mc-budget", type=float, help=argparse.SUPPRESS)  # a long-context worker's one budget
+    ap.add_argument("--stop-at", type=float, default=math.inf, help=argparse.SUPPRESS)  # epoch s: no probe after
+    ap.add_argument("--live-log", help=argparse.SUPPRESS)  # where a long-context worker appends each row
     ap.add_argument("--worker", nargs=2, metavar=("STACK", "MODEL"), help=argparse.SUPPRESS)
     ap.add_argument("--mkckpt", nargs=2, metavar=("MODEL", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
@@ -1048,6 +1186,14 @@ def parse_args(argv=None):
     if a.smoke:
         a.device, a.batches, a.seq, a.iters, a.warmup, a.min_seconds = "cpu", [1, 2], 64, 8, 2, 0
     a.models = a.models or (["tiny"] if a.smoke else ["llama-3.2-1b", "llama-3.1-8b"])  # an explicit --models wins
+    # --smoke: tiny steps on the CPU, the stand-in cap at 1 MiB per token (a budget of 0.625 GiB fits 640)
+    small = a.smoke or a.device == "cpu"
+    if a.context_table is not None and not a.context_table:
+        a.context_table = [128, 256, 512] if small else list(mc.CONTEXT_TABLE)
+    a.context_table = a.context_table or []
+    a.mc_start = a.mc_start or (256 if small else 16384)
+    a.mc_step = a.mc_step or (128 if small else 8192)
+    a.mc_ceiling = a.mc_ceiling or (4096 if small else 262144)
     return a
 
 
@@ -1068,9 +1214,15 @@ def main(argv=None) -> None:
         return
     plan = parse_models(a.models, a.batches)
     a.timeout = parse_timeouts(a.timeout)
+    a.user_point = bool(a.policy or a.budget)
     a.points = our_points(a.policy, a.budget, a.frontier)
     info = versions()
     print(f"# {info}", flush=True)
+    if a.max_context or a.context_table:
+        check_long_context(a)
+        rows, failures = run_long_context(a, plan)
+        long_context_report(a, rows, failures, info)
+        return
     rows, failures = run_all(a, plan)
     detail_table(rows)
     comparison_table(rows, plan, a.stacks, a.seq)

@@ -273,3 +273,159 @@ def test_smoke_models_and_llama_only_peers():
         assert not (bt.skip_reason(stack, "llama-3.1-8b", math.inf, 0) or "").startswith("not run")
     why = bt.skip_reason("hf", "qwen3-8b", math.inf, 0)  # a peer model: HF runs it wherever it is installed
     assert why is None or why.startswith("not installed"), why
+
+
+# -- --max-context / --context-table (benchmarks/_max_context.py) -------------------------------------------------
+def ladder_on(limit: int | None, ladder, seconds=lambda T: 1.0, budget_s: float = float("inf")):
+    """run_ladder against a fake device where a step fits iff T <= limit (None: always) and takes seconds(T);
+    the worker has budget_s seconds. Returns the probes in order."""
+    mc = bench_module().mc
+    clock = {"used": 0.0}
+
+    def probe(T):
+        clock["used"] += seconds(T)
+        ok = limit is None or T <= limit
+        return {"T": T, "outcome": "ok" if ok else "oom", "wall_s": seconds(T)}
+    return mc.run_ladder(probe, ladder, lambda: budget_s - clock["used"])
+
+
+@pytest.mark.parametrize("limit", [16384, 50000, 98304, 100000, 131071, 200000])
+def test_ladder_doubles_then_bisects_to_the_limit(limit):
+    mc = bench_module().mc
+    ladder = mc.Ladder(start=16384, granularity=8192, ceiling=262144)
+    probes = ladder_on(limit, ladder)
+    Ts = [p["T"] for p in probes]
+    lo, hi = mc.bounds(probes)
+    assert lo <= limit < hi and hi - lo <= 8192, (Ts, lo, hi)  # the answer brackets the limit to the granularity
+    assert all(T % 2048 == 0 for T in Ts) and len(set(Ts)) == len(Ts)  # aligned, never probed twice
+    first_fail = next(i for i, p in enumerate(probes) if p["outcome"] != "ok")
+    assert Ts[:first_fail + 1] == [16384 * 2**i for i in range(first_fail + 1)]  # doubling up to a failure
+    span = Ts[first_fail] - (Ts[first_fail - 1] if first_fail else 0)
+    assert len(Ts) - first_fail - 1 <= math.log2(span / 8192)  # then bisection: halves the span each probe
+
+
+def test_ladder_known_sequence_and_summary():
+    mc = bench_module().mc
+    probes = ladder_on(100000, mc.Ladder(16384, 8192, 262144))
+    assert [p["T"] for p in probes] == [16384, 32768, 65536, 131072, 98304, 114688, 106496]
+    s = mc.summary(probes)
+    assert s["max_T"] == 98304 and s["best"]["T"] == 98304 and s["stop"] == "oom at 106496"
+
+
+def test_ladder_start_too_long_goes_down_and_ceiling_stops():
+    mc = bench_module().mc
+    ladder = mc.Ladder(16384, 4096, 65536)
+    assert [p["T"] for p in ladder_on(5000, ladder)] == [16384, 8192, 4096]  # bisection from 0 below the start
+    assert [p["T"] for p in ladder_on(None, ladder)] == [16384, 32768, 65536]  # fits everywhere: stops at ceiling
+    assert mc.summary(ladder_on(None, ladder))["stop"] is None
+    assert mc.summary(ladder_on(1000, ladder))["max_T"] == 0
+    with pytest.raises(ValueError, match="multiples of 2048"):
+        mc.Ladder(16384, 1000, 65536)
+
+
+def test_estimate_is_quadratic_above_and_flat_below():
+    mc = bench_module().mc
+    h = [{"T": 16384, "outcome": "ok", "wall_s": 4.0}, {"T": 32768, "outcome": "ok", "wall_s": 10.0},
+         {"T": 65536, "outcome": "oom", "wall_s": 3.0}]
+    assert mc.estimate_s(h, 65536) == pytest.approx(40.0)   # from the longest success: 10 s * (2)^2
+    assert mc.estimate_s(h, 24576) == pytest.approx(10.0)   # below it: never more than the longer step
+    assert mc.estimate_s(h[2:], 8192) is None                # no success yet: nothing to scale
+
+
+def test_ladder_does_not_start_a_probe_it_cannot_finish():
+    """A step costs (T / 16384)^2 * 10 s and the worker has 100 s: 16k (10 s) and 32k (40 s) run, 64k
+    (estimated 160 s) is not started, and the bisection between 32k and 64k only starts what fits the rest."""
+    mc = bench_module().mc
+    probes = ladder_on(None, mc.Ladder(16384, 8192, 262144), seconds=lambda T: 10 * (T / 16384) ** 2,
+                       budget_s=100)
+    used = sum(p["wall_s"] for p in probes)
+    assert used <= 100, probes
+    slow = [p for p in probes if p["outcome"] == "slow"]
+    assert slow and slow[0]["T"] == 65536 and slow[0]["estimate_s"] == pytest.approx(160)
+    assert all(p["estimate_s"] > p["left_s"] for p in slow)
+    assert mc.summary(probes)["stop"].startswith("slow at")
+
+
+def test_gpu_cap_stand_in_and_oom_classification():
+    mc = bench_module().mc
+    cap = mc.GpuCap(0.5, "cpu")
+    assert cap.over({"T": 512}) is None and "0.750 GiB > 0.5 GiB" in cap.over({"T": 768})
+    gpu = mc.GpuCap(22, "cuda")  # checked against both reserved and device used (memory outside torch's cache)
+    assert gpu.over({"reserved_gib": 21.0, "device_used_gib": 21.9}) is None
+    assert "22.40 GiB" in gpu.over({"reserved_gib": 18.0, "device_used_gib": 22.4})
+    assert mc.is_oom(torch.OutOfMemoryError("CUDA out of memory"))
+    assert mc.is_oom(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED"))
+    assert not mc.is_oom(ValueError("bad shape"))
+
+
+def test_probe_oom_is_a_failure_and_cleans_up():
+    """A step that runs out of memory is an "oom" probe (not a crash) and its partial LoRA grads are dropped; a
+    peer's step (peer_step) exposes its params the same way, so the cleanup reaches every stack."""
+    bt = bench_module()
+    mc = bt.mc
+    params = [torch.nn.Parameter(torch.ones(3))]
+
+    def step(ids, labels, train=True):
+        (params[0] * 2).sum().backward()  # a grad lands, then the allocation fails half-way
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with bt.Sampler(False) as mem:
+        row = mc.probe(step, 64, 512, "cpu", mc.GpuCap(1.0, "cpu"), mem, bt.pinned_stats, first_at_T=True)
+    assert row["outcome"] == "oom" and "OutOfMemoryError" in row["error"] and "tok_s" not in row
+    assert params[0].grad is None
+    peer = bt.peer_step(torch.nn.Linear(4, 4), "cpu")
+    assert [p.shape for p in mc.closure_var(peer, "params")] == [(4, 4), (4,)]
+
+
+def test_max_context_smoke(tmp_path):
+    """--smoke --max-context on the CPU: ours searches T under the stand-in cap (1 MiB per token: 0.19 GiB fits
+    T <= 194), every probe is a row of the JSON and of the live log, the tables print, no train check fails."""
+    log = tmp_path / "mc.log"
+    p = run_bench("--smoke", "--stacks", "ours", "--max-context", "0.19", "--mc-start", "64", "--mc-step", "64",
+                  "--context-table", "64", "32", "--json", str(tmp_path / "mc.json"), "--log", str(log), timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = json.loads((tmp_path / "mc.json").read_text())
+    assert result["bench"] == "train_long_context" and result["budgets_gib"] == [0.19]
+    for stack in ("ours",):
+        probes = [r for r in result["rows"] if r["kind"] == "probe" and r["stack"] == stack]
+        assert [(r["T"], r["outcome"]) for r in probes] == [(64, "ok"), (64, "ok"), (128, "ok"), (256, "over"),
+                                                            (192, "ok")], probes
+        assert probes[0]["warmup"] and probes[0]["first_at_T"] and not probes[1]["first_at_T"]
+        assert all(math.isfinite(r["loss_before"]) and math.isfinite(r["loss_after"]) for r in probes)
+        rows_t = [r for r in result["rows"] if r["kind"] == "table" and r["stack"] == stack]
+        assert [r["seq"] for r in rows_t] == [32, 64] and all(r["tok_s"] > 0 and "failed" not in r for r in rows_t)
+    ours = [r for r in result["rows"] if r["stack"] == "ours" and r["kind"] == "probe"]
+    assert ours[-1]["point"] == "budget 0.17GiB" and ours[-1]["plan"]  # ours planned per T under 90% of it
+    head, body = table(p.stdout, "model", "budget GiB", "stack")
+    got = {ln[2]: dict(zip(head, ln)) for ln in body}
+    assert got["ours"]["max T"] == "192" and got["ours"]["stopped by"] == "over at 256"
+    assert got["ours"]["ours/Unsloth T"] == "-"
+    assert [ln[:2] for ln in table(p.stdout, "model", "T")[1]] == [["tiny", "32"], ["tiny", "64"]]
+    live = [ln for ln in log.read_text().splitlines() if ln.startswith("LIVE ROW ")]
+    assert len(live) == 5 + 2  # every probe and table row, written as it happened
+    assert "FAILED" not in p.stdout
+
+
+def test_max_context_table_ratio_and_a_killed_worker():
+    """The summary table: ours' max T over Unsloth's at the same budget; a worker cut mid-probe says so instead
+    of claiming the ceiling; tok/s and host memory come from the longest completed probe."""
+    bt = bench_module()
+
+    def row(stack, T, outcome, **kw):
+        return dict({"kind": "probe", "model": "llama-3.1-8b", "budget_gib": 22.0, "stack": stack, "T": T,
+                     "outcome": outcome, "wall_s": 1.0}, **kw)
+    rows = [row("ours", 16384, "ok", tok_s=900.0, loss_before=12.5, loss_after=12.0, pinned_gib=3.0),
+            row("ours", 32768, "ok", tok_s=800.0, loss_before=12.6, loss_after=None, pinned_gib=6.0,
+                rss_peak_gib=9.5),
+            row("ours", None, "killed", error="timeout after 250 s"),
+            row("unsloth", 16384, "ok", tok_s=700.0, loss_before=12.5, loss_after=12.2),
+            row("unsloth", 32768, "oom", error="OutOfMemoryError")]
+    head, body = bt.mc.max_context_rows(rows, bt.LABEL)
+    got = {ln[2]: dict(zip(head, ln)) for ln in body}
+    assert got["ours"]["max T"] == "32,768" and got["ours"]["tok/s at T"] == "800"
+    assert got["ours"]["pinned GiB"] == "6.00" and got["ours"]["RSS GiB"] == "9.50"
+    assert got["ours"]["loss before>after"] == "12.60>-"
+    assert got["ours"]["stopped by"].startswith("worker: timeout") and got["Unsloth"]["stopped by"] == "oom at 32768"
+    assert got["ours"]["ours/Unsloth T"] == "2.00x" and got["Unsloth"]["ours/Unsloth T"] == "-"
+    _, probes = bt.mc.probe_rows(rows, bt.LABEL)
+    assert [ln[2] for ln in probes] == ["16,384", "32,768", "-", "16,384", "32,768"]
