@@ -11,9 +11,12 @@ with `torch_dtype` / `dtype` set and `quantization_config` replaced.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE
 from .durable import replace_dir
 from .errors import NonFiniteError, UsageError
 from .loading import load_llama, resolve_folder
+from .model_config import LlamaConfig
 from .lora import LoRALinear, is_quantized_linear, lora_modules
 from .ops.quant4 import dequantize
 from .targets import output_layer
@@ -276,9 +280,9 @@ def save_quantized(model: nn.Module, output: str | os.PathLike, config: dict | N
                             tokenizer_from if tokenizer_from is not None else source_folder(model))
 
 
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+class GGUFExportError(UsageError, ValueError):
+    """A model save_gguf cannot write as a llama.cpp architecture computing what it computes (the message names
+    the model_type and the setting llama.cpp's architecture lacks or fixes otherwise)."""
 
 
 def _llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -286,58 +290,220 @@ def _llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def save_gguf(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write a Llama-family model (ours or transformers', LoRA adapters folded in, 4-bit weights dequantized) as an
-    f16 GGUF file for llama.cpp: architecture "llama", the llama.* hyperparameters of its config, tensors under
-    llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output; q/k rows in llama.cpp's rotary order;
-    norms in float32, as llama.cpp's converter writes them). No tokenizer is embedded: llama.cpp needs one, so
-    this file serves as the weights for a tokenizer taken from the source folder. Returns the path. Needs the
-    `gguf` package (the demo/test extras). NonFiniteExportError for a NaN/Inf weight."""
-    import gguf  # optional peer
-    cfg = hf_config(model, torch.float16)
-    sd = merged_state_dict(model, torch.float32)
-    heads, kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
-    rope = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
-    tensors = {}
+def _refuse(cfg: LlamaConfig, what: str) -> None:
+    raise GGUFExportError(f"save_gguf: model_type {cfg.model_type!r} with {what}; nothing was written")
+
+
+def _check_no_window(cfg: LlamaConfig) -> None:
+    """llama.cpp's llama / qwen2 / qwen3 graphs attend to every earlier key: a sliding window would be lost."""
+    if cfg.sliding_window is not None:
+        _refuse(cfg, f"sliding_window={cfg.sliding_window}: llama.cpp's {GGUF_ARCHS[cfg.model_type].name} "
+                     f"architecture has no sliding window, so the file would differ past {cfg.sliding_window} tokens")
+
+
+def _check_llama(cfg: LlamaConfig) -> None:
+    _check_no_window(cfg)
+    if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] != "llama3":
+        _refuse(cfg, f"rope scaling {cfg.rope_scaling['rope_type']!r} (llama.cpp's llama takes only llama3's)")
+
+
+def _check_qwen3(cfg: LlamaConfig) -> None:
+    _check_no_window(cfg)
+    if cfg.attention_bias:  # real Qwen3 checkpoints have none; llama.cpp's qwen3 graph adds no q/k/v/o bias
+        _refuse(cfg, "attention_bias=True: llama.cpp's qwen3 architecture has no attention biases")
+    _check_plain_rope(cfg)
+
+
+def _check_plain_rope(cfg: LlamaConfig) -> None:
+    if cfg.rope_scaling is not None:
+        _refuse(cfg, f"rope scaling {cfg.rope_scaling['rope_type']!r} (not written for this architecture)")
+
+
+def _check_qwen2(cfg: LlamaConfig) -> None:
+    _check_no_window(cfg)
+    _check_plain_rope(cfg)
+
+
+def _check_phi3(cfg: LlamaConfig) -> None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] != "longrope":
+        _refuse(cfg, f"rope scaling {cfg.rope_scaling['rope_type']!r} (llama.cpp's phi3 takes LongRoPE factors)")
+
+
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3 fixes it: layer i attends fully iff (i + 1) % 6 == 0, the rest slide
+
+
+def _check_gemma3(cfg: LlamaConfig) -> None:
+    """llama.cpp's gemma3 fixes the layer pattern and the attention scale (1/sqrt(head_dim); hidden/heads for the
+    62-layer 27B) and ties the output layer to the embeddings: refuse a model that differs."""
+    pattern = ["sliding_attention" if (i + 1) % GEMMA3_SWA_PATTERN else "full_attention"
+               for i in range(cfg.num_hidden_layers)]
+    if cfg.layer_types != pattern:
+        _refuse(cfg, f"layer_types {cfg.layer_types} (sliding_window={cfg.sliding_window}): llama.cpp's gemma3 "
+                     f"makes every {GEMMA3_SWA_PATTERN}th layer full and the rest sliding")
+    scalar = cfg.hidden_size / cfg.num_attention_heads if cfg.num_hidden_layers == 62 else cfg.head_dim
+    if (cfg.query_pre_attn_scalar or cfg.head_dim) != scalar:
+        _refuse(cfg, f"query_pre_attn_scalar={cfg.query_pre_attn_scalar}: llama.cpp's gemma3 scales attention "
+                     f"by {scalar}^-0.5")
+    if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] != "linear":
+        _refuse(cfg, f"rope scaling {cfg.rope_scaling['rope_type']!r} (llama.cpp's gemma3 takes linear only)")
+    if not cfg.tie_word_embeddings or cfg.attention_bias:
+        _refuse(cfg, "an untied output layer or attention biases (llama.cpp's gemma3 has neither)")
+
+
+def _common_metadata(w, cfg: LlamaConfig) -> None:
+    """The keys convert_hf_to_gguf's TextModel writes for every architecture (+ vocab_size, which transformers'
+    loader needs without an embedded tokenizer)."""
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def _llama3_rope_factors(cfg: LlamaConfig) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` for llama3 rope scaling (LlamaModel.generate_extra_tensors): per rotary pair, the
+    divisor of its frequency (1 for short wavelengths, factor for long ones, smooth between)."""
+    s, dim = cfg.rope_scaling, cfg.head_dim
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    old, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / s["factor"] + smooth)
+    out = torch.where(wavelen < old / high, torch.ones_like(mid), torch.where(wavelen > old / low, s["factor"], mid))
+    return out.float()
+
+
+def _llama_extras(w, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.rope_scaling is None:
+        return {}
+    return {"rope_freqs.weight": _llama3_rope_factors(cfg)}
+
+
+def _no_extras(w, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _phi3_extras(w, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Phi3Model.set_gguf_parameters / generate_extra_tensors: rotary width (partial rotary), the window (0 for
+    none, as Phi-4), and with LongRoPE the original length, the cos/sin scale and the two factor tensors."""
+    w.add_rope_dimension_count(cfg.rotary_dim)
+    w.add_sliding_window(cfg.sliding_window or 0)
+    s = cfg.rope_scaling
+    if s is None:
+        return {}
+    w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+    w.add_rope_scaling_attn_factors(float(s["attention_factor"]))
+    return {"rope_factors_long.weight": torch.tensor(s["long_factor"], dtype=torch.float32),
+            "rope_factors_short.weight": torch.tensor(s["short_factor"], dtype=torch.float32)}
+
+
+def _gemma3_extras(w, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Gemma3Model.set_gguf_parameters: the window, linear scaling of the full layers' RoPE; the sliding layers'
+    base as rope.freq_base_swa (llama.cpp builds that do not read it assume Gemma 3's 10000)."""
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_rope_freq_base_swa(float(cfg.rope_local_theta or cfg.rope_theta))
+    if cfg.rope_scaling is not None:
+        w.add_rope_scaling_type(gguf_module().RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFArch:
+    name: str            # llama.cpp's architecture
+    permute_qk: bool     # q/k rows reordered for llama.cpp's interleaved RoPE (llama); NEOX-RoPE arches keep them
+    norm_shift: float    # added to every *norm.weight: Gemma's (1 + w) norms are stored as 1 + w
+    check: Callable      # GGUFExportError for a setting the architecture cannot express
+    extras: Callable     # (writer, cfg) -> extra tensors; writes the architecture's own keys
+
+
+# model_type -> what llama.cpp's convert_hf_to_gguf.py writes for it (Mistral is converted as llama)
+GGUF_ARCHS = {
+    "llama": GGUFArch("llama", True, 0.0, _check_llama, _llama_extras),
+    "mistral": GGUFArch("llama", True, 0.0, _check_llama, _llama_extras),
+    "qwen2": GGUFArch("qwen2", False, 0.0, _check_qwen2, _no_extras),
+    "qwen3": GGUFArch("qwen3", False, 0.0, _check_qwen3, _no_extras),
+    "phi3": GGUFArch("phi3", False, 0.0, _check_phi3, _phi3_extras),
+    "gemma3_text": GGUFArch("gemma3", False, 1.0, _check_gemma3, _gemma3_extras),
+}
+
+
+def gguf_module():
+    import gguf  # optional peer (the demo/test extras)
+    return gguf
+
+
+def gguf_config(model: nn.Module) -> LlamaConfig:
+    """The model's config as ours (LlamaConfig.from_hf_config of hf_config), checked against its GGUF arch."""
+    cfg = LlamaConfig.from_hf_config(hf_config(model, torch.float16))
+    if cfg.model_type not in GGUF_ARCHS:
+        raise GGUFExportError(f"save_gguf: model_type {cfg.model_type!r} has no GGUF architecture here "
+                              f"(supported: {sorted(GGUF_ARCHS)})")
+    GGUF_ARCHS[cfg.model_type].check(cfg)
+    return cfg
+
+
+def gguf_tensors(sd: dict[str, torch.Tensor], cfg: LlamaConfig, path) -> dict[str, torch.Tensor]:
+    """`sd` (HF keys, fp32) under llama.cpp's names for the architecture (gguf's TensorNameMap, the table
+    convert_hf_to_gguf maps names by), in llama.cpp's conventions: q/k rows permuted (llama), norms shifted
+    (Gemma), the output layer left out when tied."""
+    arch = GGUF_ARCHS[cfg.model_type]
+    gguf = gguf_module()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], cfg.num_hidden_layers)
+    heads = {".attn_q.": cfg.num_attention_heads, ".attn_k.": cfg.num_key_value_heads}
+    out = {}
     for k, v in sd.items():
-        if not v.is_floating_point():
+        if not v.is_floating_point() or (k == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         if not bool(torch.isfinite(v).all()):
             raise NonFiniteExportError(f"{k} holds NaN/Inf values; nothing was written to {path}")
-        if k == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif k == "model.norm.weight":
-            name = "output_norm.weight"
-        elif k == "lm_head.weight":
-            if cfg.get("tie_word_embeddings"):
-                continue
-            name = "output.weight"
-        else:
-            parts = k.split(".")  # model.layers.N.<module path>.weight
-            if parts[:2] != ["model", "layers"] or ".".join(parts[3:-1]) not in GGUF_NAMES:
-                raise ValueError(f"save_gguf: no llama.cpp name for tensor {k}")
-            name = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
-            if name.endswith("attn_q.weight"):
-                v = _llama_cpp_permute(v, heads)
-            elif name.endswith("attn_k.weight"):
-                v = _llama_cpp_permute(v, kv)
-        tensors[name] = v.to(torch.float32 if v.dim() == 1 else torch.float16).contiguous().numpy()
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
-    writer.add_embedding_length(int(cfg["hidden_size"]))
-    writer.add_block_count(int(cfg["num_hidden_layers"]))
-    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv)
-    writer.add_rope_freq_base(float(rope))
-    writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-    writer.add_vocab_size(int(cfg["vocab_size"]))
+        name = names.get_name(k, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise GGUFExportError(f"save_gguf: no llama.cpp name for tensor {k} in architecture {arch.name!r} "
+                                  f"(model_type {cfg.model_type!r})")
+        if arch.permute_qk:
+            for part, n in heads.items():
+                if part in name:
+                    v = _llama_cpp_permute(v, n)
+        if name.endswith("norm.weight"):
+            v = v + arch.norm_shift
+        out[name] = v
+    return out
+
+
+def save_gguf(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a model of one of the GGUF_ARCHS families (ours or transformers', LoRA adapters folded in, 4-bit
+    weights dequantized) as an f16 GGUF file for llama.cpp, as llama.cpp's convert_hf_to_gguf.py writes that
+    family: architecture llama (Llama, Mistral), qwen2, qwen3, phi3 or gemma3 (Gemma 3 text); the architecture's
+    hyperparameter keys; tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., Phi-3's fused
+    blk.N.attn_qkv and blk.N.ffn_up = [gate; up], Qwen3 / Gemma 3's blk.N.attn_q_norm / attn_k_norm, Gemma 3's
+    post_attention_norm / ffn_norm / post_ffw_norm); q/k rows in llama.cpp's rotary order for llama only; Gemma's
+    norm weights stored as 1 + w; llama3 rope_freqs and Phi-3's rope_factors_long / rope_factors_short tensors;
+    norms and those tensors in float32, the rest f16.
+
+    No tokenizer is embedded: llama.cpp needs one, so this file serves as the weights for a tokenizer taken from
+    the source folder. Returns the path. Needs the `gguf` package (the demo/test extras). GGUFExportError for a
+    setting the family's llama.cpp architecture cannot express (a sliding window on llama / qwen2 / qwen3, a
+    Gemma 3 layer pattern other than llama.cpp's, ...), naming it; NonFiniteExportError for a NaN/Inf weight."""
+    gguf = gguf_module()
+    cfg = gguf_config(model)
+    arch = GGUF_ARCHS[cfg.model_type]
+    tensors = gguf_tensors(merged_state_dict(model, torch.float32), cfg, path)
+    writer = gguf.GGUFWriter(str(path), arch.name)
+    _common_metadata(writer, cfg)
+    tensors.update(arch.extras(writer, cfg))
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    for name, arr in tensors.items():
-        writer.add_tensor(name, arr)
+    for name, v in tensors.items():
+        writer.add_tensor(name, v.to(torch.float32 if v.dim() == 1 else torch.float16).contiguous().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return Path(path)
-
