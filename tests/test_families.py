@@ -81,10 +81,10 @@ FAMILIES = {
 GEMMA = ("gemma3_text",)  # (1 + w) RMSNorms: weights centred on 0
 
 
-def build_folder(dest, name, seed=0, extra_text=()):
-    """transformers' own model of FAMILIES[name], rescaled random weights, saved with a tokenizer (trained on the
-    swap task, role names and extra_text)."""
-    model_type, spec = FAMILIES[name]
+def build_folder(dest, name, seed=0, extra_text=(), family=None):
+    """transformers' own model of FAMILIES[name] (or of `family`, a (model_type, fields) pair of the same form),
+    rescaled random weights, saved with a tokenizer (trained on the swap task, role names and extra_text)."""
+    model_type, spec = family or FAMILIES[name]
     tok = make_tokenizer([r["instruction"] + "\n" + r["response"] for r in swap_task(200, seed=99)]
                          + ["user assistant system\n"] * 5 + list(extra_text))
     eos = tok.token_to_id("<|im_end|>")
