@@ -151,3 +151,43 @@ def test_family_gguf_reads_back_in_transformers(tmp_path, case):
 def load_gguf_checkpoint(path):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint as load
     return load(path)
+
+
+# family, the setting llama.cpp's architecture lacks or fixes otherwise, a word the error names it by
+REFUSED = {
+    "qwen2-window-mqa-untied": (FAMILIES["qwen2-window-mqa-untied"], "sliding_window"),
+    "qwen3-window-bias-mqa-untied": (FAMILIES["qwen3-window-bias-mqa-untied"], "sliding_window"),
+    "mistral-window-gqa-untied": (FAMILIES["mistral-window-gqa-untied"], "sliding_window"),
+    "gemma3-sliding-full-gqa-tied": (FAMILIES["gemma3-sliding-full-gqa-tied"], "layer_types"),
+    "qwen3-bias": (("qwen3", {**FAMILIES["qwen3-gqa-tied-headdim"][1], "attention_bias": True}), "attention_bias"),
+    "gemma3-scalar": (("gemma3_text", {**GEMMA3_LLAMA_CPP[1], "query_pre_attn_scalar": 24}),
+                      "query_pre_attn_scalar"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_gguf_refuses_what_the_llama_cpp_arch_cannot_express(tmp_path, case):
+    """A window on llama / qwen2 / qwen3, Gemma 3 off llama.cpp's layer pattern or attention scale, Qwen3 with
+    biases: GGUFExportError naming the model_type and the setting, and no file."""
+    family, setting = REFUSED[case]
+    ours = load_llama(build_folder(tmp_path / "hf", case, family=family), quantize=None, dtype=torch.float32)
+    with pytest.raises(GGUFExportError, match=f"model_type '{family[0]}' with {setting}"):
+        save_gguf(ours, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_llama3_rope_scaling_writes_rope_freqs(tmp_path):
+    """Llama 3.1's rope scaling as llama.cpp takes it: rope_freqs holds each pair's frequency divisor, so plain
+    RoPE frequencies over it give our scaled ones (transformers' loader ignores the tensor: ours is the reference)."""
+    from qlora_core.model_config import LlamaConfig, rope_inv_freq
+    from qlora_core.llama import Llama
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                      rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=1024)
+    save_gguf(Llama(cfg), tmp_path / "m.gguf")
+    t = {x.name: x for x in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    factors = torch.from_numpy(np.asarray(t["rope_freqs.weight"].data).copy())
+    plain = rope_inv_freq(LlamaConfig(**{**cfg.__dict__, "rope_scaling": None}))
+    assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the ramp are present
+    torch.testing.assert_close(plain / factors, rope_inv_freq(cfg), rtol=1e-6, atol=0)
