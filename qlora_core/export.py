@@ -291,6 +291,7 @@ def _llama_cpp_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _refuse(cfg: LlamaConfig, what: str) -> None:
+    """GGUFExportError naming the model_type and `what` (the setting, and what llama.cpp's architecture does)."""
     raise GGUFExportError(f"save_gguf: model_type {cfg.model_type!r} with {what}; nothing was written")
 
 
@@ -307,16 +308,16 @@ def _check_llama(cfg: LlamaConfig) -> None:
         _refuse(cfg, f"rope scaling {cfg.rope_scaling['rope_type']!r} (llama.cpp's llama takes only llama3's)")
 
 
+def _check_plain_rope(cfg: LlamaConfig) -> None:
+    if cfg.rope_scaling is not None:
+        _refuse(cfg, f"rope scaling {cfg.rope_scaling['rope_type']!r} (not written for this architecture)")
+
+
 def _check_qwen3(cfg: LlamaConfig) -> None:
     _check_no_window(cfg)
     if cfg.attention_bias:  # real Qwen3 checkpoints have none; llama.cpp's qwen3 graph adds no q/k/v/o bias
         _refuse(cfg, "attention_bias=True: llama.cpp's qwen3 architecture has no attention biases")
     _check_plain_rope(cfg)
-
-
-def _check_plain_rope(cfg: LlamaConfig) -> None:
-    if cfg.rope_scaling is not None:
-        _refuse(cfg, f"rope scaling {cfg.rope_scaling['rope_type']!r} (not written for this architecture)")
 
 
 def _check_qwen2(cfg: LlamaConfig) -> None:
