@@ -1,6 +1,8 @@
 """export.save_gguf: the f16 GGUF file reads back with `gguf` (llama.cpp's tensor names, types and values) and with
 transformers' GGUF loader, whose logits equal those of the same weights rounded to f16 (fp32 rounding only) and
-stay within the measured f16 weight-rounding gap of our 4-bit model."""
+stay within the measured f16 weight-rounding gap of our 4-bit model. Each other family (Mistral, Qwen2, Qwen3,
+Phi-3, Gemma 3) as llama.cpp's architecture for it, read back the same way (transformers' GGUF loader; the keys it
+skips against convert_hf_to_gguf's rules); what an architecture cannot express is refused by name."""
 import math
 
 import numpy as np
