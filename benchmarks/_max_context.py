@@ -154,17 +154,24 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
 
 
-def release(step, device: str) -> None:
+def release(step, device: str) -> str | None:
     """After a failed probe: drop the partial LoRA grads (the optimizer did not step, its state stays), collect
-    the failed step's tensors and hand the cached blocks back, then reset the peak counters."""
+    the failed step's tensors and hand the cached blocks back, then reset the peak counters. Returns why the CUDA
+    cleanup failed, or None: after a non-memory CUDA error (a sticky one: illegal address, launch failure) the
+    context is broken and synchronize raises; the failed probe's row must still be emitted rather than lost with
+    the worker (its "error" outcome ends the search anyway)."""
     for p in closure_var(step, "params") or []:
         p.grad = None
     gc.collect()
     if device == "cuda":
-        torch.cuda.synchronize()  # side streams (host offload copies) may still hold blocks of the failed step
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        getattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)()
+        try:
+            torch.cuda.synchronize()  # side streams (host offload copies) may still hold blocks of the failed step
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            getattr(torch.cuda, "reset_peak_host_memory_stats", lambda: None)()
+        except Exception as e:  # noqa: BLE001  (reported in the row; the search ends on it)
+            return f"{type(e).__name__}: {str(e)[:160]}"
+    return None
 
 
 def plan_of(step, T: int) -> str | None:
@@ -213,8 +220,8 @@ def probe(step, T: int, vocab: int, device: str, cap: GpuCap, mem, pinned_stats,
         row["over"] = cap.over(row)
         row["outcome"] = "over" if row["over"] else OK
         row["loss_after"] = loss_after(step, ids, row)
-    else:
-        release(step, device)
+    elif (why := release(step, device)) is not None:
+        row.update(outcome="error", release_error=why)  # a broken context: no later probe can be trusted
     row["wall_s"] = time.perf_counter() - t0
     return row
 
@@ -287,7 +294,7 @@ def max_context_worker(step, vocab: int, a, cap: GpuCap, emit, sampler_cls, pinn
 def table_worker(step, vocab: int, a, emit, measure) -> list[dict]:
     """tok/s at each --context-table T, ascending (the longest last: its OOM or timeout loses nothing before it):
     one warm-up and one timed step each (measure, no train check); stops at the first OOM and skips a T whose
-    estimate (the last T's wall time, scaled as estimate_s) exceeds the time left."""
+    estimate (the last completed T's wall time, scaled as estimate_s) exceeds the time left."""
     rows, last = [], None
     for T in sorted(a.context_table):
         left = a.stop_at - time.time()
@@ -300,13 +307,14 @@ def table_worker(step, vocab: int, a, emit, measure) -> list[dict]:
                 row = measure(step, 1, T, vocab, 1, a.device, warmup=1, check=False)
             except Exception as e:  # noqa: BLE001  (an OOM is this T's answer; anything else too, for the table)
                 row = {"batch": 1, "seq": T, "error": f"{'OOM' if is_oom(e) else type(e).__name__}: {str(e)[:160]}"}
-            if "error" in row:
-                release(step, a.device)
-            last = (T, time.perf_counter() - t0)
+            if "error" not in row:  # a step's time scales; a T that failed at once says nothing of the next
+                last = (T, time.perf_counter() - t0)
+            elif (why := release(step, a.device)) is not None:
+                row["release_error"] = why  # the CUDA context is broken: no later T can run
         row["plan"] = plan_of(step, T)
         rows.append(row)
         emit(row)
-        if row.get("error", "").startswith("OOM"):
+        if row.get("error", "").startswith("OOM") or "release_error" in row:
             break
     return rows
 
@@ -329,7 +337,10 @@ def max_context_rows(rows: list[dict], labels: dict) -> tuple[list[str], list[li
         b = s["best"] or {}
         killed = next((r for r in probes if (r["model"], r["budget_gib"], r["stack"]) == (model, budget, stack)
                        and r["outcome"] == "killed"), None)
-        stop = s["stop"] or (f"worker: {killed['error']}"[:40] if killed else "ceiling")
+        failed = next((r for r in probes if (r["model"], r["budget_gib"], r["stack"]) == (model, budget, stack)
+                       and r["outcome"] not in (OK, *FAILED, "killed")), None)  # an error ends the search too
+        stop = s["stop"] or (f"{failed['outcome']} at {failed['T']}: {failed.get('error', '')}"[:40] if failed
+                             else f"worker: {killed['error']}"[:40] if killed else "ceiling")
         un = found.get((model, budget, "unsloth"))
         vs = f"{s['max_T'] / un['max_T']:.2f}x" if stack == "ours" and un and un["max_T"] else "-"
         after = b.get("loss_after")

@@ -429,3 +429,59 @@ def test_max_context_table_ratio_and_a_killed_worker():
     assert got["ours"]["ours/Unsloth T"] == "2.00x" and got["Unsloth"]["ours/Unsloth T"] == "-"
     _, probes = bt.mc.probe_rows(rows, bt.LABEL)
     assert [ln[2] for ln in probes] == ["16,384", "32,768", "-", "16,384", "32,768"]
+
+
+# ---- review: cleanup after a broken CUDA context, a search ended by an error, the table's estimates ----------
+def test_release_survives_a_failing_cuda_cleanup(monkeypatch):
+    """After a failed probe the cleanup synchronizes; on a broken CUDA context that raises. The probe's row must
+    still come back (and be emitted) with the cleanup's error, not kill the worker before the row is printed."""
+    mc = bench_module().mc
+    params = [torch.nn.Parameter(torch.ones(2))]
+    params[0].grad = torch.ones(2)
+
+    def step(ids, labels, train=True):
+        return params
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    monkeypatch.setattr(torch.cuda, "empty_cache", broken)
+    why = mc.release(step, "cuda")
+    assert "illegal memory access" in why and params[0].grad is None
+    assert mc.release(step, "cpu") is None
+
+
+def test_search_ended_by_an_error_does_not_claim_the_ceiling():
+    """A probe that fails with something other than memory ends the search; the summary table must say so, not
+    report "ceiling" (the search never reached it)."""
+    bt = bench_module()
+    rows = [{"kind": "probe", "model": "llama-3.1-8b", "budget_gib": 22.0, "stack": "ours", "T": T,
+             "outcome": outcome, "wall_s": 1.0, "loss_before": 12.0, **kw}
+            for T, outcome, kw in [(16384, "ok", {}), (32768, "error", {"error": "ValueError: bad shape"})]]
+    head, body = bt.mc.max_context_rows(rows, bt.LABEL)
+    got = dict(zip(head, body[0]))
+    assert got["max T"] == "16,384" and got["stopped by"].startswith("error at 32768"), got
+
+
+def test_table_worker_estimates_only_from_completed_steps(monkeypatch):
+    """--context-table scales the next T's estimate from the last T's wall time: a T that failed at once (an
+    error, not a step) must not stand in for a step's time, or a T that cannot finish is started."""
+    from types import SimpleNamespace
+    mc = bench_module().mc
+    clock = {"t": 0.0}
+    monkeypatch.setattr(mc, "time", SimpleNamespace(perf_counter=lambda: clock["t"], time=lambda: clock["t"]))
+    started = []
+
+    def measure(step, batch, T, vocab, iters, device, warmup=1, check=False):
+        started.append(T)
+        if T == 256:
+            clock["t"] += 0.1
+            raise ValueError("no kernel for this shape")
+        clock["t"] += 10.0 * (T / 128) ** 2
+        return {"batch": 1, "seq": T, "tok_s": 1.0, "step_s": 1.0, "warmup_s": [1.0]}
+
+    a = SimpleNamespace(context_table=[128, 256, 512], stop_at=100.0, device="cpu")
+    rows = mc.table_worker(lambda *x, **k: None, 512, a, lambda row: None, measure)
+    assert started == [128, 256], started  # 512: 10 s x (512 / 128)^2 = 160 s > 89.9 s left
+    assert rows[2]["error"].startswith("not started")
+
