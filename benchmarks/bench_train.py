@@ -331,9 +331,11 @@ def dense_hf_model(name: str, device: str, dtype: torch.dtype = torch.bfloat16):
     from transformers import AutoModelForCausalLM
 
     torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config(name))
-    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_config(name))
+    finally:  # an OOM in the build must not leave bf16 the default for the rest of the process
+        torch.set_default_dtype(torch.float32)
     for n, p in model.named_parameters():  # tied lm_head: listed once, as the embedding
         init_param(n, p)
     return model
@@ -646,7 +648,7 @@ def worker(stack: str, name: str, a) -> None:
         cap_notes = dict(cap.apply(), alloc_conf=os.environ.get("PYTORCH_ALLOC_CONF")
                          or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     if a.mc_budget or a.context_table:
-        a.seq = max([a.mc_ceiling] + a.context_table)  # Unsloth's max_seq_length: the longest T it may see
+        a.seq = long_context_seq(a)
     t0 = time.perf_counter()
     try:
         step, notes = build(stack, name, a)
@@ -672,6 +674,13 @@ def worker(stack: str, name: str, a) -> None:
         row.update(stack=stack, model=name, notes=notes,
                    gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
         print("ROW " + json.dumps(row), flush=True)
+
+
+def long_context_seq(a) -> int:
+    """Unsloth's max_seq_length in a long-context worker: the longest T it probes (a --max-context worker: the
+    ceiling; the table's worker: its longest T). Not more: above the config's max_position_embeddings Unsloth's
+    from_pretrained replaces the config's RoPE scaling (llama3) with linear scaling by the ratio."""
+    return a.mc_ceiling if a.mc_budget else max(a.context_table)
 
 
 def long_context_worker(step, stack: str, name: str, a, notes: dict, cap) -> None:

@@ -485,3 +485,30 @@ def test_table_worker_estimates_only_from_completed_steps(monkeypatch):
     assert started == [128, 256], started  # 512: 10 s x (512 / 128)^2 = 160 s > 89.9 s left
     assert rows[2]["error"].startswith("not started")
 
+
+def test_long_context_seq_is_what_the_worker_probes():
+    """Unsloth's max_seq_length: the longest T this worker probes. Above the model's max_position_embeddings
+    Unsloth swaps the config's RoPE scaling for linear scaling, so the table worker must not ask for the
+    --max-context ceiling it never probes."""
+    from types import SimpleNamespace
+    bt = bench_module()
+    assert bt.long_context_seq(SimpleNamespace(mc_budget=None, mc_ceiling=262144,
+                                               context_table=[16384, 131072])) == 131072
+    assert bt.long_context_seq(SimpleNamespace(mc_budget=22.0, mc_ceiling=262144, context_table=[])) == 262144
+
+
+def test_dense_hf_model_restores_the_default_dtype(monkeypatch):
+    """A failed build (e.g. out of memory) must not leave torch's default dtype at bf16 for the rest of the
+    process."""
+    import transformers
+    bt = bench_module()
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", boom)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            bt.dense_hf_model("tiny", "cpu")
+        assert torch.get_default_dtype() == torch.float32
+    finally:
+        torch.set_default_dtype(torch.float32)
