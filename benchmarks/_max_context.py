@@ -7,7 +7,8 @@ fake clock); the probe and the cap touch the GPU. A probe is one training step a
   worker's time, then bisection between the longest success and the shortest failure down to Ladder.granularity;
 - a probe whose estimated time exceeds what the worker has left is not started (outcome "slow"): attention is
   quadratic, so t(T2) <= t(T1) * (T2 / T1)^2 bounds a longer step from the longest completed one (compile and
-  autotune at a new T included, since that probe's wall time had them too);
+  autotune at a new T included, since that probe's wall time had them too; after the warm re-measure at the start
+  T, the warm-up's compile time is added: a new T compiles again);
 - each probe prints a ROW line at once and appends it to --log (a killed run keeps the probes it finished).
 The budget (GpuCap): torch.cuda.set_per_process_memory_fraction caps the caching allocator at the budget less
 what the device already used before the first allocation (the CUDA context), and after each step the peak of
@@ -88,13 +89,30 @@ def estimate_s(history: list[dict], T: int) -> float | None:
     return last["wall_s"] * max(1.0, (T / last["T"]) ** 2)
 
 
-def run_ladder(probe, ladder: Ladder, seconds_left, emit=lambda row: None, history=()) -> list[dict]:
+def run_ladder(probe, ladder: Ladder, seconds_left, emit=lambda row: None, history=(), warmup=None) -> list[dict]:
     """Search T: probe(T) -> row with "T", "outcome" and "wall_s"; seconds_left() -> seconds this worker has;
     emit(row) is called for every probe, the ones not started included. `history`: probes already made (a
-    failed warm-up). Returns every row in order."""
+    failed warm-up). `warmup`: the warm-up's row when it passed (the first step at ladder.start). Returns every
+    row in order.
+
+    A T not probed yet pays its compile / autotune again (a new shape); a warm step's time scaled by
+    estimate_s does not hold it. So while the longest completed probe was not the first at its T, the estimate
+    adds what the warm-up took beyond the re-measured step at its T (otherwise a 3 s step would be started with
+    15 s left and compile for 40 s past the worker's timeout)."""
     history = list(history)
+
+    def estimate(T: int) -> float | None:
+        est = estimate_s(history, T)
+        done = [h for h in history if h["outcome"] == OK]
+        if est is None or warmup is None or any(h["T"] == T for h in history):
+            return est
+        again = next((h for h in done if h["T"] == warmup["T"]), None)
+        if again is None or max(done, key=lambda h: h["T"]).get("first_at_T", True):
+            return est  # the longest completed probe's wall time held its own compile: scaled with it
+        return est + max(0.0, warmup["wall_s"] - again["wall_s"])
+
     while (T := next_probe(history, ladder)) is not None:
-        est, left = estimate_s(history, T), seconds_left()
+        est, left = estimate(T), seconds_left()
         if est is not None and est > left:
             row = {"T": T, "outcome": "slow", "estimate_s": est, "left_s": left, "wall_s": 0.0}
         else:
@@ -287,8 +305,9 @@ def max_context_worker(step, vocab: int, a, cap: GpuCap, emit, sampler_cls, pinn
         first = dict(run(ladder.start), warmup=True)
         emit(first)
         # a warm-up that failed is the first probe's answer; one that passed is re-measured as a probe
+        passed = first["outcome"] == OK
         return [first] + run_ladder(run, ladder, lambda: a.stop_at - time.time(), emit,
-                                    [] if first["outcome"] == OK else [first])
+                                    [] if passed else [first], warmup=first if passed else None)
 
 
 def table_worker(step, vocab: int, a, emit, measure) -> list[dict]:

@@ -512,3 +512,25 @@ def test_dense_hf_model_restores_the_default_dtype(monkeypatch):
         assert torch.get_default_dtype() == torch.float32
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_ladder_counts_a_new_T_s_compile_after_a_warm_step():
+    """The warm-up at the start T compiles (40 s), its re-measure is warm (1 s); every new T compiles again.
+    Scaling the warm 1 s alone (x4 = 4 s at 2x T) would start a 44 s probe with 28 s left, past the worker's
+    time: the estimate must add the warm-up's compile."""
+    mc = bench_module().mc
+    clock = {"used": 0.0}
+    seen = set()
+
+    def probe(T):
+        wall = (T / 16384) ** 2 + (0.0 if T in seen else 40.0)
+        clock["used"] += wall
+        row = {"T": T, "outcome": "ok", "wall_s": wall, "first_at_T": T not in seen}
+        seen.add(T)
+        return row
+    budget = 70.0
+    warm = probe(16384)
+    probes = mc.run_ladder(probe, mc.Ladder(16384, 8192, 262144), lambda: budget - clock["used"], warmup=warm)
+    assert clock["used"] <= budget, probes
+    assert [(p["T"], p["outcome"]) for p in probes] == [(16384, "ok"), (32768, "slow"), (24576, "slow")]
+    assert probes[1]["estimate_s"] == pytest.approx(4 + 40)
