@@ -123,9 +123,10 @@ def run_ladder(probe, ladder: Ladder, seconds_left, emit=lambda row: None, histo
 
 
 def summary(history: list[dict]) -> dict:
-    """The longest completed probe's row (None if none) and what stopped the search above it."""
+    """The longest completed probe's row (None if none) and what stopped the search above it. At the start T
+    the warm re-measure, not the warm-up (whose time holds compile and autotune): the last such row."""
     lo, hi = bounds(history)
-    best = next((h for h in history if h["outcome"] == OK and h["T"] == lo), None)
+    best = next((h for h in reversed(history) if h["outcome"] == OK and h["T"] == lo), None)
     stop = next((h for h in history if h["T"] == hi and h["outcome"] in FAILED), None) if hi else None
     return {"max_T": lo, "best": best, "stop": None if stop is None else f"{stop['outcome']} at {hi}"}
 

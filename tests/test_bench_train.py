@@ -534,3 +534,17 @@ def test_ladder_counts_a_new_T_s_compile_after_a_warm_step():
     assert clock["used"] <= budget, probes
     assert [(p["T"], p["outcome"]) for p in probes] == [(16384, "ok"), (32768, "slow"), (24576, "slow")]
     assert probes[1]["estimate_s"] == pytest.approx(4 + 40)
+
+
+def test_max_T_at_the_start_reports_the_warm_step_not_the_warm_up():
+    """When the longest completed T is the start, two rows hold it: the warm-up (compile, autotune in its time)
+    and its warm re-measure. The table's tok/s at max T must be the warm step's."""
+    bt = bench_module()
+    rows = [{"kind": "probe", "model": "llama-3.1-8b", "budget_gib": 22.0, "stack": "unsloth", "T": T,
+             "outcome": outcome, "wall_s": 1.0, **kw}
+            for T, outcome, kw in [(16384, "ok", {"tok_s": 400.0, "warmup": True, "loss_before": 12.0}),
+                                   (16384, "ok", {"tok_s": 5000.0, "loss_before": 11.0}),
+                                   (32768, "oom", {"error": "OutOfMemoryError"})]]
+    head, body = bt.mc.max_context_rows(rows, bt.LABEL)
+    got = dict(zip(head, body[0]))
+    assert got["max T"] == "16,384" and got["tok/s at T"] == "5,000", got
