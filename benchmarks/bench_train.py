@@ -641,9 +641,10 @@ def worker(stack: str, name: str, a) -> None:
         torch.set_num_threads(1)  # tiny smoke shapes: extra threads only wait on each other (tests/conftest.py)
     cap = None
     if a.mc_budget:  # before the stack allocates anything: the cap holds the caching allocator from the start
-        if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
-            # the cap initialises CUDA before Unsloth's import could set this (as it does otherwise): same for all
-            os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+        # the cap initialises CUDA before Unsloth's import could set this (as it does otherwise): same for all.
+        # The driver sets it in the worker's environment already (long_context_env); this is the fallback for a
+        # worker started by hand, and it only holds while nothing has read torch's allocator settings yet
+        os.environ.update(long_context_env({}, os.environ))
         cap = mc.GpuCap(a.mc_budget, a.device)
         cap_notes = dict(cap.apply(), alloc_conf=os.environ.get("PYTORCH_ALLOC_CONF")
                          or os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
@@ -674,6 +675,16 @@ def worker(stack: str, name: str, a) -> None:
         row.update(stack=stack, model=name, notes=notes,
                    gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
         print("ROW " + json.dumps(row), flush=True)
+
+
+def long_context_env(env: dict, current) -> dict:
+    """`env` plus PYTORCH_ALLOC_CONF=expandable_segments:True unless `current` (the environment the worker
+    inherits) sets PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF. A --max-context worker gets it in its
+    environment from the start: set after `import torch`, it counts only if nothing read the allocator's
+    settings before CUDA starts."""
+    if current.get("PYTORCH_ALLOC_CONF") or current.get("PYTORCH_CUDA_ALLOC_CONF"):
+        return dict(env)
+    return dict(env, PYTORCH_ALLOC_CONF="expandable_segments:True")
 
 
 def long_context_seq(a) -> int:
@@ -938,7 +949,8 @@ def run_long_context(a, plan) -> tuple[list[dict], list[dict]]:
                     continue
                 timeout = min(a.timeout[stack], left)
                 cmd = long_context_cmd(a, stack, name, budget, point, timeout)
-                got, why, stderr, wall = run_worker(cmd, worker_env(stack), timeout, a.log)
+                env = long_context_env(worker_env(stack), os.environ) if budget else worker_env(stack)
+                got, why, stderr, wall = run_worker(cmd, env, timeout, a.log)
                 rows += [dict(r, point=point_label(point)) for r in got]
                 print(f"# {tag}: {wall:.0f} s, {len(got)} rows", flush=True)
                 if why and budget:  # the search's table says the worker was cut, not that T reached the ceiling

@@ -548,3 +548,13 @@ def test_max_T_at_the_start_reports_the_warm_step_not_the_warm_up():
     head, body = bt.mc.max_context_rows(rows, bt.LABEL)
     got = dict(zip(head, body[0]))
     assert got["max T"] == "16,384" and got["tok/s at T"] == "5,000", got
+
+
+def test_capped_worker_gets_the_allocator_setting_in_its_environment():
+    """A --max-context worker's PYTORCH_ALLOC_CONF comes in its environment (before torch is imported), unless
+    the caller set either name; a value the caller chose is kept."""
+    bt = bench_module()
+    assert bt.long_context_env({"A": "1"}, {})["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_ALLOC_CONF" not in bt.long_context_env({}, {"PYTORCH_CUDA_ALLOC_CONF": "x"})
+    kept = {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+    assert bt.long_context_env(dict(kept), kept) == kept
