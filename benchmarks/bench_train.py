@@ -741,8 +741,9 @@ def parse_timeouts(items: list[str]) -> dict[str, float]:
 def our_points(policies: list[str] | None, budgets: list[float], frontier: bool) -> list[tuple[str, float | None]]:
     """Ours' (policy, budget GiB or None) points: each policy alone, then each budget (a budget plans its own
     per-block policies, so it is not combined with --policy); checked here, before any subprocess starts, against
-    OUR_POLICIES and what qlora_core.activation_checkpoint offers."""
-    policies = policies or (list(OUR_POLICIES) if frontier else ["full"])
+    OUR_POLICIES and what qlora_core.activation_checkpoint offers. Without --policy: every policy with --frontier,
+    none besides the budgets when --budget is given (`--budget 70` is the one point ("full", 70)), else "full"."""
+    policies = policies or (list(OUR_POLICIES) if frontier else [] if budgets else ["full"])
     bad = [p for p in policies if p not in OUR_POLICIES]
     if bad:
         raise SystemExit(f"bench_train.py: --policy {bad[0]!r}: not one of OUR_POLICIES {OUR_POLICIES}")

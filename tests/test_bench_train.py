@@ -558,3 +558,16 @@ def test_capped_worker_gets_the_allocator_setting_in_its_environment():
     assert "PYTORCH_ALLOC_CONF" not in bt.long_context_env({}, {"PYTORCH_CUDA_ALLOC_CONF": "x"})
     kept = {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}
     assert bt.long_context_env(dict(kept), kept) == kept
+
+
+def test_a_budget_alone_is_ours_one_point():
+    """`--budget 70` without --policy (docs/benchmarks.md's --context-table device command) is ours' one point
+    ("full", 70): not refused as two points (policy "full" and the budget), which would end the call at once."""
+    bt = bench_module()
+    assert bt.our_points(None, [70.0], False) == [("full", 70.0)]
+    assert bt.our_points(None, [], False) == [("full", None)]
+    with pytest.raises(SystemExit, match="need --frontier"):
+        bt.our_points(["full"], [70.0], False)
+    a = bt.parse_args(["--smoke", "--stacks", "ours", "--context-table", "64", "--budget", "1"])
+    a.points, a.user_point = bt.our_points(a.policy, a.budget, a.frontier), True
+    assert bt.long_context_jobs(a, "ours") == [(None, ("full", 1.0))]
