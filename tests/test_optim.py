@@ -413,8 +413,7 @@ import os, sys
 os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported anywhere in this process
 import torch
 from qlora_core import backend
-from qlora_core import backend
-from qlora_core.optim import PagedAdamW, max_lr
+from qlora_core.optim import PagedAdamW
 
 torch.manual_seed(0)
 fails = []
