@@ -106,13 +106,11 @@ def nf4_lora_llama(layers: int = 2, model_type: str = "llama"):
     from qlora_core.model_config import LlamaConfig
     from qlora_core.qlinear import quantize_model
     from qlora_core.lora import apply_lora
+    from tests.helpers import nonzero_lora_b
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, attention_bias=True, model_type=model_type)
     torch.manual_seed(0)
     model = quantize_model(Llama(cfg))
     apply_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    nonzero_lora_b(model, 0.1)
     return model.train()

@@ -35,6 +35,15 @@ def matmul_error_bound(x: torch.Tensor, w: torch.Tensor, ref64: torch.Tensor) ->
     return 2.0 * torch_err
 
 
+@torch.no_grad()
+def nonzero_lora_b(model: torch.nn.Module, std: float) -> None:
+    """Draw every LoRA B of `model` from N(0, std), in parameter order from the global RNG: B starts at zero, which
+    would make the adapters' grads of A, and any dropout mask, invisible in the loss a test compares."""
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_(0, std)
+
+
 def run_interpreter_group(script: str, group: str) -> None:
     """Run `python script group` with TRITON_INTERPRET=1 in a fresh process (the variable must be set before triton
     is first imported) and assert it passed: exit 0 and a "<group>: N checks passed" line with N > 0."""

@@ -12,7 +12,7 @@ from qlora_core.lora import apply_lora
 from qlora_core.qlinear import quantize_model
 from qlora_core.train_loop import batch_loss
 
-from tests.helpers import assert_close_verbose
+from tests.helpers import assert_close_verbose, nonzero_lora_b
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,10 +24,7 @@ def model():
     torch.manual_seed(0)
     m = quantize_model(Llama(cfg))
     apply_lora(m, r=4, alpha=8, dropout=0.2)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    nonzero_lora_b(m, 0.1)
     return m.train()
 
 

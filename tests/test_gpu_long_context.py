@@ -15,6 +15,8 @@ from qlora_core.lora import apply_lora
 from qlora_core.qlinear import quantize_model
 from qlora_core.train_loop import batch_loss
 
+from tests.helpers import nonzero_lora_b
+
 pytestmark = pytest.mark.gpu
 
 T, CHUNK = 32768, 4096
@@ -28,10 +30,7 @@ def _model(dtype):
     m = quantize_model(Llama(cfg, device="cuda", dtype=dtype))
     apply_lora(m, r=8, alpha=16, dropout=0.0)
     torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+    nonzero_lora_b(m, 0.02)
     return m.train()
 
 

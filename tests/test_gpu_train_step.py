@@ -14,6 +14,8 @@ from qlora_core.ops.nf4_linear import group_linear
 from qlora_core.qlinear import quantize_model
 from qlora_core.train_loop import batch_loss
 
+from tests.helpers import nonzero_lora_b
+
 pytestmark = pytest.mark.gpu
 
 
@@ -23,10 +25,7 @@ def _model(layers=4, dropout=0.0):
     torch.manual_seed(0)
     m = quantize_model(Llama(cfg, device="cuda", dtype=torch.bfloat16))
     apply_lora(m, r=16, alpha=32, dropout=dropout)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02)
+    nonzero_lora_b(m, 0.02)
     return m.train()
 
 

@@ -17,7 +17,7 @@ from qlora_core.lora import apply_lora
 from qlora_core.qlinear import quantize_model
 from qlora_core.train_loop import batch_loss
 
-from tests.helpers import DTYPE_ATOL, assert_close_verbose
+from tests.helpers import DTYPE_ATOL, assert_close_verbose, nonzero_lora_b
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,10 +69,7 @@ def tiny():
     torch.manual_seed(0)
     m = Llama(cfg)
     apply_lora(m, r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    nonzero_lora_b(m, 0.1)
     return m.train()
 
 
@@ -130,10 +127,7 @@ def test_chunked_fused_phi3_mlp_matches():
     torch.manual_seed(0)
     m = Llama(cfg)
     apply_lora(m, r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    nonzero_lora_b(m, 0.1)
     m = m.double().train()
     ids = torch.randint(0, 101, (2, 30))
     l0, g0 = _run(m, ids, "offload")
@@ -162,10 +156,7 @@ def test_chunked_dropout_replays_its_masks(monkeypatch):
     torch.manual_seed(0)
     m = quantize_model(Llama(cfg))
     apply_lora(m, r=4, alpha=8, dropout=0.3)
-    with torch.no_grad():  # B = 0 would hide the dropout masks from the loss
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    nonzero_lora_b(m, 0.1)  # B = 0 would hide the dropout masks from the loss
     m.train()
     ids = torch.randint(0, 101, (2, 24))
 
