@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from .defaults import BLOCKSIZE, DOUBLE_QUANT, QUANT_TYPE
 from .durable import replace_dir
 from .errors import NonFiniteError, UsageError
 from .loading import load_llama, resolve_folder
-from .model_config import LlamaConfig
+from .model_config import LlamaConfig, rope_inv_freq
 from .lora import LoRALinear, is_quantized_linear, lora_modules
 from .ops.quant4 import dequantize
 from .targets import output_layer
@@ -369,15 +368,10 @@ def _common_metadata(w, cfg: LlamaConfig) -> None:
 
 def _llama3_rope_factors(cfg: LlamaConfig) -> torch.Tensor:
     """llama.cpp's `rope_freqs` for llama3 rope scaling (LlamaModel.generate_extra_tensors): per rotary pair, the
-    divisor of its frequency (1 for short wavelengths, factor for long ones, smooth between)."""
-    s, dim = cfg.rope_scaling, cfg.head_dim
-    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    old, low, high = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
-    wavelen = 2 * math.pi / freqs
-    smooth = (old / wavelen - low) / (high - low)
-    mid = 1 / ((1 - smooth) / s["factor"] + smooth)
-    out = torch.where(wavelen < old / high, torch.ones_like(mid), torch.where(wavelen > old / low, s["factor"], mid))
-    return out.float()
+    divisor of its frequency (1 for short wavelengths, factor for long ones, smooth between): the plain inverse
+    frequencies over the scaled ones, both from rope_inv_freq in float64 (as the converter computes), then fp32."""
+    plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None), dtype=torch.float64)
+    return (plain / rope_inv_freq(cfg, dtype=torch.float64)).float()
 
 
 def _llama_extras(w, cfg: LlamaConfig) -> dict[str, torch.Tensor]:

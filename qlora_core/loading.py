@@ -1,7 +1,7 @@
 """`load_llama`: an HF Llama-family folder (or hub repo id) -> our `Llama`, quantizing tensor by tensor while
 streaming. model_type "llama" (Llama 2/3/3.x, SmolLM), "mistral", "qwen2", "qwen3", "phi3" (Phi-3, Phi-4; its
-fused qkv_proj / gate_up_proj load as one linear each) and "gemma3_text" (llama.py MODEL_TYPES); any other is a
-ConfigError.
+fused qkv_proj / gate_up_proj load as one linear each) and "gemma3_text" (model_config.py MODEL_TYPES); any
+other is a ConfigError.
 
 Design: the model is built on the meta device (no memory), then filled one tensor at a time from safetensors'
 memory-mapped `safe_open`. A decoder-block linear weight is read (one dense tensor on the host), moved to the

@@ -358,14 +358,16 @@ def _normalize_longrope(s: dict) -> dict:
     return out
 
 
-def rope_inv_freq(cfg: LlamaConfig, device=None, local: bool = False, long: bool = False) -> torch.Tensor:
-    """(R/2,) fp32 inverse frequencies over the rotary width R = cfg.rotary_dim, with llama3 or linear scaling when
-    configured. local=True: those of the sliding layers, plain RoPE of base cfg.rope_local_theta when set (Gemma 3),
-    else the same as the full layers. LongRoPE divides each by its short_factor, or long_factor when `long`."""
+def rope_inv_freq(cfg: LlamaConfig, device=None, local: bool = False, long: bool = False,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(R/2,) inverse frequencies in `dtype` (the model's RoPE: fp32) over the rotary width R = cfg.rotary_dim, with
+    llama3 or linear scaling when configured. local=True: those of the sliding layers, plain RoPE of base
+    cfg.rope_local_theta when set (Gemma 3), else the same as the full layers. LongRoPE divides each by its
+    short_factor, or long_factor when `long`."""
     D = cfg.rotary_dim
     own = local and cfg.rope_local_theta is not None
     theta = cfg.rope_local_theta if own else cfg.rope_theta
-    base = theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D)
+    base = theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).to(dtype) / D)
     inv = 1.0 / base
     s = None if own else cfg.rope_scaling
     if s is None:
@@ -373,7 +375,7 @@ def rope_inv_freq(cfg: LlamaConfig, device=None, local: bool = False, long: bool
     if s["rope_type"] == "linear":
         return inv / s["factor"]
     if s["rope_type"] == "longrope":  # transformers' order: 1 / (ext * base**(2j/R)), not inv / ext
-        ext = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        ext = torch.tensor(s["long_factor" if long else "short_factor"], dtype=dtype, device=device)
         return 1.0 / (ext * base)
     # llama3: wavelengths longer than orig/low_freq_factor are slowed by `factor`, shorter than orig/high_freq_factor
     # kept, and the band between interpolated linearly in (orig / wavelen).
